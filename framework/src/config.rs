@@ -1,0 +1,909 @@
+//! `streams.toml`: the connection, the streams, the durable consumers and the worker
+//! settings, loaded with the `config` crate and validated as a whole.
+//!
+//! # Sources, lowest precedence first
+//! 1. the file (`--config PATH`, default `./streams.toml`);
+//! 2. `NATS_URL` (comma separated), the NATS ecosystem's variable, for `connection.servers`;
+//! 3. `JETWORKER__SECTION__KEY` variables, e.g. `JETWORKER__CONNECTION__SERVERS=nats://a:4222,nats://b:4222`,
+//!    `JETWORKER__CONNECTION__PASSWORD=...`, `JETWORKER__WORKER__SHUTDOWN_GRACE=45s`. They reach
+//!    the `connection` and `worker` sections (streams and consumers are lists: change the file).
+//!
+//! # Errors
+//! Unknown keys and every validation problem are reported together, each line naming the
+//! file and the key path (`streams.toml: consumers[1].max_deliver: ...`). A value of the
+//! wrong type stops parsing at that key. Secrets (passwords, tokens, URL userinfo) never
+//! appear in errors or in `Debug` output: they are held in [`SecretString`] and
+//! [`ServerUrl`], whose `Debug` and `Display` redact them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::subject;
+
+/// Environment variable prefix for overrides (`JETWORKER__WORKER__SHUTDOWN_GRACE`).
+pub const ENV_PREFIX: &str = "JETWORKER";
+/// The default config path, relative to the working directory.
+pub const DEFAULT_PATH: &str = "streams.toml";
+
+/// The whole of `streams.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// How to reach and authenticate to the NATS servers.
+    pub connection: ConnectionConfig,
+    /// Process-wide worker settings.
+    pub worker: WorkerConfig,
+    /// The streams jetworker provisions.
+    pub streams: Vec<StreamConfig>,
+    /// The durable pull consumers, each bound to a handler by name.
+    pub consumers: Vec<ConsumerConfig>,
+    /// Where this config was read from, for error messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// A server URL whose `Debug` and `Display` never show a password or token in it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerUrl(String);
+
+impl<'de> Deserialize<'de> for ServerUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Trimmed: lists from `NATS_URL` are often written "a, b".
+        Ok(ServerUrl(String::deserialize(d)?.trim().to_string()))
+    }
+}
+
+impl ServerUrl {
+    /// Wraps a URL string as given (`nats://host:4222`, `tls://user:pass@host`, `host:4222`).
+    pub fn new(url: impl Into<String>) -> Self {
+        ServerUrl(url.into())
+    }
+
+    /// The full URL, userinfo included: for connecting only, never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any `user:password@` or `token@` replaced by `***@`.
+    pub fn redacted(&self) -> String {
+        redact_userinfo(&self.0)
+    }
+}
+
+/// Replaces the userinfo part of a URL (`scheme://userinfo@host`) with `***`.
+pub fn redact_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+impl fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// How to reach and authenticate to NATS. Every auth mode the server offers is here;
+/// set at most one of user+password, token, nkey seed file and creds file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ConnectionConfig {
+    /// Server URLs; the client picks one and fails over to the others.
+    pub servers: Vec<ServerUrl>,
+    /// Client name shown by the server (`nats server report connections`).
+    pub name: String,
+    /// How long a connection attempt may take before it is an error.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a JetStream API request (stream info, create, ...) may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// User for user/password auth.
+    pub user: Option<String>,
+    /// Password for user/password auth (better given as `JETWORKER__CONNECTION__PASSWORD`).
+    pub password: Option<SecretString>,
+    /// Token auth (better given as `JETWORKER__CONNECTION__TOKEN`).
+    pub token: Option<SecretString>,
+    /// File holding an nkey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (JWT and nkey seed), for decentralized auth.
+    pub creds_file: Option<PathBuf>,
+    /// TLS settings.
+    pub tls: TlsConfig,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            servers: vec![ServerUrl::new("nats://127.0.0.1:4222")],
+            name: "jetworker".to_string(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed_file: None,
+            creds_file: None,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+/// TLS and mutual TLS.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct TlsConfig {
+    /// Refuse to connect without TLS.
+    pub required: bool,
+    /// CA certificate(s) (PEM) to verify the server with, in addition to the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS; needs `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Process-wide worker settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WorkerConfig {
+    /// After SIGTERM, how long in-flight handlers may run before the process exits anyway.
+    /// Keep it below the orchestrator's kill timeout (Kubernetes `terminationGracePeriodSeconds`).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Address of the ops HTTP endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
+    pub ops_listen: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            shutdown_grace: Duration::from_secs(30),
+            ops_listen: "127.0.0.1:9090".to_string(),
+        }
+    }
+}
+
+/// Where a stream keeps its messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// On disk: survives server restarts.
+    #[default]
+    File,
+    /// In memory: fast, lost on restart.
+    Memory,
+}
+
+/// When a stream removes messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Keep until a limit (age, bytes, count) is hit.
+    #[default]
+    Limits,
+    /// Keep while some consumer has not acknowledged it.
+    Interest,
+    /// Remove once acknowledged (one consumer per subject).
+    #[serde(alias = "work_queue")]
+    Workqueue,
+}
+
+/// What a full stream does with a new message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Discard {
+    /// Drop the oldest messages.
+    #[default]
+    Old,
+    /// Refuse the new message.
+    New,
+}
+
+/// A stream to provision.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StreamConfig {
+    /// Stream name (no spaces, dots, `*`, `>`).
+    pub name: String,
+    /// Subjects the stream captures (wildcards allowed).
+    pub subjects: Vec<String>,
+    /// File or memory.
+    pub storage: Storage,
+    /// Limits, interest or workqueue.
+    pub retention: Retention,
+    /// Number of replicas (1 on a single server, 3 or 5 in a cluster).
+    pub replicas: u32,
+    /// Oldest message age kept; unset means unlimited.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// Total bytes kept; unset means unlimited.
+    pub max_bytes: Option<i64>,
+    /// Messages kept; unset means unlimited.
+    pub max_msgs: Option<i64>,
+    /// Largest message accepted, in bytes; unset means the server's max payload.
+    pub max_msg_size: Option<i32>,
+    /// What happens when a limit is hit.
+    pub discard: Discard,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Option<Duration>,
+    /// Free text shown by `nats stream info`.
+    pub description: Option<String>,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            name: String::new(),
+            subjects: Vec::new(),
+            storage: Storage::File,
+            retention: Retention::Limits,
+            replicas: 1,
+            max_age: None,
+            max_bytes: None,
+            max_msgs: None,
+            max_msg_size: None,
+            discard: Discard::Old,
+            duplicate_window: None,
+            description: None,
+        }
+    }
+}
+
+/// How payloads are encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodecKind {
+    /// MessagePack through rmp-serde (compact, the default).
+    #[default]
+    Msgpack,
+    /// JSON through serde_json.
+    Json,
+}
+
+/// Where a new durable consumer starts reading. Used only when the consumer is created:
+/// an existing consumer keeps its position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliverPolicy {
+    /// Every message in the stream.
+    #[default]
+    All,
+    /// Only messages published after creation.
+    New,
+    /// The last message, then new ones.
+    Last,
+    /// The last message per subject, then new ones.
+    LastPerSubject,
+}
+
+/// Spells config enums as `streams.toml` does (`file`, `workqueue`, `last_per_subject`).
+macro_rules! display_as_config {
+    ($($ty:ident { $($variant:ident => $text:literal),+ $(,)? })+) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self { $($ty::$variant => $text),+ })
+            }
+        }
+    )+};
+}
+
+display_as_config! {
+    Storage { File => "file", Memory => "memory" }
+    Retention { Limits => "limits", Interest => "interest", Workqueue => "workqueue" }
+    Discard { Old => "old", New => "new" }
+    CodecKind { Msgpack => "msgpack", Json => "json" }
+    DeliverPolicy { All => "all", New => "new", Last => "last", LastPerSubject => "last_per_subject" }
+}
+
+/// Default retry delays when a consumer sets no `backoff`; attempts past the end of the
+/// list reuse its last entry.
+pub const DEFAULT_BACKOFF: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+];
+
+/// A durable pull consumer, run by the handler it names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ConsumerConfig {
+    /// Durable name.
+    pub name: String,
+    /// The stream it reads (declared in `streams`).
+    pub stream: String,
+    /// Only messages on subjects matching this (wildcards allowed); unset reads the whole stream.
+    pub filter_subject: Option<String>,
+    /// Name of the registered handler function.
+    pub handler: String,
+    /// How long the server waits for an ack before redelivering (a crashed worker's
+    /// messages come back after this). Long handlers extend it with progress acks.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Deliveries before a message is dead-lettered. Finite: a poison message must end.
+    pub max_deliver: i64,
+    /// Delay before retry n (1-based) after a failed attempt n. Nak-with-delay, not the
+    /// server's `backoff` (which only applies to ack timeouts). Attempts past the end
+    /// reuse the last entry.
+    #[serde(deserialize_with = "duration_list")]
+    pub backoff: Option<Vec<Duration>>,
+    /// Unacknowledged messages the server lets out across all replicas.
+    pub max_ack_pending: i64,
+    /// Handlers run at once in this process for this consumer.
+    pub concurrency: i64,
+    /// A handler running longer is cancelled and its message retried.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    /// Larger payloads are dead-lettered with reason `too_large` without decoding.
+    pub max_payload_bytes: i64,
+    /// Payload encoding.
+    pub codec: CodecKind,
+    /// Where failed messages go: a literal subject captured by a declared stream.
+    pub dead_letter_subject: String,
+    /// Where a new consumer starts.
+    pub deliver_policy: DeliverPolicy,
+    /// Free text shown by `nats consumer info`.
+    pub description: Option<String>,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            name: String::new(),
+            stream: String::new(),
+            filter_subject: None,
+            handler: String::new(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            backoff: None,
+            max_ack_pending: 1000,
+            concurrency: 32,
+            handler_timeout: Duration::from_secs(60),
+            max_payload_bytes: 1024 * 1024,
+            codec: CodecKind::Msgpack,
+            dead_letter_subject: String::new(),
+            deliver_policy: DeliverPolicy::All,
+            description: None,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// The retry schedule and delivery limit, as the decision uses them.
+    pub fn retry_policy(&self) -> crate::outcome::RetryPolicy {
+        crate::outcome::RetryPolicy {
+            max_deliver: self.max_deliver_count(),
+            schedule: match &self.backoff {
+                Some(list) if !list.is_empty() => list.clone(),
+                _ => DEFAULT_BACKOFF.to_vec(),
+            },
+        }
+    }
+
+    /// `max_deliver` as the unsigned count it is once validated.
+    pub fn max_deliver_count(&self) -> u64 {
+        u64::try_from(self.max_deliver).unwrap_or(1).max(1)
+    }
+
+    /// `concurrency` as the count it is once validated.
+    pub fn concurrency_limit(&self) -> usize {
+        usize::try_from(self.concurrency).unwrap_or(1).max(1)
+    }
+}
+
+/// One problem in a config: where, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Key path, e.g. `consumers[1].max_deliver`.
+    pub key: String,
+    /// What is wrong and, where useful, what to do.
+    pub message: String,
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed.
+    #[error("{file}: {message}")]
+    Load {
+        /// The config file.
+        file: String,
+        /// What went wrong (never containing secret values).
+        message: String,
+    },
+    /// The config parsed but is not valid; every problem is listed.
+    #[error("{}", render_problems(file, problems))]
+    Invalid {
+        /// The config file.
+        file: String,
+        /// All problems found.
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+impl ConfigError {
+    /// The problems, when the config was invalid (empty for load errors).
+    pub fn problems(&self) -> &[ConfigProblem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            ConfigError::Load { .. } => &[],
+        }
+    }
+}
+
+fn render_problems(file: &str, problems: &[ConfigProblem]) -> String {
+    let mut out = format!(
+        "{file}: {} problem{} in the config",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        out.push_str(&format!("\n  {file}: {}: {}", p.key, p.message));
+    }
+    out
+}
+
+impl Config {
+    /// Loads `path` with overrides from the process environment, then validates it.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, std::env::vars())
+    }
+
+    /// Like [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        path: impl AsRef<Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Load {
+            file: file.clone(),
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Config::from_toml_with_env(&text, path, env)
+    }
+
+    /// Parses TOML text as if read from `source`, applying `env` overrides, and validates it.
+    pub fn from_toml_with_env(
+        text: &str,
+        source: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let file = source.display().to_string();
+        let load_error = |message: String| ConfigError::Load {
+            file: file.clone(),
+            message,
+        };
+
+        let mut nats_url = None;
+        let mut overrides: HashMap<String, String> = HashMap::new();
+        for (k, v) in env {
+            if k == "NATS_URL" && !v.trim().is_empty() {
+                nats_url = Some(v);
+            } else if k.starts_with(&format!("{ENV_PREFIX}__")) {
+                overrides.insert(k, v);
+            }
+        }
+        let servers_key = format!("{ENV_PREFIX}__CONNECTION__SERVERS");
+        if let Some(url) = nats_url {
+            overrides.entry(servers_key).or_insert(url);
+        }
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("connection.servers")
+            .source(Some(overrides));
+
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .map_err(|e| load_error(sanitize(&e.to_string())))?;
+
+        let mut unknown = Vec::new();
+        let mut record_unknown =
+            |path: serde_ignored::Path| unknown.push(key_path(&path.to_string()));
+        let ignored = serde_ignored::Deserializer::new(raw, &mut record_unknown);
+        let mut config: Config = serde_path_to_error::deserialize(ignored).map_err(|e| {
+            let key = e.path().to_string();
+            let message = if SECRET_KEYS.iter().any(|k| key.ends_with(k)) {
+                "invalid value (not shown: it is a secret); expected a string".to_string()
+            } else {
+                sanitize(&e.into_inner().to_string())
+            };
+            load_error(format!("{key}: {message}"))
+        })?;
+        config.source = source.to_path_buf();
+
+        let mut problems: Vec<ConfigProblem> = unknown
+            .into_iter()
+            .map(|key| ConfigProblem {
+                message: "unknown key (a typo? see the documented keys in the README)".to_string(),
+                key,
+            })
+            .collect();
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { file, problems })
+        }
+    }
+
+    /// Every validation problem in this config (empty when valid). Pure: no I/O.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        let mut add = |key: String, message: String| problems.push(ConfigProblem { key, message });
+
+        // connection
+        let c = &self.connection;
+        if c.servers.is_empty() {
+            add(
+                "connection.servers".into(),
+                "at least one server URL is required".into(),
+            );
+        }
+        for (i, url) in c.servers.iter().enumerate() {
+            if url.expose().trim().is_empty() || url.expose().contains(char::is_whitespace) {
+                add(
+                    format!("connection.servers[{i}]"),
+                    format!("not a server URL: {url}"),
+                );
+            }
+        }
+        let modes = [
+            c.user.is_some() || c.password.is_some(),
+            c.token.is_some(),
+            c.nkey_seed_file.is_some(),
+            c.creds_file.is_some(),
+        ];
+        if modes.iter().filter(|m| **m).count() > 1 {
+            add(
+                "connection".into(),
+                "more than one auth mode is set (user/password, token, nkey_seed_file, creds_file): keep one".into(),
+            );
+        }
+        if c.user.is_some() != c.password.is_some() {
+            add(
+                if c.user.is_some() {
+                    "connection.password"
+                } else {
+                    "connection.user"
+                }
+                .into(),
+                "user and password go together: set both or neither".into(),
+            );
+        }
+        if c.tls.cert_file.is_some() != c.tls.key_file.is_some() {
+            add(
+                if c.tls.cert_file.is_some() {
+                    "connection.tls.key_file"
+                } else {
+                    "connection.tls.cert_file"
+                }
+                .into(),
+                "a client certificate needs its key (cert_file and key_file go together)".into(),
+            );
+        }
+        if c.connect_timeout.is_zero() {
+            add(
+                "connection.connect_timeout".into(),
+                "must be more than 0s".into(),
+            );
+        }
+        if c.request_timeout.is_zero() {
+            add(
+                "connection.request_timeout".into(),
+                "must be more than 0s".into(),
+            );
+        }
+
+        // worker
+        if !self.worker.ops_listen.is_empty()
+            && self
+                .worker
+                .ops_listen
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            add(
+                "worker.ops_listen".into(),
+                format!(
+                    "not an address: {:?} (expected e.g. \"127.0.0.1:9090\", or \"\" to disable)",
+                    self.worker.ops_listen
+                ),
+            );
+        }
+
+        // streams
+        let mut stream_names: HashMap<&str, usize> = HashMap::new();
+        for (i, s) in self.streams.iter().enumerate() {
+            let key = |field: &str| format!("streams[{i}].{field}");
+            if let Err(why) = validate_name(&s.name) {
+                add(key("name"), why);
+            } else if let Some(first) = stream_names.insert(&s.name, i) {
+                add(
+                    key("name"),
+                    format!("duplicate stream name {:?} (also streams[{first}])", s.name),
+                );
+            }
+            if s.subjects.is_empty() {
+                add(key("subjects"), "at least one subject is required".into());
+            }
+            let mut seen = HashSet::new();
+            for (j, subj) in s.subjects.iter().enumerate() {
+                if let Err(e) = subject::validate_filter(subj) {
+                    add(
+                        format!("streams[{i}].subjects[{j}]"),
+                        format!("{e}: {subj:?}"),
+                    );
+                } else if !seen.insert(subj) {
+                    add(
+                        format!("streams[{i}].subjects[{j}]"),
+                        format!("duplicate subject {subj:?}"),
+                    );
+                }
+            }
+            if s.replicas == 0 || s.replicas > 5 {
+                add(
+                    key("replicas"),
+                    format!("must be 1 to 5, got {}", s.replicas),
+                );
+            }
+            for (field, value) in [("max_bytes", s.max_bytes), ("max_msgs", s.max_msgs)] {
+                if matches!(value, Some(v) if v <= 0) {
+                    add(
+                        key(field),
+                        "must be positive (leave it out for unlimited)".into(),
+                    );
+                }
+            }
+            if matches!(s.max_msg_size, Some(v) if v <= 0) {
+                add(
+                    key("max_msg_size"),
+                    "must be positive (leave it out for unlimited)".into(),
+                );
+            }
+            if matches!(s.max_age, Some(d) if d.is_zero()) {
+                add(
+                    key("max_age"),
+                    "must be more than 0s (leave it out for unlimited)".into(),
+                );
+            }
+            if let Some(window) = s.duplicate_window {
+                if window.is_zero() {
+                    add(key("duplicate_window"), "must be more than 0s".into());
+                }
+                if matches!(s.max_age, Some(age) if window > age) {
+                    add(
+                        key("duplicate_window"),
+                        "must not be longer than max_age".into(),
+                    );
+                }
+            }
+        }
+        // Two streams may not capture the same subjects: the server refuses it.
+        for (i, a) in self.streams.iter().enumerate() {
+            for b in self.streams.iter().skip(i + 1) {
+                for sa in &a.subjects {
+                    if let Some(sb) = b.subjects.iter().find(|sb| subject::overlaps(sa, sb)) {
+                        add(
+                            format!("streams[{i}].subjects"),
+                            format!("{sa:?} overlaps {sb:?} of stream {:?}: a subject can belong to one stream only", b.name),
+                        );
+                    }
+                }
+            }
+        }
+
+        // consumers
+        let mut consumer_names: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, cons) in self.consumers.iter().enumerate() {
+            let key = |field: &str| format!("consumers[{i}].{field}");
+            let stream = self.streams.iter().find(|s| s.name == cons.stream);
+            if let Err(why) = validate_name(&cons.name) {
+                add(key("name"), why);
+            } else if let Some(first) = consumer_names.insert((&cons.stream, &cons.name), i) {
+                add(
+                    key("name"),
+                    format!(
+                        "duplicate consumer {:?} on stream {:?} (also consumers[{first}])",
+                        cons.name, cons.stream
+                    ),
+                );
+            }
+            if cons.stream.is_empty() {
+                add(
+                    key("stream"),
+                    "required: the stream this consumer reads".into(),
+                );
+            } else if stream.is_none() {
+                add(
+                    key("stream"),
+                    format!(
+                        "unknown stream {:?}: declare it under [[streams]]",
+                        cons.stream
+                    ),
+                );
+            }
+            if cons.handler.trim().is_empty() {
+                add(
+                    key("handler"),
+                    "required: the name of the handler function that processes these messages"
+                        .into(),
+                );
+            }
+            if let Some(filter) = &cons.filter_subject {
+                if let Err(e) = subject::validate_filter(filter) {
+                    add(key("filter_subject"), format!("{e}: {filter:?}"));
+                } else if let Some(s) = stream {
+                    if !s.subjects.iter().any(|ss| subject::overlaps(ss, filter)) {
+                        add(
+                            key("filter_subject"),
+                            format!("{filter:?} matches none of stream {:?}'s subjects", s.name),
+                        );
+                    }
+                }
+            }
+            if cons.ack_wait < Duration::from_secs(1) {
+                add(key("ack_wait"), "must be at least 1s".into());
+            }
+            if cons.max_deliver < 1 {
+                add(key("max_deliver"), format!("must be at least 1 (unlimited redelivery is not allowed: a poison message would loop forever), got {}", cons.max_deliver));
+            }
+            if let Some(backoff) = &cons.backoff {
+                if backoff.is_empty() {
+                    add(
+                        key("backoff"),
+                        "must list at least one delay (leave it out for the default schedule)"
+                            .into(),
+                    );
+                }
+                if backoff.iter().any(|d| d.is_zero()) {
+                    add(key("backoff"), "delays must be more than 0s: an immediate retry burns through max_deliver in milliseconds".into());
+                }
+                let retries = cons.max_deliver.max(1) - 1;
+                if backoff.len() as i64 > retries {
+                    add(key("backoff"), format!(
+                        "{} delays but max_deliver {} allows only {retries} retr{}: shorten the schedule or raise max_deliver",
+                        backoff.len(), cons.max_deliver, if retries == 1 { "y" } else { "ies" }
+                    ));
+                }
+            }
+            if cons.max_ack_pending < 1 {
+                add(key("max_ack_pending"), "must be at least 1".into());
+            }
+            if cons.concurrency < 1 {
+                add(key("concurrency"), "must be at least 1".into());
+            } else if cons.concurrency > cons.max_ack_pending && cons.max_ack_pending >= 1 {
+                add(key("concurrency"), format!(
+                    "{} is above max_ack_pending {}: the server would never let that many messages out",
+                    cons.concurrency, cons.max_ack_pending
+                ));
+            }
+            if cons.handler_timeout.is_zero() {
+                add(key("handler_timeout"), "must be more than 0s".into());
+            }
+            if cons.max_payload_bytes < 1 {
+                add(key("max_payload_bytes"), "must be at least 1".into());
+            }
+            let dls = &cons.dead_letter_subject;
+            if dls.is_empty() {
+                add(key("dead_letter_subject"), "required: where messages that cannot be processed are kept (a subject captured by a declared stream)".into());
+            } else if let Err(e) = subject::validate_literal(dls) {
+                add(key("dead_letter_subject"), format!("{e}: {dls:?}"));
+            } else {
+                match self.streams.iter().find(|s| s.subjects.iter().any(|ss| subject::overlaps(ss, dls))) {
+                    None => add(key("dead_letter_subject"), format!("{dls:?} is captured by no declared stream: dead letters would be lost; add it to a stream's subjects")),
+                    Some(dl_stream) if dl_stream.name == cons.stream => {
+                        let reads_it = match &cons.filter_subject {
+                            Some(filter) => subject::overlaps(filter, dls),
+                            None => true,
+                        };
+                        if reads_it {
+                            add(key("dead_letter_subject"), format!("{dls:?} would be read by this consumer itself (a dead-letter loop): use a subject outside its filter, in another stream"));
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        problems
+    }
+
+    /// The stream a consumer reads, once validated.
+    pub fn stream(&self, name: &str) -> Option<&StreamConfig> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+
+    /// Consumers grouped by stream, in config order (handy for reports).
+    pub fn consumers_by_stream(&self) -> BTreeMap<&str, Vec<&ConsumerConfig>> {
+        let mut map: BTreeMap<&str, Vec<&ConsumerConfig>> = BTreeMap::new();
+        for c in &self.consumers {
+            map.entry(&c.stream).or_default().push(c);
+        }
+        map
+    }
+}
+
+/// Stream and consumer names: what the server accepts in a subject token.
+fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("required".into());
+    }
+    if name.len() > 255 {
+        return Err("longer than 255 characters".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}: names may not contain '.', '*', '>', slashes or whitespace"
+        ));
+    }
+    Ok(())
+}
+
+/// Deserializes an optional list of human durations (`["1s", "5s", "1m"]`).
+fn duration_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<Duration>>, D::Error> {
+    let list: Option<Vec<humantime_serde::Serde<Duration>>> = Option::deserialize(d)?;
+    Ok(list.map(|l| l.into_iter().map(|d| d.into_inner()).collect()))
+}
+
+/// `consumers.0.typo` (serde_ignored's form) as `consumers[0].typo`, like every other key.
+fn key_path(dotted: &str) -> String {
+    let mut out = String::new();
+    for part in dotted.split('.') {
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// Keys whose values are never quoted in an error.
+const SECRET_KEYS: [&str; 2] = ["password", "token"];
+
+/// Parse errors can quote values; remove anything that looks like URL userinfo.
+fn sanitize(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|word| {
+            if word.contains("://") {
+                redact_userinfo(word)
+            } else {
+                word.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

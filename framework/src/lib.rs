@@ -1,0 +1,35 @@
+//! jetworker: long-lived NATS JetStream workers from `streams.toml` and plain async handlers.
+//!
+//! # Layout
+//! - [`config`]: `streams.toml` loading, environment overrides, validation (every problem at once).
+//! - [`subject`]: NATS subject rules and wildcard matching.
+//! - [`provision`]: `plan(desired, actual)` (pure) and applying it to a server.
+//! - [`connect`]: the connection config as an async-nats client (every auth mode).
+//! - [`handler`]: handlers as plain async functions; `Event`, `Context`, `HandlerError`.
+//! - [`codec`]: MessagePack (default) and JSON payloads, decoded defensively.
+//! - [`outcome`]: `decide(attempted, attempt, policy) -> Outcome`, the pure decision table.
+//! - [`consumer`]: the pull loop and the path of one delivery (ack, nak, dead letter).
+//! - [`dead_letter`]: the dead-letter copy, its headers and its publish.
+//! - [`app`]: handlers registered by name, run, graceful shutdown.
+//! - [`shutdown`]: SIGTERM / SIGINT handling.
+//! - [`cli`]: the subcommands every jetworker binary gets (`run`, `check`, `provision`).
+//! - `testing` (feature `testing`): real `nats-server` processes for integration tests.
+
+pub mod app;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod connect;
+pub mod consumer;
+pub mod dead_letter;
+pub mod handler;
+pub mod outcome;
+pub mod provision;
+pub mod shutdown;
+pub mod subject;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use app::App;
+pub use config::Config;
+pub use handler::{Context, Event, HandlerError, ResultExt};

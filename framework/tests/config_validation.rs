@@ -1,0 +1,410 @@
+//! Table tests for `streams.toml` loading and validation: every rule, asserting the key
+//! path it reports. No server needed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use jetworker::config::{CodecKind, Config, ConfigError, DeliverPolicy, Storage};
+
+/// A valid base config; tests append or replace parts of it.
+const BASE: &str = r#"
+[connection]
+servers = ["nats://127.0.0.1:4222"]
+
+[[streams]]
+name = "EVENTS"
+subjects = ["events.>"]
+
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+
+[[consumers]]
+name = "clicks"
+stream = "EVENTS"
+filter_subject = "events.click"
+handler = "track_click"
+dead_letter_subject = "dlq.clicks"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    parse_env(text, &[])
+}
+
+fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_toml_with_env(
+        text,
+        Path::new("conf/streams.toml"),
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+}
+
+fn keys(err: &ConfigError) -> Vec<String> {
+    err.problems().iter().map(|p| p.key.clone()).collect()
+}
+
+#[test]
+fn base_config_is_valid_with_defaults() {
+    let c = parse(BASE).expect("valid");
+    let cons = &c.consumers[0];
+    assert_eq!(cons.max_deliver, 5, "finite default max_deliver");
+    assert_eq!(cons.ack_wait, Duration::from_secs(30));
+    assert_eq!(cons.codec, CodecKind::Msgpack);
+    assert_eq!(cons.deliver_policy, DeliverPolicy::All);
+    assert_eq!(c.streams[0].storage, Storage::File);
+    assert_eq!(c.worker.shutdown_grace, Duration::from_secs(30));
+}
+
+#[test]
+fn the_shipped_streams_toml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../streams.toml");
+    let c = Config::load_with_env(&path, std::iter::empty()).expect("streams.toml is valid");
+    assert!(!c.consumers.is_empty());
+}
+
+#[test]
+fn durations_and_lists_parse() {
+    let text = BASE.replace(
+        "handler = \"track_click\"",
+        "handler = \"track_click\"\nack_wait = \"2m\"\nmax_deliver = 4\nbackoff = [\"1s\", \"10s\", \"1m\"]\nhandler_timeout = \"1500ms\"\ncodec = \"json\"\ndeliver_policy = \"new\"",
+    );
+    let c = parse(&text).expect("valid");
+    let cons = &c.consumers[0];
+    assert_eq!(cons.ack_wait, Duration::from_secs(120));
+    assert_eq!(
+        cons.backoff.as_deref(),
+        Some(
+            &[
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                Duration::from_secs(60)
+            ][..]
+        )
+    );
+    assert_eq!(cons.handler_timeout, Duration::from_millis(1500));
+    assert_eq!(cons.codec, CodecKind::Json);
+    assert_eq!(cons.retry_policy().delay_after(1), Duration::from_secs(1));
+    assert_eq!(cons.retry_policy().delay_after(3), Duration::from_secs(60));
+    assert_eq!(
+        cons.retry_policy().delay_after(9),
+        Duration::from_secs(60),
+        "past the end reuses the last"
+    );
+}
+
+/// Each row: a replacement applied to BASE (from, to) and the key paths expected.
+#[test]
+fn validation_rules_name_their_key() {
+    let table: &[(&str, &str, &str, &[&str])] = &[
+        (
+            "unknown stream reference",
+            "stream = \"EVENTS\"",
+            "stream = \"NOPE\"",
+            &["consumers[0].stream"],
+        ),
+        (
+            "duplicate stream name",
+            "name = \"DLQ\"",
+            "name = \"EVENTS\"",
+            // DLQ renamed: dead-letter subject still captured by stream #2, name clashes
+            &["streams[1].name"],
+        ),
+        (
+            "dead-letter subject captured by no stream",
+            "dead_letter_subject = \"dlq.clicks\"",
+            "dead_letter_subject = \"nowhere.clicks\"",
+            &["consumers[0].dead_letter_subject"],
+        ),
+        (
+            "dead-letter loop",
+            "dead_letter_subject = \"dlq.clicks\"",
+            "dead_letter_subject = \"events.click\"",
+            &["consumers[0].dead_letter_subject"],
+        ),
+        (
+            "dead-letter subject with wildcard",
+            "dead_letter_subject = \"dlq.clicks\"",
+            "dead_letter_subject = \"dlq.*\"",
+            &["consumers[0].dead_letter_subject"],
+        ),
+        (
+            "dead-letter subject missing",
+            "dead_letter_subject = \"dlq.clicks\"",
+            "",
+            &["consumers[0].dead_letter_subject"],
+        ),
+        (
+            "concurrency above max ack pending",
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nconcurrency = 50\nmax_ack_pending = 10",
+            &["consumers[0].concurrency"],
+        ),
+        (
+            "schedule longer than max deliver allows",
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nmax_deliver = 3\nbackoff = [\"1s\", \"2s\", \"3s\"]",
+            &["consumers[0].backoff"],
+        ),
+        (
+            "zero delay in schedule",
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nbackoff = [\"0s\"]",
+            &["consumers[0].backoff"],
+        ),
+        (
+            "unlimited max deliver",
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nmax_deliver = -1",
+            &["consumers[0].max_deliver"],
+        ),
+        (
+            "invalid stream subject",
+            "subjects = [\"events.>\"]",
+            "subjects = [\"events..x\"]",
+            // the consumer's filter and loop checks no longer find the stream subject
+            &["streams[0].subjects[0]", "consumers[0].filter_subject"],
+        ),
+        (
+            "invalid filter subject",
+            "filter_subject = \"events.click\"",
+            "filter_subject = \"events.>.click\"",
+            &["consumers[0].filter_subject"],
+        ),
+        (
+            "filter outside the stream",
+            "filter_subject = \"events.click\"",
+            "filter_subject = \"other.click\"",
+            &["consumers[0].filter_subject"],
+        ),
+        (
+            "overlapping stream subjects",
+            "subjects = [\"dlq.>\"]",
+            "subjects = [\"dlq.>\", \"events.click\"]",
+            &["streams[0].subjects"],
+        ),
+        (
+            "missing handler",
+            "handler = \"track_click\"",
+            "handler = \"\"",
+            &["consumers[0].handler"],
+        ),
+        (
+            "bad stream name",
+            "name = \"EVENTS\"",
+            "name = \"EV.ENTS\"",
+            &["streams[0].name", "consumers[0].stream"],
+        ),
+        (
+            "zero ack wait",
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nack_wait = \"0s\"",
+            &["consumers[0].ack_wait"],
+        ),
+        (
+            "zero payload limit",
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nmax_payload_bytes = 0",
+            &["consumers[0].max_payload_bytes"],
+        ),
+        (
+            "replicas out of range",
+            "subjects = [\"events.>\"]",
+            "subjects = [\"events.>\"]\nreplicas = 7",
+            &["streams[0].replicas"],
+        ),
+        (
+            "duplicate window longer than max age",
+            "subjects = [\"events.>\"]",
+            "subjects = [\"events.>\"]\nmax_age = \"1m\"\nduplicate_window = \"2m\"",
+            &["streams[0].duplicate_window"],
+        ),
+        (
+            "user without password",
+            "servers = [\"nats://127.0.0.1:4222\"]",
+            "servers = [\"nats://127.0.0.1:4222\"]\nuser = \"svc\"",
+            &["connection.password"],
+        ),
+        (
+            "two auth modes",
+            "servers = [\"nats://127.0.0.1:4222\"]",
+            "servers = [\"nats://127.0.0.1:4222\"]\ntoken = \"t0k3n\"\ncreds_file = \"/x.creds\"",
+            &["connection"],
+        ),
+        (
+            "client cert without key",
+            "servers = [\"nats://127.0.0.1:4222\"]",
+            "servers = [\"nats://127.0.0.1:4222\"]\ntls = { cert_file = \"/c.pem\" }",
+            &["connection.tls.key_file"],
+        ),
+        (
+            "no servers",
+            "servers = [\"nats://127.0.0.1:4222\"]",
+            "servers = []",
+            &["connection.servers"],
+        ),
+        (
+            "bad ops address",
+            "[connection]",
+            "[worker]\nops_listen = \"nowhere\"\n[connection]",
+            &["worker.ops_listen"],
+        ),
+        (
+            "unknown key",
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nmax_delivers = 3",
+            &["consumers[0].max_delivers"],
+        ),
+        (
+            "unknown section",
+            "[connection]",
+            "[workers]\nx = 1\n[connection]",
+            &["workers"],
+        ),
+    ];
+    for (name, from, to, expected) in table {
+        assert!(BASE.contains(from), "{name}: base lacks {from:?}");
+        let text = BASE.replacen(from, to, 1);
+        let err = match parse(&text) {
+            Ok(_) => panic!("{name}: expected an error"),
+            Err(e) => e,
+        };
+        let mut got = keys(&err);
+        got.sort();
+        let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(got, want, "{name}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("conf/streams.toml"),
+            "{name}: file not named: {text}"
+        );
+        for key in &want {
+            assert!(
+                text.contains(key.as_str()),
+                "{name}: key {key} not in: {text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = BASE
+        .replace("stream = \"EVENTS\"", "stream = \"NOPE\"")
+        .replace(
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nmax_deliver = 0\ntypo = 1",
+        )
+        .replace(
+            "subjects = [\"dlq.>\"]",
+            "subjects = [\"dlq.>\"]\nreplicas = 0",
+        );
+    let err = parse(&text).expect_err("invalid");
+    let keys = keys(&err);
+    for k in [
+        "consumers[0].stream",
+        "consumers[0].max_deliver",
+        "consumers[0].typo",
+        "streams[1].replicas",
+    ] {
+        assert!(keys.iter().any(|got| got == k), "{k} missing from {keys:?}");
+    }
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let text = BASE.replace(
+        "handler = \"track_click\"",
+        "handler = \"track_click\"\nack_wait = \"soon\"",
+    );
+    let err = parse(&text).expect_err("invalid");
+    let text = err.to_string();
+    assert!(text.contains("conf/streams.toml"), "{text}");
+    assert!(text.contains("consumers[0].ack_wait"), "{text}");
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let err = Config::load_with_env("/nonexistent/streams.toml", std::iter::empty())
+        .expect_err("missing");
+    assert!(
+        err.to_string().contains("/nonexistent/streams.toml"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("cannot read"), "{err}");
+}
+
+#[test]
+fn environment_overrides() {
+    let c = parse_env(
+        BASE,
+        &[
+            ("JETWORKER__WORKER__SHUTDOWN_GRACE", "45s"),
+            ("JETWORKER__CONNECTION__NAME", "from-env"),
+            (
+                "JETWORKER__CONNECTION__SERVERS",
+                "nats://10.0.0.1:4222,nats://10.0.0.2:4222",
+            ),
+            ("NATS_URL", "nats://ignored:4222"),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(c.worker.shutdown_grace, Duration::from_secs(45));
+    assert_eq!(c.connection.name, "from-env");
+    let servers: Vec<&str> = c.connection.servers.iter().map(|s| s.expose()).collect();
+    assert_eq!(servers, ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]);
+}
+
+#[test]
+fn nats_url_is_honoured() {
+    let c = parse_env(BASE, &[("NATS_URL", "nats://a:4222, nats://b:4222")]).expect("valid");
+    let servers: Vec<String> = c
+        .connection
+        .servers
+        .iter()
+        .map(|s| s.expose().trim().to_string())
+        .collect();
+    assert_eq!(servers, ["nats://a:4222", "nats://b:4222"]);
+}
+
+#[test]
+fn unknown_env_key_is_reported() {
+    let err = parse_env(BASE, &[("JETWORKER__WORKER__SHUTDOWN_GRAEC", "1s")]).expect_err("typo");
+    assert!(
+        keys(&err).iter().any(|k| k == "worker.shutdown_graec"),
+        "{err}"
+    );
+}
+
+#[test]
+fn secrets_never_show() {
+    let text = BASE.replace(
+        "servers = [\"nats://127.0.0.1:4222\"]",
+        "servers = [\"nats://alice:s3cr3t-pw@127.0.0.1:4222\"]\nuser = \"bob\"\npassword = \"hunter2-pw\"",
+    );
+    let c = parse(&text).expect("valid");
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("s3cr3t-pw"), "{debug}");
+    assert!(!debug.contains("hunter2-pw"), "{debug}");
+    assert!(debug.contains("***@127.0.0.1:4222"), "{debug}");
+
+    // A token in an invalid config, and a wrong-typed password: neither is echoed.
+    let bad = BASE.replace(
+        "servers = [\"nats://127.0.0.1:4222\"]",
+        "servers = [\"nats://alice:s3cr3t-pw@127.0.0.1:4222\"]\ntoken = \"t0k3n-value\"\nuser = \"x\"",
+    );
+    let err = parse(&bad).expect_err("invalid");
+    let shown = format!("{err} {err:?}");
+    assert!(
+        !shown.contains("t0k3n-value") && !shown.contains("s3cr3t-pw"),
+        "{shown}"
+    );
+    let typed = BASE.replace(
+        "servers = [\"nats://127.0.0.1:4222\"]",
+        "servers = [\"nats://127.0.0.1:4222\"]\nuser = \"x\"\npassword = { nested = \"pw-in-table\" }",
+    );
+    let err = parse(&typed).expect_err("invalid");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("pw-in-table"), "{shown}");
+    assert!(shown.contains("connection.password"), "{shown}");
+}
