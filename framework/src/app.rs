@@ -1,0 +1,302 @@
+//! The application: handlers registered by name, shared state, and the run loop that
+//! connects, provisions, runs every consumer and shuts down gracefully.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
+use crate::handler::{ErasedHandler, Handler, TypedHandler};
+use crate::provision::{self, ServerVersion};
+use crate::{connect, shutdown};
+
+/// A worker application: shared state `S` and handlers registered by the names
+/// `streams.toml` gives them.
+///
+/// ```no_run
+/// use jetworker::{App, Context, Event, HandlerError};
+/// # #[derive(serde::Deserialize)] struct Click { page: String }
+/// async fn track_click(click: Event<Click>, _ctx: Context) -> Result<(), HandlerError> {
+///     println!("{}", click.page);
+///     Ok(())
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> std::process::ExitCode {
+///     let app = App::new(()).handler("track_click", track_click);
+///     jetworker::cli::main(app).await
+/// }
+/// ```
+pub struct App<S = ()> {
+    state: Arc<S>,
+    handlers: HashMap<String, Arc<dyn ErasedHandler<S>>>,
+}
+
+impl Default for App<()> {
+    fn default() -> Self {
+        App::new(())
+    }
+}
+
+/// Why the app could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Consumers name handlers that were not registered.
+    #[error("{}", .0.join("\n"))]
+    MissingHandlers(Vec<String>),
+    /// Connecting failed in a way retrying cannot fix (refused credentials, bad URL, TLS).
+    #[error(transparent)]
+    Connect(#[from] connect::ConnectError),
+    /// Provisioning failed or has conflicts.
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+}
+
+impl<S: Send + Sync + 'static> App<S> {
+    /// An app whose handlers share `state` (use `()` for none).
+    pub fn new(state: S) -> Self {
+        App {
+            state: Arc::new(state),
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// Registers `handler` under `name` (the `handler` key of a consumer). Registering a
+    /// name twice keeps the last one.
+    pub fn handler<T, H>(mut self, name: &str, handler: H) -> Self
+    where
+        H: Handler<T, S>,
+        T: DeserializeOwned + Send + 'static,
+    {
+        self.handlers
+            .insert(name.to_string(), Arc::new(TypedHandler::new(handler)));
+        self
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &Arc<S> {
+        &self.state
+    }
+
+    /// Names of the registered handlers, sorted.
+    pub fn handler_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+        names.sort();
+        names
+    }
+
+    /// Checks that every consumer's handler is registered; each problem names the file,
+    /// the key and what is registered.
+    pub fn check(&self, config: &Config) -> Result<(), RunError> {
+        let file = config.source.display();
+        let missing: Vec<String> = config
+            .consumers
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !self.handlers.contains_key(&c.handler))
+            .map(|(i, c)| {
+                format!(
+                    "{file}: consumers[{i}].handler: no handler named {:?} is registered (registered: {}); register it with App::handler(\"{}\", ...)",
+                    c.handler,
+                    if self.handlers.is_empty() { "none".to_string() } else { self.handler_names().join(", ") },
+                    c.handler
+                )
+            })
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(RunError::MissingHandlers(missing))
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully (a second signal exits
+    /// at once). Returns when everything has stopped.
+    pub async fn run(self, config: Config) -> Result<(), RunError> {
+        let stop = CancellationToken::new();
+        shutdown::on_signals(stop.clone());
+        self.run_until(config, stop).await.map(|_| ())
+    }
+
+    /// Runs until `stop` is cancelled, then shuts down gracefully within the config's
+    /// grace period. Returns each consumer's counters.
+    pub async fn run_until(
+        self,
+        config: Config,
+        stop: CancellationToken,
+    ) -> Result<BTreeMap<String, Arc<ConsumerStats>>, RunError> {
+        let running = self.start(config, stop).await?;
+        Ok(running.wait().await)
+    }
+
+    /// Connects, provisions and starts every consumer; returns a handle to watch and
+    /// stop them. Connection failures are retried (logged) until `stop`.
+    pub async fn start(self, config: Config, stop: CancellationToken) -> Result<Running, RunError> {
+        self.check(&config)?;
+        let hard_stop = CancellationToken::new();
+        let grace = config.worker.shutdown_grace;
+
+        let Some(client) = connect_until(&config, &stop).await? else {
+            return Ok(Running::stopped(grace));
+        };
+        let js = async_nats::jetstream::new(client.clone());
+        let version = ServerVersion::parse(&client.server_info().version).unwrap_or_default();
+
+        // Provision: a conflict is fatal; an unavailable JetStream is retried.
+        let mut failures = 0u32;
+        loop {
+            match provision::provision(&client, &js, &config, false).await {
+                Ok(plan) => {
+                    if plan.has_changes() {
+                        tracing::info!(plan = %plan, "provisioned");
+                    }
+                    break;
+                }
+                Err(e @ provision::ProvisionError::Conflicts(_)) => return Err(e.into()),
+                Err(e) => {
+                    failures += 1;
+                    let wait = Duration::from_secs(u64::from(failures.min(5)));
+                    tracing::warn!(error = %e, retry_in = %humantime::format_duration(wait), "provisioning failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(Running::stopped(grace)),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+
+        let tracker = TaskTracker::new();
+        let mut stats = BTreeMap::new();
+        for c in &config.consumers {
+            let Some(handler) = self.handlers.get(&c.handler) else {
+                continue;
+            };
+            let consumer_stats = Arc::new(ConsumerStats::default());
+            stats.insert(c.name.clone(), consumer_stats.clone());
+            let rt = Arc::new(ConsumerRuntime {
+                config: c.clone(),
+                spec: provision::consumer_spec(c),
+                policy: c.retry_policy(),
+                handler: handler.clone(),
+                state: self.state.clone(),
+                client: client.clone(),
+                js: js.clone(),
+                server_version: version,
+                request_timeout: config.connection.request_timeout,
+                stats: consumer_stats,
+                stop: stop.clone(),
+                hard_stop: hard_stop.clone(),
+            });
+            tracker.spawn(consumer::run(rt));
+        }
+        tracker.close();
+        tracing::info!(
+            consumers = config.consumers.len(),
+            server_version = %version,
+            "workers running"
+        );
+        Ok(Running {
+            client: Some(client),
+            tracker,
+            stop,
+            hard_stop,
+            grace,
+            stats,
+        })
+    }
+}
+
+/// A started app.
+pub struct Running {
+    client: Option<async_nats::Client>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    grace: Duration,
+    stats: BTreeMap<String, Arc<ConsumerStats>>,
+}
+
+impl Running {
+    fn stopped(grace: Duration) -> Running {
+        let tracker = TaskTracker::new();
+        tracker.close();
+        Running {
+            client: None,
+            tracker,
+            stop: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            grace,
+            stats: BTreeMap::new(),
+        }
+    }
+
+    /// Counters per consumer name.
+    pub fn stats(&self) -> &BTreeMap<String, Arc<ConsumerStats>> {
+        &self.stats
+    }
+
+    /// The client, when connected.
+    pub fn client(&self) -> Option<&async_nats::Client> {
+        self.client.as_ref()
+    }
+
+    /// Waits for the stop signal, then for in-flight handlers up to the grace period;
+    /// past it, what still runs is handed back to the server. Flushes acks and drains
+    /// the connection.
+    pub async fn wait(self) -> BTreeMap<String, Arc<ConsumerStats>> {
+        self.stop.cancelled().await;
+        tracing::info!(grace = %humantime::format_duration(self.grace), "shutting down: no new messages; waiting for in-flight handlers");
+        if tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over: handing unfinished messages back");
+            self.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        }
+        if let Some(client) = &self.client {
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
+        }
+        tracing::info!("stopped");
+        self.stats
+    }
+}
+
+/// Connects, retrying with backoff (each failure logged) until connected or `stop`. A
+/// permanent failure (refused credentials, bad URL, TLS) is returned at once.
+async fn connect_until(
+    config: &Config,
+    stop: &CancellationToken,
+) -> Result<Option<async_nats::Client>, connect::ConnectError> {
+    let mut failures = 0u32;
+    loop {
+        let attempt = async {
+            let opts = connect::options(&config.connection).await?;
+            let opts = opts.max_reconnects(None);
+            connect::connect_with(&config.connection, opts).await
+        };
+        let result = tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            r = attempt => r,
+        };
+        match result {
+            Ok(client) => return Ok(Some(client)),
+            Err(e) if e.kind.is_permanent() => return Err(e),
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_secs(u64::from(failures.min(10)));
+                tracing::error!(error = %e, retry_in = %humantime::format_duration(wait), "cannot connect");
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}

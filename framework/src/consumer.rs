@@ -1,0 +1,734 @@
+//! One durable consumer at work: the pull loop and the path of each delivery.
+//!
+//! # Pull loop
+//! jetworker speaks the pull protocol itself (one inbox subscription, `MSG.NEXT`
+//! requests) so that it asks for exactly as many messages as it has free handler slots:
+//! a message never waits in a client buffer while its ack timer runs. Requests carry an
+//! idle heartbeat; when heartbeats stop, the client reconnects, or the server says the
+//! consumer is gone, the loop starts a new session (recreating the consumer from the
+//! config when it was deleted).
+//!
+//! # One delivery
+//! size check -> decode -> handler (timeout, panic caught, progress acks while it runs)
+//! -> [`decide`] -> ack | nak(delay) | dead letter (publish, await PubAck, then term).
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{Client, StatusCode};
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ConsumerConfig;
+use crate::dead_letter::{self, DeadLetter};
+use crate::handler::{Context, ErasedHandler, HandlerErrorKind};
+use crate::outcome::{decide, Attempted, Outcome, Reason, RetryPolicy};
+use crate::provision::{self, ConsumerSpec, ServerVersion};
+
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// Idle heartbeat asked of the server while a pull request waits.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Pull requests whose server we have not heard from for this long are presumed lost.
+const HEARTBEAT_GRACE: Duration = Duration::from_secs(11);
+/// How often the loop checks deadlines, heartbeats and the connection.
+const TICK: Duration = Duration::from_millis(500);
+/// Longest wait between attempts to restore a consumer or a dead-letter publish.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Counters for one consumer, updated as deliveries settle.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Deliveries received.
+    pub received: AtomicU64,
+    /// Acked after success.
+    pub acked: AtomicU64,
+    /// Nak'ed for a retry.
+    pub retried: AtomicU64,
+    /// Dead-lettered, by [`Reason`] in [`Reason::ALL`] order.
+    pub dead_lettered: [AtomicU64; 7],
+    /// Handler panics caught.
+    pub panics: AtomicU64,
+    /// Handler timeouts.
+    pub timeouts: AtomicU64,
+    /// Dead-letter publishes that failed (the original was kept).
+    pub dead_letter_failures: AtomicU64,
+    /// Deliveries that never started (shutdown) and were handed back at once.
+    pub released: AtomicU64,
+    /// Deliveries with attempt > 1.
+    pub redelivered: AtomicU64,
+    /// Handlers running now.
+    pub in_flight: AtomicUsize,
+    /// The most handlers ever running at once.
+    pub peak_in_flight: AtomicUsize,
+    /// Times the consumer was found missing and recreated.
+    pub recreated: AtomicU64,
+    /// Pull sessions started (1 + recoveries).
+    pub sessions: AtomicU64,
+    /// Sum of handler run times, in microseconds.
+    pub handler_micros: AtomicU64,
+}
+
+impl ConsumerStats {
+    /// Dead letters recorded for `reason`.
+    pub fn dead_letters(&self, reason: Reason) -> u64 {
+        let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.dead_lettered[i].load(Ordering::Relaxed)
+    }
+
+    fn count_dead_letter(&self, reason: Reason) {
+        let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.dead_lettered[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything one consumer's loop and its tasks share.
+pub(crate) struct ConsumerRuntime<S> {
+    pub config: ConsumerConfig,
+    pub spec: ConsumerSpec,
+    pub policy: RetryPolicy,
+    pub handler: Arc<dyn ErasedHandler<S>>,
+    pub state: Arc<S>,
+    pub client: Client,
+    pub js: jetstream::Context,
+    pub server_version: ServerVersion,
+    pub request_timeout: Duration,
+    pub stats: Arc<ConsumerStats>,
+    /// Cancelled at the first shutdown signal: stop pulling; handlers see it in `Context`.
+    pub stop: CancellationToken,
+    /// Cancelled when the grace period is over: abandon what still runs.
+    pub hard_stop: CancellationToken,
+}
+
+/// Why a pull session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    Stopped,
+    ConsumerDeleted,
+    NoResponders,
+    HeartbeatsMissed,
+    Reconnected,
+    SubscriptionClosed,
+}
+
+struct OpenRequest {
+    id: u64,
+    remaining: usize,
+    deadline: Instant,
+}
+
+/// Pull requests sent and not yet fulfilled or expired.
+#[derive(Default)]
+struct OpenRequests {
+    open: VecDeque<OpenRequest>,
+}
+
+impl OpenRequests {
+    fn requested(&self) -> usize {
+        self.open.iter().map(|r| r.remaining).sum()
+    }
+
+    /// A message arrived: the server fills requests in order.
+    fn delivered(&mut self) {
+        if let Some(front) = self.open.front_mut() {
+            front.remaining = front.remaining.saturating_sub(1);
+            if front.remaining == 0 {
+                self.open.pop_front();
+            }
+        }
+    }
+
+    fn close(&mut self, id: u64) {
+        self.open.retain(|r| r.id != id);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.open.retain(|r| r.deadline > now);
+    }
+}
+
+/// Runs the consumer until `stop`, then waits for its handlers (the caller bounds that
+/// with the grace period through `hard_stop`).
+pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
+    let concurrency = rt.config.concurrency_limit();
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let done = Arc::new(Notify::new());
+    let tasks = TaskTracker::new();
+    let mut failures: u32 = 0;
+
+    loop {
+        if rt.stop.is_cancelled() {
+            break;
+        }
+        if let Err(e) = ensure_consumer(&rt).await {
+            failures += 1;
+            let wait = backoff(failures);
+            tracing::warn!(
+                stream = %rt.spec.stream, consumer = %rt.spec.name, error = %e,
+                retry_in = %humantime::format_duration(wait), "consumer unavailable"
+            );
+            tokio::select! {
+                _ = rt.stop.cancelled() => break,
+                _ = tokio::time::sleep(wait) => continue,
+            }
+        }
+        rt.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let end = session(&rt, &permits, &done, &tasks).await;
+        match end {
+            Ok(SessionEnd::Stopped) => break,
+            Ok(end) => {
+                tracing::info!(stream = %rt.spec.stream, consumer = %rt.spec.name, reason = ?end, "restarting pull");
+                failures = match end {
+                    SessionEnd::NoResponders | SessionEnd::SubscriptionClosed => failures + 1,
+                    _ => 0,
+                };
+                if failures > 0 {
+                    tokio::select! {
+                        _ = rt.stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff(failures)) => {}
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(stream = %rt.spec.stream, consumer = %rt.spec.name, error = %e, "pull session failed");
+                tokio::select! {
+                    _ = rt.stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+fn backoff(failures: u32) -> Duration {
+    let secs = 1u64 << failures.min(5).saturating_sub(1);
+    Duration::from_secs(secs).min(MAX_BACKOFF)
+}
+
+/// Makes sure the durable consumer exists; recreates it from the config when it was
+/// deleted behind our back.
+async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), String> {
+    let stream = provision::get_stream(&rt.js, &rt.spec.stream)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("stream {:?} does not exist", rt.spec.stream))?;
+    let exists = provision::consumer_info(&stream, &rt.spec.name)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some();
+    if !exists {
+        tracing::warn!(stream = %rt.spec.stream, consumer = %rt.spec.name, "consumer is missing; recreating it from the config");
+        provision::recreate_consumer(&rt.js, &rt.spec)
+            .await
+            .map_err(|e| format!("recreating the consumer failed: {e}"))?;
+        rt.stats.recreated.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// One pull session: a fresh inbox, requests sized to free capacity, until something
+/// needs a restart or the worker stops.
+async fn session<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    permits: &Arc<Semaphore>,
+    done: &Arc<Notify>,
+    tasks: &TaskTracker,
+) -> Result<SessionEnd, String> {
+    let inbox = rt.client.new_inbox();
+    let mut sub = rt
+        .client
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    let next_subject = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+        rt.spec.stream, rt.spec.name
+    );
+    let concurrency = rt.config.concurrency_limit();
+    let threshold = (concurrency / 4).max(1);
+    let mut requests = OpenRequests::default();
+    let mut next_id: u64 = 0;
+    let mut last_heard = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_connected = true;
+
+    let end = loop {
+        // Ask for as many messages as there are free handler slots not yet asked for.
+        let connected = rt.client.connection_state() == async_nats::connection::State::Connected;
+        let free = permits
+            .available_permits()
+            .saturating_sub(requests.requested());
+        if connected && free > 0 && (free >= threshold || requests.open.is_empty()) {
+            next_id += 1;
+            let body = format!(
+                "{{\"batch\":{free},\"expires\":{},\"idle_heartbeat\":{}}}",
+                PULL_EXPIRES.as_nanos(),
+                PULL_HEARTBEAT.as_nanos()
+            );
+            match rt
+                .client
+                .publish_with_reply(
+                    next_subject.clone(),
+                    format!("{inbox}.{next_id}"),
+                    body.into(),
+                )
+                .await
+            {
+                Ok(()) => {
+                    if requests.open.is_empty() {
+                        last_heard = Instant::now();
+                    }
+                    requests.open.push_back(OpenRequest {
+                        id: next_id,
+                        remaining: free,
+                        deadline: Instant::now() + PULL_EXPIRES + PULL_HEARTBEAT,
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "pull request not sent"),
+            }
+        }
+
+        tokio::select! {
+            biased;
+            _ = rt.stop.cancelled() => break SessionEnd::Stopped,
+            message = sub.next() => {
+                let Some(message) = message else { break SessionEnd::SubscriptionClosed };
+                last_heard = Instant::now();
+                match message.status {
+                    None | Some(StatusCode::OK) => {
+                        requests.delivered();
+                        let permit = match permits.clone().try_acquire_owned() {
+                            Ok(p) => p,
+                            // Only after a reset: a late delivery for a request we gave up on.
+                            Err(_) => tokio::select! {
+                                p = permits.clone().acquire_owned() => match p {
+                                    Ok(p) => p,
+                                    Err(_) => break SessionEnd::Stopped,
+                                },
+                                _ = rt.stop.cancelled() => {
+                                    release(rt, message).await;
+                                    break SessionEnd::Stopped;
+                                }
+                            },
+                        };
+                        start(rt, tasks, done, permit, message);
+                    }
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
+                        requests.close(request_id(&message.subject));
+                    }
+                    Some(StatusCode::NO_RESPONDERS) => {
+                        requests.close(request_id(&message.subject));
+                        break SessionEnd::NoResponders;
+                    }
+                    Some(status) => {
+                        let description = message.description.clone().unwrap_or_default();
+                        requests.close(request_id(&message.subject));
+                        if description.to_ascii_lowercase().contains("consumer deleted") {
+                            break SessionEnd::ConsumerDeleted;
+                        }
+                        tracing::debug!(status = %status, description, "pull request ended by the server");
+                    }
+                }
+            }
+            _ = done.notified() => {}
+            _ = tick.tick() => {
+                let now = Instant::now();
+                requests.expire(now);
+                let connected_now = rt.client.connection_state() == async_nats::connection::State::Connected;
+                if connected_now && !was_connected {
+                    break SessionEnd::Reconnected;
+                }
+                was_connected = connected_now;
+                if !requests.open.is_empty() && now.duration_since(last_heard) > HEARTBEAT_GRACE {
+                    break SessionEnd::HeartbeatsMissed;
+                }
+            }
+        }
+    };
+
+    // Hand back whatever arrived and never started, so another worker gets it now.
+    let _ = sub.unsubscribe().await;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await
+    {
+        if matches!(message.status, None | Some(StatusCode::OK)) && message.reply.is_some() {
+            release(rt, message).await;
+        }
+    }
+    Ok(end)
+}
+
+/// The request id from a status message's subject (`<inbox>.<id>`).
+fn request_id(subject: &str) -> u64 {
+    subject
+        .rsplit('.')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Naks a delivery that never started, without delay: another worker takes it at once.
+async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
+    let message = jetstream::Message {
+        message,
+        context: rt.js.clone(),
+    };
+    if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+        rt.stats.released.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn start<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    tasks: &TaskTracker,
+    done: &Arc<Notify>,
+    permit: OwnedSemaphorePermit,
+    message: async_nats::Message,
+) {
+    let rt = rt.clone();
+    let done = done.clone();
+    rt.stats.received.fetch_add(1, Ordering::Relaxed);
+    tasks.spawn(async move {
+        let running = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        rt.stats
+            .peak_in_flight
+            .fetch_max(running, Ordering::Relaxed);
+        deliver(&rt, message).await;
+        rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+        done.notify_one();
+    });
+}
+
+/// How a handler run ended.
+enum Ran {
+    Finished(Attempted),
+    /// The grace period ran out: hand the message back.
+    Abandoned,
+}
+
+/// The path of one delivery, ending settled.
+async fn deliver<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    message: async_nats::Message,
+) {
+    let message = jetstream::Message {
+        message,
+        context: rt.js.clone(),
+    };
+    let (stream, sequence, attempt) = match message.info() {
+        Ok(info) => (
+            info.stream.to_string(),
+            info.stream_sequence,
+            u64::try_from(info.delivered).unwrap_or(1).max(1),
+        ),
+        Err(e) => {
+            // Not a JetStream delivery (no ack subject): nothing can settle it.
+            tracing::error!(consumer = %rt.spec.name, subject = %message.subject, error = %e, "delivery without JetStream metadata ignored");
+            return;
+        }
+    };
+    if attempt > 1 {
+        rt.stats.redelivered.fetch_add(1, Ordering::Relaxed);
+    }
+    let started = std::time::Instant::now();
+    let ran = run_handler(rt, &message, &stream, sequence, attempt).await;
+    let elapsed = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    rt.stats
+        .handler_micros
+        .fetch_add(elapsed, Ordering::Relaxed);
+    let attempted = match ran {
+        Ran::Finished(a) => a,
+        Ran::Abandoned => {
+            tracing::warn!(stream, consumer = %rt.spec.name, seq = sequence, attempt, "shutdown grace over: handing the message back");
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            return;
+        }
+    };
+    match &attempted {
+        Attempted::Panicked(_) => rt.stats.panics.fetch_add(1, Ordering::Relaxed),
+        Attempted::TimedOut(_) => rt.stats.timeouts.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
+    let outcome = decide(&attempted, attempt, &rt.policy);
+    settle(
+        rt, &message, &stream, sequence, attempt, &attempted, outcome,
+    )
+    .await;
+}
+
+async fn run_handler<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    message: &jetstream::Message,
+    stream: &str,
+    sequence: u64,
+    attempt: u64,
+) -> Ran {
+    let limit = usize::try_from(rt.config.max_payload_bytes).unwrap_or(usize::MAX);
+    if message.payload.len() > limit {
+        return Ran::Finished(Attempted::TooLarge {
+            size: message.payload.len(),
+            limit,
+        });
+    }
+    let ctx = Context {
+        state: rt.state.clone(),
+        subject: message.subject.to_string(),
+        headers: message.headers.clone().unwrap_or_default(),
+        stream: stream.to_string(),
+        consumer: rt.spec.name.clone(),
+        stream_sequence: sequence,
+        attempt,
+        max_deliver: rt.policy.max_deliver,
+        shutdown: rt.stop.clone(),
+    };
+    let future = match rt.handler.prepare(&message.payload, rt.config.codec, ctx) {
+        Ok(f) => f,
+        Err(e) => return Ran::Finished(Attempted::Undecodable(e.to_string())),
+    };
+    let guarded = AssertUnwindSafe(future).catch_unwind();
+    tokio::pin!(guarded);
+    let timeout = tokio::time::sleep(rt.config.handler_timeout);
+    tokio::pin!(timeout);
+    // Keep the message while the handler works past half the ack wait.
+    let every = (rt.config.ack_wait / 2).max(Duration::from_millis(500));
+    let mut progress = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            result = &mut guarded => {
+                return Ran::Finished(match result {
+                    Ok(Ok(())) => Attempted::Succeeded,
+                    Ok(Err(e)) => match e.kind() {
+                        HandlerErrorKind::Transient => Attempted::Transient(e.message()),
+                        HandlerErrorKind::RetryAfter(d) => Attempted::RetryAfter(d, e.message()),
+                        HandlerErrorKind::Permanent => Attempted::Permanent(e.message()),
+                    },
+                    Err(panic) => Attempted::Panicked(panic_message(&panic)),
+                });
+            }
+            _ = &mut timeout => return Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout)),
+            _ = progress.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+            _ = rt.hard_stop.cancelled() => return Ran::Abandoned,
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+async fn settle<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    message: &jetstream::Message,
+    stream: &str,
+    sequence: u64,
+    attempt: u64,
+    attempted: &Attempted,
+    outcome: Outcome,
+) {
+    let consumer = &rt.spec.name;
+    match outcome {
+        Outcome::Ack => {
+            if let Err(e) = message.ack().await {
+                tracing::warn!(stream, consumer = %consumer, seq = sequence, error = %e, "ack not sent; the message will be redelivered");
+            }
+            rt.stats.acked.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(stream, consumer = %consumer, seq = sequence, attempt, outcome = "ack", "settled");
+        }
+        Outcome::Nak(delay) => {
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                stream, consumer = %consumer, seq = sequence, attempt,
+                outcome = "retry", retry_in = %humantime::format_duration(delay),
+                error = %attempted_error(attempted), "settled"
+            );
+        }
+        Outcome::DeadLetter { reason, error } => {
+            dead_letter_then_term(rt, message, stream, sequence, attempt, reason, error).await;
+        }
+    }
+}
+
+fn attempted_error(a: &Attempted) -> String {
+    match a {
+        Attempted::Succeeded => String::new(),
+        Attempted::Transient(e)
+        | Attempted::RetryAfter(_, e)
+        | Attempted::Permanent(e)
+        | Attempted::Undecodable(e)
+        | Attempted::Panicked(e) => e.clone(),
+        Attempted::TooLarge { size, limit } => format!("{size} bytes > {limit}"),
+        Attempted::TimedOut(d) => format!("timed out after {}", humantime::format_duration(*d)),
+    }
+}
+
+/// Publishes the dead-letter copy and terms the original only once the copy is stored.
+async fn dead_letter_then_term<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    message: &jetstream::Message,
+    stream: &str,
+    sequence: u64,
+    attempt: u64,
+    reason: Reason,
+    error: String,
+) {
+    let consumer = &rt.spec.name;
+    let subject = &rt.config.dead_letter_subject;
+    let letter = DeadLetter {
+        subject: message.subject.to_string(),
+        headers: message.headers.clone().unwrap_or_default(),
+        stream: stream.to_string(),
+        sequence,
+        consumer: consumer.clone(),
+        attempts: attempt,
+        reason,
+        error,
+    };
+    let payload: Bytes = message.payload.clone();
+    let mut failures: u32 = 0;
+    loop {
+        match dead_letter::publish(
+            &rt.js,
+            subject,
+            &letter,
+            payload.clone(),
+            rt.request_timeout,
+        )
+        .await
+        {
+            Ok(_) => {
+                term(rt, message, reason).await;
+                rt.stats.count_dead_letter(reason);
+                tracing::warn!(
+                    stream, consumer = %consumer, seq = sequence, attempt,
+                    outcome = "dead_letter", reason = %reason, error = %letter.error,
+                    dead_letter_subject = %subject, "settled"
+                );
+                return;
+            }
+            Err(e) => {
+                rt.stats
+                    .dead_letter_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                failures += 1;
+                if attempt < rt.policy.max_deliver {
+                    // Never term a message whose copy is not stored: it comes back later.
+                    let delay = rt.policy.delay_after(attempt);
+                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        stream, consumer = %consumer, seq = sequence, attempt, reason = %reason, error = %e,
+                        retry_in = %humantime::format_duration(delay),
+                        "dead-letter copy not stored; the original is kept and retried"
+                    );
+                    return;
+                }
+                // The last delivery: a nak would strand it (the server delivers it no
+                // more), so keep it here with progress acks and retry the copy.
+                let wait =
+                    backoff(failures).min((rt.config.ack_wait / 2).max(Duration::from_millis(500)));
+                tracing::error!(
+                    stream, consumer = %consumer, seq = sequence, attempt, reason = %reason, error = %e,
+                    retry_in = %humantime::format_duration(wait),
+                    "dead-letter copy not stored on the last delivery; holding the original and retrying"
+                );
+                let _ = message.ack_with(AckKind::Progress).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = rt.hard_stop.cancelled() => {
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Terminates the original, with the reason where the server supports it (2.10.4+).
+async fn term<S>(rt: &ConsumerRuntime<S>, message: &jetstream::Message, reason: Reason) {
+    let sent = match (&message.reply, rt.server_version.at_least(2, 10, 4)) {
+        (Some(reply), true) => rt
+            .client
+            .publish(reply.clone(), Bytes::from(format!("+TERM {reason}")))
+            .await
+            .map_err(|e| e.to_string()),
+        _ => message
+            .ack_with(AckKind::Term)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(e) = sent {
+        tracing::warn!(consumer = %rt.spec.name, error = %e, "term not sent; the message will be redelivered and its copy deduplicated");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_requests_account_in_order() {
+        let now = Instant::now();
+        let mut r = OpenRequests::default();
+        r.open.push_back(OpenRequest {
+            id: 1,
+            remaining: 2,
+            deadline: now + Duration::from_secs(1),
+        });
+        r.open.push_back(OpenRequest {
+            id: 2,
+            remaining: 3,
+            deadline: now + Duration::from_secs(9),
+        });
+        assert_eq!(r.requested(), 5);
+        r.delivered();
+        r.delivered();
+        assert_eq!(r.open.len(), 1, "first request fulfilled");
+        assert_eq!(r.requested(), 3);
+        r.close(2);
+        assert_eq!(r.requested(), 0);
+        r.open.push_back(OpenRequest {
+            id: 3,
+            remaining: 1,
+            deadline: now,
+        });
+        r.expire(now + Duration::from_millis(1));
+        assert!(r.open.is_empty());
+    }
+
+    #[test]
+    fn request_ids_parse() {
+        assert_eq!(request_id("_INBOX.abc.17"), 17);
+        assert_eq!(request_id("garbage"), 0);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(3), Duration::from_secs(4));
+        assert!(backoff(50) <= MAX_BACKOFF);
+    }
+}

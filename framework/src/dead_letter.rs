@@ -1,0 +1,211 @@
+//! Dead letters: the copy of a message no handler could process, with why.
+//!
+//! The copy carries the original payload and headers plus the `Jetworker-*` headers
+//! below. Original headers starting with `Nats-` are kept under
+//! `Jetworker-Original-<name>` so they cannot steer the dead-letter publish (a
+//! `Nats-Expected-*` header would make it fail; the original `Nats-Msg-Id` would clash).
+//! The copy's `Nats-Msg-Id` is derived from (stream, sequence), so publishing it twice
+//! (a retry, two replicas, the safety net and the normal path) stores it once within the
+//! dead-letter stream's duplicate window.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use crate::outcome::Reason;
+
+/// Subject the original was published to.
+pub const ORIGINAL_SUBJECT: &str = "Jetworker-Original-Subject";
+/// Stream the original is stored in.
+pub const STREAM: &str = "Jetworker-Stream";
+/// The original's stream sequence.
+pub const SEQUENCE: &str = "Jetworker-Sequence";
+/// The consumer that gave up on it.
+pub const CONSUMER: &str = "Jetworker-Consumer";
+/// Deliveries made (the server's count).
+pub const ATTEMPTS: &str = "Jetworker-Attempts";
+/// Why: exhausted, permanent, decode, too_large, panic, timeout, abandoned.
+pub const REASON: &str = "Jetworker-Reason";
+/// The last error text, bounded to [`MAX_ERROR_LEN`] bytes.
+pub const ERROR: &str = "Jetworker-Error";
+/// When it was dead-lettered (RFC 3339, UTC).
+pub const TIME: &str = "Jetworker-Time";
+/// Prefix under which the original's `Nats-*` headers are kept.
+pub const ORIGINAL_PREFIX: &str = "Jetworker-Original-";
+/// Set by `dlq replay` on the republished message: how many times it was replayed.
+pub const REPLAY_COUNT: &str = "Jetworker-Replay-Count";
+
+/// Longest error text stored.
+pub const MAX_ERROR_LEN: usize = 1024;
+
+/// The message id of the dead-letter copy of (stream, sequence).
+pub fn message_id(stream: &str, sequence: u64) -> String {
+    format!("jetworker-dl:{stream}:{sequence}")
+}
+
+/// Everything recorded about a dead letter besides the payload.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The original's subject.
+    pub subject: String,
+    /// The original's headers (may be empty).
+    pub headers: HeaderMap,
+    /// Stream of the original.
+    pub stream: String,
+    /// Stream sequence of the original.
+    pub sequence: u64,
+    /// Consumer that gave up.
+    pub consumer: String,
+    /// Deliveries made.
+    pub attempts: u64,
+    /// Why.
+    pub reason: Reason,
+    /// The last error.
+    pub error: String,
+}
+
+/// A header value safe to send: no CR/LF or other control characters, bounded length.
+pub fn header_value(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > max {
+        let mut cut = max.saturating_sub(3);
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("...");
+    }
+    out
+}
+
+impl DeadLetter {
+    /// The headers of the copy.
+    pub fn headers(&self) -> HeaderMap {
+        let mut out = HeaderMap::new();
+        for (name, values) in self.headers.iter() {
+            let name: &str = name.as_ref();
+            let target = if name.to_ascii_lowercase().starts_with("nats-") {
+                format!("{ORIGINAL_PREFIX}{name}")
+            } else {
+                name.to_string()
+            };
+            for value in values {
+                out.append(target.as_str(), value.as_str());
+            }
+        }
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        out.insert(
+            "Nats-Msg-Id",
+            message_id(&self.stream, self.sequence).as_str(),
+        );
+        out.insert(ORIGINAL_SUBJECT, header_value(&self.subject, 4096).as_str());
+        out.insert(STREAM, self.stream.as_str());
+        out.insert(SEQUENCE, self.sequence.to_string().as_str());
+        out.insert(CONSUMER, self.consumer.as_str());
+        out.insert(ATTEMPTS, self.attempts.to_string().as_str());
+        out.insert(REASON, self.reason.as_str());
+        out.insert(ERROR, header_value(&self.error, MAX_ERROR_LEN).as_str());
+        out.insert(TIME, now.as_str());
+        out
+    }
+}
+
+/// Why a dead-letter publish failed.
+#[derive(Debug, thiserror::Error)]
+#[error("dead-letter publish to {subject} failed: {message}")]
+pub struct PublishFailed {
+    /// The dead-letter subject.
+    pub subject: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// Publishes the copy and waits for the server's PubAck (bounded by `timeout`). Only an
+/// `Ok` means the copy is stored.
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: &str,
+    letter: &DeadLetter,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<jetstream::publish::PublishAck, PublishFailed> {
+    let fail = |message: String| PublishFailed {
+        subject: subject.to_string(),
+        message,
+    };
+    let publish = async {
+        js.publish_with_headers(subject.to_string(), letter.headers(), payload)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .await
+            .map_err(|e| fail(e.to_string()))
+    };
+    tokio::time::timeout(timeout, publish).await.map_err(|_| {
+        fail(format!(
+            "no PubAck within {}",
+            humantime::format_duration(timeout)
+        ))
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_carry_everything_and_move_nats_headers() {
+        let mut original = HeaderMap::new();
+        original.insert("Nats-Msg-Id", "publisher-id-1");
+        original.insert("Nats-Expected-Stream", "EVENTS");
+        original.insert("traceparent", "00-abc-def-01");
+        let letter = DeadLetter {
+            subject: "events.click".into(),
+            headers: original,
+            stream: "EVENTS".into(),
+            sequence: 42,
+            consumer: "clicks".into(),
+            attempts: 5,
+            reason: Reason::Exhausted,
+            error: "line one\r\nline two".into(),
+        };
+        let h = letter.headers();
+        let get = |k: &str| h.get(k).map(|v| v.as_str().to_string());
+        assert_eq!(
+            get("Nats-Msg-Id").as_deref(),
+            Some("jetworker-dl:EVENTS:42")
+        );
+        assert_eq!(
+            get("Jetworker-Original-Nats-Msg-Id").as_deref(),
+            Some("publisher-id-1")
+        );
+        assert_eq!(
+            get("Jetworker-Original-Nats-Expected-Stream").as_deref(),
+            Some("EVENTS")
+        );
+        assert!(get("Nats-Expected-Stream").is_none());
+        assert_eq!(get("traceparent").as_deref(), Some("00-abc-def-01"));
+        assert_eq!(get(ORIGINAL_SUBJECT).as_deref(), Some("events.click"));
+        assert_eq!(get(STREAM).as_deref(), Some("EVENTS"));
+        assert_eq!(get(SEQUENCE).as_deref(), Some("42"));
+        assert_eq!(get(CONSUMER).as_deref(), Some("clicks"));
+        assert_eq!(get(ATTEMPTS).as_deref(), Some("5"));
+        assert_eq!(get(REASON).as_deref(), Some("exhausted"));
+        assert_eq!(get(ERROR).as_deref(), Some("line one  line two"));
+        assert!(get(TIME).is_some_and(|t| t.ends_with('Z')));
+    }
+
+    #[test]
+    fn error_text_is_bounded() {
+        let long = "é".repeat(5000);
+        let v = header_value(&long, MAX_ERROR_LEN);
+        assert!(v.len() <= MAX_ERROR_LEN);
+        assert!(v.ends_with("..."));
+    }
+}

@@ -1,0 +1,129 @@
+//! Shared helpers for the integration tests: configs, publishing, waiting, reading streams.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream::Stream};
+use jetworker::config::Config;
+use jetworker_suite::Job;
+
+/// A config with one EVENTS stream, one DLQ stream and one consumer `jobs` reading
+/// `jobs.>` into handler `scripted`; `consumer_extra` lines are added to the consumer.
+pub fn config(url: &str, consumer_extra: &str) -> Config {
+    let text = format!(
+        r#"
+[connection]
+servers = ["{url}"]
+request_timeout = "2s"
+
+[worker]
+shutdown_grace = "10s"
+ops_listen = ""
+
+[[streams]]
+name = "EVENTS"
+subjects = ["jobs.>"]
+
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+
+[[consumers]]
+name = "jobs"
+stream = "EVENTS"
+handler = "scripted"
+dead_letter_subject = "dlq.jobs"
+{consumer_extra}
+"#
+    );
+    Config::from_toml_with_env(&text, Path::new("test-streams.toml"), std::iter::empty())
+        .expect("valid test config")
+}
+
+pub async fn connect(url: &str) -> (async_nats::Client, jetstream::Context) {
+    let client = async_nats::connect(url).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    (client, js)
+}
+
+/// Publishes jobs as MessagePack and waits for every PubAck.
+pub async fn publish_jobs(js: &jetstream::Context, jobs: &[Job]) {
+    let mut acks = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let payload = rmp_serde::to_vec_named(job).expect("encode");
+        acks.push(
+            js.publish(format!("jobs.{}", job.id), payload.into())
+                .await
+                .expect("publish"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("puback");
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true or `within` passes.
+pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every message in a stream, in order (via a throwaway ordered read).
+pub async fn messages(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<jetstream::message::StreamMessage> {
+    let mut s: Stream = js.get_stream(stream).await.expect("stream");
+    let info = s.info().await.expect("info").state.clone();
+    let mut out = Vec::new();
+    if info.messages == 0 {
+        return out;
+    }
+    for seq in info.first_sequence..=info.last_sequence {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// Number of messages in a stream.
+pub async fn count(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// The consumer's info.
+pub async fn consumer_info(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+) -> jetstream::consumer::Info {
+    js.get_stream(stream)
+        .await
+        .expect("stream")
+        .consumer_info(name)
+        .await
+        .expect("consumer info")
+}
+
+/// A header value of a stored message.
+pub fn header(m: &jetstream::message::StreamMessage, name: &str) -> Option<String> {
+    m.headers.get(name).map(|v| v.as_str().to_string())
+}
