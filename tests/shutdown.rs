@@ -1,0 +1,207 @@
+//! Graceful shutdown of a real worker process: SIGTERM lets in-flight handlers finish
+//! and ack, the process exits 0, and nothing is redelivered after a restart; a second
+//! signal exits at once.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use jetworker::testing::server::NatsServer;
+use jetworker_suite::{Job, Mode};
+
+fn write_config(dir: &Path, url: &str, grace: &str) -> PathBuf {
+    let path = dir.join("streams.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[connection]
+servers = ["{url}"]
+
+[worker]
+shutdown_grace = "{grace}"
+ops_listen = ""
+
+[[streams]]
+name = "EVENTS"
+subjects = ["jobs.>"]
+
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+
+[[consumers]]
+name = "jobs"
+stream = "EVENTS"
+handler = "scripted"
+concurrency = 4
+ack_wait = "3s"
+dead_letter_subject = "dlq.jobs"
+"#
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+fn spawn_worker(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_test_worker"))
+        .args(["--config", &config.display().to_string(), "run"])
+        .env("JW_TEST_LOG", log)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn test_worker")
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("worker did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lines(log: &Path, kind: &str) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split(' ');
+            (parts.next()? == kind).then_some(())?;
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_work_finish_and_nothing_is_redelivered() {
+    let server = NatsServer::start().expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let config = write_config(dir.path(), &server.url(), "20s");
+    let (_c, js) = connect(&server.url()).await;
+
+    let mut worker = spawn_worker(&config, &log);
+    wait_until(Duration::from_secs(15), "provisioned", || async {
+        match js.get_stream("EVENTS").await {
+            Ok(s) => s.consumer_info("jobs").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    // Four slow jobs fill the four slots; twenty quick ones wait on the server.
+    let mut jobs: Vec<Job> = (1..=4)
+        .map(|id| Job {
+            id,
+            mode: Mode::Sleep,
+            until: 1,
+            sleep_ms: 2000,
+        })
+        .collect();
+    jobs.extend((5..=24).map(Job::ok));
+    publish_jobs(&js, &jobs[..4]).await;
+    wait_until(Duration::from_secs(10), "slow jobs started", || async {
+        lines(&log, "start").len() == 4
+    })
+    .await;
+    publish_jobs(&js, &jobs[4..]).await;
+
+    signal(&worker, "TERM");
+    let status = wait_exit(&mut worker, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "graceful exit");
+    let done = lines(&log, "done");
+    for id in 1..=4 {
+        assert!(
+            done.contains(&(id, 1)),
+            "in-flight job {id} finished: {done:?}"
+        );
+    }
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "everything started was acked or handed back"
+    );
+
+    // Restart: the rest is handled, nothing that finished comes back.
+    let mut worker = spawn_worker(&config, &log);
+    wait_until(Duration::from_secs(20), "all done", || async {
+        let mut ids: Vec<u64> = lines(&log, "done").iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len() == 24
+    })
+    .await;
+    // Longer than the ack wait: a message finished before the restart would be back by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let done = lines(&log, "done");
+    for id in 1..=24u64 {
+        let n = done.iter().filter(|(i, _)| *i == id).count();
+        assert_eq!(n, 1, "job {id} handled exactly once: {done:?}");
+    }
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    assert_eq!(info.num_redelivered, 0);
+    signal(&worker, "TERM");
+    assert_eq!(
+        wait_exit(&mut worker, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let server = NatsServer::start().expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let config = write_config(dir.path(), &server.url(), "60s");
+    let (_c, js) = connect(&server.url()).await;
+    let mut worker = spawn_worker(&config, &log);
+    wait_until(Duration::from_secs(15), "provisioned", || async {
+        match js.get_stream("EVENTS").await {
+            Ok(s) => s.consumer_info("jobs").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    publish_jobs(
+        &js,
+        &[Job {
+            id: 1,
+            mode: Mode::Sleep,
+            until: 1,
+            sleep_ms: 30_000,
+        }],
+    )
+    .await;
+    wait_until(Duration::from_secs(10), "job started", || async {
+        !lines(&log, "start").is_empty()
+    })
+    .await;
+    signal(&worker, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        worker.try_wait().expect("try_wait").is_none(),
+        "still in its grace period"
+    );
+    signal(&worker, "INT");
+    let status = wait_exit(&mut worker, Duration::from_secs(3));
+    assert_eq!(status.code(), Some(130));
+}
