@@ -25,6 +25,10 @@ max_age = "1h"
 name = "DLQ"
 subjects = ["dlq.>"]
 
+[[kv_buckets]]
+name = "analytics"
+history = 2
+
 [[consumers]]
 name = "clicks"
 stream = "EVENTS"

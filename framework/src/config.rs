@@ -42,6 +42,8 @@ pub struct Config {
     pub streams: Vec<StreamConfig>,
     /// The durable pull consumers, each bound to a handler by name.
     pub consumers: Vec<ConsumerConfig>,
+    /// Key-value buckets the handlers keep state in.
+    pub kv_buckets: Vec<KvBucketConfig>,
     /// Where this config was read from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -263,6 +265,38 @@ impl Default for StreamConfig {
             max_msg_size: None,
             discard: Discard::Old,
             duplicate_window: None,
+            description: None,
+        }
+    }
+}
+
+/// A JetStream key-value bucket to provision.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct KvBucketConfig {
+    /// Bucket name (letters, digits, `_` and `-`).
+    pub name: String,
+    /// Values kept per key (1 to 64).
+    pub history: i64,
+    /// File or memory.
+    pub storage: Storage,
+    /// Number of replicas.
+    pub replicas: u32,
+    /// Entries older than this are removed; unset keeps them.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+impl Default for KvBucketConfig {
+    fn default() -> Self {
+        KvBucketConfig {
+            name: String::new(),
+            history: 1,
+            storage: Storage::File,
+            replicas: 1,
+            max_age: None,
             description: None,
         }
     }
@@ -714,6 +748,53 @@ impl Config {
                         );
                     }
                 }
+            }
+        }
+
+        // key-value buckets
+        let mut bucket_names: HashMap<&str, usize> = HashMap::new();
+        for (i, b) in self.kv_buckets.iter().enumerate() {
+            let key = |field: &str| format!("kv_buckets[{i}].{field}");
+            if b.name.is_empty() {
+                add(key("name"), "required".into());
+            } else if !b
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                add(
+                    key("name"),
+                    format!(
+                        "{:?}: bucket names may hold only letters, digits, '_' and '-'",
+                        b.name
+                    ),
+                );
+            } else if let Some(first) = bucket_names.insert(&b.name, i) {
+                add(
+                    key("name"),
+                    format!(
+                        "duplicate bucket name {:?} (also kv_buckets[{first}])",
+                        b.name
+                    ),
+                );
+            }
+            if !(1..=64).contains(&b.history) {
+                add(
+                    key("history"),
+                    format!("must be 1 to 64, got {}", b.history),
+                );
+            }
+            if b.replicas == 0 || b.replicas > 5 {
+                add(
+                    key("replicas"),
+                    format!("must be 1 to 5, got {}", b.replicas),
+                );
+            }
+            if matches!(b.max_age, Some(d) if d.is_zero()) {
+                add(
+                    key("max_age"),
+                    "must be more than 0s (leave it out to keep entries)".into(),
+                );
             }
         }
 

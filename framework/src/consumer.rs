@@ -493,6 +493,7 @@ async fn run_handler<S: Send + Sync + 'static>(
         attempt,
         max_deliver: rt.policy.max_deliver,
         shutdown: rt.stop.clone(),
+        jetstream: Some(rt.js.clone()),
     };
     let future = match rt.handler.prepare(&message.payload, rt.config.codec, ctx) {
         Ok(f) => f,

@@ -68,6 +68,7 @@ pub struct Context<S = ()> {
     pub(crate) attempt: u64,
     pub(crate) max_deliver: u64,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) jetstream: Option<async_nats::jetstream::Context>,
 }
 
 impl<S> Clone for Context<S> {
@@ -82,6 +83,7 @@ impl<S> Clone for Context<S> {
             attempt: self.attempt,
             max_deliver: self.max_deliver,
             shutdown: self.shutdown.clone(),
+            jetstream: self.jetstream.clone(),
         }
     }
 }
@@ -99,7 +101,20 @@ impl<S> Context<S> {
             attempt,
             max_deliver: u64::MAX,
             shutdown: CancellationToken::new(),
+            jetstream: None,
         }
+    }
+
+    /// Sets the JetStream context handlers reach through [`Context::jetstream`].
+    pub fn with_jetstream(mut self, js: async_nats::jetstream::Context) -> Self {
+        self.jetstream = Some(js);
+        self
+    }
+
+    /// Sets the attempt limit ([`Context::is_last_attempt`]).
+    pub fn with_max_deliver(mut self, max_deliver: u64) -> Self {
+        self.max_deliver = max_deliver;
+        self
     }
 
     /// Sets the headers (builder style, for tests).
@@ -159,6 +174,12 @@ impl<S> Context<S> {
     /// True when this is the last delivery the consumer allows.
     pub fn is_last_attempt(&self) -> bool {
         self.attempt >= self.max_deliver
+    }
+
+    /// The worker's JetStream context (for key-value buckets, follow-up publishes);
+    /// `None` only for contexts built outside the runtime without one.
+    pub fn jetstream(&self) -> Option<&async_nats::jetstream::Context> {
+        self.jetstream.as_ref()
     }
 
     /// Cancelled when the worker starts shutting down: a long handler can stop early

@@ -10,6 +10,7 @@
 //! - [`outcome`]: `decide(attempted, attempt, policy) -> Outcome`, the pure decision table.
 //! - [`consumer`]: the pull loop and the path of one delivery (ack, nak, dead letter).
 //! - [`dead_letter`]: the dead-letter copy, its headers and its publish.
+//! - [`publisher`]: typed publish with message ids, PubAck and retries; a pipelined mode.
 //! - [`app`]: handlers registered by name, run, graceful shutdown.
 //! - [`shutdown`]: SIGTERM / SIGINT handling.
 //! - [`cli`]: the subcommands every jetworker binary gets (`run`, `check`, `provision`).
@@ -25,6 +26,7 @@ pub mod dead_letter;
 pub mod handler;
 pub mod outcome;
 pub mod provision;
+pub mod publisher;
 pub mod shutdown;
 pub mod subject;
 #[cfg(feature = "testing")]

@@ -138,6 +138,30 @@ pub struct ConsumerSpec {
     pub deliver_policy: config::DeliverPolicy,
 }
 
+/// The key-value bucket fields jetworker manages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvSpec {
+    /// Bucket name (its stream is `KV_<name>`).
+    pub name: String,
+    /// Values kept per key.
+    pub history: i64,
+    /// Storage type.
+    pub storage: config::Storage,
+    /// Replica count.
+    pub replicas: u32,
+    /// Max age; zero keeps entries.
+    pub max_age: Duration,
+    /// Description; empty is none.
+    pub description: String,
+}
+
+impl KvSpec {
+    /// The stream backing the bucket.
+    pub fn stream_name(&self) -> String {
+        format!("KV_{}", self.name)
+    }
+}
+
 /// What the config asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Desired {
@@ -145,6 +169,8 @@ pub struct Desired {
     pub streams: Vec<StreamSpec>,
     /// Consumers, in config order.
     pub consumers: Vec<ConsumerSpec>,
+    /// Key-value buckets, in config order.
+    pub kv_buckets: Vec<KvSpec>,
 }
 
 /// What the server has, for the names the config mentions.
@@ -156,6 +182,8 @@ pub struct Actual {
     pub streams: HashMap<String, StreamSpec>,
     /// Existing consumers by (stream, name).
     pub consumers: HashMap<(String, String), ConsumerSpec>,
+    /// Existing key-value buckets by name.
+    pub kv_buckets: HashMap<String, KvSpec>,
 }
 
 /// One field that differs.
@@ -217,6 +245,15 @@ pub struct StreamPlan {
     pub action: Action,
 }
 
+/// The plan for one key-value bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvPlan {
+    /// Bucket name.
+    pub name: String,
+    /// What to do.
+    pub action: Action,
+}
+
 /// The plan for one consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerPlan {
@@ -235,6 +272,8 @@ pub struct Plan {
     pub streams: Vec<StreamPlan>,
     /// Per consumer, in config order.
     pub consumers: Vec<ConsumerPlan>,
+    /// Per key-value bucket, in config order.
+    pub kv_buckets: Vec<KvPlan>,
 }
 
 impl Plan {
@@ -254,6 +293,7 @@ impl Plan {
             .iter()
             .map(|s| &s.action)
             .chain(self.consumers.iter().map(|c| &c.action))
+            .chain(self.kv_buckets.iter().map(|k| &k.action))
     }
 }
 
@@ -267,6 +307,11 @@ impl fmt::Display for Plan {
                 self.consumers
                     .iter()
                     .map(|c| (format!("consumer {}/{}", c.stream, c.name), &c.action)),
+            )
+            .chain(
+                self.kv_buckets
+                    .iter()
+                    .map(|k| (format!("kv bucket {}", k.name), &k.action)),
             );
         for (what, action) in rows {
             writeln!(f, "{what}: {}", action.word())?;
@@ -301,6 +346,19 @@ pub fn desired(config: &Config) -> Desired {
     Desired {
         streams: config.streams.iter().map(stream_spec).collect(),
         consumers: config.consumers.iter().map(consumer_spec).collect(),
+        kv_buckets: config.kv_buckets.iter().map(kv_spec).collect(),
+    }
+}
+
+/// A bucket's config, normalized.
+pub fn kv_spec(b: &config::KvBucketConfig) -> KvSpec {
+    KvSpec {
+        name: b.name.clone(),
+        history: b.history,
+        storage: b.storage,
+        replicas: b.replicas,
+        max_age: b.max_age.unwrap_or(Duration::ZERO),
+        description: b.description.clone().unwrap_or_default(),
     }
 }
 
@@ -377,7 +435,40 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
             },
         })
         .collect();
-    Plan { streams, consumers }
+    let kv_buckets = desired
+        .kv_buckets
+        .iter()
+        .map(|want| KvPlan {
+            name: want.name.clone(),
+            action: match actual.kv_buckets.get(&want.name) {
+                None => Action::Create,
+                Some(have) => kv_action(want, have),
+            },
+        })
+        .collect();
+    Plan {
+        streams,
+        consumers,
+        kv_buckets,
+    }
+}
+
+fn kv_action(want: &KvSpec, have: &KvSpec) -> Action {
+    let mut d = Diff::default();
+    d.field("history", &have.history, &want.history);
+    d.field_shown("storage", &have.storage, &want.storage, |v| v.to_string());
+    d.field("replicas", &have.replicas, &want.replicas);
+    d.duration("max_age", &have.max_age, &want.max_age);
+    d.field("description", &have.description, &want.description);
+    d.not_in_place(
+        "storage",
+        &format!(
+            "the server cannot change a bucket's storage in place. Keep the server's value in streams.toml, \
+             or create a bucket under a new name and copy the keys (deleting {:?} loses its data: jetworker never does that for you)",
+            want.name
+        ),
+    );
+    d.action()
 }
 
 /// Collects field differences into changes (in place) and conflicts (not in place).
@@ -589,6 +680,14 @@ pub async fn fetch_actual(
             handles.insert(want.name.clone(), s);
         }
     }
+    for want in &desired.kv_buckets {
+        if let Some(s) = get_stream(js, &want.stream_name()).await? {
+            actual.kv_buckets.insert(
+                want.name.clone(),
+                kv_spec_from_server(&want.name, &s.cached_info().config),
+            );
+        }
+    }
     for want in &desired.consumers {
         let stream = match handles.get(&want.stream) {
             Some(s) => s.clone(),
@@ -684,6 +783,19 @@ fn normalize_limit(v: i64) -> i64 {
         -1
     } else {
         v
+    }
+}
+
+/// Normalizes the stream behind a bucket into the managed bucket fields.
+pub fn kv_spec_from_server(name: &str, c: &stream::Config) -> KvSpec {
+    let s = stream_spec_from_server(c);
+    KvSpec {
+        name: name.to_string(),
+        history: c.max_messages_per_subject.max(1),
+        storage: s.storage,
+        replicas: s.replicas,
+        max_age: s.max_age,
+        description: s.description,
     }
 }
 
@@ -811,6 +923,57 @@ pub async fn apply(
             Action::Unchanged | Action::Conflict { .. } => {}
         }
     }
+    for (want, step) in desired.kv_buckets.iter().zip(&plan.kv_buckets) {
+        let what = || format!("{} kv bucket {:?}", step.action.word(), want.name);
+        match &step.action {
+            Action::Create => {
+                // The stream a key-value bucket is made of, as the NATS clients create it
+                // (created directly: async-nats' create_key_value fails on 2.9 servers).
+                let mut c = stream::Config {
+                    name: want.stream_name(),
+                    subjects: vec![format!("$KV.{}.>", want.name)],
+                    max_messages_per_subject: want.history,
+                    max_age: want.max_age,
+                    duplicate_window: if want.max_age.is_zero() {
+                        DEFAULT_DUPLICATE_WINDOW
+                    } else {
+                        want.max_age.min(DEFAULT_DUPLICATE_WINDOW)
+                    },
+                    max_bytes: -1,
+                    max_messages: -1,
+                    max_message_size: -1,
+                    discard: stream::DiscardPolicy::New,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
+                    num_replicas: want.replicas as usize,
+                    description: (!want.description.is_empty()).then(|| want.description.clone()),
+                    ..Default::default()
+                };
+                c.storage = match want.storage {
+                    config::Storage::File => stream::StorageType::File,
+                    config::Storage::Memory => stream::StorageType::Memory,
+                };
+                js.create_stream(c)
+                    .await
+                    .map_err(|e| request_error(what(), e))?;
+            }
+            Action::Update(_) => {
+                let current = get_stream(js, &want.stream_name())
+                    .await?
+                    .ok_or_else(|| request_error(what(), "it disappeared while provisioning"))?;
+                let mut c = current.cached_info().config.clone();
+                c.max_messages_per_subject = want.history;
+                c.max_age = want.max_age;
+                c.num_replicas = want.replicas as usize;
+                c.description = (!want.description.is_empty()).then(|| want.description.clone());
+                js.update_stream(c)
+                    .await
+                    .map_err(|e| request_error(what(), e))?;
+            }
+            Action::Unchanged | Action::Conflict { .. } => {}
+        }
+    }
     for (want, step) in desired.consumers.iter().zip(&plan.consumers) {
         let what = || {
             format!(
@@ -917,6 +1080,7 @@ mod tests {
                 .iter()
                 .map(|c| ((c.stream.clone(), c.name.clone()), c.clone()))
                 .collect(),
+            kv_buckets: HashMap::new(),
         }
     }
 
@@ -952,6 +1116,7 @@ mod tests {
         let desired = Desired {
             streams: vec![stream("EVENTS"), stream("DLQ")],
             consumers: vec![consumer("EVENTS", "clicks")],
+            ..Desired::default()
         };
         let p = plan(&desired, &Actual::default());
         assert!(p.streams.iter().all(|s| s.action == Action::Create));
@@ -965,6 +1130,7 @@ mod tests {
         let desired = Desired {
             streams: vec![stream("EVENTS")],
             consumers: vec![consumer("EVENTS", "clicks")],
+            ..Desired::default()
         };
         let p = plan(
             &desired,
@@ -1048,6 +1214,7 @@ mod tests {
             let desired = Desired {
                 streams: vec![want],
                 consumers: vec![],
+                ..Desired::default()
             };
             let p = plan(&desired, &actual("2.9.10", &[have], &[]));
             let action = &p.streams[0].action;
@@ -1147,6 +1314,7 @@ mod tests {
             let desired = Desired {
                 streams: vec![stream("EVENTS")],
                 consumers: vec![want],
+                ..Desired::default()
             };
             let p = plan(
                 &desired,
@@ -1172,6 +1340,7 @@ mod tests {
             &Desired {
                 streams: vec![want],
                 consumers: vec![],
+                ..Desired::default()
             },
             &actual("2.9.10", &[have], &[]),
         );
@@ -1186,6 +1355,7 @@ mod tests {
         let desired = Desired {
             streams: vec![stream("EVENTS")],
             consumers: vec![consumer("EVENTS", "clicks")],
+            ..Desired::default()
         };
         let p = plan(&desired, &actual("2.9.10", &[], &[]));
         assert_eq!(p.consumers[0].action, Action::Create);
@@ -1202,6 +1372,55 @@ mod tests {
         let spec = consumer("EVENTS", "clicks");
         let server = new_consumer_config(&spec);
         assert_eq!(consumer_spec_from_server("EVENTS", "clicks", &server), spec);
+    }
+
+    #[test]
+    fn kv_bucket_table() {
+        let want = kv_spec(&config::KvBucketConfig {
+            name: "analytics".into(),
+            ..Default::default()
+        });
+        let desired = Desired {
+            kv_buckets: vec![want.clone()],
+            ..Desired::default()
+        };
+        let p = plan(&desired, &Actual::default());
+        assert_eq!(p.kv_buckets[0].action, Action::Create);
+
+        let mut actual = Actual::default();
+        actual.kv_buckets.insert("analytics".into(), want.clone());
+        assert_eq!(
+            plan(&desired, &actual).kv_buckets[0].action,
+            Action::Unchanged
+        );
+
+        let mut have = want.clone();
+        have.history = 5;
+        actual.kv_buckets.insert("analytics".into(), have);
+        assert_eq!(
+            fields(&plan(&desired, &actual).kv_buckets[0].action),
+            (vec!["history"], vec![])
+        );
+
+        let mut have = want.clone();
+        have.storage = config::Storage::Memory;
+        actual.kv_buckets.insert("analytics".into(), have);
+        let p = plan(&desired, &actual);
+        assert_eq!(fields(&p.kv_buckets[0].action), (vec![], vec!["storage"]));
+        assert!(
+            p.to_string().contains("kv bucket analytics: conflict"),
+            "{p}"
+        );
+
+        // Read back from the stream a bucket is made of, it plans as unchanged.
+        let mut server = stream::Config {
+            name: want.stream_name(),
+            max_messages_per_subject: 1,
+            ..Default::default()
+        };
+        server.storage = stream::StorageType::File;
+        server.num_replicas = 1;
+        assert_eq!(kv_spec_from_server("analytics", &server), want);
     }
 
     #[test]

@@ -249,6 +249,12 @@ fn validation_rules_name_their_key() {
             &["worker.ops_listen"],
         ),
         (
+            "bad kv bucket",
+            "[connection]",
+            "[[kv_buckets]]\nname = \"a.b\"\nhistory = 0\n[connection]",
+            &["kv_buckets[0].name", "kv_buckets[0].history"],
+        ),
+        (
             "unknown key",
             "handler = \"track_click\"",
             "handler = \"track_click\"\nmax_delivers = 3",

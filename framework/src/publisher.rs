@@ -1,0 +1,398 @@
+//! Publishing events to JetStream: typed through the codec, deduplicated by message id,
+//! confirmed by the server's PubAck, retried on transient failures up to a deadline.
+//!
+//! This is the supported replacement for hand-written retry loops around `publish`:
+//!
+//! ```no_run
+//! # async fn demo(js: async_nats::jetstream::Context) -> Result<(), jetworker::publisher::PublishError> {
+//! use jetworker::publisher::Publisher;
+//! #[derive(serde::Serialize)]
+//! struct Click { id: String, page: String }
+//!
+//! let publisher = Publisher::new(js);
+//! let click = Click { id: "e-1".into(), page: "/".into() };
+//! // The event id is the message id: a retried or repeated publish is stored once.
+//! let ack = publisher.publish("events.click", &click.id, &click).await?;
+//! assert!(ack.sequence > 0);
+//! # Ok(()) }
+//! ```
+//!
+//! A transient failure (no PubAck in time, no responders while JetStream restarts or
+//! elects a leader, a dropped connection) is retried with the same message id, so a
+//! publish that was stored but whose PubAck was lost is deduplicated by the server, not
+//! stored twice. Permanent failures (a wrong expected sequence, a payload over the
+//! server's limit, a stream limit refusing it) are returned at once.
+
+use std::collections::VecDeque;
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::{self, publish::PublishAck};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::codec::{self, CodecKind};
+
+/// How a publish is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Give up after this long (from the first attempt).
+    pub deadline: Duration,
+    /// The first pause between attempts; doubles each time.
+    pub initial_backoff: Duration,
+    /// The longest pause between attempts.
+    pub max_backoff: Duration,
+    /// How long one attempt waits for its PubAck.
+    pub ack_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            deadline: Duration::from_secs(30),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What kind of publish failure this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishFailure {
+    /// The value could not be encoded.
+    Encode,
+    /// The server refused it for good (expected sequence, size, limits).
+    Rejected,
+    /// Transient failures went on past the deadline.
+    DeadlineExceeded,
+}
+
+/// A publish that did not end with a stored message.
+#[derive(Debug, thiserror::Error)]
+#[error("publish to {subject} failed ({kind:?}) after {attempts} attempt(s): {message}")]
+pub struct PublishError {
+    /// Kind, to match on.
+    pub kind: PublishFailure,
+    /// The subject.
+    pub subject: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub message: String,
+}
+
+/// Whether retrying can help.
+fn is_transient(kind: &PublishErrorKind) -> bool {
+    matches!(
+        kind,
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::StreamNotFound
+            | PublishErrorKind::MaxAckPending
+    )
+}
+
+/// Publishes typed events with retries. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    codec: CodecKind,
+    retry: RetryPolicy,
+}
+
+impl Publisher {
+    /// A MessagePack publisher with the default retry policy.
+    pub fn new(js: jetstream::Context) -> Self {
+        Publisher {
+            js,
+            codec: CodecKind::Msgpack,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Uses `codec` for payloads.
+    pub fn with_codec(mut self, codec: CodecKind) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Uses `retry` for failures.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Encodes `value`, publishes it with `msg_id` as `Nats-Msg-Id`, and returns the
+    /// server's PubAck (whose `duplicate` says the id was seen within the stream's
+    /// duplicate window).
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        value: &T,
+    ) -> Result<PublishAck, PublishError> {
+        self.publish_with_headers(subject, msg_id, HeaderMap::new(), value)
+            .await
+    }
+
+    /// Like [`Publisher::publish`], with extra headers.
+    pub async fn publish_with_headers<T: Serialize + ?Sized>(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        headers: HeaderMap,
+        value: &T,
+    ) -> Result<PublishAck, PublishError> {
+        let payload = self.encode(subject, value)?;
+        self.publish_bytes(subject, msg_id, headers, payload).await
+    }
+
+    /// Publishes raw bytes with the retry policy.
+    pub async fn publish_bytes(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<PublishAck, PublishError> {
+        let headers = with_msg_id(headers, msg_id);
+        let started = Instant::now();
+        let mut backoff = self.retry.initial_backoff;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let result = self
+                .attempt(subject, headers.clone(), payload.clone())
+                .await;
+            let error = match result {
+                Ok(ack) => return Ok(ack),
+                Err(Failure::Permanent(message)) => {
+                    return Err(PublishError {
+                        kind: PublishFailure::Rejected,
+                        subject: subject.to_string(),
+                        attempts,
+                        message,
+                    })
+                }
+                Err(Failure::Transient(message)) => message,
+            };
+            if started.elapsed() + backoff > self.retry.deadline {
+                return Err(PublishError {
+                    kind: PublishFailure::DeadlineExceeded,
+                    subject: subject.to_string(),
+                    attempts,
+                    message: format!(
+                        "{error} (retried for {})",
+                        humantime::format_duration(round_ms(started.elapsed()))
+                    ),
+                });
+            }
+            tracing::debug!(subject, attempts, error, "publish failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.retry.max_backoff);
+        }
+    }
+
+    async fn attempt(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<PublishAck, Failure> {
+        let sent = self
+            .js
+            .publish_with_headers(subject.to_string(), headers, payload)
+            .await;
+        let future = sent.map_err(classify)?;
+        await_ack(future, self.retry.ack_timeout).await
+    }
+
+    fn encode<T: Serialize + ?Sized>(
+        &self,
+        subject: &str,
+        value: &T,
+    ) -> Result<Bytes, PublishError> {
+        codec::encode(self.codec, value)
+            .map(Bytes::from)
+            .map_err(|e| PublishError {
+                kind: PublishFailure::Encode,
+                subject: subject.to_string(),
+                attempts: 0,
+                message: e.to_string(),
+            })
+    }
+
+    /// A pipelined publisher: up to `window` PubAcks outstanding at once, for throughput.
+    /// Failed publishes are retried (with their message id) when their PubAck fails.
+    pub fn pipeline(&self, window: usize) -> Pipeline {
+        Pipeline {
+            publisher: self.clone(),
+            window: window.max(1),
+            in_flight: VecDeque::new(),
+            report: PipelineReport::default(),
+        }
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+enum Failure {
+    Transient(String),
+    Permanent(String),
+}
+
+fn classify(e: async_nats::jetstream::context::PublishError) -> Failure {
+    if is_transient(&e.kind()) {
+        Failure::Transient(e.to_string())
+    } else {
+        Failure::Permanent(e.to_string())
+    }
+}
+
+async fn await_ack(future: PublishAckFuture, timeout: Duration) -> Result<PublishAck, Failure> {
+    match tokio::time::timeout(timeout, future.into_future()).await {
+        Ok(Ok(ack)) => Ok(ack),
+        Ok(Err(e)) => Err(classify(e)),
+        Err(_) => Err(Failure::Transient(format!(
+            "no PubAck within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+fn with_msg_id(mut headers: HeaderMap, msg_id: &str) -> HeaderMap {
+    if !msg_id.is_empty() {
+        headers.insert("Nats-Msg-Id", msg_id);
+    }
+    headers
+}
+
+/// Counts from a pipeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipelineReport {
+    /// Messages stored (first time).
+    pub stored: u64,
+    /// Messages the server recognised as duplicates of its message id.
+    pub duplicates: u64,
+    /// Publishes retried one by one after their pipelined PubAck failed.
+    pub retried: u64,
+}
+
+struct Pending {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    future: PublishAckFuture,
+}
+
+/// Pipelined publishing: many PubAcks outstanding, each checked; see [`Publisher::pipeline`].
+pub struct Pipeline {
+    publisher: Publisher,
+    window: usize,
+    in_flight: VecDeque<Pending>,
+    report: PipelineReport,
+}
+
+impl Pipeline {
+    /// Queues one event; waits for the oldest PubAck when the window is full.
+    pub async fn publish<T: Serialize + ?Sized>(
+        &mut self,
+        subject: &str,
+        msg_id: &str,
+        value: &T,
+    ) -> Result<(), PublishError> {
+        let payload = self.publisher.encode(subject, value)?;
+        self.publish_bytes(subject, msg_id, HeaderMap::new(), payload)
+            .await
+    }
+
+    /// Queues raw bytes; see [`Pipeline::publish`].
+    pub async fn publish_bytes(
+        &mut self,
+        subject: &str,
+        msg_id: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), PublishError> {
+        while self.in_flight.len() >= self.window {
+            self.settle_oldest().await?;
+        }
+        let headers = with_msg_id(headers, msg_id);
+        let sent = self
+            .publisher
+            .js
+            .publish_with_headers(subject.to_string(), headers.clone(), payload.clone())
+            .await;
+        match sent {
+            Ok(future) => {
+                self.in_flight.push_back(Pending {
+                    subject: subject.to_string(),
+                    headers,
+                    payload,
+                    future,
+                });
+                Ok(())
+            }
+            Err(_) => {
+                // Could not even be sent: fall back to the retrying path.
+                self.report.retried += 1;
+                let ack = self
+                    .publisher
+                    .publish_bytes(subject, "", headers, payload)
+                    .await?;
+                self.count(&ack);
+                Ok(())
+            }
+        }
+    }
+
+    async fn settle_oldest(&mut self) -> Result<(), PublishError> {
+        let Some(p) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        match await_ack(p.future, self.publisher.retry.ack_timeout).await {
+            Ok(ack) => {
+                self.count(&ack);
+                Ok(())
+            }
+            Err(Failure::Permanent(message)) => Err(PublishError {
+                kind: PublishFailure::Rejected,
+                subject: p.subject,
+                attempts: 1,
+                message,
+            }),
+            Err(Failure::Transient(_)) => {
+                // Same message id: if the first attempt was stored, this is a duplicate.
+                self.report.retried += 1;
+                let ack = self
+                    .publisher
+                    .publish_bytes(&p.subject, "", p.headers, p.payload)
+                    .await?;
+                self.count(&ack);
+                Ok(())
+            }
+        }
+    }
+
+    fn count(&mut self, ack: &PublishAck) {
+        if ack.duplicate {
+            self.report.duplicates += 1;
+        } else {
+            self.report.stored += 1;
+        }
+    }
+
+    /// Waits for every outstanding PubAck and returns the counts.
+    pub async fn finish(mut self) -> Result<PipelineReport, PublishError> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await?;
+        }
+        Ok(self.report)
+    }
+}
