@@ -1,0 +1,171 @@
+//! The publisher against a real nats-server: typed publish with PubAck, deduplication by
+//! message id, retries across a server restart, permanent errors at once, pipelining.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::*;
+use jetworker::publisher::{PublishFailure, Publisher, RetryPolicy};
+use jetworker::testing::server::NatsServer;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Click {
+    id: String,
+    page: String,
+}
+
+async fn setup(server: &NatsServer) -> jetstream::Context {
+    let (_c, js) = connect(&server.url()).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "EVENTS".into(),
+        subjects: vec!["events.>".into()],
+        max_message_size: 2048,
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    js
+}
+
+#[tokio::test]
+async fn typed_publish_is_stored_once_per_message_id() {
+    let server = NatsServer::start().expect("server");
+    let js = setup(&server).await;
+    let publisher = Publisher::new(js.clone());
+    let click = Click {
+        id: "e-1".into(),
+        page: "/home".into(),
+    };
+    let first = publisher
+        .publish("events.click", &click.id, &click)
+        .await
+        .expect("publish");
+    assert!(!first.duplicate);
+    let again = publisher
+        .publish("events.click", &click.id, &click)
+        .await
+        .expect("publish again");
+    assert!(
+        again.duplicate,
+        "same message id within the window is a duplicate"
+    );
+    assert_eq!(count(&js, "EVENTS").await, 1);
+    let stored = messages(&js, "EVENTS").await;
+    let decoded: Click = rmp_serde::from_slice(&stored[0].payload).expect("msgpack");
+    assert_eq!(decoded, click);
+    assert_eq!(header(&stored[0], "Nats-Msg-Id").as_deref(), Some("e-1"));
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_across_a_server_restart() {
+    let mut server = NatsServer::start().expect("server");
+    let js = setup(&server).await;
+    let publisher = Publisher::new(js.clone()).with_retry(RetryPolicy {
+        deadline: Duration::from_secs(20),
+        ack_timeout: Duration::from_secs(1),
+        ..RetryPolicy::default()
+    });
+    server.kill();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        server.restart().expect("restart");
+        server
+    });
+    let started = Instant::now();
+    let click = Click {
+        id: "e-2".into(),
+        page: "/cart".into(),
+    };
+    let ack = publisher
+        .publish("events.click", &click.id, &click)
+        .await
+        .expect("retried until the server was back");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "it had to wait for the server"
+    );
+    assert_eq!(ack.stream, "EVENTS");
+    let _server = restarter.join().expect("restarter");
+    assert_eq!(count(&js, "EVENTS").await, 1);
+}
+
+#[tokio::test]
+async fn permanent_failures_return_at_once_and_deadlines_are_kept() {
+    let server = NatsServer::start().expect("server");
+    let js = setup(&server).await;
+    let publisher = Publisher::new(js.clone()).with_retry(RetryPolicy {
+        deadline: Duration::from_secs(2),
+        ack_timeout: Duration::from_millis(500),
+        ..RetryPolicy::default()
+    });
+    // Larger than the stream's max_message_size: the server refuses it for good.
+    let started = Instant::now();
+    let big = Click {
+        id: "e-3".into(),
+        page: "x".repeat(4096),
+    };
+    let err = publisher
+        .publish("events.click", &big.id, &big)
+        .await
+        .expect_err("too big");
+    assert_eq!(err.kind, PublishFailure::Rejected, "{err}");
+    assert_eq!(err.attempts, 1);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // No stream captures the subject: retried as transient until the deadline, then a clear error.
+    let started = Instant::now();
+    let err = publisher
+        .publish(
+            "nowhere.click",
+            "e-4",
+            &Click {
+                id: "e-4".into(),
+                page: "/".into(),
+            },
+        )
+        .await
+        .expect_err("no stream");
+    assert_eq!(err.kind, PublishFailure::DeadlineExceeded, "{err}");
+    assert!(err.attempts > 1);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn pipelined_publishing_counts_stored_and_duplicates() {
+    let server = NatsServer::start().expect("server");
+    let js = setup(&server).await;
+    let publisher = Publisher::new(js.clone());
+    let mut pipeline = publisher.pipeline(256);
+    for i in 0..5_000u32 {
+        let click = Click {
+            id: format!("e-{i}"),
+            page: "/".into(),
+        };
+        pipeline
+            .publish("events.click", &click.id, &click)
+            .await
+            .expect("queued");
+    }
+    // 100 repeats of ids already stored.
+    for i in 0..100u32 {
+        let click = Click {
+            id: format!("e-{i}"),
+            page: "/".into(),
+        };
+        pipeline
+            .publish("events.click", &click.id, &click)
+            .await
+            .expect("queued");
+    }
+    let report = pipeline.finish().await.expect("all acked");
+    assert_eq!(report.stored, 5_000);
+    assert_eq!(report.duplicates, 100);
+    assert_eq!(count(&js, "EVENTS").await, 5_000);
+}
