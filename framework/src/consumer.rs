@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ConsumerConfig;
 use crate::dead_letter::{self, DeadLetter};
-use crate::handler::{Context, ErasedHandler, HandlerErrorKind};
+use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
 use crate::outcome::{decide, Attempted, Outcome, Reason, RetryPolicy};
 use crate::provision::{self, ConsumerSpec, ServerVersion};
 
@@ -476,13 +476,6 @@ async fn run_handler<S: Send + Sync + 'static>(
     sequence: u64,
     attempt: u64,
 ) -> Ran {
-    let limit = usize::try_from(rt.config.max_payload_bytes).unwrap_or(usize::MAX);
-    if message.payload.len() > limit {
-        return Ran::Finished(Attempted::TooLarge {
-            size: message.payload.len(),
-            limit,
-        });
-    }
     let ctx = Context {
         state: rt.state.clone(),
         subject: message.subject.to_string(),
@@ -495,11 +488,10 @@ async fn run_handler<S: Send + Sync + 'static>(
         shutdown: rt.stop.clone(),
         jetstream: Some(rt.js.clone()),
     };
-    let future = match rt.handler.prepare(&message.payload, rt.config.codec, ctx) {
+    let guarded = match prepare(rt.handler.as_ref(), &message.payload, &rt.config, ctx) {
         Ok(f) => f,
-        Err(e) => return Ran::Finished(Attempted::Undecodable(e.to_string())),
+        Err(attempted) => return Ran::Finished(attempted),
     };
-    let guarded = AssertUnwindSafe(future).catch_unwind();
     tokio::pin!(guarded);
     let timeout = tokio::time::sleep(rt.config.handler_timeout);
     tokio::pin!(timeout);
@@ -508,23 +500,52 @@ async fn run_handler<S: Send + Sync + 'static>(
     let mut progress = tokio::time::interval_at(Instant::now() + every, every);
     loop {
         tokio::select! {
-            result = &mut guarded => {
-                return Ran::Finished(match result {
-                    Ok(Ok(())) => Attempted::Succeeded,
-                    Ok(Err(e)) => match e.kind() {
-                        HandlerErrorKind::Transient => Attempted::Transient(e.message()),
-                        HandlerErrorKind::RetryAfter(d) => Attempted::RetryAfter(d, e.message()),
-                        HandlerErrorKind::Permanent => Attempted::Permanent(e.message()),
-                    },
-                    Err(panic) => Attempted::Panicked(panic_message(&panic)),
-                });
-            }
+            result = &mut guarded => return Ran::Finished(attempted_from(result)),
             _ = &mut timeout => return Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout)),
             _ = progress.tick() => {
                 let _ = message.ack_with(AckKind::Progress).await;
             }
             _ = rt.hard_stop.cancelled() => return Ran::Abandoned,
         }
+    }
+}
+
+/// A handler's future with panics caught.
+pub(crate) type GuardedFuture = futures::future::CatchUnwind<AssertUnwindSafe<HandlerFuture>>;
+
+/// Size check and decode, the same for the runtime and the test harness: the handler's
+/// future (panics caught), or why it cannot run.
+pub(crate) fn prepare<S>(
+    handler: &dyn ErasedHandler<S>,
+    payload: &[u8],
+    config: &ConsumerConfig,
+    ctx: Context<S>,
+) -> Result<GuardedFuture, Attempted> {
+    let limit = usize::try_from(config.max_payload_bytes).unwrap_or(usize::MAX);
+    if payload.len() > limit {
+        return Err(Attempted::TooLarge {
+            size: payload.len(),
+            limit,
+        });
+    }
+    match handler.prepare(payload, config.codec, ctx) {
+        Ok(future) => Ok(AssertUnwindSafe(future).catch_unwind()),
+        Err(e) => Err(Attempted::Undecodable(e.to_string())),
+    }
+}
+
+/// What a finished (or panicked) handler run means for the decision.
+pub(crate) fn attempted_from(
+    result: Result<Result<(), crate::HandlerError>, Box<dyn std::any::Any + Send>>,
+) -> Attempted {
+    match result {
+        Ok(Ok(())) => Attempted::Succeeded,
+        Ok(Err(e)) => match e.kind() {
+            HandlerErrorKind::Transient => Attempted::Transient(e.message()),
+            HandlerErrorKind::RetryAfter(d) => Attempted::RetryAfter(d, e.message()),
+            HandlerErrorKind::Permanent => Attempted::Permanent(e.message()),
+        },
+        Err(panic) => Attempted::Panicked(panic_message(&panic)),
     }
 }
 
