@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
 use crate::handler::{ErasedHandler, Handler, TypedHandler};
+use crate::ops::{self, Health};
 use crate::provision::{self, ServerVersion};
 use crate::{connect, shutdown};
 
@@ -52,6 +53,9 @@ pub enum RunError {
     /// Connecting failed in a way retrying cannot fix (refused credentials, bad URL, TLS).
     #[error(transparent)]
     Connect(#[from] connect::ConnectError),
+    /// The ops endpoint could not start (address in use, ...).
+    #[error("{0}")]
+    Ops(String),
     /// Provisioning failed or has conflicts.
     #[error(transparent)]
     Provision(#[from] provision::ProvisionError),
@@ -140,10 +144,24 @@ impl<S: Send + Sync + 'static> App<S> {
         self.check(&config)?;
         let hard_stop = CancellationToken::new();
         let grace = config.worker.shutdown_grace;
+        let health = Health::new();
+        // The ops endpoint answers from the start: live while connecting, ready later.
+        let ops_stop = CancellationToken::new();
+        let ops_address = if config.worker.ops_listen.is_empty() {
+            None
+        } else {
+            Some(
+                ops::serve(&config.worker.ops_listen, health.clone(), ops_stop.clone())
+                    .await
+                    .map_err(RunError::Ops)?,
+            )
+        };
+        let stopped = |health: Arc<Health>| Running::stopped(grace, health, ops_stop.clone());
 
         let Some(client) = connect_until(&config, &stop).await? else {
-            return Ok(Running::stopped(grace));
+            return Ok(stopped(health));
         };
+        health.set_client(client.clone());
         let js = async_nats::jetstream::new(client.clone());
         let version = ServerVersion::parse(&client.server_info().version).unwrap_or_default();
 
@@ -155,6 +173,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     if plan.has_changes() {
                         tracing::info!(plan = %plan, "provisioned");
                     }
+                    health.set_provisioned();
                     break;
                 }
                 Err(e @ provision::ProvisionError::Conflicts(_)) => return Err(e.into()),
@@ -163,7 +182,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     let wait = Duration::from_secs(u64::from(failures.min(5)));
                     tracing::warn!(error = %e, retry_in = %humantime::format_duration(wait), "provisioning failed; retrying");
                     tokio::select! {
-                        _ = stop.cancelled() => return Ok(Running::stopped(grace)),
+                        _ = stop.cancelled() => return Ok(stopped(health)),
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
@@ -172,12 +191,15 @@ impl<S: Send + Sync + 'static> App<S> {
 
         let tracker = TaskTracker::new();
         let mut stats = BTreeMap::new();
+        let mut lag = Vec::new();
         for c in &config.consumers {
             let Some(handler) = self.handlers.get(&c.handler) else {
                 continue;
             };
             let consumer_stats = Arc::new(ConsumerStats::default());
             stats.insert(c.name.clone(), consumer_stats.clone());
+            health.add_consumer(&c.name, consumer_stats.clone());
+            lag.push((c.stream.clone(), c.name.clone(), consumer_stats.clone()));
             let rt = Arc::new(ConsumerRuntime {
                 config: c.clone(),
                 spec: provision::consumer_spec(c),
@@ -195,6 +217,7 @@ impl<S: Send + Sync + 'static> App<S> {
             tracker.spawn(consumer::run(rt));
         }
         tracker.close();
+        tokio::spawn(ops::poll_lag(js.clone(), lag, ops_stop.clone()));
         tracing::info!(
             consumers = config.consumers.len(),
             server_version = %version,
@@ -207,6 +230,9 @@ impl<S: Send + Sync + 'static> App<S> {
             hard_stop,
             grace,
             stats,
+            health,
+            ops_stop,
+            ops_address,
         })
     }
 }
@@ -219,20 +245,38 @@ pub struct Running {
     hard_stop: CancellationToken,
     grace: Duration,
     stats: BTreeMap<String, Arc<ConsumerStats>>,
+    health: Arc<Health>,
+    ops_stop: CancellationToken,
+    ops_address: Option<std::net::SocketAddr>,
 }
 
 impl Running {
-    fn stopped(grace: Duration) -> Running {
+    fn stopped(grace: Duration, health: Arc<Health>, ops_stop: CancellationToken) -> Running {
         let tracker = TaskTracker::new();
         tracker.close();
+        let stop = CancellationToken::new();
+        stop.cancel();
         Running {
             client: None,
             tracker,
-            stop: CancellationToken::new(),
+            stop,
             hard_stop: CancellationToken::new(),
             grace,
             stats: BTreeMap::new(),
+            health,
+            ops_stop,
+            ops_address: None,
         }
+    }
+
+    /// What `/healthz`, `/readyz` and `/metrics` report on.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The ops endpoint's bound address, when enabled.
+    pub fn ops_address(&self) -> Option<std::net::SocketAddr> {
+        self.ops_address
     }
 
     /// Counters per consumer name.
@@ -250,6 +294,7 @@ impl Running {
     /// the connection.
     pub async fn wait(self) -> BTreeMap<String, Arc<ConsumerStats>> {
         self.stop.cancelled().await;
+        self.health.set_stopping();
         tracing::info!(grace = %humantime::format_duration(self.grace), "shutting down: no new messages; waiting for in-flight handlers");
         if tokio::time::timeout(self.grace, self.tracker.wait())
             .await
@@ -263,6 +308,7 @@ impl Running {
             let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
         }
+        self.ops_stop.cancel();
         tracing::info!("stopped");
         self.stats
     }

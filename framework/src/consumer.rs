@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ const TICK: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Counters for one consumer, updated as deliveries settle.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConsumerStats {
     /// Deliveries received.
     pub received: AtomicU64,
@@ -75,9 +75,66 @@ pub struct ConsumerStats {
     pub sessions: AtomicU64,
     /// Sum of handler run times, in microseconds.
     pub handler_micros: AtomicU64,
+    /// Handler run times (for `/metrics`).
+    pub handler_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Server-side: messages not yet delivered (polled).
+    pub server_pending: AtomicU64,
+    /// Server-side: messages delivered and not acknowledged (polled).
+    pub server_ack_pending: AtomicU64,
+    /// True while a pull session is running.
+    pulling: AtomicBool,
+    /// When the loop last reported in, as milliseconds since `born`.
+    last_tick_ms: AtomicU64,
+    born: std::time::Instant,
+}
+
+impl Default for ConsumerStats {
+    fn default() -> Self {
+        ConsumerStats {
+            received: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: Default::default(),
+            panics: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            dead_letter_failures: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            peak_in_flight: AtomicUsize::new(0),
+            recreated: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            handler_micros: AtomicU64::new(0),
+            handler_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.5, 14),
+            ),
+            server_pending: AtomicU64::new(0),
+            server_ack_pending: AtomicU64::new(0),
+            pulling: AtomicBool::new(false),
+            last_tick_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
+        }
+    }
 }
 
 impl ConsumerStats {
+    /// The loop reports in (for liveness).
+    fn tick(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_tick_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the loop last reported in.
+    pub fn since_last_tick(&self) -> Duration {
+        let last = Duration::from_millis(self.last_tick_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
+    }
+
+    /// True while a pull session runs (the consumer exists and is being pulled from).
+    pub fn is_pulling(&self) -> bool {
+        self.pulling.load(Ordering::Relaxed)
+    }
+
     /// Dead letters recorded for `reason`.
     pub fn dead_letters(&self, reason: Reason) -> u64 {
         let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
@@ -165,6 +222,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     let mut failures: u32 = 0;
 
     loop {
+        rt.stats.tick();
         if rt.stop.is_cancelled() {
             break;
         }
@@ -181,7 +239,9 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
             }
         }
         rt.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        rt.stats.pulling.store(true, Ordering::Relaxed);
         let end = session(&rt, &permits, &done, &tasks).await;
+        rt.stats.pulling.store(false, Ordering::Relaxed);
         match end {
             Ok(SessionEnd::Stopped) => break,
             Ok(end) => {
@@ -345,6 +405,7 @@ async fn session<S: Send + Sync + 'static>(
             }
             _ = done.notified() => {}
             _ = tick.tick() => {
+                rt.stats.tick();
                 let now = Instant::now();
                 requests.expire(now);
                 let connected_now = rt.client.connection_state() == async_nats::connection::State::Connected;
@@ -445,10 +506,10 @@ async fn deliver<S: Send + Sync + 'static>(
     }
     let started = std::time::Instant::now();
     let ran = run_handler(rt, &message, &stream, sequence, attempt).await;
-    let elapsed = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    rt.stats
-        .handler_micros
-        .fetch_add(elapsed, Ordering::Relaxed);
+    let took = started.elapsed();
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    rt.stats.handler_micros.fetch_add(micros, Ordering::Relaxed);
+    rt.stats.handler_seconds.observe(took.as_secs_f64());
     let attempted = match ran {
         Ran::Finished(a) => a,
         Ran::Abandoned => {

@@ -12,7 +12,9 @@
 //! - [`dead_letter`]: the dead-letter copy, its headers and its publish.
 //! - [`publisher`]: typed publish with message ids, PubAck and retries; a pipelined mode.
 //! - [`app`]: handlers registered by name, run, graceful shutdown.
+//! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics` on `worker.ops_listen`.
 //! - [`shutdown`]: SIGTERM / SIGINT handling.
+//! - [`systemd`]: `Type=notify` services: READY / STOPPING / STATUS and the watchdog.
 //! - [`cli`]: the subcommands every jetworker binary gets (`run`, `check`, `provision`).
 //! - `testing` (feature `testing`): real `nats-server` processes for integration tests.
 
@@ -24,11 +26,13 @@ pub mod connect;
 pub mod consumer;
 pub mod dead_letter;
 pub mod handler;
+pub mod ops;
 pub mod outcome;
 pub mod provision;
 pub mod publisher;
 pub mod shutdown;
 pub mod subject;
+pub mod systemd;
 #[cfg(feature = "testing")]
 pub mod testing;
 

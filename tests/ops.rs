@@ -1,0 +1,151 @@
+//! The ops endpoint against a real worker and server: `/metrics` matches known traffic,
+//! `/readyz` follows the connection, `/healthz` stays up.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use jetworker::testing::server::NatsServer;
+use jetworker::App;
+use jetworker_suite::{scripted, Job, Mode, Probe};
+use tokio_util::sync::CancellationToken;
+
+fn ops_config(url: &str) -> jetworker::Config {
+    let mut c = config(url, "max_deliver = 2\nbackoff = [\"200ms\"]");
+    c.worker.ops_listen = "127.0.0.1:0".into();
+    c
+}
+
+#[tokio::test]
+async fn metrics_match_known_traffic() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let probe = Arc::new(Probe::default());
+    let stop = CancellationToken::new();
+    let running = App::new(probe.clone())
+        .handler("scripted", scripted)
+        .start(ops_config(&server.url()), stop.clone())
+        .await
+        .expect("start");
+    let addr = running.ops_address().expect("ops enabled");
+    let waiter = tokio::spawn(running.wait());
+
+    // 20 succeed, 3 fail permanently, 2 succeed on their second attempt.
+    let mut jobs: Vec<Job> = (1..=20).map(Job::ok).collect();
+    jobs.extend((21..=23).map(|id| Job {
+        id,
+        mode: Mode::Permanent,
+        until: 0,
+        sleep_ms: 0,
+    }));
+    jobs.extend((24..=25).map(|id| Job {
+        id,
+        mode: Mode::Fail,
+        until: 1,
+        sleep_ms: 0,
+    }));
+    publish_jobs(&js, &jobs).await;
+    wait_until(Duration::from_secs(15), "all settled", || async {
+        probe.succeeded_ids() == 22 && count(&js, "DLQ").await == 3
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "metrics caught up", || async {
+        let (_, text) = http_get(addr, "/metrics").await;
+        metric(
+            &text,
+            "jetworker_messages_total{consumer=\"jobs\",outcome=\"ack\"}",
+        ) == Some(22.0)
+    })
+    .await;
+    let (status, text) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = |series: &str| {
+        metric(&text, series).unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
+    };
+    assert_eq!(
+        m("jetworker_messages_total{consumer=\"jobs\",outcome=\"ack\"}"),
+        22.0
+    );
+    assert_eq!(
+        m("jetworker_messages_total{consumer=\"jobs\",outcome=\"retry\"}"),
+        2.0
+    );
+    assert_eq!(
+        m("jetworker_messages_total{consumer=\"jobs\",outcome=\"dead_letter\"}"),
+        3.0
+    );
+    assert_eq!(
+        m("jetworker_dead_letters_total{consumer=\"jobs\",reason=\"permanent\"}"),
+        3.0
+    );
+    assert_eq!(
+        m("jetworker_dead_letters_total{consumer=\"jobs\",reason=\"exhausted\"}"),
+        0.0
+    );
+    assert_eq!(m("jetworker_redeliveries_total{consumer=\"jobs\"}"), 2.0);
+    assert_eq!(
+        m("jetworker_handler_duration_seconds_count{consumer=\"jobs\"}"),
+        27.0
+    );
+    assert_eq!(m("jetworker_in_flight{consumer=\"jobs\"}"), 0.0);
+    assert_eq!(m("jetworker_connected"), 1.0);
+    // Lag gauges come from the server (polled): everything is settled.
+    wait_until(Duration::from_secs(10), "lag polled", || async {
+        let (_, text) = http_get(addr, "/metrics").await;
+        metric(&text, "jetworker_consumer_pending{consumer=\"jobs\"}") == Some(0.0)
+            && metric(&text, "jetworker_consumer_ack_pending{consumer=\"jobs\"}") == Some(0.0)
+    })
+    .await;
+
+    stop.cancel();
+    waiter.await.expect("stopped");
+}
+
+#[tokio::test]
+async fn readyz_follows_the_server() {
+    let mut server = NatsServer::start().expect("server");
+    let probe = Arc::new(Probe::default());
+    let stop = CancellationToken::new();
+    let running = App::new(probe)
+        .handler("scripted", scripted)
+        .start(ops_config(&server.url()), stop.clone())
+        .await
+        .expect("start");
+    let addr = running.ops_address().expect("ops enabled");
+    let waiter = tokio::spawn(running.wait());
+
+    wait_until(Duration::from_secs(10), "ready", || async {
+        http_get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+
+    server.kill();
+    wait_until(
+        Duration::from_secs(10),
+        "not ready while the server is down",
+        || async { http_get(addr, "/readyz").await.0 == 503 },
+    )
+    .await;
+    assert_eq!(
+        http_get(addr, "/healthz").await.0,
+        200,
+        "alive while disconnected"
+    );
+
+    server.restart().expect("restart");
+    wait_until(Duration::from_secs(30), "ready again", || async {
+        http_get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+
+    stop.cancel();
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert!(
+        status == 503 || status == 0,
+        "not ready while stopping: {status} {body}"
+    );
+    waiter.await.expect("stopped");
+}
