@@ -32,6 +32,8 @@ use crate::dead_letter::{self, DeadLetter};
 use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
 use crate::outcome::{decide, Attempted, Outcome, Reason, RetryPolicy};
 use crate::provision::{self, ConsumerSpec, ServerVersion};
+use crate::trace::TraceContext;
+use tracing::Instrument;
 
 /// How long one pull request waits on the server for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
@@ -504,8 +506,35 @@ async fn deliver<S: Send + Sync + 'static>(
     if attempt > 1 {
         rt.stats.redelivered.fetch_add(1, Ordering::Relaxed);
     }
+    // One span per message; a `traceparent` header continues the sender's trace.
+    let trace = TraceContext::for_delivery(message.headers.as_ref());
+    let span = tracing::info_span!(
+        "message",
+        stream = %stream,
+        consumer = %rt.spec.name,
+        seq = sequence,
+        attempt,
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
+        outcome = tracing::field::Empty,
+    );
+    settle_delivery(rt, message, stream, sequence, attempt, trace)
+        .instrument(span)
+        .await;
+}
+
+async fn settle_delivery<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    message: jetstream::Message,
+    stream: String,
+    sequence: u64,
+    attempt: u64,
+    trace: TraceContext,
+) {
     let started = std::time::Instant::now();
-    let ran = run_handler(rt, &message, &stream, sequence, attempt).await;
+    let ran = trace
+        .scope(run_handler(rt, &message, &stream, sequence, attempt))
+        .await;
     let took = started.elapsed();
     let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
     rt.stats.handler_micros.fetch_add(micros, Ordering::Relaxed);
@@ -524,6 +553,7 @@ async fn deliver<S: Send + Sync + 'static>(
         _ => 0,
     };
     let outcome = decide(&attempted, attempt, &rt.policy);
+    tracing::Span::current().record("outcome", outcome.word());
     settle(
         rt, &message, &stream, sequence, attempt, &attempted, outcome,
     )

@@ -182,6 +182,12 @@ impl<S> Context<S> {
         self.jetstream.as_ref()
     }
 
+    /// The trace this delivery belongs to (continued from its `traceparent` header, or
+    /// new); `None` outside the runtime.
+    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+        crate::trace::TraceContext::current()
+    }
+
     /// Cancelled when the worker starts shutting down: a long handler can stop early
     /// and return an error (its message is then redelivered).
     pub fn shutdown(&self) -> &CancellationToken {

@@ -16,6 +16,9 @@
 //! - [`shutdown`]: SIGTERM / SIGINT handling.
 //! - [`systemd`]: `Type=notify` services: READY / STOPPING / STATUS and the watchdog.
 //! - [`cli`]: the subcommands every jetworker binary gets (`run`, `check`, `provision`).
+//! - [`status`]: per consumer its backlog and dead letters, per stream its size (`status`).
+//! - [`dlq`]: listing, showing, replaying and purging dead letters (`dlq ...`).
+//! - [`trace`]: W3C `traceparent` continued from deliveries and added by the publisher.
 //! - `testing` (feature `testing`): real `nats-server` processes for integration tests.
 
 pub mod app;
@@ -25,16 +28,19 @@ pub mod config;
 pub mod connect;
 pub mod consumer;
 pub mod dead_letter;
+pub mod dlq;
 pub mod handler;
 pub mod ops;
 pub mod outcome;
 pub mod provision;
 pub mod publisher;
 pub mod shutdown;
+pub mod status;
 pub mod subject;
 pub mod systemd;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 
 pub use app::App;
 pub use config::Config;

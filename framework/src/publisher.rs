@@ -35,6 +35,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::codec::{self, CodecKind};
+use crate::trace;
 
 /// How a publish is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,9 +267,14 @@ async fn await_ack(future: PublishAckFuture, timeout: Duration) -> Result<Publis
     }
 }
 
+/// Adds the message id and, unless the caller set one, a `traceparent` (continuing the
+/// trace of the handler publishing, or starting one).
 fn with_msg_id(mut headers: HeaderMap, msg_id: &str) -> HeaderMap {
     if !msg_id.is_empty() {
         headers.insert("Nats-Msg-Id", msg_id);
+    }
+    if headers.get(trace::TRACEPARENT).is_none() {
+        headers.insert(trace::TRACEPARENT, trace::outgoing().to_string().as_str());
     }
     headers
 }

@@ -1,0 +1,167 @@
+//! W3C trace context (`traceparent`) propagation.
+//!
+//! A delivery whose headers carry a `traceparent` continues that trace: its span records
+//! the trace id, and anything the handler publishes through [`crate::publisher`] carries
+//! a `traceparent` with the same trace id and a new span id. A delivery without one
+//! starts a new trace. Exporting spans (OpenTelemetry) is left to the application's
+//! `tracing` subscriber; the ids are in the span fields `trace_id` and `span_id`.
+
+use std::fmt;
+
+use rand::Rng;
+
+/// The header name.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// A trace context: trace id, this span's id, and the sampled flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// 32 lowercase hex digits, not all zero.
+    pub trace_id: String,
+    /// 16 lowercase hex digits, not all zero.
+    pub span_id: String,
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && s.bytes().any(|b| b != b'0')
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut rng = rand::thread_rng();
+    let mut out = String::with_capacity(bytes * 2);
+    loop {
+        out.clear();
+        for _ in 0..bytes {
+            out.push_str(&format!("{:02x}", rng.gen::<u8>()));
+        }
+        if out.bytes().any(|b| b != b'0') {
+            return out;
+        }
+    }
+}
+
+impl TraceContext {
+    /// Parses a `traceparent` value (version 00); `None` when it is not valid.
+    pub fn parse(header: &str) -> Option<TraceContext> {
+        let mut parts = header.trim().split('-');
+        let (version, trace_id, span_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if version != "00" || parts.next().is_some() {
+            return None;
+        }
+        if !is_hex(trace_id, 32) || !is_hex(span_id, 16) || flags.len() != 2 {
+            return None;
+        }
+        Some(TraceContext {
+            trace_id: trace_id.to_string(),
+            span_id: span_id.to_string(),
+            flags: u8::from_str_radix(flags, 16).ok()?,
+        })
+    }
+
+    /// A new trace (sampled).
+    pub fn new_root() -> TraceContext {
+        TraceContext {
+            trace_id: random_hex(16),
+            span_id: random_hex(8),
+            flags: 1,
+        }
+    }
+
+    /// A child in the same trace: same trace id and flags, a new span id.
+    pub fn child(&self) -> TraceContext {
+        TraceContext {
+            trace_id: self.trace_id.clone(),
+            span_id: random_hex(8),
+            flags: self.flags,
+        }
+    }
+
+    /// The context of a delivery with these headers: a child of its `traceparent`, or a
+    /// new root.
+    pub fn for_delivery(headers: Option<&async_nats::HeaderMap>) -> TraceContext {
+        headers
+            .and_then(|h| h.get(TRACEPARENT))
+            .and_then(|v| TraceContext::parse(v.as_str()))
+            .map(|parent| parent.child())
+            .unwrap_or_else(TraceContext::new_root)
+    }
+
+    /// The context of the handler running now, if any.
+    pub fn current() -> Option<TraceContext> {
+        CURRENT.try_with(|c| c.clone()).ok()
+    }
+
+    /// Runs `future` with `self` as the current context.
+    pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
+        CURRENT.scope(self, future).await
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+}
+
+/// The `traceparent` for an outgoing message: a child of the current context (inside a
+/// handler), else a new trace.
+pub fn outgoing() -> TraceContext {
+    TraceContext::current()
+        .map(|c| c.child())
+        .unwrap_or_else(TraceContext::new_root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let c = TraceContext::parse(v).expect("valid");
+        assert_eq!(c.to_string(), v);
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(TraceContext::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn child_keeps_the_trace() {
+        let root = TraceContext::new_root();
+        let child = root.child();
+        assert_eq!(child.trace_id, root.trace_id);
+        assert_ne!(child.span_id, root.span_id);
+        assert!(TraceContext::parse(&child.to_string()).is_some());
+    }
+
+    #[tokio::test]
+    async fn outgoing_follows_the_current_context() {
+        let root = TraceContext::new_root();
+        let trace_id = root.trace_id.clone();
+        let inside = root.scope(async { outgoing() }).await;
+        assert_eq!(inside.trace_id, trace_id);
+        assert_ne!(outgoing().trace_id, trace_id, "outside: a new trace");
+    }
+}

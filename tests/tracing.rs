@@ -1,0 +1,182 @@
+//! Trace propagation and structured logs: a `traceparent` on a delivery continues into
+//! what the handler publishes; JSON logs carry the per-message span fields.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::*;
+use jetworker::publisher::Publisher;
+use jetworker::testing::server::NatsServer;
+use jetworker::trace::TraceContext;
+use jetworker::{App, Context, Event, HandlerError};
+use jetworker_suite::{Job, Mode};
+use tokio_util::sync::CancellationToken;
+
+/// Publishes a follow-up event for every job, from inside the handler.
+async fn forward(job: Event<Job>, ctx: Context) -> Result<(), HandlerError> {
+    let js = ctx.jetstream().ok_or("no jetstream")?.clone();
+    Publisher::new(js)
+        .publish(
+            &format!("followup.{}", job.id),
+            &format!("f-{}", job.id),
+            &job.payload,
+        )
+        .await
+        .map_err(HandlerError::transient)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn traceparent_continues_through_the_handler() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "FOLLOWUP".into(),
+        subjects: vec!["followup.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let mut cfg = config(&server.url(), "");
+    cfg.consumers[0].handler = "forward".into();
+    let stop = CancellationToken::new();
+    let app = App::new(()).handler("forward", forward);
+    let worker = tokio::spawn(app.run_until(cfg, stop.clone()));
+    wait_until(Duration::from_secs(10), "provisioned", || async {
+        js.get_stream("EVENTS").await.is_ok()
+    })
+    .await;
+
+    let parent = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .expect("valid");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", parent.to_string().as_str());
+    let payload = rmp_serde::to_vec_named(&Job::ok(1)).expect("encode");
+    js.publish_with_headers("jobs.1", headers, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    // And one without: the handler's publish starts a trace of its own.
+    publish_jobs(&js, &[Job::ok(2)]).await;
+
+    wait_until(Duration::from_secs(10), "follow-ups", || async {
+        count(&js, "FOLLOWUP").await == 2
+    })
+    .await;
+    let followups = messages(&js, "FOLLOWUP").await;
+    let trace_of = |subject: &str| {
+        let m = followups
+            .iter()
+            .find(|m| m.subject.as_str() == subject)
+            .expect("follow-up");
+        TraceContext::parse(&header(m, "traceparent").expect("traceparent added")).expect("valid")
+    };
+    let continued = trace_of("followup.1");
+    assert_eq!(continued.trace_id, parent.trace_id, "same trace");
+    assert_ne!(continued.span_id, parent.span_id, "a new span");
+    assert_ne!(trace_of("followup.2").trace_id, parent.trace_id);
+
+    stop.cancel();
+    worker.await.expect("join").expect("ran");
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_message_span() {
+    let server = NatsServer::start().expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("streams.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"
+[connection]
+servers = ["{}"]
+[worker]
+ops_listen = ""
+[[streams]]
+name = "EVENTS"
+subjects = ["jobs.>"]
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+[[consumers]]
+name = "jobs"
+stream = "EVENTS"
+handler = "scripted"
+max_deliver = 1
+dead_letter_subject = "dlq.jobs"
+"#,
+            server.url()
+        ),
+    )
+    .expect("config");
+    let (_c, js) = connect(&server.url()).await;
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_test_worker"))
+        .args([
+            "--log-format",
+            "json",
+            "--config",
+            &config_path.display().to_string(),
+            "run",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_until(Duration::from_secs(15), "provisioned", || async {
+        match js.get_stream("EVENTS").await {
+            Ok(s) => s.consumer_info("jobs").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    publish_jobs(
+        &js,
+        &[Job {
+            id: 9,
+            mode: Mode::Permanent,
+            until: 0,
+            sleep_ms: 0,
+        }],
+    )
+    .await;
+    wait_until(Duration::from_secs(10), "dead-lettered", || async {
+        count(&js, "DLQ").await == 1
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status();
+    let output = tokio::task::spawn_blocking(move || {
+        let _ = worker.wait();
+        let mut text = String::new();
+        if let Some(mut err) = worker.stderr.take() {
+            use std::io::Read;
+            let _ = err.read_to_string(&mut text);
+        }
+        text
+    })
+    .await
+    .expect("stderr");
+    let settled = output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "settled" && v["outcome"] == "dead_letter")
+        .unwrap_or_else(|| panic!("no JSON 'settled' line in:\n{output}"));
+    let span = &settled["span"];
+    assert_eq!(span["name"], "message", "{settled}");
+    assert_eq!(span["stream"], "EVENTS");
+    assert_eq!(span["consumer"], "jobs");
+    assert_eq!(span["seq"], 1);
+    assert_eq!(span["attempt"], 1);
+    assert!(
+        span["trace_id"].as_str().is_some_and(|t| t.len() == 32),
+        "{settled}"
+    );
+    assert_eq!(settled["reason"], "permanent");
+}
