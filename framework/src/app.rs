@@ -10,10 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::config::ConsumerConfig;
 use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
-use crate::handler::{ErasedHandler, Handler, TypedHandler};
+use crate::handler::{Context, ErasedHandler, Event, Handler, TypedHandler};
 use crate::ops::{self, Health};
 use crate::provision::{self, ServerVersion};
+use crate::safety_net::{self, MaxDeliveriesAdvisory, SafetyNet};
 use crate::{connect, shutdown};
 
 /// A worker application: shared state `S` and handlers registered by the names
@@ -192,10 +194,19 @@ impl<S: Send + Sync + 'static> App<S> {
         let tracker = TaskTracker::new();
         let mut stats = BTreeMap::new();
         let mut lag = Vec::new();
-        for c in &config.consumers {
-            let Some(handler) = self.handlers.get(&c.handler) else {
-                continue;
-            };
+        // The user's consumers, then the safety net's internal one.
+        let mut consumers: Vec<(ConsumerConfig, Arc<dyn ErasedHandler<S>>)> = config
+            .consumers
+            .iter()
+            .filter_map(|c| Some((c.clone(), self.handlers.get(&c.handler)?.clone())))
+            .collect();
+        if let Some(net_consumer) = safety_net::safety_net_consumer(&config) {
+            consumers.push((
+                net_consumer,
+                safety_net_handler::<S>(SafetyNet::new(&config)),
+            ));
+        }
+        for (c, handler) in &consumers {
             let consumer_stats = Arc::new(ConsumerStats::default());
             stats.insert(c.name.clone(), consumer_stats.clone());
             health.add_consumer(&c.name, consumer_stats.clone());
@@ -235,6 +246,18 @@ impl<S: Send + Sync + 'static> App<S> {
             ops_address,
         })
     }
+}
+
+/// The safety net as a handler of the app's state type (it ignores the state).
+fn safety_net_handler<S: Send + Sync + 'static>(net: SafetyNet) -> Arc<dyn ErasedHandler<S>> {
+    let handler = move |advisory: Event<MaxDeliveriesAdvisory>, ctx: Context<S>| {
+        let net = net.clone();
+        async move {
+            let js = ctx.jetstream().ok_or("no JetStream context")?.clone();
+            net.handle(&js, advisory.into_inner()).await
+        }
+    };
+    Arc::new(TypedHandler::new(handler))
 }
 
 /// A started app.

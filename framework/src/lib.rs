@@ -13,6 +13,7 @@
 //! - [`publisher`]: typed publish with message ids, PubAck and retries; a pipelined mode.
 //! - [`app`]: handlers registered by name, run, graceful shutdown.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics` on `worker.ops_listen`.
+//! - [`safety_net`]: dead letters for messages whose last delivery never settled.
 //! - [`shutdown`]: SIGTERM / SIGINT handling.
 //! - [`systemd`]: `Type=notify` services: READY / STOPPING / STATUS and the watchdog.
 //! - [`cli`]: the subcommands every jetworker binary gets (`run`, `check`, `provision`).
@@ -34,6 +35,7 @@ pub mod ops;
 pub mod outcome;
 pub mod provision;
 pub mod publisher;
+pub mod safety_net;
 pub mod shutdown;
 pub mod status;
 pub mod subject;

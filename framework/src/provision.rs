@@ -342,10 +342,25 @@ fn write_changes(f: &mut fmt::Formatter<'_>, changes: &[FieldChange]) -> fmt::Re
 }
 
 /// The specs a validated config asks for.
+///
+/// Besides what the config lists, it holds the safety net's advisory stream and internal
+/// consumer (see [`crate::safety_net`]).
 pub fn desired(config: &Config) -> Desired {
+    let net_stream = crate::safety_net::advisory_stream(config);
+    let net_consumer = crate::safety_net::safety_net_consumer(config);
     Desired {
-        streams: config.streams.iter().map(stream_spec).collect(),
-        consumers: config.consumers.iter().map(consumer_spec).collect(),
+        streams: config
+            .streams
+            .iter()
+            .chain(net_stream.as_ref())
+            .map(stream_spec)
+            .collect(),
+        consumers: config
+            .consumers
+            .iter()
+            .chain(net_consumer.as_ref())
+            .map(consumer_spec)
+            .collect(),
         kv_buckets: config.kv_buckets.iter().map(kv_spec).collect(),
     }
 }

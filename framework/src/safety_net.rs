@@ -1,0 +1,258 @@
+//! The safety net: dead letters for messages whose last delivery never settled.
+//!
+//! When a worker is killed (or a handler hangs past the ack wait) during a message's
+//! last allowed delivery, the server stops delivering it and publishes a
+//! `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>` advisory. Advisories
+//! are core NATS messages, gone if nobody listens, so jetworker provisions a stream
+//! ([`ADVISORY_STREAM`]) capturing them for every configured consumer: none are lost
+//! while workers are down. Every worker runs an internal consumer on it
+//! ([`SAFETY_NET_CONSUMER`]) that fetches the original by sequence and dead-letters it
+//! with reason `abandoned`, under the same message id as the normal path
+//! (`jetworker-dl:<stream>:<seq>`), so a message copied by both is stored once. When the
+//! original is already gone (age or size limits), a dead letter without payload records
+//! that, with `Jetworker-Original-Missing: true`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::config::{Config, ConsumerConfig, StreamConfig};
+use crate::dead_letter::{self, DeadLetter};
+use crate::outcome::Reason;
+use crate::HandlerError;
+
+/// The stream capturing max-deliveries advisories.
+pub const ADVISORY_STREAM: &str = "JETWORKER_ADVISORIES";
+/// The internal durable consumer reading it.
+pub const SAFETY_NET_CONSUMER: &str = "jetworker_safety_net";
+/// The internal handler's name.
+pub const HANDLER: &str = "jetworker.safety_net";
+/// Header set on the record of an original that was gone.
+pub const ORIGINAL_MISSING: &str = "Jetworker-Original-Missing";
+
+/// The advisory subject for one consumer.
+pub fn advisory_subject(stream: &str, consumer: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
+}
+
+/// The advisory stream jetworker provisions for `config` (none without consumers).
+pub fn advisory_stream(config: &Config) -> Option<StreamConfig> {
+    if config.consumers.is_empty() {
+        return None;
+    }
+    let replicas = config.streams.iter().map(|s| s.replicas).max().unwrap_or(1);
+    Some(StreamConfig {
+        name: ADVISORY_STREAM.to_string(),
+        subjects: config
+            .consumers
+            .iter()
+            .map(|c| advisory_subject(&c.stream, &c.name))
+            .collect(),
+        replicas,
+        max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+        description: Some(
+            "jetworker safety net: max-deliveries advisories of the configured consumers".into(),
+        ),
+        ..StreamConfig::default()
+    })
+}
+
+/// The internal consumer reading the advisory stream. Its own failures (after many
+/// retries) go to the first consumer's dead-letter subject, where an operator sees them.
+pub fn safety_net_consumer(config: &Config) -> Option<ConsumerConfig> {
+    let first = config.consumers.first()?;
+    Some(ConsumerConfig {
+        name: SAFETY_NET_CONSUMER.to_string(),
+        stream: ADVISORY_STREAM.to_string(),
+        handler: HANDLER.to_string(),
+        codec: crate::config::CodecKind::Json,
+        max_deliver: 20,
+        backoff: Some(vec![
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            Duration::from_secs(15),
+            Duration::from_secs(30),
+        ]),
+        concurrency: 4,
+        max_ack_pending: 100,
+        ack_wait: Duration::from_secs(30),
+        handler_timeout: Duration::from_secs(30),
+        dead_letter_subject: first.dead_letter_subject.clone(),
+        description: Some("jetworker safety net".into()),
+        ..ConsumerConfig::default()
+    })
+}
+
+/// The fields of a max-deliveries advisory jetworker uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MaxDeliveriesAdvisory {
+    /// Stream of the stranded message.
+    pub stream: String,
+    /// Consumer that gave up delivering it.
+    pub consumer: String,
+    /// Its stream sequence.
+    pub stream_seq: u64,
+    /// Deliveries made.
+    pub deliveries: u64,
+}
+
+/// Dead-letters stranded messages; see the module docs.
+#[derive(Debug, Clone)]
+pub struct SafetyNet {
+    dead_letter_subjects: Arc<HashMap<(String, String), String>>,
+    timeout: Duration,
+}
+
+impl SafetyNet {
+    /// For the consumers of `config`.
+    pub fn new(config: &Config) -> Self {
+        SafetyNet {
+            dead_letter_subjects: Arc::new(
+                config
+                    .consumers
+                    .iter()
+                    .map(|c| {
+                        (
+                            (c.stream.clone(), c.name.clone()),
+                            c.dead_letter_subject.clone(),
+                        )
+                    })
+                    .collect(),
+            ),
+            timeout: config.connection.request_timeout,
+        }
+    }
+
+    /// Handles one advisory: copies the stranded original (or a record that it is gone)
+    /// to its consumer's dead-letter subject. An error means "retry".
+    pub async fn handle(
+        &self,
+        js: &jetstream::Context,
+        advisory: MaxDeliveriesAdvisory,
+    ) -> Result<(), HandlerError> {
+        let key = (advisory.stream.clone(), advisory.consumer.clone());
+        let Some(subject) = self.dead_letter_subjects.get(&key) else {
+            tracing::warn!(stream = %advisory.stream, consumer = %advisory.consumer, "max-deliveries advisory for a consumer not in this config; ignored");
+            return Ok(());
+        };
+        let stream = js
+            .get_stream(&advisory.stream)
+            .await
+            .map_err(HandlerError::transient)?;
+        let error = format!(
+            "the last delivery ({} of {}) never settled: the worker was killed or the handler hung past the ack wait",
+            advisory.deliveries, advisory.deliveries
+        );
+        let (letter, payload) = match stream.get_raw_message(advisory.stream_seq).await {
+            Ok(original) => (
+                DeadLetter {
+                    subject: original.subject.to_string(),
+                    headers: original.headers,
+                    stream: advisory.stream.clone(),
+                    sequence: advisory.stream_seq,
+                    consumer: advisory.consumer.clone(),
+                    attempts: advisory.deliveries,
+                    reason: Reason::Abandoned,
+                    error,
+                },
+                original.payload,
+            ),
+            Err(e) if is_missing(&e) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(ORIGINAL_MISSING, "true");
+                (
+                    DeadLetter {
+                        subject: String::new(),
+                        headers,
+                        stream: advisory.stream.clone(),
+                        sequence: advisory.stream_seq,
+                        consumer: advisory.consumer.clone(),
+                        attempts: advisory.deliveries,
+                        reason: Reason::Abandoned,
+                        error: format!(
+                            "{error}; the original is gone from stream {} (removed by its age or size limits) and could not be copied",
+                            advisory.stream
+                        ),
+                    },
+                    Bytes::new(),
+                )
+            }
+            Err(e) => return Err(HandlerError::transient(e)),
+        };
+        let ack = dead_letter::publish(js, subject, &letter, payload, self.timeout)
+            .await
+            .map_err(HandlerError::transient)?;
+        tracing::warn!(
+            stream = %advisory.stream, consumer = %advisory.consumer, seq = advisory.stream_seq,
+            deliveries = advisory.deliveries, reason = "abandoned", duplicate = ack.duplicate,
+            original_missing = letter.subject.is_empty(), dead_letter_subject = %subject,
+            "stranded message dead-lettered by the safety net"
+        );
+        Ok(())
+    }
+}
+
+fn is_missing(e: &jetstream::stream::RawMessageError) -> bool {
+    use jetstream::stream::RawMessageErrorKind as K;
+    match e.kind() {
+        K::NoMessageFound => true,
+        K::JetStream(js) => js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn provisioned_for_every_consumer() {
+        let config = Config::from_toml_with_env(
+            r#"
+[[streams]]
+name = "EVENTS"
+subjects = ["events.>"]
+replicas = 3
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+[[consumers]]
+name = "a"
+stream = "EVENTS"
+handler = "h"
+dead_letter_subject = "dlq.a"
+[[consumers]]
+name = "b"
+stream = "EVENTS"
+handler = "h"
+dead_letter_subject = "dlq.b"
+"#,
+            Path::new("t.toml"),
+            std::iter::empty(),
+        )
+        .expect("valid");
+        let stream = advisory_stream(&config).expect("stream");
+        assert_eq!(
+            stream.subjects,
+            [
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.EVENTS.a",
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.EVENTS.b"
+            ]
+        );
+        assert_eq!(stream.replicas, 3);
+        let consumer = safety_net_consumer(&config).expect("consumer");
+        assert_eq!(consumer.dead_letter_subject, "dlq.a");
+        assert_eq!(consumer.codec, crate::config::CodecKind::Json);
+
+        let advisory: MaxDeliveriesAdvisory = serde_json::from_str(
+            r#"{"type":"io.nats.jetstream.advisory.v1.max_deliver","id":"x","timestamp":"2024-01-01T00:00:00Z","stream":"EVENTS","consumer":"a","stream_seq":42,"deliveries":5}"#,
+        )
+        .expect("parses");
+        assert_eq!((advisory.stream_seq, advisory.deliveries), (42, 5));
+    }
+}

@@ -1,0 +1,204 @@
+//! The safety net: a message whose last delivery never settles (the worker is killed)
+//! is dead-lettered with reason `abandoned`, once; an original already gone is recorded.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use jetworker::dead_letter;
+use jetworker::safety_net::{ADVISORY_STREAM, ORIGINAL_MISSING};
+use jetworker::testing::server::NatsServer;
+use jetworker_suite::{Job, Mode};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn write_config(dir: &Path, url: &str, events_extra: &str) -> PathBuf {
+    let path = dir.join("streams.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[connection]
+servers = ["{url}"]
+[worker]
+ops_listen = ""
+shutdown_grace = "2s"
+[[streams]]
+name = "EVENTS"
+subjects = ["jobs.>"]
+{events_extra}
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+[[consumers]]
+name = "jobs"
+stream = "EVENTS"
+handler = "scripted"
+max_deliver = 1
+ack_wait = "1s"
+handler_timeout = "1m"
+dead_letter_subject = "dlq.jobs"
+"#
+        ),
+    )
+    .expect("config");
+    path
+}
+
+fn spawn(config: &Path, log: &Path) -> Killed {
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_test_worker"))
+            .args(["--config", &config.display().to_string(), "run"])
+            .env("JW_TEST_LOG", log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+fn started(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("start "))
+        .count()
+}
+
+async fn provisioned(js: &async_nats::jetstream::Context) -> bool {
+    match js.get_stream("EVENTS").await {
+        Ok(s) => {
+            s.consumer_info("jobs").await.is_ok() && js.get_stream(ADVISORY_STREAM).await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn a_killed_last_attempt_is_dead_lettered_as_abandoned_once() {
+    let server = NatsServer::start().expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let config = write_config(dir.path(), &server.url(), "");
+    let (_c, js) = connect(&server.url()).await;
+
+    let worker = spawn(&config, &log);
+    wait_until(Duration::from_secs(15), "provisioned", || async {
+        provisioned(&js).await
+    })
+    .await;
+    let hang = |id| Job {
+        id,
+        mode: Mode::Sleep,
+        until: 9,
+        sleep_ms: 600_000,
+    };
+    publish_jobs(&js, &[hang(1), hang(2)]).await;
+    wait_until(Duration::from_secs(10), "both started", || async {
+        started(&log) == 2
+    })
+    .await;
+    drop(worker); // kill -9 during the last (only) allowed delivery
+
+    // The advisories are captured while no worker runs.
+    wait_until(Duration::from_secs(15), "advisories captured", || async {
+        count(&js, ADVISORY_STREAM).await == 2
+    })
+    .await;
+    assert_eq!(count(&js, "DLQ").await, 0);
+
+    let _worker = spawn(&config, &log);
+    wait_until(
+        Duration::from_secs(20),
+        "dead-lettered by the safety net",
+        || async { count(&js, "DLQ").await == 2 },
+    )
+    .await;
+    let letters = messages(&js, "DLQ").await;
+    for m in &letters {
+        assert_eq!(header(m, dead_letter::REASON).as_deref(), Some("abandoned"));
+        assert_eq!(header(m, dead_letter::ATTEMPTS).as_deref(), Some("1"));
+        assert_eq!(header(m, dead_letter::CONSUMER).as_deref(), Some("jobs"));
+        let seq = header(m, dead_letter::SEQUENCE).expect("sequence");
+        assert_eq!(
+            header(m, "Nats-Msg-Id"),
+            Some(format!("jetworker-dl:EVENTS:{seq}")),
+            "same id as the normal path"
+        );
+        let job: Job = rmp_serde::from_slice(&m.payload).expect("original payload");
+        assert_eq!(
+            header(m, dead_letter::ORIGINAL_SUBJECT),
+            Some(format!("jobs.{}", job.id))
+        );
+    }
+    // Processing the advisories again (a redelivery) stores nothing new.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(&js, "DLQ").await, 2, "exactly once");
+    assert_eq!(started(&log), 2, "never handled again");
+}
+
+#[tokio::test]
+async fn an_original_already_gone_is_recorded_not_skipped() {
+    let server = NatsServer::start().expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let config = write_config(
+        dir.path(),
+        &server.url(),
+        "max_age = \"3s\"\nduplicate_window = \"1s\"",
+    );
+    let (_c, js) = connect(&server.url()).await;
+
+    let worker = spawn(&config, &log);
+    wait_until(Duration::from_secs(15), "provisioned", || async {
+        provisioned(&js).await
+    })
+    .await;
+    publish_jobs(
+        &js,
+        &[Job {
+            id: 1,
+            mode: Mode::Sleep,
+            until: 9,
+            sleep_ms: 600_000,
+        }],
+    )
+    .await;
+    wait_until(Duration::from_secs(10), "started", || async {
+        started(&log) == 1
+    })
+    .await;
+    drop(worker);
+    wait_until(Duration::from_secs(15), "advisory captured", || async {
+        count(&js, ADVISORY_STREAM).await == 1
+    })
+    .await;
+    wait_until(Duration::from_secs(15), "original aged out", || async {
+        count(&js, "EVENTS").await == 0
+    })
+    .await;
+
+    let _worker = spawn(&config, &log);
+    wait_until(Duration::from_secs(20), "recorded", || async {
+        count(&js, "DLQ").await == 1
+    })
+    .await;
+    let m = &messages(&js, "DLQ").await[0];
+    assert_eq!(header(m, dead_letter::REASON).as_deref(), Some("abandoned"));
+    assert_eq!(header(m, ORIGINAL_MISSING).as_deref(), Some("true"));
+    assert!(
+        header(m, dead_letter::ERROR).is_some_and(|e| e.contains("gone")),
+        "{:?}",
+        header(m, dead_letter::ERROR)
+    );
+    assert!(m.payload.is_empty());
+}
