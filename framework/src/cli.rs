@@ -1,4 +1,5 @@
-//! The subcommands every jetworker binary gets, so a user's worker binary and the
+//! The subcommands every jetworker binary gets (`run`, `check`, `provision`, `status`,
+//! `dlq list/show/replay/purge`), so a user's worker binary and the
 //! `workers` platform share one command line.
 //!
 //! A binary with no commands of its own calls [`main`]. One that adds commands embeds
@@ -42,14 +43,20 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::app::{App, RunError};
 use crate::config::{Config, ConfigError};
-use crate::{connect, provision};
+use crate::dlq::{self, Dlq, DlqError, DlqFailure, Filter, Letter};
+use crate::{connect, provision, status};
 
 /// Exit code for an invalid config (or a consumer naming an unregistered handler).
 pub const EXIT_INVALID_CONFIG: u8 = 2;
 /// Exit code for a provisioning plan with conflicts.
 pub const EXIT_CONFLICT: u8 = 3;
-/// Exit code for a runtime failure (server unreachable, request failed).
+/// Exit code for a runtime failure (server unreachable, request failed), a declined
+/// confirmation, or a replay that left dead letters behind.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for a command line that cannot be carried out as given: no selection for
+/// `dlq replay` / `purge`, an unknown stream or reason, a purge without `--yes` when
+/// stdin is not a terminal (clap's own usage errors exit 2 as well).
+pub const EXIT_USAGE: u8 = 2;
 
 /// Options shared by every subcommand.
 #[derive(Debug, Clone, Args)]
@@ -84,6 +91,130 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Per consumer: pending, ack pending, redelivered, waiting pulls, dead letters;
+    /// per stream: messages and bytes.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, show, replay and purge dead letters.
+    Dlq {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+/// `dlq` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Which ones.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print JSON (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: every header, and the payload decoded with its consumer's
+    /// codec when it allows (else as text or hex).
+    Show {
+        /// Its sequence in the dead-letter stream (the SEQ column of `dlq list`).
+        seq: u64,
+        /// The dead-letter stream, when the config has several.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish dead letters to their original subject (without the dead-letter headers,
+    /// with Jetworker-Replay-Count), then delete them from the dead-letter stream.
+    Replay {
+        /// One dead letter, by sequence.
+        #[arg(conflicts_with_all = ["all", "consumer", "reason", "since", "until"])]
+        seq: Option<u64>,
+        /// Or every dead letter the filters select.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Or every dead letter (of `--stream`, or of every dead-letter stream).
+        #[arg(long, conflicts_with_all = ["consumer", "reason", "since", "until"])]
+        all: bool,
+        /// List what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters for good (asks first unless --yes).
+    Purge {
+        /// One dead letter, by sequence.
+        #[arg(conflicts_with_all = ["all", "consumer", "reason", "since", "until"])]
+        seq: Option<u64>,
+        /// Or every dead letter the filters select.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Or every dead letter (of `--stream`, or of every dead-letter stream).
+        #[arg(long, conflicts_with_all = ["consumer", "reason", "since", "until"])]
+        all: bool,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// Which dead letters a `dlq` command applies to.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FilterArgs {
+    /// Only this dead-letter stream (needed with SEQ when the config has several).
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Only dead letters of these consumers (comma separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub consumer: Vec<String>,
+    /// Only these reasons: exhausted, permanent, decode, too_large, panic, timeout, abandoned.
+    #[arg(long, value_delimiter = ',')]
+    pub reason: Vec<String>,
+    /// Only dead letters stored at or after this time: RFC 3339 or a duration ago ("1h").
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only dead letters stored at or before this time: RFC 3339 or a duration ago ("10m").
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl FilterArgs {
+    /// The filter these arguments describe, with times relative to now.
+    pub fn to_filter(&self) -> Result<Filter, String> {
+        let now = time::OffsetDateTime::now_utc();
+        let reasons = self
+            .reason
+            .iter()
+            .map(|r| dlq::parse_reason(r).map_err(|e| format!("--reason: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let since = self
+            .since
+            .as_deref()
+            .map(|t| dlq::parse_time(t, now).map_err(|e| format!("--since: {e}")))
+            .transpose()?;
+        let until = self
+            .until
+            .as_deref()
+            .map(|t| dlq::parse_time(t, now).map_err(|e| format!("--until: {e}")))
+            .transpose()?;
+        if let (Some(s), Some(u)) = (since, until) {
+            if s > u {
+                return Err("--since is after --until: nothing can match".to_string());
+            }
+        }
+        Ok(Filter {
+            stream: self.stream.clone(),
+            consumers: self.consumer.clone(),
+            reasons,
+            since,
+            until,
+        })
+    }
 }
 
 /// The command line of a binary with only the built-in subcommands.
@@ -173,6 +304,8 @@ pub async fn execute<S: Send + Sync + 'static>(
             ExitCode::SUCCESS
         }
         Command::Provision { dry_run } => run_provision(&config, dry_run).await,
+        Command::Status { json } => run_status(&config, json).await,
+        Command::Dlq { command } => run_dlq(&config, command).await,
     }
 }
 
@@ -218,4 +351,268 @@ async fn run_provision(config: &Config, dry_run: bool) -> ExitCode {
     };
     let _ = client.drain().await;
     code
+}
+
+/// Prints a value as pretty JSON on stdout.
+fn print_json<T: serde::Serialize>(value: &T) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot encode the output as JSON: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Connects for a one-shot command; the error (servers redacted) is printed.
+async fn connect_for_command(config: &Config) -> Result<async_nats::Client, ExitCode> {
+    connect::connect(&config.connection).await.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
+async fn run_status(config: &Config, json: bool) -> ExitCode {
+    let client = match connect_for_command(config).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let code = match status::collect(&js, config).await {
+        Ok(report) if json => print_json(&report),
+        Ok(report) => {
+            print!("{}", report.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    };
+    let _ = client.drain().await;
+    code
+}
+
+fn dlq_error(e: &DlqError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e.kind() {
+        DlqFailure::InvalidSelection | DlqFailure::NoDeadLetterStream => ExitCode::from(EXIT_USAGE),
+        DlqFailure::NotFound
+        | DlqFailure::NotADeadLetter
+        | DlqFailure::Request
+        | DlqFailure::Publish => ExitCode::from(EXIT_FAILURE),
+    }
+}
+
+/// The dead letters a replay or purge applies to: one by sequence, those the filters
+/// select, or all with `--all`. Refuses an empty selection so that a bare
+/// `dlq purge` never means "everything".
+async fn select(
+    dlq: &Dlq,
+    seq: Option<u64>,
+    filter: &FilterArgs,
+    all: bool,
+    verb: &str,
+) -> Result<Vec<Letter>, ExitCode> {
+    let parsed = filter.to_filter().map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })?;
+    if let Some(seq) = seq {
+        return dlq
+            .get(parsed.stream.as_deref(), seq)
+            .await
+            .map(|l| vec![l])
+            .map_err(|e| dlq_error(&e));
+    }
+    if !all && !parsed.narrows() {
+        eprintln!(
+            "error: say which dead letters to {verb}: a SEQ, --consumer / --reason / --since / --until, or --all"
+        );
+        return Err(ExitCode::from(EXIT_USAGE));
+    }
+    dlq.list(&parsed).await.map_err(|e| dlq_error(&e))
+}
+
+/// "12 dead letters (DLQ: jobs 10, clicks 2)".
+fn describe(letters: &[Letter]) -> String {
+    let mut per: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+    for l in letters {
+        *per.entry((l.stream.as_str(), l.consumer().unwrap_or("-")))
+            .or_default() += 1;
+    }
+    let parts: Vec<String> = per
+        .iter()
+        .map(|((stream, consumer), n)| format!("{stream}/{consumer}: {n}"))
+        .collect();
+    format!(
+        "{} dead letter{} ({})",
+        letters.len(),
+        plural(letters.len()),
+        parts.join(", ")
+    )
+}
+
+/// Asks on the terminal; true only for "y" or "yes".
+async fn confirm(question: &str) -> bool {
+    use tokio::io::AsyncBufReadExt;
+    eprint!("{question} [y/N] ");
+    let mut line = String::new();
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    match stdin.read_line(&mut line).await {
+        Ok(_) => matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes"),
+        Err(_) => false,
+    }
+}
+
+async fn run_dlq(config: &Config, command: DlqCommand) -> ExitCode {
+    let client = match connect_for_command(config).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let code = match Dlq::new(js, config) {
+        Ok(dlq) => run_dlq_command(&dlq, command).await,
+        Err(e) => dlq_error(&e),
+    };
+    let _ = client.drain().await;
+    code
+}
+
+async fn run_dlq_command(dlq: &Dlq, command: DlqCommand) -> ExitCode {
+    use std::io::IsTerminal;
+    match command {
+        DlqCommand::List { filter, json } => {
+            let filter = match filter.to_filter() {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            match dlq.list(&filter).await {
+                Ok(letters) => {
+                    let summaries: Vec<dlq::Summary> =
+                        letters.iter().map(Letter::summary).collect();
+                    if json {
+                        print_json(&summaries)
+                    } else {
+                        print!("{}", dlq::list_table(&summaries));
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => dlq_error(&e),
+            }
+        }
+        DlqCommand::Show { seq, stream, json } => match dlq.get(stream.as_deref(), seq).await {
+            Ok(letter) => {
+                let detail = letter.detail(dlq.codec_of(&letter));
+                if json {
+                    print_json(&detail)
+                } else {
+                    print!("{}", detail.text(&letter.payload));
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => dlq_error(&e),
+        },
+        DlqCommand::Replay {
+            seq,
+            filter,
+            all,
+            dry_run,
+        } => {
+            let letters = match select(dlq, seq, &filter, all, "replay").await {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            if dry_run {
+                let summaries: Vec<dlq::Summary> = letters.iter().map(Letter::summary).collect();
+                print!("{}", dlq::list_table(&summaries));
+                println!("dry run: nothing was replayed");
+                return ExitCode::SUCCESS;
+            }
+            let report = dlq.replay(&letters).await;
+            for r in &report.replayed {
+                println!(
+                    "replayed {} #{} -> {} ({} #{}{}, replay {})",
+                    r.stream,
+                    r.sequence,
+                    r.subject,
+                    r.target_stream,
+                    r.target_sequence,
+                    if r.duplicate {
+                        ", already there: deduplicated"
+                    } else {
+                        ""
+                    },
+                    r.replay_count
+                );
+            }
+            for (stream, seq, why) in &report.skipped {
+                eprintln!("skipped {stream} #{seq}: {why}");
+            }
+            println!(
+                "{} of {} dead letter{} replayed",
+                report.replayed.len(),
+                letters.len(),
+                plural(letters.len())
+            );
+            match &report.failed {
+                Some(e) => {
+                    eprintln!("error: {e}; the remaining dead letters were not touched");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+                None if !report.skipped.is_empty() => ExitCode::from(EXIT_FAILURE),
+                None => ExitCode::SUCCESS,
+            }
+        }
+        DlqCommand::Purge {
+            seq,
+            filter,
+            all,
+            yes,
+        } => {
+            let letters = match select(dlq, seq, &filter, all, "purge").await {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            if letters.is_empty() {
+                println!("no dead letters match: nothing to purge");
+                return ExitCode::SUCCESS;
+            }
+            let what = describe(&letters);
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    eprintln!(
+                        "error: refusing to purge {what} without confirmation: stdin is not a terminal; pass --yes"
+                    );
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                if !confirm(&format!("Delete {what} for good?")).await {
+                    eprintln!("aborted: nothing was deleted");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            }
+            match dlq.purge(&letters).await {
+                Ok(report) => {
+                    println!(
+                        "purged {} dead letter{}{}",
+                        report.deleted,
+                        plural(report.deleted as usize),
+                        if report.already_gone > 0 {
+                            format!(" ({} already gone)", report.already_gone)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => dlq_error(&e),
+            }
+        }
+    }
 }

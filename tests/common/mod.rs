@@ -164,3 +164,37 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// The config of [`config`] as a file `dir/streams.toml`, for tests that run a binary
+/// with `--config`. Returns its path.
+pub fn write_config_file(dir: &Path, url: &str, consumer_extra: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+[connection]
+servers = ["{url}"]
+request_timeout = "2s"
+
+[worker]
+shutdown_grace = "10s"
+ops_listen = ""
+
+[[streams]]
+name = "EVENTS"
+subjects = ["jobs.>"]
+
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+
+[[consumers]]
+name = "jobs"
+stream = "EVENTS"
+handler = "scripted"
+dead_letter_subject = "dlq.jobs"
+{consumer_extra}
+"#
+    );
+    let path = dir.join("streams.toml");
+    std::fs::write(&path, text).expect("write config file");
+    path
+}

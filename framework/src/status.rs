@@ -1,0 +1,463 @@
+//! `status`: what the server says about the config's streams and consumers, the way an
+//! operator asks for it.
+//!
+//! Per consumer: messages not yet delivered (`num_pending`), delivered but not yet acked
+//! (`num_ack_pending`), redelivered, waiting pull requests (`num_waiting`) and dead
+//! letters (messages stored on its `dead_letter_subject`, counted by the server with a
+//! subject-filtered stream info). Per stream: messages and bytes. Every figure is the
+//! server's own; nothing is estimated.
+//!
+//! ```no_run
+//! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker::status::StatusError> {
+//! let report = jetworker::status::collect(&js, &config).await?;
+//! print!("{}", report.table());
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream;
+use futures::TryStreamExt;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::dlq::dead_letter_streams;
+use crate::provision;
+
+/// Reading the status failed (a request to the server, not a missing stream).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct StatusError {
+    /// What was being read.
+    pub what: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// The whole report: `status --json` prints it as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusReport {
+    /// Streams, in config order.
+    pub streams: Vec<StreamStatus>,
+    /// Consumers, in config order.
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+/// One stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamStatus {
+    /// Stream name.
+    pub name: String,
+    /// False when the server does not have it (not provisioned yet).
+    pub exists: bool,
+    /// Messages stored.
+    pub messages: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// Oldest sequence stored.
+    pub first_sequence: u64,
+    /// Newest sequence assigned.
+    pub last_sequence: u64,
+    /// Consumers on the server (any, not only the config's).
+    pub consumer_count: u64,
+    /// True when it holds some consumer's dead letters.
+    pub dead_letters: bool,
+}
+
+/// One consumer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsumerStatus {
+    /// The stream it reads.
+    pub stream: String,
+    /// Durable name.
+    pub name: String,
+    /// False when the server does not have it.
+    pub exists: bool,
+    /// Messages matching its filter not yet delivered (`num_pending`).
+    pub pending: u64,
+    /// Delivered, not yet acknowledged (`num_ack_pending`).
+    pub ack_pending: u64,
+    /// Delivered more than once and not yet acknowledged (`num_redelivered`).
+    pub redelivered: u64,
+    /// Pull requests waiting at the server (`num_waiting`): workers idle on it.
+    pub waiting: u64,
+    /// Where its dead letters go.
+    pub dead_letter_subject: String,
+    /// The stream that stores them (`None` when no stream of the config captures it).
+    pub dead_letter_stream: Option<String>,
+    /// Messages on `dead_letter_subject` (`None` when that stream does not exist).
+    pub dead_letters: Option<u64>,
+    /// Other consumers writing to the same dead-letter subject: then `dead_letters`
+    /// counts theirs too.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dead_letter_subject_shared_with: Vec<String>,
+}
+
+fn fail(what: impl Into<String>, err: impl std::fmt::Display) -> StatusError {
+    StatusError {
+        what: what.into(),
+        message: err.to_string(),
+    }
+}
+
+/// Reads the status of every stream and consumer of `config` from the server.
+pub async fn collect(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<StatusReport, StatusError> {
+    let dl_streams = dead_letter_streams(config);
+    let mut streams = Vec::new();
+    let mut handles = BTreeMap::new();
+    for s in &config.streams {
+        let found = provision::get_stream(js, &s.name)
+            .await
+            .map_err(|e| fail(format!("reading stream {:?}", s.name), e))?;
+        let dead_letters = dl_streams.iter().any(|d| d.name == s.name);
+        let status = match &found {
+            Some(handle) => {
+                let state = &handle.cached_info().state;
+                StreamStatus {
+                    name: s.name.clone(),
+                    exists: true,
+                    messages: state.messages,
+                    bytes: state.bytes,
+                    first_sequence: state.first_sequence,
+                    last_sequence: state.last_sequence,
+                    consumer_count: state.consumer_count as u64,
+                    dead_letters,
+                }
+            }
+            None => StreamStatus {
+                name: s.name.clone(),
+                exists: false,
+                messages: 0,
+                bytes: 0,
+                first_sequence: 0,
+                last_sequence: 0,
+                consumer_count: 0,
+                dead_letters,
+            },
+        };
+        streams.push(status);
+        if let Some(handle) = found {
+            handles.insert(s.name.clone(), handle);
+        }
+    }
+
+    // Dead letters per subject, one subject-filtered stream info each.
+    let mut dead_counts: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for dl in &dl_streams {
+        let Some(handle) = handles.get(&dl.name) else {
+            continue;
+        };
+        for subject in dl.subjects.keys() {
+            let what = || format!("counting {subject} in stream {:?}", dl.name);
+            let mut counts = handle
+                .info_with_subjects(subject)
+                .await
+                .map_err(|e| fail(what(), e))?;
+            let mut total = 0u64;
+            while let Some((stored, n)) = counts.try_next().await.map_err(|e| fail(what(), e))? {
+                if stored == *subject {
+                    total += n as u64;
+                }
+            }
+            dead_counts.insert((dl.name.clone(), subject.clone()), total);
+        }
+    }
+
+    let mut consumers = Vec::new();
+    for c in &config.consumers {
+        let info = match handles.get(&c.stream) {
+            Some(handle) => provision::consumer_info(handle, &c.name)
+                .await
+                .map_err(|e| fail(format!("reading consumer {:?}", c.name), e))?,
+            None => None,
+        };
+        let dl_stream = dl_streams
+            .iter()
+            .find(|d| d.subjects.contains_key(&c.dead_letter_subject));
+        let dead_letters = dl_stream.and_then(|d| {
+            dead_counts
+                .get(&(d.name.clone(), c.dead_letter_subject.clone()))
+                .copied()
+        });
+        let shared_with = dl_stream
+            .and_then(|d| d.subjects.get(&c.dead_letter_subject))
+            .map(|sources| {
+                sources
+                    .iter()
+                    .filter(|s| !(s.consumer == c.name && s.stream == c.stream))
+                    .map(|s| s.consumer.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (exists, pending, ack_pending, redelivered, waiting) = match &info {
+            Some(i) => (
+                true,
+                i.num_pending,
+                i.num_ack_pending as u64,
+                i.num_redelivered as u64,
+                i.num_waiting as u64,
+            ),
+            None => (false, 0, 0, 0, 0),
+        };
+        consumers.push(ConsumerStatus {
+            stream: c.stream.clone(),
+            name: c.name.clone(),
+            exists,
+            pending,
+            ack_pending,
+            redelivered,
+            waiting,
+            dead_letter_subject: c.dead_letter_subject.clone(),
+            dead_letter_stream: dl_stream.map(|d| d.name.clone()),
+            dead_letters,
+            dead_letter_subject_shared_with: shared_with,
+        });
+    }
+    Ok(StatusReport { streams, consumers })
+}
+
+/// Bytes for people: `812 B`, `8.2 KiB`, `1.5 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A plain text table: columns padded to their widest cell, two spaces apart, numbers
+/// (`right[i]`) right-aligned; no trailing spaces.
+pub fn table(headers: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+    let columns = headers.len();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate().take(columns) {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate().take(columns) {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            if right.get(i).copied().unwrap_or(false) {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+impl StatusReport {
+    /// The human form: a streams table, then a consumers table.
+    pub fn table(&self) -> String {
+        let missing = || "missing".to_string();
+        let stream_rows: Vec<Vec<String>> = self
+            .streams
+            .iter()
+            .map(|s| {
+                let name = if s.dead_letters {
+                    format!("{} (dead letters)", s.name)
+                } else {
+                    s.name.clone()
+                };
+                if s.exists {
+                    vec![
+                        name,
+                        s.messages.to_string(),
+                        human_bytes(s.bytes),
+                        s.consumer_count.to_string(),
+                    ]
+                } else {
+                    vec![name, missing(), String::new(), String::new()]
+                }
+            })
+            .collect();
+        let mut out = table(
+            &["STREAM", "MESSAGES", "BYTES", "CONSUMERS"],
+            &[false, true, true, true],
+            &stream_rows,
+        );
+        out.push('\n');
+        let mut shared_note = false;
+        let consumer_rows: Vec<Vec<String>> = self
+            .consumers
+            .iter()
+            .map(|c| {
+                let dead = match c.dead_letters {
+                    Some(n) if c.dead_letter_subject_shared_with.is_empty() => n.to_string(),
+                    Some(n) => {
+                        shared_note = true;
+                        format!("{n}*")
+                    }
+                    None => missing(),
+                };
+                if c.exists {
+                    vec![
+                        c.name.clone(),
+                        c.stream.clone(),
+                        c.pending.to_string(),
+                        c.ack_pending.to_string(),
+                        c.redelivered.to_string(),
+                        c.waiting.to_string(),
+                        dead,
+                    ]
+                } else {
+                    vec![
+                        c.name.clone(),
+                        c.stream.clone(),
+                        missing(),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                        dead,
+                    ]
+                }
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "CONSUMER",
+                "STREAM",
+                "PENDING",
+                "ACK PENDING",
+                "REDELIVERED",
+                "WAITING",
+                "DEAD LETTERS",
+            ],
+            &[false, false, true, true, true, true, true],
+            &consumer_rows,
+        ));
+        if shared_note {
+            out.push_str("* the dead-letter subject is shared: the count includes other consumers' dead letters\n");
+        }
+        if self.streams.iter().any(|s| !s.exists) || self.consumers.iter().any(|c| !c.exists) {
+            out.push_str("missing: not on the server; `provision` creates it\n");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_for_people() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(8400), "8.2 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024 / 2), "1.5 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn table_pads_and_aligns() {
+        let t = table(
+            &["NAME", "N", "NOTE"],
+            &[false, true, false],
+            &[
+                vec!["a".into(), "1234".into(), "".into()],
+                vec!["longer".into(), "5".into(), "é ok".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "NAME       N  NOTE\n\
+             a       1234\n\
+             longer     5  é ok\n"
+        );
+    }
+
+    fn consumer(name: &str, dead: Option<u64>, shared: &[&str], exists: bool) -> ConsumerStatus {
+        ConsumerStatus {
+            stream: "EVENTS".into(),
+            name: name.into(),
+            exists,
+            pending: 10,
+            ack_pending: 2,
+            redelivered: 1,
+            waiting: 1,
+            dead_letter_subject: "dlq.x".into(),
+            dead_letter_stream: Some("DLQ".into()),
+            dead_letters: dead,
+            dead_letter_subject_shared_with: shared.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn report_table() {
+        let report = StatusReport {
+            streams: vec![
+                StreamStatus {
+                    name: "EVENTS".into(),
+                    exists: true,
+                    messages: 120,
+                    bytes: 8400,
+                    first_sequence: 1,
+                    last_sequence: 120,
+                    consumer_count: 1,
+                    dead_letters: false,
+                },
+                StreamStatus {
+                    name: "DLQ".into(),
+                    exists: false,
+                    messages: 0,
+                    bytes: 0,
+                    first_sequence: 0,
+                    last_sequence: 0,
+                    consumer_count: 0,
+                    dead_letters: true,
+                },
+            ],
+            consumers: vec![
+                consumer("jobs", Some(5), &[], true),
+                consumer("other", Some(5), &["jobs"], true),
+                consumer("gone", None, &[], false),
+            ],
+        };
+        let text = report.table();
+        let want = "\
+STREAM              MESSAGES    BYTES  CONSUMERS
+EVENTS                   120  8.2 KiB          1
+DLQ (dead letters)   missing
+
+CONSUMER  STREAM  PENDING  ACK PENDING  REDELIVERED  WAITING  DEAD LETTERS
+jobs      EVENTS       10            2            1        1             5
+other     EVENTS       10            2            1        1            5*
+gone      EVENTS  missing                                          missing
+* the dead-letter subject is shared: the count includes other consumers' dead letters
+missing: not on the server; `provision` creates it
+";
+        assert_eq!(text, want, "\n{text}");
+        let json = serde_json::to_value(&report).unwrap_or_default();
+        assert_eq!(json["consumers"][0]["dead_letters"], 5);
+        assert!(json["consumers"][0]
+            .get("dead_letter_subject_shared_with")
+            .is_none());
+        assert_eq!(
+            json["consumers"][2]["dead_letters"],
+            serde_json::Value::Null
+        );
+    }
+}

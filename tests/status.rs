@@ -1,0 +1,278 @@
+//! `status` against a real nats-server: every figure equals what the server reports for
+//! the consumer and the streams, and the dead-letter count is the number of messages on
+//! the consumer's dead-letter subject (not the whole dead-letter stream).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use common::*;
+use futures::StreamExt;
+use jetworker::app::RunError;
+use jetworker::config::Config;
+use jetworker::status::{self, StatusReport};
+use jetworker::testing::server::NatsServer;
+use jetworker::App;
+use jetworker_suite::{scripted, Job, Mode, Probe};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct Worker {
+    stop: CancellationToken,
+    handle: JoinHandle<Result<(), RunError>>,
+}
+
+impl Worker {
+    fn start(config: Config, probe: Arc<Probe>) -> Worker {
+        let stop = CancellationToken::new();
+        let app = App::new(probe).handler("scripted", scripted);
+        let token = stop.clone();
+        let handle = tokio::spawn(async move { app.run_until(config, token).await.map(|_| ()) });
+        Worker { stop, handle }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task")
+            .expect("worker ran");
+    }
+}
+
+fn permanent(id: u64) -> Job {
+    Job {
+        id,
+        mode: Mode::Permanent,
+        until: 0,
+        sleep_ms: 0,
+    }
+}
+
+/// Messages the server counts on `subject` of `stream` (subject-filtered stream info).
+async fn server_subject_count(js: &jetstream::Context, stream: &str, subject: &str) -> u64 {
+    let s = js.get_stream(stream).await.expect("stream");
+    let mut counts = s.info_with_subjects(subject).await.expect("info");
+    let mut total = 0;
+    while let Some(item) = counts.next().await {
+        let (stored, n) = item.expect("subject count");
+        if stored == subject {
+            total += n as u64;
+        }
+    }
+    total
+}
+
+fn find<'a>(report: &'a StatusReport, stream: &str) -> &'a status::StreamStatus {
+    report
+        .streams
+        .iter()
+        .find(|s| s.name == stream)
+        .expect("stream in report")
+}
+
+#[tokio::test]
+async fn status_figures_equal_the_servers() {
+    let server = NatsServer::start().expect("server");
+    let (client, js) = connect(&server.url()).await;
+    // max_ack_pending 2 lets a pull request wait while messages are still pending.
+    let config = config(
+        &server.url(),
+        "max_deliver = 2\nmax_ack_pending = 2\nconcurrency = 2",
+    );
+
+    // Before provisioning: nothing exists, and status says so instead of failing.
+    let before = status::collect(&js, &config).await.expect("status");
+    assert!(before.streams.iter().all(|s| !s.exists));
+    assert!(!before.consumers[0].exists);
+    assert_eq!(before.consumers[0].dead_letters, None);
+
+    jetworker::provision::provision(&client, &js, &config, false)
+        .await
+        .expect("provision");
+
+    // A worker acks 5 jobs and dead-letters 3 (permanent failures).
+    let mut jobs: Vec<Job> = (1..=5).map(Job::ok).collect();
+    jobs.extend((6..=8).map(permanent));
+    publish_jobs(&js, &jobs).await;
+    let probe = Arc::new(Probe::default());
+    let worker = Worker::start(config.clone(), probe.clone());
+    wait_until(
+        Duration::from_secs(15),
+        "5 handled, 3 dead letters",
+        || async { probe.succeeded_ids() == 5 && count(&js, "DLQ").await == 3 },
+    )
+    .await;
+    wait_until(Duration::from_secs(10), "everything settled", || async {
+        let info = consumer_info(&js, "EVENTS", "jobs").await;
+        info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+    worker.stop().await;
+
+    // Something else in the dead-letter stream, on another subject: not jobs' dead letter.
+    js.publish("dlq.someone_else", "x".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("puback");
+
+    // Four more jobs with no worker: pending.
+    publish_jobs(&js, &(9..=12).map(Job::ok).collect::<Vec<_>>()).await;
+
+    // By hand: take two, nak them, take them again (redelivered, unacked), then leave a
+    // pull request waiting (max_ack_pending is reached, so it cannot be served).
+    let consumer: PullConsumer = js
+        .get_stream("EVENTS")
+        .await
+        .expect("stream")
+        .get_consumer("jobs")
+        .await
+        .expect("consumer");
+    for round in 0..2 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(2)
+            .messages()
+            .await
+            .expect("fetch");
+        let mut got = 0;
+        while let Some(m) = batch.next().await {
+            let m = m.expect("message");
+            got += 1;
+            if round == 0 {
+                m.ack_with(AckKind::Nak(None)).await.expect("nak");
+            }
+        }
+        assert_eq!(got, 2, "round {round}");
+    }
+    let _waiting = consumer
+        .batch()
+        .max_messages(5)
+        .expires(Duration::from_secs(60))
+        .messages()
+        .await
+        .expect("pull request");
+    wait_until(Duration::from_secs(5), "one waiting pull", || async {
+        consumer_info(&js, "EVENTS", "jobs").await.num_waiting == 1
+    })
+    .await;
+
+    let report = status::collect(&js, &config).await.expect("status");
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    let c = &report.consumers[0];
+    assert!(c.exists);
+    // Equal to the server's figures...
+    assert_eq!(c.pending, info.num_pending);
+    assert_eq!(c.ack_pending, info.num_ack_pending as u64);
+    assert_eq!(c.redelivered, info.num_redelivered as u64);
+    assert_eq!(c.waiting, info.num_waiting as u64);
+    assert_eq!(
+        c.dead_letters,
+        Some(server_subject_count(&js, "DLQ", "dlq.jobs").await)
+    );
+    // ...which are what this test did.
+    assert_eq!(
+        (c.pending, c.ack_pending, c.redelivered, c.waiting),
+        (2, 2, 2, 1)
+    );
+    assert_eq!(c.dead_letters, Some(3));
+    assert_eq!(c.dead_letter_stream.as_deref(), Some("DLQ"));
+    assert!(c.dead_letter_subject_shared_with.is_empty());
+
+    for name in ["EVENTS", "DLQ"] {
+        let state = js
+            .get_stream(name)
+            .await
+            .expect("stream")
+            .cached_info()
+            .state
+            .clone();
+        let s = find(&report, name);
+        assert!(s.exists);
+        assert_eq!(
+            (s.messages, s.bytes, s.first_sequence, s.last_sequence),
+            (
+                state.messages,
+                state.bytes,
+                state.first_sequence,
+                state.last_sequence
+            ),
+            "{name}"
+        );
+    }
+    assert_eq!(find(&report, "EVENTS").messages, 12);
+    assert_eq!(find(&report, "DLQ").messages, 4);
+    assert!(find(&report, "DLQ").dead_letters);
+    assert!(!find(&report, "EVENTS").dead_letters);
+
+    // The table shows the same figures.
+    let table = report.table();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("jobs "))
+        .expect("consumer row");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        ["jobs", "EVENTS", "2", "2", "2", "1", "3"],
+        "{table}"
+    );
+}
+
+/// `status --json` through a real binary prints the same report as the library.
+#[tokio::test]
+async fn status_command_prints_the_report_as_json_and_as_a_table() {
+    let server = NatsServer::start().expect("server");
+    let (client, js) = connect(&server.url()).await;
+    let config = config(&server.url(), "max_deliver = 1");
+    jetworker::provision::provision(&client, &js, &config, false)
+        .await
+        .expect("provision");
+    publish_jobs(&js, &(1..=3).map(Job::ok).collect::<Vec<_>>()).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config_file(dir.path(), &server.url(), "max_deliver = 1");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_test_worker"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run test_worker")
+    };
+    let out = run(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let report = status::collect(&js, &config).await.expect("status");
+    assert_eq!(printed, serde_json::to_value(&report).expect("to json"));
+    assert_eq!(printed["consumers"][0]["pending"], 3);
+    assert_eq!(printed["consumers"][0]["dead_letters"], 0);
+
+    let out = run(&["status"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("STREAM "), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["jobs", "EVENTS", "3", "0", "0", "0", "0"]),
+        "{text}"
+    );
+
+    // An unreachable server is a clear error, exit 1.
+    drop(server);
+    let out = run(&["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect"), "{err}");
+    let _ = client;
+}
