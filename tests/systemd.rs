@@ -5,8 +5,11 @@
 //! In-process tests call `jetworker::systemd` directly. Environment variables are
 //! process-global, so every test that sets one holds [`ENV`]. The process-level test
 //! runs the real `test_worker` binary under a fake service manager (our socket) and a
-//! real nats-server, and checks the order: READY after provisioning, watchdog pings
-//! while running, STOPPING after SIGTERM, exit 0.
+//! real nats-server, and checks the order: no READY while the server is down (a STATUS
+//! line says why), READY after connecting and provisioning, watchdog pings while
+//! running, STATUS lines following readiness, STOPPING after SIGTERM, exit 0. The
+//! worker process is killed if the test fails, and by a sentinel process if the test
+//! binary itself is killed.
 
 mod common;
 
@@ -118,6 +121,32 @@ impl Manager {
                     }
                 }
                 Err(_) => panic!("no {line} within {within:?}; got {:?} (for a worker process: is jetworker::systemd wired into App::start / Running::wait?)", self.texts()),
+            }
+        }
+    }
+
+    /// Waits until a datagram with a line for which `matches` holds arrives; returns
+    /// that line.
+    fn wait_for_line(
+        &mut self,
+        what: &str,
+        within: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("no {what} within {within:?}; got {:?}", self.texts()));
+            match self.messages.recv_timeout(left) {
+                Ok((_, text)) if text.is_empty() => {}
+                Ok(message) => {
+                    self.seen.push(message.clone());
+                    if let Some(line) = message.1.lines().find(|l| matches(l)) {
+                        return line.to_string();
+                    }
+                }
+                Err(_) => panic!("no {what} within {within:?}; got {:?}", self.texts()),
             }
         }
     }
@@ -351,54 +380,117 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
             return status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!("worker did not exit within {within:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// Kills the worker if the test fails half way.
-struct KillOnDrop(Child);
+/// A worker process that cannot outlive the test. Dropping it (a failed assertion
+/// unwinds through it) kills the worker; and should the test binary die without
+/// unwinding (killed by a timeout, `abort`), a `sh` sentinel blocked reading a pipe
+/// whose only writer is this process sees it close and kills the worker.
+struct WorkerProcess {
+    child: Child,
+    sentinel: Option<Child>,
+}
 
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl WorkerProcess {
+    fn spawn(command: &mut Command) -> WorkerProcess {
+        let child = command.spawn().expect("spawn test_worker");
+        // Our end of the pipe is close-on-exec: no other child inherits it.
+        let sentinel = Command::new("sh")
+            .args([
+                "-c",
+                "read _ignored; kill -9 \"$1\" 2>/dev/null",
+                "jetworker-test-sentinel",
+                &child.id().to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok();
+        WorkerProcess { child, sentinel }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} {}", self.pid());
     }
 }
 
-/// The real worker under a fake systemd: READY=1 only once provisioned, WATCHDOG=1 at
-/// half of WATCHDOG_USEC while running, STOPPING=1 after SIGTERM, then exit 0.
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // The sentinel first: once the worker is reaped its pid may be reused.
+        if let Some(mut sentinel) = self.sentinel.take() {
+            let _ = sentinel.kill();
+            let _ = sentinel.wait();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real worker under a fake systemd, its server down at first: no READY=1 while it
+/// cannot connect (a STATUS= line says why), READY=1 once connected and provisioned,
+/// WATCHDOG=1 at half of WATCHDOG_USEC while running, a STATUS= line when it loses the
+/// server and another when it is back, STOPPING=1 after SIGTERM, then exit 0.
 #[tokio::test]
 async fn a_worker_process_notifies_ready_watchdog_and_stopping() {
-    let server = NatsServer::start().expect("server");
+    let mut server = NatsServer::start().expect("server");
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &server.url());
     let socket = dir.path().join("notify.sock");
     let manager = Manager::bind(&socket);
-    let (_client, js) = connect(&server.url()).await;
+    server.kill();
 
-    let child = Command::new(env!("CARGO_BIN_EXE_test_worker"))
-        .args(["--config", &config.display().to_string(), "run"])
-        .env("RUST_LOG", "info")
-        .env(systemd::NOTIFY_SOCKET, &socket)
-        // 2s watchdog: a ping every second.
-        .env(systemd::WATCHDOG_USEC, "2000000")
-        .env_remove(systemd::WATCHDOG_PID)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn test_worker");
-    let mut worker = KillOnDrop(child);
+    let worker = WorkerProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_test_worker"))
+            .args(["--config", &config.display().to_string(), "run"])
+            .env("RUST_LOG", "info")
+            .env(systemd::NOTIFY_SOCKET, &socket)
+            // 2s watchdog: a ping every second.
+            .env(systemd::WATCHDOG_USEC, "2000000")
+            .env_remove(systemd::WATCHDOG_PID)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
 
-    // READY=1 arrives, and by then the consumer exists on the server.
+    // While the server is down: a STATUS= line saying so, and no READY=1.
     let manager = tokio::task::spawn_blocking(move || {
         let mut manager = manager;
-        let (_, ready) = manager.wait_for("READY=1", Duration::from_secs(20));
+        let line =
+            manager.wait_for_line("STATUS=cannot connect ...", Duration::from_secs(20), |l| {
+                l.starts_with("STATUS=cannot connect")
+            });
+        assert!(line.contains("retrying in"), "{line}");
+        assert_eq!(manager.count("READY=1"), 0, "{:?}", manager.texts());
+        manager
+    })
+    .await
+    .expect("STATUS=cannot connect");
+
+    // READY=1 arrives once the server is up, and by then the consumer exists.
+    server.restart().expect("restart");
+    let (_client, js) = connect(&server.url()).await;
+    let manager = tokio::task::spawn_blocking(move || {
+        let mut manager = manager;
+        let (_, ready) = manager.wait_for("READY=1", Duration::from_secs(30));
+        let status = ready
+            .lines()
+            .find(|l| l.starts_with("STATUS="))
+            .unwrap_or_else(|| panic!("READY=1 comes with a STATUS= line: {ready:?}"));
         assert!(
-            ready.lines().any(|l| l.starts_with("STATUS=")),
-            "READY=1 comes with a STATUS= line: {ready:?}"
+            status.starts_with("STATUS=running 1 consumer on NATS "),
+            "{status}"
         );
         manager
     })
@@ -434,20 +526,39 @@ async fn a_worker_process_notifies_ready_watchdog_and_stopping() {
     .await
     .expect("watchdog pings");
 
+    // The server goes away and comes back: systemctl status follows.
+    server.kill();
+    let manager = tokio::task::spawn_blocking(move || {
+        let mut manager = manager;
+        manager.wait_for_line("STATUS=not ready: ...", Duration::from_secs(20), |l| {
+            l.starts_with("STATUS=not ready: ")
+        });
+        manager
+    })
+    .await
+    .expect("STATUS=not ready");
+    server.restart().expect("restart");
+    let manager = tokio::task::spawn_blocking(move || {
+        let mut manager = manager;
+        manager.wait_for_line("STATUS=running ...", Duration::from_secs(30), |l| {
+            l.starts_with("STATUS=running 1 consumer")
+        });
+        manager
+    })
+    .await
+    .expect("STATUS=running again");
+
     // SIGTERM: STOPPING=1, then a clean exit.
-    let status = Command::new("kill")
-        .args(["-TERM", &worker.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    worker.signal("TERM");
     let mut manager = tokio::task::spawn_blocking(move || {
         let mut manager = manager;
-        manager.wait_for("STOPPING=1", Duration::from_secs(5));
+        manager.wait_for("STOPPING=1", Duration::from_secs(10));
         manager
     })
     .await
     .expect("STOPPING=1");
-    let exit = wait_exit(&mut worker.0, Duration::from_secs(20));
+    let mut worker = worker;
+    let exit = wait_exit(&mut worker.child, Duration::from_secs(30));
     assert_eq!(exit.code(), Some(0), "graceful exit");
     // Whatever the process sent on its way out.
     let manager = tokio::task::spawn_blocking(move || {
@@ -457,6 +568,7 @@ async fn a_worker_process_notifies_ready_watchdog_and_stopping() {
     .await
     .expect("collect");
     let texts = manager.texts();
+    eprintln!("notifications: {texts:?}");
     let ready_at = texts.iter().position(|t| t.contains("READY=1"));
     let stopping_at = texts.iter().position(|t| t.contains("STOPPING=1"));
     assert!(
@@ -464,4 +576,9 @@ async fn a_worker_process_notifies_ready_watchdog_and_stopping() {
         "READY=1 before STOPPING=1: {texts:?}"
     );
     assert_eq!(manager.count("READY=1"), 1, "READY=1 once: {texts:?}");
+    let first_ping = texts.iter().position(|t| t.contains("WATCHDOG=1"));
+    assert!(
+        ready_at < first_ping,
+        "no watchdog pings before READY=1: {texts:?}"
+    );
 }

@@ -16,7 +16,7 @@ use crate::handler::{Context, ErasedHandler, Event, Handler, TypedHandler};
 use crate::ops::{self, Health};
 use crate::provision::{self, ServerVersion};
 use crate::safety_net::{self, MaxDeliveriesAdvisory, SafetyNet};
-use crate::{connect, shutdown};
+use crate::{connect, shutdown, systemd};
 
 /// A worker application: shared state `S` and handlers registered by the names
 /// `streams.toml` gives them.
@@ -142,24 +142,41 @@ impl<S: Send + Sync + 'static> App<S> {
 
     /// Connects, provisions and starts every consumer; returns a handle to watch and
     /// stop them. Connection failures are retried (logged) until `stop`.
+    ///
+    /// Under systemd (`$NOTIFY_SOCKET` set) the way there is reported with `STATUS=`
+    /// lines, `READY=1` is sent once the consumers are started, and `WATCHDOG=1` pings
+    /// follow (when `WatchdogSec=` asks for them) while the consumer loops are alive.
     pub async fn start(self, config: Config, stop: CancellationToken) -> Result<Running, RunError> {
         self.check(&config)?;
         let hard_stop = CancellationToken::new();
         let grace = config.worker.shutdown_grace;
         let health = Health::new();
+        // Background tasks that outlive the consumers (ops endpoint, lag poll, systemd
+        // watchdog and status): stopped by `aux_stop` at the very end of `wait`.
+        let aux = TaskTracker::new();
+        let aux_stop = CancellationToken::new();
         // The ops endpoint answers from the start: live while connecting, ready later.
-        let ops_stop = CancellationToken::new();
         let ops_address = if config.worker.ops_listen.is_empty() {
             None
         } else {
             Some(
-                ops::serve(&config.worker.ops_listen, health.clone(), ops_stop.clone())
-                    .await
-                    .map_err(RunError::Ops)?,
+                ops::serve(
+                    &config.worker.ops_listen,
+                    health.clone(),
+                    &aux,
+                    aux_stop.clone(),
+                )
+                .await
+                .map_err(RunError::Ops)?,
             )
         };
-        let stopped = |health: Arc<Health>| Running::stopped(grace, health, ops_stop.clone());
+        let stopped =
+            |health: Arc<Health>| Running::stopped(grace, health, aux.clone(), aux_stop.clone());
 
+        systemd::status(&format!(
+            "connecting to NATS ({})",
+            connect::redacted_servers(&config.connection)
+        ));
         let Some(client) = connect_until(&config, &stop).await? else {
             return Ok(stopped(health));
         };
@@ -168,6 +185,7 @@ impl<S: Send + Sync + 'static> App<S> {
         let version = ServerVersion::parse(&client.server_info().version).unwrap_or_default();
 
         // Provision: a conflict is fatal; an unavailable JetStream is retried.
+        systemd::status("provisioning streams and consumers");
         let mut failures = 0u32;
         loop {
             match provision::provision(&client, &js, &config, false).await {
@@ -178,11 +196,20 @@ impl<S: Send + Sync + 'static> App<S> {
                     health.set_provisioned();
                     break;
                 }
-                Err(e @ provision::ProvisionError::Conflicts(_)) => return Err(e.into()),
+                Err(e @ provision::ProvisionError::Conflicts(_)) => {
+                    systemd::status(
+                        "provisioning has conflicts: nothing was changed and no worker started",
+                    );
+                    return Err(e.into());
+                }
                 Err(e) => {
                     failures += 1;
                     let wait = Duration::from_secs(u64::from(failures.min(5)));
                     tracing::warn!(error = %e, retry_in = %humantime::format_duration(wait), "provisioning failed; retrying");
+                    systemd::status(&format!(
+                        "provisioning failed (retrying in {}): {e}",
+                        humantime::format_duration(wait)
+                    ));
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(stopped(health)),
                         _ = tokio::time::sleep(wait) => {}
@@ -228,12 +255,18 @@ impl<S: Send + Sync + 'static> App<S> {
             tracker.spawn(consumer::run(rt));
         }
         tracker.close();
-        tokio::spawn(ops::poll_lag(js.clone(), lag, ops_stop.clone()));
+        aux.spawn(ops::poll_lag(js.clone(), lag, aux_stop.clone()));
         tracing::info!(
             consumers = config.consumers.len(),
             server_version = %version,
             "workers running"
         );
+        let running_text = format!(
+            "running {} consumer{} on NATS {version}",
+            config.consumers.len(),
+            if config.consumers.len() == 1 { "" } else { "s" }
+        );
+        notify_systemd(&health, &aux, &stop, &aux_stop, &running_text);
         Ok(Running {
             client: Some(client),
             tracker,
@@ -242,11 +275,62 @@ impl<S: Send + Sync + 'static> App<S> {
             grace,
             stats,
             health,
-            ops_stop,
+            aux,
+            aux_stop,
             ops_address,
         })
     }
 }
+
+/// Tells systemd (when the process runs under it) that the worker is ready, then keeps
+/// it informed: a `STATUS=` line whenever readiness changes (disconnected, a consumer
+/// not pulling, ready again) until `stop`, and `WATCHDOG=1` pings while the consumer
+/// loops are alive, until `aux_stop`. The pings go on through the graceful shutdown
+/// (the loops have ended by then; `TimeoutStopSec=` bounds that phase, not the
+/// watchdog), so a long `shutdown_grace` is never cut short by `WatchdogSec=`.
+fn notify_systemd(
+    health: &Arc<Health>,
+    aux: &TaskTracker,
+    stop: &CancellationToken,
+    aux_stop: &CancellationToken,
+    running_text: &str,
+) {
+    if systemd::Notifier::from_env().is_none() {
+        return;
+    }
+    systemd::ready(running_text);
+    if let Some(watchdog) = systemd::Watchdog::from_env() {
+        tracing::debug!(period = %humantime::format_duration(watchdog.period()), "systemd watchdog enabled");
+        let health = health.clone();
+        aux.spawn(watchdog.run(aux_stop.clone(), move || {
+            health.is_stopping() || health.live().is_ok()
+        }));
+    }
+    let (health, stop, running_text) = (health.clone(), stop.clone(), running_text.to_string());
+    aux.spawn(async move {
+        let mut last: Result<(), String> = Ok(());
+        let mut ticks =
+            tokio::time::interval_at(tokio::time::Instant::now() + STATUS_PERIOD, STATUS_PERIOD);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let now = health.ready();
+            if now != last {
+                match &now {
+                    Ok(()) => systemd::status(&running_text),
+                    Err(why) => systemd::status(&format!("not ready: {why}")),
+                };
+                last = now;
+            }
+        }
+    });
+}
+
+/// How often readiness is checked for systemd's `STATUS=` line.
+const STATUS_PERIOD: Duration = Duration::from_secs(1);
 
 /// The safety net as a handler of the app's state type (it ignores the state).
 fn safety_net_handler<S: Send + Sync + 'static>(net: SafetyNet) -> Arc<dyn ErasedHandler<S>> {
@@ -269,12 +353,19 @@ pub struct Running {
     grace: Duration,
     stats: BTreeMap<String, Arc<ConsumerStats>>,
     health: Arc<Health>,
-    ops_stop: CancellationToken,
+    /// The ops endpoint, lag poll and systemd tasks.
+    aux: TaskTracker,
+    aux_stop: CancellationToken,
     ops_address: Option<std::net::SocketAddr>,
 }
 
 impl Running {
-    fn stopped(grace: Duration, health: Arc<Health>, ops_stop: CancellationToken) -> Running {
+    fn stopped(
+        grace: Duration,
+        health: Arc<Health>,
+        aux: TaskTracker,
+        aux_stop: CancellationToken,
+    ) -> Running {
         let tracker = TaskTracker::new();
         tracker.close();
         let stop = CancellationToken::new();
@@ -287,7 +378,8 @@ impl Running {
             grace,
             stats: BTreeMap::new(),
             health,
-            ops_stop,
+            aux,
+            aux_stop,
             ops_address: None,
         }
     }
@@ -314,24 +406,30 @@ impl Running {
 
     /// Waits for the stop signal, then for in-flight handlers up to the grace period;
     /// past it, what still runs is handed back to the server. Flushes acks and drains
-    /// the connection.
+    /// the connection. Under systemd, `STOPPING=1` goes out as soon as the signal arrives.
     pub async fn wait(self) -> BTreeMap<String, Arc<ConsumerStats>> {
         self.stop.cancelled().await;
         self.health.set_stopping();
+        systemd::stopping();
         tracing::info!(grace = %humantime::format_duration(self.grace), "shutting down: no new messages; waiting for in-flight handlers");
         if tokio::time::timeout(self.grace, self.tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!("grace period over: handing unfinished messages back");
+            systemd::status("shutting down: grace period over, handing unfinished messages back");
             self.hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         }
         if let Some(client) = &self.client {
+            systemd::status("shutting down: flushing acks and draining the connection");
             let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
         }
-        self.ops_stop.cancel();
+        self.aux_stop.cancel();
+        self.aux.close();
+        // Each background task ends at once on `aux_stop`; the bound is a safety net.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.aux.wait()).await;
         tracing::info!("stopped");
         self.stats
     }
@@ -361,6 +459,10 @@ async fn connect_until(
                 failures += 1;
                 let wait = Duration::from_secs(u64::from(failures.min(10)));
                 tracing::error!(error = %e, retry_in = %humantime::format_duration(wait), "cannot connect");
+                systemd::status(&format!(
+                    "{e}; retrying in {}",
+                    humantime::format_duration(wait)
+                ));
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(wait) => {}

@@ -26,6 +26,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::consumer::ConsumerStats;
 use crate::outcome::Reason;
@@ -63,6 +64,11 @@ impl Health {
     /// Records that shutdown began.
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// True once shutdown began.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Registers a running consumer's counters.
@@ -311,11 +317,12 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     )
 }
 
-/// Binds `listen` and serves the ops endpoint until `shutdown`. Fails at once when the
-/// address cannot be bound, naming it.
+/// Binds `listen` and serves the ops endpoint on a task of `tasks` until `shutdown`.
+/// Fails at once when the address cannot be bound, naming it.
 pub async fn serve(
     listen: &str,
     health: Arc<Health>,
+    tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, String> {
     let addr: SocketAddr = listen
@@ -330,7 +337,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(health);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;

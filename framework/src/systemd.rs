@@ -10,6 +10,13 @@
 //! the interval, `$WATCHDOG_PID` (when set) must be this process, and pings go out at
 //! half the interval.
 //!
+//! [`App::start`](crate::App::start) and [`Running::wait`](crate::app::Running::wait)
+//! already do all of this for every jetworker binary: `STATUS=` lines while connecting
+//! and provisioning, `READY=1` once the consumers are started, a `STATUS=` line whenever
+//! readiness changes (as `/readyz` sees it), `WATCHDOG=1` pings while the consumer loops
+//! are alive (and through the graceful shutdown), `STOPPING=1` when the stop signal
+//! arrives. The functions below are for a run loop of your own:
+//!
 //! ```no_run
 //! use jetworker::systemd;
 //! use tokio_util::sync::CancellationToken;
