@@ -1,5 +1,7 @@
-//! The ops endpoint against a real worker and server: `/metrics` matches known traffic,
-//! `/readyz` follows the connection, `/healthz` stays up.
+//! The ops endpoint against a real worker and server: `/metrics` matches known traffic
+//! (outcomes, dead letters by reason, redeliveries, the duration histogram, in-flight
+//! handlers, the server's pending and ack pending), `/readyz` follows the connection and
+//! turns false at shutdown, `/healthz` stays up.
 
 mod common;
 
@@ -13,7 +15,10 @@ use jetworker_suite::{scripted, Job, Mode, Probe};
 use tokio_util::sync::CancellationToken;
 
 fn ops_config(url: &str) -> jetworker::Config {
-    let mut c = config(url, "max_deliver = 2\nbackoff = [\"200ms\"]");
+    let mut c = config(
+        url,
+        "max_deliver = 2\nbackoff = [\"200ms\"]\nconcurrency = 3",
+    );
     c.worker.ops_listen = "127.0.0.1:0".into();
     c
 }
@@ -99,8 +104,91 @@ async fn metrics_match_known_traffic() {
     })
     .await;
 
+    // Five slow jobs with 3 handler slots: 3 run, 2 wait on the server.
+    let slow: Vec<Job> = (31..=35)
+        .map(|id| Job {
+            id,
+            mode: Mode::Sleep,
+            until: 1,
+            sleep_ms: 6000,
+        })
+        .collect();
+    publish_jobs(&js, &slow).await;
+    wait_until(
+        Duration::from_secs(10),
+        "3 in flight, 3 ack pending and 2 pending on the server",
+        || async {
+            let (_, text) = http_get(addr, "/metrics").await;
+            metric(&text, "jetworker_in_flight{consumer=\"jobs\"}") == Some(3.0)
+                && metric(&text, "jetworker_consumer_ack_pending{consumer=\"jobs\"}") == Some(3.0)
+                && metric(&text, "jetworker_consumer_pending{consumer=\"jobs\"}") == Some(2.0)
+        },
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "slow jobs done", || async {
+        let (_, text) = http_get(addr, "/metrics").await;
+        metric(
+            &text,
+            "jetworker_messages_total{consumer=\"jobs\",outcome=\"ack\"}",
+        ) == Some(27.0)
+    })
+    .await;
+    let (_, text) = http_get(addr, "/metrics").await;
+    assert_eq!(
+        metric(&text, "jetworker_in_flight{consumer=\"jobs\"}"),
+        Some(0.0)
+    );
+    // The histogram: 27 quick runs, 5 of about 6s.
+    let buckets = histogram_buckets(&text, "jetworker_handler_duration_seconds", "jobs");
+    let at_most = |le: f64| {
+        buckets
+            .iter()
+            .filter(|(bound, _)| *bound <= le)
+            .map(|(_, n)| *n)
+            .fold(0.0, f64::max)
+    };
+    assert_eq!(at_most(f64::INFINITY), 32.0, "{buckets:?}");
+    assert_eq!(at_most(5.0), 27.0, "quick runs under 5s: {buckets:?}");
+    let sum = metric(
+        &text,
+        "jetworker_handler_duration_seconds_sum{consumer=\"jobs\"}",
+    )
+    .expect("histogram sum");
+    assert!(
+        (30.0..60.0).contains(&sum),
+        "5 x 6s and 27 quick runs: {sum}"
+    );
+    assert_eq!(metric(&text, "jetworker_ready"), Some(1.0));
+
     stop.cancel();
     waiter.await.expect("stopped");
+}
+
+/// A histogram's cumulative buckets for one consumer: (upper bound, count), `+Inf` last.
+fn histogram_buckets(text: &str, name: &str, consumer: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut out: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (labels, value) = rest.split_once("} ")?;
+            if !labels.contains(&format!("consumer=\"{consumer}\"")) {
+                return None;
+            }
+            let le = labels.split(',').find_map(|l| l.strip_prefix("le="))?;
+            let le = match le.trim_matches('"') {
+                "+Inf" => f64::INFINITY,
+                bound => bound.parse().ok()?,
+            };
+            Some((le, value.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(
+        out.last().is_some_and(|(le, _)| le.is_infinite()),
+        "no {name} buckets for {consumer} in:\n{text}"
+    );
+    out
 }
 
 #[tokio::test]

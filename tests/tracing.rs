@@ -115,14 +115,10 @@ dead_letter_subject = "dlq.jobs"
     )
     .expect("config");
     let (_c, js) = connect(&server.url()).await;
+    // JSON through the environment here; the flag is checked by the test below.
     let mut worker = Command::new(env!("CARGO_BIN_EXE_test_worker"))
-        .args([
-            "--log-format",
-            "json",
-            "--config",
-            &config_path.display().to_string(),
-            "run",
-        ])
+        .args(["--config", &config_path.display().to_string(), "run"])
+        .env("JETWORKER_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -174,9 +170,104 @@ dead_letter_subject = "dlq.jobs"
     assert_eq!(span["consumer"], "jobs");
     assert_eq!(span["seq"], 1);
     assert_eq!(span["attempt"], 1);
+    assert_eq!(
+        span["outcome"], "dead_letter",
+        "the span records the outcome"
+    );
     assert!(
         span["trace_id"].as_str().is_some_and(|t| t.len() == 32),
         "{settled}"
     );
     assert_eq!(settled["reason"], "permanent");
+}
+
+/// `--log-format` picks the format, wins over `JETWORKER_LOG_FORMAT`, and the variable
+/// works alone. Each worker is pointed at a closed port: its first log line ("cannot
+/// connect") shows the format, without a server.
+#[test]
+fn the_log_format_flag_and_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("streams.toml");
+    // Port 1 on loopback: nothing listens there, the connection is refused at once.
+    std::fs::write(
+        &config,
+        r#"
+[connection]
+servers = ["nats://127.0.0.1:1"]
+[worker]
+ops_listen = ""
+[[streams]]
+name = "EVENTS"
+subjects = ["jobs.>"]
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+[[consumers]]
+name = "jobs"
+stream = "EVENTS"
+handler = "scripted"
+dead_letter_subject = "dlq.jobs"
+"#,
+    )
+    .expect("config");
+    let first_line = |args: &[&str], env: Option<&str>| -> String {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_test_worker"));
+        command
+            .args(args)
+            .args(["--config", &config.display().to_string(), "run"])
+            .env("RUST_LOG", "info")
+            .env_remove("JETWORKER_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(format) = env {
+            command.env("JETWORKER_LOG_FORMAT", format);
+        }
+        let mut child = command.spawn().expect("spawn test_worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if line.contains("cannot connect") {
+                    let _ = tx.send(line);
+                    return;
+                }
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20));
+        let _ = child.kill();
+        let _ = child.wait();
+        line.unwrap_or_else(|_| panic!("{args:?} {env:?}: no 'cannot connect' log line"))
+    };
+    let is_json = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .is_ok_and(|v| v["level"] == "ERROR" && v["message"] == "cannot connect")
+    };
+    for (args, env, json) in [
+        (&[][..], None, false),
+        (&["--log-format", "json"][..], None, true),
+        (&[][..], Some("json"), true),
+        (&["--log-format", "human"][..], Some("json"), false),
+        (&["--log-format", "json"][..], Some("human"), true),
+    ] {
+        let line = first_line(args, env);
+        assert_eq!(is_json(&line), json, "{args:?} {env:?}: {line}");
+        if !json {
+            assert!(line.contains("ERROR"), "{line}");
+            assert!(
+                !line.contains('\x1b'),
+                "no colors when stderr is not a terminal: {line:?}"
+            );
+        }
+    }
+
+    // An unknown format is a usage error naming the choices.
+    let out = Command::new(env!("CARGO_BIN_EXE_test_worker"))
+        .args(["--log-format", "yaml", "check"])
+        .output()
+        .expect("run test_worker");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("human") && err.contains("json"), "{err}");
 }

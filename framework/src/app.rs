@@ -302,9 +302,7 @@ fn notify_systemd(
     if let Some(watchdog) = systemd::Watchdog::from_env() {
         tracing::debug!(period = %humantime::format_duration(watchdog.period()), "systemd watchdog enabled");
         let health = health.clone();
-        aux.spawn(watchdog.run(aux_stop.clone(), move || {
-            health.is_stopping() || health.live().is_ok()
-        }));
+        aux.spawn(watchdog.run(aux_stop.clone(), move || health.live().is_ok()));
     }
     let (health, stop, running_text) = (health.clone(), stop.clone(), running_text.to_string());
     aux.spawn(async move {

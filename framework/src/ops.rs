@@ -2,7 +2,8 @@
 //! on `worker.ops_listen`.
 //!
 //! - `/healthz`: 200 while the process and its consumer loops are alive (each loop
-//!   reports in at least every few seconds; one silent for [`LOOP_STALL`] means stuck).
+//!   reports in at least every few seconds; one silent for [`LOOP_STALL`] means stuck;
+//!   during a graceful shutdown the loops end on purpose and `/healthz` stays 200).
 //! - `/readyz`: 200 when connected, provisioned, every consumer pulling, and not shutting
 //!   down; 503 otherwise, with the reason in the body.
 //! - `/metrics`: per consumer, messages by outcome, dead letters by reason, redeliveries,
@@ -83,8 +84,13 @@ impl Health {
         self.consumers.read().map(|m| m.clone()).unwrap_or_default()
     }
 
-    /// Live: every consumer loop reported in recently.
+    /// Live: every consumer loop reported in recently. Once shutdown began the loops
+    /// end on purpose, so silence is no longer a sign of a stuck worker (the shutdown
+    /// itself is bounded by the grace period).
     pub fn live(&self) -> Result<(), String> {
+        if self.is_stopping() {
+            return Ok(());
+        }
         for (name, stats) in self.consumers() {
             let silent = stats.since_last_tick();
             if silent > LOOP_STALL {
