@@ -241,6 +241,39 @@ fn configmap_streams_toml_is_valid_and_matches_the_repository() {
     );
 }
 
+/// `workers --config <the ConfigMap's streams.toml> check` passes: the config loads and
+/// validates, and every consumer's handler is registered in the `workers` app.
+#[test]
+fn configmap_streams_toml_passes_workers_check() {
+    let docs = manifests();
+    let cm = only(&docs, "ConfigMap");
+    let text = cm.value["data"]["streams.toml"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}: data.streams.toml missing", cm.file));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("streams.toml");
+    std::fs::write(&path, text).expect("write streams.toml");
+    let global = jetworker::cli::GlobalArgs {
+        config: path,
+        log_format: jetworker::cli::LogFormat::Human,
+    };
+    let app = workers::handlers::app(workers::handlers::Analytics::new());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let code = runtime.block_on(jetworker::cli::execute(
+        &global,
+        jetworker::cli::Command::Check,
+        app,
+    ));
+    assert_eq!(
+        code,
+        std::process::ExitCode::SUCCESS,
+        "`workers check` fails on the ConfigMap's streams.toml (its problems are printed above)"
+    );
+}
+
 #[test]
 fn probes_and_scrape_annotations_reach_the_ops_port() {
     let docs = manifests();
