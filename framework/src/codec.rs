@@ -1,7 +1,12 @@
 //! Payload encoding: MessagePack (rmp-serde, the default) or JSON.
 //!
 //! Decoding is defensive: the payload comes from the network. MessagePack nesting is
-//! limited to [`MAX_MSGPACK_DEPTH`] so a hostile payload cannot exhaust the stack.
+//! limited to [`MAX_MSGPACK_DEPTH`] so a hostile payload cannot exhaust the stack: the
+//! bytes are scanned without recursion before serde sees them, because rmp-serde's own
+//! depth counter does not cover every path (enum variants, which recursive handler types
+//! such as expression trees are made of, are not counted). JSON nesting is limited by
+//! serde_json (128 levels, every path). Length prefixes are never trusted for
+//! allocation: a value longer than the bytes left is an error before anything is read.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -36,12 +41,82 @@ pub fn decode<T: DeserializeOwned>(codec: CodecKind, bytes: &[u8]) -> Result<T, 
     let fail = |message: String| DecodeError { codec, message };
     match codec {
         CodecKind::Msgpack => {
+            check_msgpack_depth(bytes, MAX_MSGPACK_DEPTH).map_err(fail)?;
             let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
-            de.set_max_depth(MAX_MSGPACK_DEPTH);
+            // The same limit as the scan (rmp-serde counts down to zero exclusive).
+            de.set_max_depth(MAX_MSGPACK_DEPTH + 1);
             T::deserialize(&mut de).map_err(|e| fail(e.to_string()))
         }
         CodecKind::Json => serde_json::from_slice(bytes).map_err(|e| fail(e.to_string())),
     }
+}
+
+/// Scans the first MessagePack value in `bytes`, without recursion, and fails when
+/// arrays, maps and extension values nest deeper than `max_depth`. Malformed or
+/// truncated input passes: the deserializer that follows reports it with its position.
+pub fn check_msgpack_depth(bytes: &[u8], max_depth: usize) -> Result<(), String> {
+    // Values still to read at each open level; the bottom entry is the top-level value.
+    let mut open: Vec<u64> = vec![1];
+    let mut pos = 0usize;
+    let be = |at: usize, len: usize| -> Option<u64> {
+        let slice = bytes.get(at..at.checked_add(len)?)?;
+        Some(slice.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)))
+    };
+    while let Some(left) = open.last_mut() {
+        if *left == 0 {
+            open.pop();
+            continue;
+        }
+        *left -= 1;
+        let Some(&marker) = bytes.get(pos) else {
+            return Ok(());
+        };
+        pos += 1;
+        // (bytes to skip, values nested inside) for this marker.
+        let (skip, nested): (u64, Option<u64>) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, None),
+            0x80..=0x8f => (0, Some(2 * u64::from(marker & 0x0f))),
+            0x90..=0x9f => (0, Some(u64::from(marker & 0x0f))),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), None),
+            0xc1 => return Ok(()),
+            0xc4 | 0xd9 => (be(pos, 1).unwrap_or(u64::MAX).saturating_add(1), None),
+            0xc5 | 0xda => (be(pos, 2).unwrap_or(u64::MAX).saturating_add(2), None),
+            0xc6 | 0xdb => (be(pos, 4).unwrap_or(u64::MAX).saturating_add(4), None),
+            // Extensions: length, type byte, data. Counted as a level, as rmp-serde does.
+            0xc7 => (be(pos, 1).unwrap_or(u64::MAX).saturating_add(2), Some(0)),
+            0xc8 => (be(pos, 2).unwrap_or(u64::MAX).saturating_add(3), Some(0)),
+            0xc9 => (be(pos, 4).unwrap_or(u64::MAX).saturating_add(5), Some(0)),
+            0xd4 => (2, Some(0)),
+            0xd5 => (3, Some(0)),
+            0xd6 => (5, Some(0)),
+            0xd7 => (9, Some(0)),
+            0xd8 => (17, Some(0)),
+            0xca => (4, None),
+            0xcb => (8, None),
+            0xcc | 0xd0 => (1, None),
+            0xcd | 0xd1 => (2, None),
+            0xce | 0xd2 => (4, None),
+            0xcf | 0xd3 => (8, None),
+            0xdc => (2, be(pos, 2)),
+            0xdd => (4, be(pos, 4)),
+            0xde => (2, be(pos, 2).map(|n| 2 * n)),
+            0xdf => (4, be(pos, 4).map(|n| 2 * n)),
+        };
+        pos = match usize::try_from(skip).ok().and_then(|s| pos.checked_add(s)) {
+            Some(next) if next <= bytes.len() => next,
+            _ => return Ok(()),
+        };
+        if let Some(values) = nested {
+            // `open` holds the top-level entry plus one per container entered.
+            if open.len() > max_depth {
+                return Err(format!(
+                    "depth limit exceeded: MessagePack nested deeper than {max_depth} levels"
+                ));
+            }
+            open.push(values);
+        }
+    }
+    Ok(())
 }
 
 /// Encodes `value` with `codec`. MessagePack encodes structs as maps (field names
@@ -95,6 +170,77 @@ mod tests {
         assert!(decode::<Click>(CodecKind::Msgpack, &bytes[..bytes.len() - 2]).is_err());
         // Invalid UTF-8 in JSON.
         assert!(decode::<Click>(CodecKind::Json, b"{\"id\":\"\xff\",\"page\":\"x\"}").is_err());
+    }
+
+    /// A recursive handler type: rmp-serde does not count enum variants as depth.
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    enum Expr {
+        Lit(i64),
+        Neg(Box<Expr>),
+    }
+
+    fn nested_msgpack(levels: usize) -> Vec<u8> {
+        // {"Neg": {"Neg": ... {"Lit": 1}}}: fixmap(1), fixstr "Neg".
+        let mut bytes = Vec::with_capacity(levels * 5 + 6);
+        for _ in 0..levels {
+            bytes.extend_from_slice(&[0x81, 0xa3, b'N', b'e', b'g']);
+        }
+        bytes.extend_from_slice(&[0x81, 0xa3, b'L', b'i', b't', 0x01]);
+        bytes
+    }
+
+    #[test]
+    fn recursive_enums_are_depth_limited_too() {
+        let shallow = nested_msgpack(10);
+        let expr = decode::<Expr>(CodecKind::Msgpack, &shallow).expect("10 levels decode");
+        assert!(matches!(expr, Expr::Neg(_)));
+        // 200k levels would overflow any thread's stack without the scan.
+        let deep = nested_msgpack(200_000);
+        let err = decode::<Expr>(CodecKind::Msgpack, &deep).expect_err("too deep");
+        assert!(err.message.contains("depth"), "{err}");
+        // The same shape in JSON is stopped by serde_json's limit.
+        let json = format!(
+            "{}{{\"Lit\":1}}{}",
+            "{\"Neg\":".repeat(200_000),
+            "}".repeat(200_000)
+        );
+        assert!(decode::<Expr>(CodecKind::Json, json.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn the_depth_limit_is_exact() {
+        let nested = |levels: usize| {
+            let mut bytes = vec![0x91u8; levels];
+            bytes.push(0x00);
+            bytes
+        };
+        assert!(
+            decode::<serde_json::Value>(CodecKind::Msgpack, &nested(MAX_MSGPACK_DEPTH)).is_ok()
+        );
+        assert!(
+            decode::<serde_json::Value>(CodecKind::Msgpack, &nested(MAX_MSGPACK_DEPTH + 1))
+                .is_err()
+        );
+        assert!(check_msgpack_depth(&nested(MAX_MSGPACK_DEPTH), MAX_MSGPACK_DEPTH).is_ok());
+        assert!(check_msgpack_depth(&nested(MAX_MSGPACK_DEPTH + 1), MAX_MSGPACK_DEPTH).is_err());
+        // Maps count as levels, scalars and strings do not.
+        let mut maps = vec![0x81u8, 0xa1, b'k'];
+        for _ in 1..=MAX_MSGPACK_DEPTH {
+            maps.extend_from_slice(&[0x81, 0xa1, b'k']);
+        }
+        maps.push(0xc0);
+        assert!(check_msgpack_depth(&maps, MAX_MSGPACK_DEPTH).is_err());
+        assert!(check_msgpack_depth(&maps[3..], MAX_MSGPACK_DEPTH).is_ok());
+    }
+
+    #[test]
+    fn hostile_length_prefixes_are_errors_not_allocations() {
+        // array32 / map32 / str32 / bin32 claiming 4 GiB with nothing behind them.
+        for marker in [0xdd_u8, 0xdf, 0xdb, 0xc6, 0xc9] {
+            let bytes = [marker, 0xff, 0xff, 0xff, 0xff, 0x00];
+            assert!(decode::<serde_json::Value>(CodecKind::Msgpack, &bytes).is_err());
+            assert!(decode::<Vec<u64>>(CodecKind::Msgpack, &bytes).is_err());
+        }
     }
 
     #[test]
