@@ -613,11 +613,14 @@ pub(crate) fn prepare<S>(
     ctx: Context<S>,
 ) -> Result<GuardedFuture, Attempted> {
     let limit = usize::try_from(config.max_payload_bytes).unwrap_or(usize::MAX);
-    if payload.len() > limit {
-        return Err(Attempted::TooLarge {
-            size: payload.len(),
-            limit,
-        });
+    // Headers count: they come from the sender too, and the handler gets them.
+    let size = if ctx.headers.is_empty() {
+        payload.len()
+    } else {
+        payload.len() + dead_letter::wire_len(&ctx.headers)
+    };
+    if size > limit {
+        return Err(Attempted::TooLarge { size, limit });
     }
     match handler.prepare(payload, config.codec, ctx) {
         Ok(future) => Ok(AssertUnwindSafe(future).catch_unwind()),

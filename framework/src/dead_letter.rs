@@ -7,6 +7,13 @@
 //! The copy's `Nats-Msg-Id` is derived from (stream, sequence), so publishing it twice
 //! (a retry, two replicas, the safety net and the normal path) stores it once within the
 //! dead-letter stream's duplicate window.
+//!
+//! The copy always fits the server's max payload, so that a message near that size
+//! (hostile or not) still ends settled: the original's headers that do not fit are left
+//! out, largest first, and named in [`DROPPED_HEADERS`]; when the payload alone leaves
+//! no room for the dead-letter headers, it is left out too ([`PAYLOAD_DROPPED`] gives
+//! its size; the original stays at [`STREAM`] / [`SEQUENCE`] unless the stream's
+//! retention removes it).
 
 use std::time::Duration;
 
@@ -37,8 +44,26 @@ pub const ORIGINAL_PREFIX: &str = "Jetworker-Original-";
 /// Set by `dlq replay` on the republished message: how many times it was replayed.
 pub const REPLAY_COUNT: &str = "Jetworker-Replay-Count";
 
+/// The original's headers left out of the copy to fit the server's max payload.
+pub const DROPPED_HEADERS: &str = "Jetworker-Dropped-Headers";
+/// Set (to the payload's size in bytes) when the payload itself was left out.
+pub const PAYLOAD_DROPPED: &str = "Jetworker-Payload-Dropped";
+
 /// Longest error text stored.
 pub const MAX_ERROR_LEN: usize = 1024;
+
+/// Size of a header block on the wire (`NATS/1.0`, one line per value, blank line), as
+/// the server counts it against its max payload.
+pub fn wire_len(headers: &HeaderMap) -> usize {
+    let mut len = "NATS/1.0\r\n\r\n".len();
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        for value in values {
+            len += name.len() + ": \r\n".len() + value.as_str().len();
+        }
+    }
+    len
+}
 
 /// The message id of the dead-letter copy of (stream, sequence).
 pub fn message_id(stream: &str, sequence: u64) -> String {
@@ -86,7 +111,54 @@ pub fn header_value(text: &str, max: usize) -> String {
 impl DeadLetter {
     /// The headers of the copy.
     pub fn headers(&self) -> HeaderMap {
-        let mut out = HeaderMap::new();
+        self.assemble(&self.original_entries(), &[])
+    }
+
+    /// The copy's headers and payload, within `max_size` bytes on the wire (see the
+    /// module docs for what is left out when everything does not fit).
+    pub fn copy_within(&self, payload: Bytes, max_size: usize) -> (HeaderMap, Bytes) {
+        let originals = self.original_entries();
+        let full = self.assemble(&originals, &[]);
+        if wire_len(&full) + payload.len() <= max_size {
+            return (full, payload);
+        }
+        let entry_len = |(name, value): &(String, String)| name.len() + value.len() + 4;
+        // Room for our own headers and the (bounded) list of dropped names.
+        let own = wire_len(&self.assemble(&[], &[])) + DROPPED_HEADERS.len() + 1024 + 4;
+        let mut kept_len: usize = originals.iter().map(entry_len).sum();
+        let mut by_size: Vec<usize> = (0..originals.len()).collect();
+        by_size.sort_by_key(|i| std::cmp::Reverse(entry_len(&originals[*i])));
+        let mut keep = vec![true; originals.len()];
+        let mut dropped = Vec::new();
+        for i in by_size {
+            if own + kept_len + payload.len() <= max_size {
+                break;
+            }
+            keep[i] = false;
+            kept_len -= entry_len(&originals[i]);
+            dropped.push(originals[i].0.clone());
+        }
+        dropped.sort();
+        dropped.dedup();
+        let dropped = header_value(&dropped.join(", "), 1024);
+        let kept: Vec<(String, String)> = originals
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(entry, keep)| keep.then_some(entry))
+            .collect();
+        if own + kept_len + payload.len() <= max_size {
+            let headers = self.assemble(&kept, &[(DROPPED_HEADERS, dropped)]);
+            return (headers, payload);
+        }
+        let size = payload.len().to_string();
+        let headers = self.assemble(&[], &[(DROPPED_HEADERS, dropped), (PAYLOAD_DROPPED, size)]);
+        (headers, Bytes::new())
+    }
+
+    /// The original's headers as the copy carries them: `Nats-*` moved under
+    /// [`ORIGINAL_PREFIX`].
+    fn original_entries(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
         for (name, values) in self.headers.iter() {
             let name: &str = name.as_ref();
             let target = if name.to_ascii_lowercase().starts_with("nats-") {
@@ -95,8 +167,18 @@ impl DeadLetter {
                 name.to_string()
             };
             for value in values {
-                out.append(target.as_str(), value.as_str());
+                out.push((target.clone(), value.as_str().to_string()));
             }
+        }
+        out
+    }
+
+    /// `originals`, then the dead-letter headers (which win over same-named originals),
+    /// then `extra` (skipping empty values).
+    fn assemble(&self, originals: &[(String, String)], extra: &[(&str, String)]) -> HeaderMap {
+        let mut out = HeaderMap::new();
+        for (name, value) in originals {
+            out.append(name.as_str(), value.as_str());
         }
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
@@ -113,6 +195,11 @@ impl DeadLetter {
         out.insert(REASON, self.reason.as_str());
         out.insert(ERROR, header_value(&self.error, MAX_ERROR_LEN).as_str());
         out.insert(TIME, now.as_str());
+        for (name, value) in extra {
+            if !value.is_empty() {
+                out.insert(*name, value.as_str());
+            }
+        }
         out
     }
 }
@@ -140,8 +227,21 @@ pub async fn publish(
         subject: subject.to_string(),
         message,
     };
+    let max_payload = match js.client().max_payload() {
+        0 => usize::MAX,
+        n => n,
+    };
+    let (headers, payload) = letter.copy_within(payload, max_payload);
+    if let Some(dropped) = headers.get(DROPPED_HEADERS) {
+        tracing::warn!(
+            stream = %letter.stream, seq = letter.sequence, max_payload,
+            dropped_headers = %dropped.as_str(),
+            payload_dropped = headers.get(PAYLOAD_DROPPED).is_some(),
+            "the dead-letter copy would exceed the server's max payload: left out what does not fit"
+        );
+    }
     let publish = async {
-        js.publish_with_headers(subject.to_string(), letter.headers(), payload)
+        js.publish_with_headers(subject.to_string(), headers, payload)
             .await
             .map_err(|e| fail(e.to_string()))?
             .await
@@ -199,6 +299,63 @@ mod tests {
         assert_eq!(get(REASON).as_deref(), Some("exhausted"));
         assert_eq!(get(ERROR).as_deref(), Some("line one  line two"));
         assert!(get(TIME).is_some_and(|t| t.ends_with('Z')));
+    }
+
+    #[test]
+    fn the_copy_fits_the_max_payload() {
+        let mut original = HeaderMap::new();
+        original.insert("X-Big", "b".repeat(10_000).as_str());
+        original.insert("X-Small", "s");
+        original.insert("Nats-Msg-Id", "m".repeat(5_000).as_str());
+        let letter = DeadLetter {
+            subject: "events.x".into(),
+            headers: original,
+            stream: "EVENTS".into(),
+            sequence: 7,
+            consumer: "c".into(),
+            attempts: 1,
+            reason: Reason::TooLarge,
+            error: "e".repeat(5000),
+        };
+        let payload = Bytes::from(vec![1u8; 4_000]);
+        // Everything fits: unchanged.
+        let (h, p) = letter.copy_within(payload.clone(), 1 << 20);
+        assert_eq!(p, payload);
+        assert!(h.get(DROPPED_HEADERS).is_none() && h.get("X-Big").is_some());
+        // The largest original header goes first.
+        let (h, p) = letter.copy_within(payload.clone(), 12_000);
+        assert_eq!(p, payload);
+        assert!(wire_len(&h) + p.len() <= 12_000);
+        assert_eq!(h.get(DROPPED_HEADERS).map(|v| v.as_str()), Some("X-Big"));
+        assert!(h.get("X-Small").is_some());
+        assert!(h.get(ORIGINAL_PREFIX.to_string() + "Nats-Msg-Id").is_some());
+        // Then the next largest; what is small enough stays.
+        let (h, p) = letter.copy_within(payload.clone(), 7_000);
+        assert_eq!(p, payload);
+        assert!(wire_len(&h) + p.len() <= 7_000);
+        assert!(h.get(ORIGINAL_PREFIX.to_string() + "Nats-Msg-Id").is_none());
+        assert!(h.get("X-Small").is_some());
+        assert_eq!(
+            h.get(DROPPED_HEADERS).map(|v| v.as_str()),
+            Some("Jetworker-Original-Nats-Msg-Id, X-Big")
+        );
+        // Then the payload, whose size is recorded.
+        let (h, p) = letter.copy_within(payload.clone(), 4_500);
+        assert!(p.is_empty());
+        assert!(wire_len(&h) <= 4_500);
+        assert_eq!(h.get(PAYLOAD_DROPPED).map(|v| v.as_str()), Some("4000"));
+        assert_eq!(h.get(SEQUENCE).map(|v| v.as_str()), Some("7"));
+        assert_eq!(wire_len(&h), {
+            let mut n = 12;
+            for (k, vs) in h.iter() {
+                let k: &str = k.as_ref();
+                n += vs
+                    .iter()
+                    .map(|v| k.len() + v.as_str().len() + 4)
+                    .sum::<usize>();
+            }
+            n
+        });
     }
 
     #[test]

@@ -17,9 +17,9 @@ pub enum Attempted {
     Permanent(String),
     /// The payload did not decode into the handler's type.
     Undecodable(String),
-    /// The payload exceeded the consumer's size limit (`size`, `limit` in bytes).
+    /// The message exceeded the consumer's size limit (`size`, `limit` in bytes).
     TooLarge {
-        /// Payload size.
+        /// Message size: payload plus headers.
         size: usize,
         /// The consumer's limit.
         limit: usize,
@@ -167,7 +167,9 @@ pub fn decide(attempted: &Attempted, attempt: u64, policy: &RetryPolicy) -> Outc
         },
         Attempted::TooLarge { size, limit } => Outcome::DeadLetter {
             reason: Reason::TooLarge,
-            error: format!("payload of {size} bytes exceeds the limit of {limit} bytes"),
+            error: format!(
+                "message of {size} bytes (payload and headers) exceeds the limit of {limit} bytes"
+            ),
         },
         Attempted::Panicked(e) => retry_or(Reason::Panic, format!("handler panicked: {e}")),
         Attempted::TimedOut(after) => retry_or(
