@@ -246,6 +246,15 @@ async fn list_filters_show_replay_and_purge() {
         set(&[100, 200])
     );
 
+    // Who else a replay reaches: `jobs` reads every jobs.> subject, so the dead letter
+    // of `other` goes to it too; `jobs`' own dead letters reach nobody else.
+    let of_other = all
+        .iter()
+        .find(|l| l.consumer() == Some("other"))
+        .expect("other's dead letter");
+    assert_eq!(dlq.other_readers(of_other), ["jobs"]);
+    assert!(dlq.other_readers(&all[0]).is_empty());
+
     // show: every header, the payload decoded with the consumer's codec.
     let first = dlq.get(None, all[0].sequence).await.expect("get");
     let detail = first.detail(dlq.codec_of(&first));
@@ -537,6 +546,19 @@ async fn the_dlq_command_line() {
     let (_client, js, _config) = provisioned(&server.url(), "max_deliver = 1").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_config_file(dir.path(), &server.url(), "max_deliver = 1");
+    // A second consumer reading one of the original subjects: a replay reaches it too.
+    let mut text = std::fs::read_to_string(&path).expect("read config");
+    text.push_str(
+        r#"
+[[consumers]]
+name = "audit"
+stream = "EVENTS"
+handler = "scripted"
+filter_subject = "jobs.1"
+dead_letter_subject = "dlq.audit"
+"#,
+    );
+    std::fs::write(&path, text).expect("write config");
     for (id, reason) in [
         (1, Reason::Permanent),
         (2, Reason::Exhausted),
@@ -604,9 +626,17 @@ async fn the_dlq_command_line() {
     assert!(stderr(&out).contains("pass --yes"), "{}", stderr(&out));
     assert_eq!(count(&js, "DLQ").await, 3);
 
-    // replay --dry-run changes nothing; replay SEQ republishes one.
+    // replay --dry-run changes nothing, and says who else gets the replays; replay SEQ
+    // republishes one.
     let out = run(&path, &["dlq", "replay", "--all", "--dry-run"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "note: consumer audit also reads the original subject of 1 of the 3 selected dead letters: it will handle the replay too"
+        ),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(count(&js, "DLQ").await, 3);
     assert_eq!(count(&js, "EVENTS").await, 0);
     let out = run(&path, &["dlq", "replay", &seq.to_string()]);

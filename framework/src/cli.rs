@@ -460,6 +460,33 @@ fn describe(letters: &[Letter]) -> String {
     )
 }
 
+/// Who else receives the replays of `letters`: one line per set of other consumers, e.g.
+/// "consumers archive, audit also read the original subject of 3 of the 5 selected dead
+/// letters: they will handle the replays too".
+fn replay_notes(dlq: &Dlq, letters: &[Letter]) -> Vec<String> {
+    let mut per: std::collections::BTreeMap<Vec<String>, usize> = Default::default();
+    for letter in letters {
+        let others = dlq.other_readers(letter);
+        if !others.is_empty() {
+            *per.entry(others).or_default() += 1;
+        }
+    }
+    per.into_iter()
+        .map(|(others, n)| {
+            format!(
+                "consumer{} {} also read{} the original subject of {n} of the {} selected dead letter{}: {} will handle the replay{} too",
+                plural(others.len()),
+                others.join(", "),
+                if others.len() == 1 { "s" } else { "" },
+                letters.len(),
+                plural(letters.len()),
+                if others.len() == 1 { "it" } else { "they" },
+                plural(n),
+            )
+        })
+        .collect()
+}
+
 /// Asks on the terminal; true only for "y" or "yes".
 async fn confirm(question: &str) -> bool {
     use tokio::io::AsyncBufReadExt;
@@ -533,6 +560,9 @@ async fn run_dlq_command(dlq: &Dlq, command: DlqCommand) -> ExitCode {
                 Ok(l) => l,
                 Err(code) => return code,
             };
+            for note in replay_notes(dlq, &letters) {
+                eprintln!("note: {note}");
+            }
             if dry_run {
                 let summaries: Vec<dlq::Summary> = letters.iter().map(Letter::summary).collect();
                 print!("{}", dlq::list_table(&summaries));

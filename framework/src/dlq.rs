@@ -18,7 +18,15 @@
 //! deletes it from the dead-letter stream. Publish-then-delete loses nothing if
 //! interrupted; a crash between the two leaves a copy in both places, and the replay's
 //! message id ([`replay_message_id`]) is the same when the replay is run again, so the
-//! original stream's duplicate window stores it once.
+//! original stream's duplicate window stores it once. That protection lasts as long as
+//! the window (`duplicate_window`, 2 minutes by default): a replay finished later than
+//! that stores a second copy, which handlers absorb like any redelivery (they must be
+//! idempotent anyway). Replays run one at a time, so at most one dead letter is ever
+//! in both places.
+//!
+//! A replay is a new message on the original subject: every consumer whose filter
+//! matches it receives it, not only the one that gave up on it.
+//! [`Dlq::other_readers`] names them, and `dlq replay` says so before it starts.
 //!
 //! ```no_run
 //! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker::dlq::DlqError> {
@@ -683,11 +691,53 @@ pub struct PurgeReport {
     pub already_gone: u64,
 }
 
+/// A consumer of the config as a replay sees it: the stream it reads and its filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reader {
+    stream: String,
+    consumer: String,
+    filter: Option<String>,
+}
+
+/// See [`Dlq::other_readers`]: `streams` are the config's streams with their subjects.
+fn other_readers(
+    streams: &[(String, Vec<String>)],
+    readers: &[Reader],
+    letter: &Letter,
+) -> Vec<String> {
+    let Some(subject) = letter.original_subject() else {
+        return Vec::new();
+    };
+    let stores = |stream: &str| {
+        streams.iter().any(|(name, subjects)| {
+            name == stream && subjects.iter().any(|f| subject::overlaps(f, subject))
+        })
+    };
+    let mut out: Vec<String> = readers
+        .iter()
+        .filter(|r| Some(r.consumer.as_str()) != letter.consumer())
+        .filter(|r| stores(&r.stream))
+        .filter(|r| {
+            r.filter
+                .as_deref()
+                .is_none_or(|f| subject::overlaps(f, subject))
+        })
+        .map(|r| r.consumer.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Dead-letter operations on the streams of one config.
 #[derive(Clone)]
 pub struct Dlq {
     js: jetstream::Context,
     streams: Vec<DeadLetterStream>,
+    /// Every stream of the config with its subjects, to find where a replay lands.
+    stream_subjects: Vec<(String, Vec<String>)>,
+    /// Every consumer of the config, to tell who receives a replay.
+    readers: Vec<Reader>,
     publisher: Publisher,
     read_timeout: Duration,
 }
@@ -723,9 +773,32 @@ impl Dlq {
         Ok(Dlq {
             js,
             streams,
+            stream_subjects: config
+                .streams
+                .iter()
+                .map(|s| (s.name.clone(), s.subjects.clone()))
+                .collect(),
+            readers: config
+                .consumers
+                .iter()
+                .map(|c| Reader {
+                    stream: c.stream.clone(),
+                    consumer: c.name.clone(),
+                    filter: c.filter_subject.clone(),
+                })
+                .collect(),
             publisher,
             read_timeout: request_timeout.max(Duration::from_secs(5)),
         })
+    }
+
+    /// The consumers of the config, other than the one that gave up on `letter`, that
+    /// also receive its replay, sorted. A replay is a new message on the original
+    /// subject: every consumer of the stream storing that subject whose filter matches
+    /// it handles it again, not only the one that dead-lettered it. Empty when the
+    /// letter has no original subject.
+    pub fn other_readers(&self, letter: &Letter) -> Vec<String> {
+        other_readers(&self.stream_subjects, &self.readers, letter)
     }
 
     /// The dead-letter streams, as [`dead_letter_streams`] found them.
@@ -1400,6 +1473,40 @@ mod tests {
         assert!(lines[1].ends_with(&format!("{}...", "x".repeat(57))));
         assert_eq!(lines[3], "2 dead letters");
         assert_eq!(list_table(&[]), "no dead letters\n");
+    }
+
+    #[test]
+    fn other_readers_are_the_consumers_whose_filter_matches_the_original_subject() {
+        let streams = vec![
+            ("EVENTS".to_string(), vec!["events.>".to_string()]),
+            ("AUDIT".to_string(), vec!["audit.>".to_string()]),
+        ];
+        let reader = |stream: &str, consumer: &str, filter: Option<&str>| Reader {
+            stream: stream.into(),
+            consumer: consumer.into(),
+            filter: filter.map(str::to_string),
+        };
+        let readers = vec![
+            reader("EVENTS", "clicks", Some("events.click")),
+            reader("EVENTS", "archive", None),
+            reader("EVENTS", "all_kinds", Some("events.*")),
+            reader("EVENTS", "purchases", Some("events.purchase")),
+            reader("AUDIT", "auditor", None),
+        ];
+        let mut l = letter(1, "clicks", "permanent", "2024-05-01T12:00:00Z");
+        l.headers
+            .insert(dead_letter::ORIGINAL_SUBJECT, "events.click");
+        assert_eq!(
+            other_readers(&streams, &readers, &l),
+            ["all_kinds", "archive"]
+        );
+        l.headers
+            .insert(dead_letter::ORIGINAL_SUBJECT, "audit.login");
+        assert_eq!(other_readers(&streams, &readers, &l), ["auditor"]);
+        l.headers.insert(dead_letter::ORIGINAL_SUBJECT, "nowhere.x");
+        assert!(other_readers(&streams, &readers, &l).is_empty());
+        l.headers = HeaderMap::new();
+        assert!(other_readers(&streams, &readers, &l).is_empty());
     }
 
     #[test]
