@@ -1,13 +1,17 @@
 //! The `workers` command line: jetworker's built-in subcommands (`run`, `check`,
 //! `provision`) plus `publish`, `stats` and `demo`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use clap::{Args, Parser, Subcommand};
+use jetworker::app::{RunError, Running};
 use jetworker::cli::{GlobalArgs, EXIT_CONFLICT, EXIT_FAILURE, EXIT_INVALID_CONFIG};
 use jetworker::config::Config;
+use jetworker::consumer::ConsumerStats;
 use jetworker::publisher::Publisher;
 use jetworker::{connect, provision};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::aggregates;
 use crate::generator::{Traffic, TrafficConfig};
 use crate::handlers::{self, Analytics, BUCKET};
+use crate::local_server::{self, Address, LocalServer, Probe};
 use crate::publish::{self, now_ms, PublishPlan};
 use crate::report::{self, ReportOptions};
 
@@ -141,6 +146,15 @@ pub struct DemoArgs {
     /// Minutes shown, counting back from now.
     #[arg(long, default_value_t = 3)]
     pub minutes: u64,
+    /// When no server answers at the configured URL and it is on this machine, start
+    /// `nats-server -js` there with its data in DIR, and stop it at the end
+    /// (scripts/demo passes .local/nats).
+    #[arg(long, value_name = "DIR")]
+    pub local_server: Option<PathBuf>,
+    /// A program that installs nats-server, run when a local server has to be started
+    /// and no nats-server binary is found (scripts/demo passes scripts/install-deps).
+    #[arg(long, value_name = "PROGRAM", requires = "local_server")]
+    pub install_server_with: Option<PathBuf>,
     /// The traffic.
     #[command(flatten)]
     pub traffic: TrafficArgs,
@@ -148,7 +162,11 @@ pub struct DemoArgs {
 
 /// Runs the parsed command line; returns the exit code.
 pub async fn run(cli: Cli) -> ExitCode {
-    jetworker::cli::init_logging(cli.global.log_format);
+    if let Cmd::Demo(_) = cli.command {
+        init_demo_logging(cli.global.log_format);
+    } else {
+        jetworker::cli::init_logging(cli.global.log_format);
+    }
     match cli.command {
         Cmd::Jetworker(command) => {
             jetworker::cli::execute(&cli.global, command, handlers::app(Analytics::new())).await
@@ -157,6 +175,21 @@ pub async fn run(cli: Cli) -> ExitCode {
         Cmd::Stats(args) => exit(stats_command(&cli.global, &args).await),
         Cmd::Demo(args) => exit(demo_command(&cli.global, &args).await),
     }
+}
+
+/// The demo prints its own story on stdout; logs (stderr) default to warnings, without
+/// the per-message ones for the malformed events it sends on purpose (the analytics
+/// count those). `RUST_LOG` overrides, as everywhere.
+fn init_demo_logging(format: jetworker::cli::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,jetworker::consumer=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        jetworker::cli::LogFormat::Human => builder.try_init(),
+        jetworker::cli::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
 
 /// A command's failure: the message for stderr and the exit code.
@@ -266,16 +299,230 @@ async fn stats_command(global: &GlobalArgs, args: &StatsArgs) -> Result<(), Fail
     Ok(())
 }
 
+/// Where the demo's server came from.
+enum DemoServer {
+    /// One was answering at the configured address: used, and left running.
+    Existing,
+    /// Started by the demo: stopped at the end.
+    Local(LocalServer),
+}
+
 async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failure> {
     let config = load(global)?;
-    let (client, js) = connect(&config).await?;
-    println!(
-        "connected to {} (nats-server {})",
-        connect::redacted_servers(&config.connection),
-        client.server_info().version
-    );
+    // Signals first: a Ctrl-C while a server starts or the streams are provisioned must
+    // end the demo cleanly too, not leave a server behind.
+    let stop = CancellationToken::new();
+    jetworker::shutdown::on_signals(stop.clone());
 
-    match provision::provision(&client, &js, &config, false).await {
+    let server = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        server = demo_server(&config, args) => server?,
+    };
+    let result = if stop.is_cancelled() {
+        Ok(())
+    } else {
+        run_demo(&config, args, &stop, matches!(server, DemoServer::Local(_))).await
+    };
+    if let DemoServer::Local(server) = server {
+        let (pid, dir) = (server.pid(), server.dir().display().to_string());
+        match server.stop().await {
+            Ok(_) => println!(
+                "stopped the local nats-server (pid {pid}); its data stays in {dir} for the next run (delete that folder to start afresh)"
+            ),
+            Err(e) => eprintln!("error: stopping the local nats-server (pid {pid}): {e}"),
+        }
+    }
+    if result.is_ok() {
+        println!("stopped.");
+    }
+    result
+}
+
+/// Finds the server the demo uses: the one answering at the configured address, or,
+/// with `--local-server`, one started there (installed first when missing).
+async fn demo_server(config: &Config, args: &DemoArgs) -> Result<DemoServer, Failure> {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+    let servers = connect::redacted_servers(&config.connection);
+    let addresses: Vec<Address> = config
+        .connection
+        .servers
+        .iter()
+        .filter_map(|s| Address::parse(s.expose()))
+        .collect();
+    let mut not_nats = None;
+    for address in &addresses {
+        match local_server::probe(address, PROBE_TIMEOUT).await {
+            Probe::Nats {
+                jetstream: true,
+                version,
+            } => {
+                println!("using the nats-server {version} answering at {address} (left running at the end)");
+                return Ok(DemoServer::Existing);
+            }
+            Probe::Nats {
+                jetstream: false,
+                version,
+            } => return Err(no_jetstream(address, &version, false)),
+            Probe::NotNats(why) => {
+                not_nats = Some(format!("{address} answers but is not a NATS server: {why}"))
+            }
+            Probe::Nothing => {}
+        }
+    }
+    let Some(dir) = &args.local_server else {
+        return Err(Failure::new(
+            EXIT_FAILURE,
+            format!(
+                "error: no nats-server answers at {servers}\nhint: scripts/demo starts a local one; or start one yourself (`nats-server -js`), or point NATS_URL at one"
+            ),
+        ));
+    };
+    if let Some(not_nats) = not_nats {
+        return Err(Failure::new(
+            EXIT_FAILURE,
+            format!("error: {not_nats}\nhint: point NATS_URL at a free port, e.g. NATS_URL=nats://127.0.0.1:4223 scripts/demo"),
+        ));
+    }
+    let target = match addresses.first() {
+        Some(a) if a.is_loopback() && a.plain && !config.connection.tls.required => a.clone(),
+        _ => {
+            return Err(Failure::new(
+                EXIT_FAILURE,
+                format!(
+                    "error: no nats-server answers at {servers}, and the demo starts one only on this machine without TLS (nats://127.0.0.1:PORT)\nhint: start that server, or unset NATS_URL to use a local one"
+                ),
+            ))
+        }
+    };
+
+    let (binary, installed_now) = match local_server::find_binary() {
+        Some(binary) => (binary, false),
+        None => (
+            install_server(args.install_server_with.as_deref()).await?,
+            true,
+        ),
+    };
+    if installed_now {
+        // The OS package may have started its own service on the port we want.
+        if let Probe::Nats { jetstream, version } =
+            local_server::probe(&target, PROBE_TIMEOUT).await
+        {
+            if jetstream {
+                println!("using the nats-server {version} answering at {target} (left running at the end)");
+                return Ok(DemoServer::Existing);
+            }
+            return Err(no_jetstream(&target, &version, true));
+        }
+    }
+
+    println!(
+        "no nats-server answers at {target}: starting {} -js there (data in {})",
+        binary.display(),
+        dir.display()
+    );
+    let server = LocalServer::start(&binary, &target, dir, Duration::from_secs(30))
+        .await
+        .map_err(|e| Failure::new(EXIT_FAILURE, format!("error: {e}")))?;
+    println!(
+        "started nats-server {} with JetStream at {} (pid {}, log {})",
+        server.version(),
+        server.address(),
+        server.pid(),
+        server.log().display()
+    );
+    Ok(DemoServer::Local(server))
+}
+
+/// Runs `installer` (which installs nats-server), then finds the binary.
+async fn install_server(
+    installer: Option<&std::path::Path>,
+) -> Result<std::path::PathBuf, Failure> {
+    let missing = "error: nats-server is not installed";
+    let Some(installer) = installer else {
+        return Err(Failure::new(
+            EXIT_FAILURE,
+            format!("{missing}\nhint: scripts/install-deps installs it (apt-get install nats-server), or set NATS_SERVER_BIN to a nats-server binary"),
+        ));
+    };
+    println!(
+        "nats-server is not installed: installing it with {}",
+        installer.display()
+    );
+    let program = installer.to_path_buf();
+    let status = tokio::task::spawn_blocking(move || std::process::Command::new(program).status())
+        .await
+        .map_err(|e| {
+            Failure::new(
+                EXIT_FAILURE,
+                format!("{missing}: the installer did not run: {e}"),
+            )
+        })?;
+    match status {
+        Ok(status) if status.success() => {}
+        Ok(status) => {
+            return Err(Failure::new(
+                EXIT_FAILURE,
+                format!("{missing}, and {} failed ({status})\nhint: install it by hand (sudo apt-get install nats-server) or set NATS_SERVER_BIN", installer.display()),
+            ))
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                EXIT_FAILURE,
+                format!("{missing}, and {} could not be run: {e}", installer.display()),
+            ))
+        }
+    }
+    local_server::find_binary().ok_or_else(|| {
+        Failure::new(
+            EXIT_FAILURE,
+            format!(
+                "{missing}: {} succeeded but no nats-server is on PATH nor at {}",
+                installer.display(),
+                local_server::DEBIAN_SERVER_PATH
+            ),
+        )
+    })
+}
+
+/// A server without JetStream: what it is likely to be and the ways out.
+fn no_jetstream(address: &Address, version: &str, installed_now: bool) -> Failure {
+    let why = if installed_now {
+        "installing the nats-server package just started the OS service nats-server.service on it, which runs without JetStream"
+    } else {
+        "on Debian/Ubuntu this is usually nats-server.service, which the nats-server package enables and runs without JetStream"
+    };
+    Failure::new(
+        EXIT_FAILURE,
+        format!(
+            "error: the nats-server {version} at {address} runs without JetStream; the workers need JetStream\n\
+             hint: {why}. Either stop it, and the demo starts its own server with JetStream:\n\
+             \x20   sudo systemctl disable --now nats-server && scripts/demo\n\
+             or leave it alone and run the demo on another port:\n\
+             \x20   NATS_URL=nats://127.0.0.1:4223 scripts/demo\n\
+             or turn JetStream on in that server (`nats-server -js`, or `jetstream: enabled` in its config)"
+        ),
+    )
+}
+
+/// Connects, provisions, runs the workers and the traffic, prints analytics until `stop`.
+async fn run_demo(
+    config: &Config,
+    args: &DemoArgs,
+    stop: &CancellationToken,
+    local_server: bool,
+) -> Result<(), Failure> {
+    let (client, js) = connect(config).await?;
+    let info = client.server_info();
+    if !info.jetstream {
+        let address = Address::parse(&format!("{}:{}", info.host, info.port));
+        let _ = client.drain().await;
+        return Err(match address {
+            Some(address) => no_jetstream(&address, &info.version, false),
+            None => Failure::new(EXIT_FAILURE, "error: the server runs without JetStream"),
+        });
+    }
+
+    match provision::provision(&client, &js, config, false).await {
         Ok(plan) if plan.has_changes() => print!("provisioned:\n{plan}"),
         Ok(_) => println!("streams, consumers and the {BUCKET:?} bucket are up to date"),
         Err(provision::ProvisionError::Conflicts(plan)) => {
@@ -288,15 +535,21 @@ async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failur
     }
     let kv = open_bucket(&js).await?;
 
-    let stop = CancellationToken::new();
-    jetworker::shutdown::on_signals(stop.clone());
-    let running = handlers::app(Analytics::new())
-        .start(config.clone(), stop.clone())
-        .await
-        .map_err(|e| Failure::new(EXIT_FAILURE, format!("error: {e}")))?;
+    let running = start_workers(config, stop).await?;
+    let consumers: Vec<&str> = config.consumers.iter().map(|c| c.name.as_str()).collect();
+    let ops = running
+        .ops_address()
+        .map(|a| format!("; health and metrics at http://{a}/metrics"))
+        .unwrap_or_default();
     println!(
-        "workers running; publishing demo traffic at {}/s; analytics every {}s (Ctrl-C stops)",
-        args.rate, args.every
+        "workers running: {} consumers ({}){ops}",
+        consumers.len(),
+        consumers.join(", ")
+    );
+    println!(
+        "publishing demo traffic at {} events/s; live analytics every {}s. Ctrl-C stops everything.",
+        args.rate,
+        args.every.max(1)
     );
 
     let tasks = TaskTracker::new();
@@ -320,6 +573,7 @@ async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failur
     tasks.close();
 
     let options = ReportOptions::default();
+    let started = std::time::Instant::now();
     let mut every = tokio::time::interval(Duration::from_secs(args.every.max(1)));
     every.tick().await;
     loop {
@@ -329,19 +583,13 @@ async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failur
         }
         match aggregates::read(&kv, last_minutes(args.minutes)).await {
             Ok(snapshot) => {
-                println!("\n── analytics ──");
+                println!(
+                    "\n── analytics at {} UTC, demo running {}s ──",
+                    clock_seconds(now_ms()),
+                    started.elapsed().as_secs()
+                );
                 print!("{}", report::render(&snapshot, &options));
-                for (name, s) in running.stats() {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    let dead: u64 = s.dead_lettered.iter().map(|d| d.load(Relaxed)).sum();
-                    println!(
-                        "  consumer {name:<16} received {:>6}  acked {:>6}  retried {:>3}  dead-lettered {:>3}",
-                        s.received.load(Relaxed),
-                        s.acked.load(Relaxed),
-                        s.retried.load(Relaxed),
-                        dead
-                    );
-                }
+                print_consumers(&running);
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the aggregates"),
         }
@@ -350,7 +598,7 @@ async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failur
     println!("\nstopping: traffic first, then the workers (in-flight events finish)");
     let published = traffic_task.await;
     tasks.wait().await;
-    running.wait().await;
+    let stats = running.wait().await;
     if let Ok(Ok(summary)) = published {
         println!("demo traffic: {summary}");
     }
@@ -358,7 +606,67 @@ async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failur
         println!("\n── final analytics ──");
         print!("{}", report::render(&snapshot, &options));
     }
+    let dead: u64 = stats.values().map(|s| dead_lettered(s)).sum();
     let _ = client.drain().await;
-    println!("stopped. `workers stats` shows the aggregates any time.");
+    println!("workers stopped.");
+    if dead > 0 {
+        println!(
+            "{dead} malformed event(s) went to the dead-letter stream{}",
+            if local_server {
+                "; while the demo runs, `cargo run -p workers -- dlq list` in another terminal shows them"
+            } else {
+                "; `cargo run -p workers -- dlq list` shows them"
+            }
+        );
+    }
+    if !local_server {
+        println!("`cargo run -p workers -- stats` shows the aggregates any time.");
+    }
     Ok(())
+}
+
+/// Starts the workers; when the configured ops address is taken (a Prometheus on 9090,
+/// another demo), the demo takes a free port instead of failing.
+async fn start_workers(config: &Config, stop: &CancellationToken) -> Result<Running, Failure> {
+    let failed = |e: RunError| Failure::new(EXIT_FAILURE, format!("error: {e}"));
+    match handlers::app(Analytics::new())
+        .start(config.clone(), stop.clone())
+        .await
+    {
+        Err(RunError::Ops(why)) => {
+            println!(
+                "note: the ops endpoint cannot listen on {} ({why}); using a free port",
+                config.worker.ops_listen
+            );
+            let mut config = config.clone();
+            config.worker.ops_listen = "127.0.0.1:0".to_string();
+            handlers::app(Analytics::new())
+                .start(config, stop.clone())
+                .await
+                .map_err(failed)
+        }
+        other => other.map_err(failed),
+    }
+}
+
+fn dead_lettered(stats: &ConsumerStats) -> u64 {
+    stats.dead_lettered.iter().map(|d| d.load(Relaxed)).sum()
+}
+
+fn print_consumers(running: &Running) {
+    for (name, s) in running.stats() {
+        println!(
+            "  consumer {name:<20} received {:>7}  acked {:>7}  retried {:>4}  dead-lettered {:>4}",
+            s.received.load(Relaxed),
+            s.acked.load(Relaxed),
+            s.retried.load(Relaxed),
+            dead_lettered(s)
+        );
+    }
+}
+
+/// Unix milliseconds as `HH:MM:SS` (UTC).
+fn clock_seconds(ms: u64) -> String {
+    let s = ms / 1000 % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }

@@ -19,6 +19,7 @@
 //! - [`generator`]: synthetic traffic with a realistic mix, duplicates, malformed payloads.
 //! - [`publish`]: rate-limited, pipelined publishing of that traffic.
 //! - [`report`]: aggregates as text.
+//! - [`local_server`]: the demo's own `nats-server` when none answers (probe, start, stop).
 //! - [`commands`]: the `workers` command line (`run`, `check`, `provision`, `publish`,
 //!   `stats`, `demo`).
 
@@ -29,6 +30,7 @@ pub mod events;
 pub mod generator;
 pub mod handlers;
 pub mod keys;
+pub mod local_server;
 pub mod publish;
 pub mod report;
 
