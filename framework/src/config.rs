@@ -75,17 +75,121 @@ impl ServerUrl {
     pub fn redacted(&self) -> String {
         redact_userinfo(&self.0)
     }
+
+    /// The URL without its userinfo: what is handed to the client library, whose own
+    /// debug logs print server addresses in full.
+    pub fn without_userinfo(&self) -> String {
+        match split_userinfo(&self.0) {
+            Some((scheme, _, host)) => format!("{scheme}{host}"),
+            None => self.0.clone(),
+        }
+    }
+
+    /// Credentials written into the URL, as the NATS clients read them:
+    /// `nats://user:password@host` is user/password auth, `nats://token@host` token auth.
+    /// Percent-escapes (`%40` for `@`, ...) are decoded.
+    pub fn credentials(&self) -> Option<UrlCredentials> {
+        let (_, userinfo, _) = split_userinfo(&self.0)?;
+        if userinfo.is_empty() {
+            return None;
+        }
+        Some(match userinfo.split_once(':') {
+            Some((user, password)) => UrlCredentials::UserPassword {
+                user: percent_decode(user),
+                password: SecretString::from(percent_decode(password)),
+            },
+            None => UrlCredentials::Token(SecretString::from(percent_decode(userinfo))),
+        })
+    }
 }
 
-/// Replaces the userinfo part of a URL (`scheme://userinfo@host`) with `***`.
-pub fn redact_userinfo(url: &str) -> String {
+/// Credentials found in a server URL. `Debug` shows the user, never the secret.
+#[derive(Clone)]
+pub enum UrlCredentials {
+    /// `user:password@`.
+    UserPassword {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: SecretString,
+    },
+    /// `token@`.
+    Token(SecretString),
+}
+
+impl UrlCredentials {
+    /// True when both carry the same credentials (compared in full, never printed).
+    pub fn same_as(&self, other: &UrlCredentials) -> bool {
+        use secrecy::ExposeSecret;
+        match (self, other) {
+            (
+                UrlCredentials::UserPassword { user, password },
+                UrlCredentials::UserPassword {
+                    user: user2,
+                    password: password2,
+                },
+            ) => user == user2 && password.expose_secret() == password2.expose_secret(),
+            (UrlCredentials::Token(a), UrlCredentials::Token(b)) => {
+                a.expose_secret() == b.expose_secret()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for UrlCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UrlCredentials::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .field("password", &"[REDACTED]")
+                .finish(),
+            UrlCredentials::Token(_) => f.write_str("Token([REDACTED])"),
+        }
+    }
+}
+
+/// `(scheme://, userinfo, rest)` when the URL has a userinfo part.
+fn split_userinfo(url: &str) -> Option<(&str, &str, &str)> {
     let (scheme, rest) = match url.find("://") {
         Some(i) => (&url[..i + 3], &url[i + 3..]),
         None => ("", url),
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
+    let at = rest[..authority_end].rfind('@')?;
+    Some((scheme, &rest[..at], &rest[at + 1..]))
+}
+
+/// Decodes `%XX` escapes (invalid ones are kept as written; invalid UTF-8 is replaced).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Replaces the userinfo part of a URL (`scheme://userinfo@host`) with `***`.
+pub fn redact_userinfo(url: &str) -> String {
+    match split_userinfo(url) {
+        Some((scheme, _, host)) => format!("{scheme}***@{host}"),
         None => url.to_string(),
     }
 }
@@ -103,7 +207,9 @@ impl fmt::Display for ServerUrl {
 }
 
 /// How to reach and authenticate to NATS. Every auth mode the server offers is here;
-/// set at most one of user+password, token, nkey seed file and creds file.
+/// set at most one of user+password, token, nkey seed file and creds file. Credentials
+/// written into a server URL (`nats://user:password@host`, `nats://token@host`) are
+/// used when none of those is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ConnectionConfig {
@@ -127,9 +233,23 @@ pub struct ConnectionConfig {
     pub nkey_seed_file: Option<PathBuf>,
     /// A `.creds` file (JWT and nkey seed), for decentralized auth.
     pub creds_file: Option<PathBuf>,
+    /// Prefix of this worker's reply inboxes (default `_INBOX`). A prefix of its own
+    /// (`_INBOX_analytics`) lets the server permissions give the worker its own replies
+    /// only (`subscribe: "_INBOX_analytics.>"`) instead of every client's (`_INBOX.>`).
+    pub inbox_prefix: Option<String>,
     /// TLS settings.
     pub tls: TlsConfig,
 }
+
+impl ConnectionConfig {
+    /// The prefix of reply inboxes: `inbox_prefix`, or the client library's `_INBOX`.
+    pub fn inbox_prefix(&self) -> &str {
+        self.inbox_prefix.as_deref().unwrap_or(DEFAULT_INBOX_PREFIX)
+    }
+}
+
+/// The NATS clients' default reply inbox prefix.
+pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
 
 impl Default for ConnectionConfig {
     fn default() -> Self {
@@ -143,6 +263,7 @@ impl Default for ConnectionConfig {
             token: None,
             nkey_seed_file: None,
             creds_file: None,
+            inbox_prefix: None,
             tls: TlsConfig::default(),
         }
     }
@@ -387,7 +508,8 @@ pub struct ConsumerConfig {
     /// A handler running longer is cancelled and its message retried.
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Duration,
-    /// Larger payloads are dead-lettered with reason `too_large` without decoding.
+    /// Larger messages (payload plus headers) are dead-lettered with reason `too_large`
+    /// without decoding.
     pub max_payload_bytes: i64,
     /// Payload encoding.
     pub codec: CodecKind,
@@ -606,6 +728,21 @@ impl Config {
                 );
             }
         }
+        // One client, one set of credentials: URLs may not disagree.
+        let mut first_credentials: Option<(usize, UrlCredentials)> = None;
+        for (i, url) in c.servers.iter().enumerate() {
+            let Some(found) = url.credentials() else {
+                continue;
+            };
+            match &first_credentials {
+                None => first_credentials = Some((i, found)),
+                Some((first, known)) if !known.same_as(&found) => add(
+                    format!("connection.servers[{i}]"),
+                    format!("carries other credentials in its URL than servers[{first}]: one client authenticates one way; set connection.user/password or token instead"),
+                ),
+                Some(_) => {}
+            }
+        }
         let modes = [
             c.user.is_some() || c.password.is_some(),
             c.token.is_some(),
@@ -639,6 +776,16 @@ impl Config {
                 .into(),
                 "a client certificate needs its key (cert_file and key_file go together)".into(),
             );
+        }
+        if let Some(prefix) = &c.inbox_prefix {
+            if let Err(e) = subject::validate_literal(prefix) {
+                add("connection.inbox_prefix".into(), format!("{e}: {prefix:?}"));
+            } else if prefix.starts_with('$') {
+                add(
+                    "connection.inbox_prefix".into(),
+                    format!("{prefix:?}: subjects starting with '$' are the server's own"),
+                );
+            }
         }
         if c.connect_timeout.is_zero() {
             add(
@@ -987,4 +1134,65 @@ fn sanitize(message: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn url_credentials_are_read_and_stripped() {
+        let url = ServerUrl::new("tls://alice:p%40ss:w@nats.example:4222/x");
+        match url.credentials() {
+            Some(UrlCredentials::UserPassword { user, password }) => {
+                assert_eq!(user, "alice");
+                assert_eq!(password.expose_secret(), "p@ss:w");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(url.without_userinfo(), "tls://nats.example:4222/x");
+        assert_eq!(url.redacted(), "tls://***@nats.example:4222/x");
+        let shown = format!("{url} {url:?} {:?}", url.credentials());
+        assert!(
+            !shown.contains("p%40ss") && !shown.contains("p@ss"),
+            "{shown}"
+        );
+
+        let token = ServerUrl::new("s3cr3t@127.0.0.1:4222");
+        assert!(
+            matches!(token.credentials(), Some(UrlCredentials::Token(t)) if t.expose_secret() == "s3cr3t")
+        );
+        assert_eq!(token.without_userinfo(), "127.0.0.1:4222");
+
+        let plain = ServerUrl::new("nats://127.0.0.1:4222");
+        assert!(plain.credentials().is_none());
+        assert_eq!(plain.without_userinfo(), "nats://127.0.0.1:4222");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn servers_may_not_disagree_on_url_credentials() {
+        let config = Config {
+            connection: ConnectionConfig {
+                servers: vec![
+                    ServerUrl::new("nats://a:pw-first-xyz@h1:4222"),
+                    ServerUrl::new("nats://h2:4222"),
+                    ServerUrl::new("nats://a:pw-second-xyz@h3:4222"),
+                ],
+                inbox_prefix: Some("$BAD".into()),
+                ..ConnectionConfig::default()
+            },
+            ..Config::default()
+        };
+        let problems = config.problems();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["connection.servers[2]", "connection.inbox_prefix"],
+            "{problems:?}"
+        );
+        let shown = format!("{problems:?}");
+        assert!(!shown.contains("pw-first") && !shown.contains("pw-second"), "{shown}");
+    }
 }

@@ -1,5 +1,9 @@
 //! Connecting to NATS from the `[connection]` section, with every auth mode the server
 //! offers, and errors that name the auth mode and server but never a secret.
+//!
+//! Credentials written into a server URL are taken out of it and given to the client as
+//! user/password or token auth: the client library would otherwise ignore them, and
+//! its own debug logs print server addresses in full.
 
 use std::fmt;
 use std::time::Duration;
@@ -7,12 +11,12 @@ use std::time::Duration;
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use secrecy::ExposeSecret;
 
-use crate::config::{redact_userinfo, ConnectionConfig};
+use crate::config::{redact_userinfo, ConnectionConfig, UrlCredentials};
 
 /// Which auth mode a connection uses, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
-    /// No credentials (or credentials inside the URL).
+    /// No credentials.
     None,
     /// User and password.
     UserPassword,
@@ -37,7 +41,8 @@ impl fmt::Display for AuthMode {
 }
 
 impl AuthMode {
-    /// The auth mode a connection config selects.
+    /// The auth mode a connection config selects: the configured one, else the one of
+    /// credentials written into the server URLs.
     pub fn of(c: &ConnectionConfig) -> AuthMode {
         if c.creds_file.is_some() {
             AuthMode::Creds
@@ -48,8 +53,57 @@ impl AuthMode {
         } else if c.user.is_some() {
             AuthMode::UserPassword
         } else {
-            AuthMode::None
+            match url_credentials(c) {
+                Some(UrlCredentials::UserPassword { .. }) => AuthMode::UserPassword,
+                Some(UrlCredentials::Token(_)) => AuthMode::Token,
+                None => AuthMode::None,
+            }
         }
+    }
+}
+
+/// The credentials of the first server URL that carries some (validation makes sure
+/// the URLs agree).
+fn url_credentials(c: &ConnectionConfig) -> Option<UrlCredentials> {
+    c.servers.iter().find_map(|s| s.credentials())
+}
+
+/// How a connection is secured, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// No TLS settings: TLS only if the server demands it, verified with the system roots.
+    Plain,
+    /// TLS: required by the config, a `tls://` URL or a configured CA.
+    Tls,
+    /// TLS with a client certificate.
+    MutualTls,
+}
+
+impl Transport {
+    /// The transport a connection config asks for.
+    pub fn of(c: &ConnectionConfig) -> Transport {
+        if c.tls.cert_file.is_some() && c.tls.key_file.is_some() {
+            Transport::MutualTls
+        } else if c.tls.required
+            || c.tls.ca_file.is_some()
+            || c.servers
+                .iter()
+                .any(|s| s.expose().trim_start().starts_with("tls://"))
+        {
+            Transport::Tls
+        } else {
+            Transport::Plain
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Plain => "no TLS settings",
+            Transport::Tls => "TLS",
+            Transport::MutualTls => "mutual TLS with a client certificate",
+        })
     }
 }
 
@@ -75,14 +129,17 @@ impl ConnectFailure {
     }
 }
 
-/// Connecting failed. The message names the servers (userinfo redacted) and the auth mode.
+/// Connecting failed. The message names the servers (userinfo redacted), the auth mode
+/// and the transport.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to {servers} with {auth}: {message}")]
+#[error("cannot connect to {servers} ({auth}, {transport}): {message}")]
 pub struct ConnectError {
     /// Kind, to match on.
     pub kind: ConnectFailure,
     /// The auth mode that was tried.
     pub auth: AuthMode,
+    /// Plain, TLS or mutual TLS.
+    pub transport: Transport,
     /// The servers, redacted.
     pub servers: String,
     /// What happened, never including secrets.
@@ -95,12 +152,14 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
     let fail = |kind, message: String| ConnectError {
         kind,
         auth,
+        transport: Transport::of(c),
         servers: redacted_servers(c),
         message,
     };
     let mut opts = match auth {
         AuthMode::Creds => {
             let path = c.creds_file.clone().unwrap_or_default();
+            warn_if_world_readable(&path, "the creds file");
             ConnectOptions::with_credentials_file(&path)
                 .await
                 .map_err(|e| {
@@ -112,6 +171,7 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
         }
         AuthMode::Nkey => {
             let path = c.nkey_seed_file.clone().unwrap_or_default();
+            warn_if_world_readable(&path, "the nkey seed file");
             let seed = std::fs::read_to_string(&path).map_err(|e| {
                 fail(
                     ConnectFailure::Credentials,
@@ -131,6 +191,20 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
             }
             ConnectOptions::with_nkey(seed)
         }
+        AuthMode::Token | AuthMode::UserPassword if c.token.is_none() && c.user.is_none() => {
+            match url_credentials(c) {
+                Some(UrlCredentials::UserPassword { user, password }) => {
+                    ConnectOptions::with_user_and_password(
+                        user,
+                        password.expose_secret().to_string(),
+                    )
+                }
+                Some(UrlCredentials::Token(token)) => {
+                    ConnectOptions::with_token(token.expose_secret().to_string())
+                }
+                None => ConnectOptions::new(),
+            }
+        }
         AuthMode::Token => ConnectOptions::with_token(
             c.token
                 .as_ref()
@@ -146,6 +220,9 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
         ),
         AuthMode::None => ConnectOptions::new(),
     };
+    if let Some(prefix) = &c.inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix);
+    }
     if let Some(ca) = &c.tls.ca_file {
         check_readable(ca).map_err(|m| fail(ConnectFailure::Tls, m))?;
         opts = opts.add_root_certificates(ca.clone());
@@ -153,6 +230,7 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
     if let (Some(cert), Some(key)) = (&c.tls.cert_file, &c.tls.key_file) {
         check_readable(cert).map_err(|m| fail(ConnectFailure::Tls, m))?;
         check_readable(key).map_err(|m| fail(ConnectFailure::Tls, m))?;
+        warn_if_world_readable(key, "the TLS client key");
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
     if c.tls.required {
@@ -165,10 +243,39 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
         .event_callback(|event| async move { log_event(event) }))
 }
 
+/// A secret file every local user can read is worth a warning (not an error: some
+/// platforms mount secrets that way inside single-user containers).
+fn warn_if_world_readable(path: &std::path::Path, what: &str) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o004 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = %format!("{mode:o}"),
+                    "{what} is readable by every user on this host: chmod 600 it"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what);
+}
+
 fn check_readable(path: &std::path::Path) -> Result<(), String> {
     std::fs::metadata(path)
         .map(|_| ())
         .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))
+}
+
+/// What the server says when a user lacks a permission (`-ERR 'Permissions Violation
+/// for Publish to "x"'`): the denied operation is dropped, the connection stays up.
+pub fn is_permission_violation(server_error: &str) -> bool {
+    server_error
+        .to_ascii_lowercase()
+        .contains("permissions violation")
 }
 
 fn log_event(event: Event) {
@@ -177,9 +284,54 @@ fn log_event(event: Event) {
         Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
         Event::LameDuckMode => tracing::warn!("server entering lame duck mode"),
         Event::SlowConsumer(sid) => tracing::warn!(sid, "slow consumer: messages dropped"),
+        Event::ServerError(async_nats::ServerError::Other(e)) if is_permission_violation(&e) => {
+            // The denied publish or subscribe fails silently on the client side (a request
+            // times out, a subscription stays empty): this line is where the cause shows.
+            tracing::error!(
+                error = %e,
+                "the server denied an operation: this user lacks a permission the worker needs \
+                 (the `permissions` subcommand prints every permission this config needs)"
+            )
+        }
         Event::ServerError(e) => tracing::warn!(error = %e, "server error"),
         Event::ClientError(e) => tracing::warn!(error = %e, "client error"),
         other => tracing::debug!(event = %other, "connection event"),
+    }
+}
+
+/// True when an I/O error is a TLS handshake failure (rustls' errors travel inside
+/// `io::Error`): certificates, alerts, handshakes.
+fn is_tls_failure(e: &async_nats::ConnectError) -> bool {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        text.push(' ');
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    let text = text.to_ascii_lowercase();
+    ["certificate", "handshake", "alert", "tls"]
+        .iter()
+        .any(|word| text.contains(word))
+}
+
+/// What to change for the common TLS failures.
+fn tls_hint(error: &str, c: &ConnectionConfig) -> &'static str {
+    let has_client_cert = c.tls.cert_file.is_some();
+    if error.contains("UnknownIssuer") {
+        if c.tls.ca_file.is_some() {
+            "; the server's certificate is not signed by the CA in connection.tls.ca_file"
+        } else {
+            "; the server's certificate is not signed by a trusted CA: set connection.tls.ca_file"
+        }
+    } else if error.contains("CertificateRequired")
+        || (error.contains("BadCertificate") && !has_client_cert)
+    {
+        "; the server requires a client certificate: set connection.tls.cert_file and key_file"
+    } else if error.contains("BadCertificate") || error.contains("UnknownCA") {
+        "; the server does not accept this client certificate (not signed by a CA it trusts?)"
+    } else {
+        ""
     }
 }
 
@@ -210,6 +362,7 @@ pub async fn connect_with(
     let fail = |kind, message: String| ConnectError {
         kind,
         auth,
+        transport: Transport::of(c),
         servers: redacted_servers(c),
         message,
     };
@@ -217,7 +370,7 @@ pub async fn connect_with(
         .servers
         .iter()
         .map(|s| {
-            s.expose().parse::<ServerAddr>().map_err(|_| {
+            s.without_userinfo().parse::<ServerAddr>().map_err(|_| {
                 fail(
                     ConnectFailure::BadUrl,
                     format!("not a server URL: {}", s.redacted()),
@@ -235,11 +388,22 @@ pub async fn connect_with(
                 K::ServerParse | K::Dns => ConnectFailure::BadUrl,
                 K::Authentication | K::AuthorizationViolation => ConnectFailure::Refused,
                 K::Tls => ConnectFailure::Tls,
+                // A failed handshake (untrusted certificate, missing client certificate)
+                // reaches us as an I/O error; retrying cannot fix it.
+                K::Io if is_tls_failure(&e) => ConnectFailure::Tls,
                 K::TimedOut | K::Io | K::MaxReconnects => ConnectFailure::Unreachable,
             };
             let detail = match kind {
+                ConnectFailure::Refused if auth == AuthMode::None => format!(
+                    "the server requires credentials and none are configured ({})",
+                    e.kind()
+                ),
                 ConnectFailure::Refused => {
                     format!("the server refused the credentials ({})", e.kind())
+                }
+                ConnectFailure::Tls => {
+                    let text = redact_userinfo(&e.to_string());
+                    format!("{text}{}", tls_hint(&text, c))
                 }
                 _ => redact_userinfo(&e.to_string()),
             };
@@ -249,5 +413,64 @@ pub async fn connect_with(
             ConnectFailure::Unreachable,
             format!("no answer within {}", humantime::format_duration(bound)),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ServerUrl, TlsConfig};
+
+    fn connection(servers: &[&str]) -> ConnectionConfig {
+        ConnectionConfig {
+            servers: servers.iter().map(|s| ServerUrl::new(*s)).collect(),
+            ..ConnectionConfig::default()
+        }
+    }
+
+    #[test]
+    fn url_credentials_select_the_auth_mode() {
+        assert_eq!(
+            AuthMode::of(&connection(&["nats://alice:pw@127.0.0.1:4222"])),
+            AuthMode::UserPassword
+        );
+        assert_eq!(
+            AuthMode::of(&connection(&["nats://t0k3n@127.0.0.1:4222"])),
+            AuthMode::Token
+        );
+        assert_eq!(
+            AuthMode::of(&connection(&["nats://127.0.0.1:4222"])),
+            AuthMode::None
+        );
+        let mut explicit = connection(&["nats://t0k3n@127.0.0.1:4222"]);
+        explicit.creds_file = Some("/x.creds".into());
+        assert_eq!(AuthMode::of(&explicit), AuthMode::Creds);
+    }
+
+    #[test]
+    fn transport_follows_the_tls_settings() {
+        assert_eq!(
+            Transport::of(&connection(&["nats://h:4222"])),
+            Transport::Plain
+        );
+        assert_eq!(
+            Transport::of(&connection(&["tls://h:4222"])),
+            Transport::Tls
+        );
+        let mut mutual = connection(&["nats://h:4222"]);
+        mutual.tls = TlsConfig {
+            cert_file: Some("c.pem".into()),
+            key_file: Some("k.pem".into()),
+            ..TlsConfig::default()
+        };
+        assert_eq!(Transport::of(&mutual), Transport::MutualTls);
+    }
+
+    #[test]
+    fn permission_violations_are_recognised() {
+        assert!(is_permission_violation(
+            "Permissions Violation for Publish to \"dlq.jobs\""
+        ));
+        assert!(!is_permission_violation("Authorization Violation"));
     }
 }
