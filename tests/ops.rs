@@ -159,6 +159,20 @@ async fn metrics_match_known_traffic() {
         "5 x 6s and 27 quick runs: {sum}"
     );
     assert_eq!(metric(&text, "jetworker_ready"), Some(1.0));
+    // Every metric deploy/OPERATIONS.md documents is served.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/OPERATIONS.md"))
+        .expect("deploy/OPERATIONS.md");
+    let documented: std::collections::BTreeSet<&str> = doc
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("jetworker_") && w.len() > "jetworker_".len())
+        .collect();
+    assert!(documented.len() >= 10, "{documented:?}");
+    for name in documented {
+        assert!(
+            text.contains(name),
+            "deploy/OPERATIONS.md documents {name}, /metrics does not serve it"
+        );
+    }
 
     stop.cancel();
     waiter.await.expect("stopped");
