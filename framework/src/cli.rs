@@ -1,5 +1,5 @@
 //! The subcommands every jetworker binary gets (`run`, `check`, `provision`, `status`,
-//! `dlq list/show/replay/purge`), so a user's worker binary and the
+//! `dlq list/show/replay/purge`, `permissions`), so a user's worker binary and the
 //! `workers` platform share one command line.
 //!
 //! A binary with no commands of its own calls [`main`]. One that adds commands embeds
@@ -103,6 +103,19 @@ pub enum Command {
         /// What to do with them.
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Print the publish and subscribe permissions `run` needs for this config, and a
+    /// nats-server `permissions {}` block granting exactly those (no server needed).
+    Permissions {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Leave out stream and consumer creation (an operator runs `provision`).
+        #[arg(long)]
+        without_provisioning: bool,
+        /// A subject the handlers publish to themselves (repeatable).
+        #[arg(long, value_name = "SUBJECT")]
+        publish: Vec<String>,
     },
 }
 
@@ -310,6 +323,11 @@ pub async fn execute<S: Send + Sync + 'static>(
         Command::Provision { dry_run } => run_provision(&config, dry_run).await,
         Command::Status { json } => run_status(&config, json).await,
         Command::Dlq { command } => run_dlq(&config, command).await,
+        Command::Permissions {
+            json,
+            without_provisioning,
+            publish,
+        } => run_permissions(&config, json, without_provisioning, publish),
     }
 }
 
@@ -398,6 +416,35 @@ async fn run_status(config: &Config, json: bool) -> ExitCode {
     };
     let _ = client.drain().await;
     code
+}
+
+fn run_permissions(
+    config: &Config,
+    json: bool,
+    without_provisioning: bool,
+    handler_publishes: Vec<String>,
+) -> ExitCode {
+    use crate::permissions::{Permissions, Scope};
+    let scope = Scope {
+        without_provisioning,
+        handler_publishes,
+    };
+    let permissions = Permissions::for_worker(config, &scope);
+    if json {
+        #[derive(serde::Serialize)]
+        struct Output<'a> {
+            #[serde(flatten)]
+            permissions: &'a Permissions,
+            server_block: String,
+        }
+        print_json(&Output {
+            permissions: &permissions,
+            server_block: permissions.server_block(),
+        })
+    } else {
+        print!("{}", permissions.text());
+        ExitCode::SUCCESS
+    }
 }
 
 fn dlq_error(e: &DlqError) -> ExitCode {

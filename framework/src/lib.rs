@@ -5,6 +5,7 @@
 //! - [`subject`]: NATS subject rules and wildcard matching.
 //! - [`provision`]: `plan(desired, actual)` (pure) and applying it to a server.
 //! - [`connect`]: the connection config as an async-nats client (every auth mode).
+//! - [`permissions`]: the least publish/subscribe permissions a worker's config needs.
 //! - [`handler`]: handlers as plain async functions; `Event`, `Context`, `HandlerError`.
 //! - [`codec`]: MessagePack (default) and JSON payloads, decoded defensively.
 //! - [`outcome`]: `decide(attempted, attempt, policy) -> Outcome`, the pure decision table.
@@ -33,6 +34,7 @@ pub mod dlq;
 pub mod handler;
 pub mod ops;
 pub mod outcome;
+pub mod permissions;
 pub mod provision;
 pub mod publisher;
 pub mod safety_net;

@@ -307,3 +307,148 @@ pub fn parse(text: &str) -> Config {
     Config::from_toml_with_env(text, Path::new("streams.toml"), std::iter::empty())
         .expect("valid config")
 }
+
+/// A worker binary run as a child process, its stderr collected line by line; killed
+/// on drop.
+pub struct WorkerProcess {
+    child: std::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerProcess {
+    /// `test_worker ARGS...` with `envs`; stdout is discarded unless collected by
+    /// [`run_to_end`].
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> WorkerProcess {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_test_worker"));
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("NATS_URL")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start test_worker");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("stderr pipe");
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        WorkerProcess {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits until stderr satisfies `check`; panics with the output after `within`.
+    pub async fn wait_for(&self, within: Duration, what: &str, check: impl Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let text = self.stderr();
+            if check(&text) {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("timed out after {within:?} waiting for {what}; stderr:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then waits (up to `within`) for the exit; returns the exit status and
+    /// the whole stderr.
+    pub async fn terminate(mut self, within: Duration) -> (Option<i32>, String) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + within;
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        (status, self.stderr())
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `test_worker ARGS...` to its end, killing it after 60 s: (exit code, stdout,
+/// stderr).
+pub fn run_to_end(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    use std::io::Read;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_test_worker"));
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("NATS_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start test_worker");
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = collect(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = collect(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    (
+        code,
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    )
+}

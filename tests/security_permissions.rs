@@ -1,0 +1,420 @@
+//! Least privilege against a real nats-server: the `permissions` command's block is
+//! pasted into a server user, and a worker under that user provisions, consumes, keeps
+//! state in a key-value bucket, dead-letters and runs its safety net with no permission
+//! violation. Under a narrower user (no dead-letter publish; no provisioning) it fails
+//! with a clear error naming the denied subject, and loses nothing.
+
+mod common;
+mod security_kit;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::{consumer_info, count, header, messages, wait_until};
+use jetworker::dead_letter;
+use jetworker::testing::server::NatsServer;
+use jetworker::{App, Context, Event, HandlerError};
+use jetworker_suite::{Job, Mode};
+use security_kit::*;
+use tokio_util::sync::CancellationToken;
+
+const ADMIN_PASSWORD: &str = "admin-pw-4e1d";
+const WORKER_PASSWORD: &str = "worker-pw-9c2b";
+
+/// The worker's config: a filtered consumer, a dead-letter stream, a KV bucket, its own
+/// inbox prefix.
+fn worker_config(url: &str, user: &str, password: &str) -> String {
+    format!(
+        r#"
+[connection]
+servers = ["{url}"]
+user = "{user}"
+password = "{password}"
+name = "least-privilege"
+inbox_prefix = "_INBOX_lp"
+request_timeout = "2s"
+connect_timeout = "3s"
+
+[worker]
+shutdown_grace = "5s"
+ops_listen = ""
+
+[[streams]]
+name = "EVENTS"
+subjects = ["jobs.>"]
+
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+
+[[kv_buckets]]
+name = "tally"
+
+[[consumers]]
+name = "jobs"
+stream = "EVENTS"
+filter_subject = "jobs.>"
+handler = "scripted"
+max_deliver = 4
+backoff = ["1s"]
+dead_letter_subject = "dlq.jobs"
+"#
+    )
+}
+
+/// `test_worker permissions --json` for `config_text`: the server block and subjects.
+fn permissions_of(dir: &std::path::Path, config_text: &str) -> serde_json::Value {
+    let path = dir.join("permissions.toml");
+    std::fs::write(&path, config_text).expect("write config");
+    let path = path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = run_to_end(&["--config", &path, "permissions", "--json"], &[]);
+    assert_eq!(code, Some(0), "permissions --json failed: {stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON output");
+    // The text form says the same, with reasons.
+    let (code, text, _) = run_to_end(&["--config", &path, "permissions"], &[]);
+    assert_eq!(code, Some(0));
+    for p in json["publish"].as_array().expect("publish list") {
+        assert!(
+            text.contains(p["subject"].as_str().unwrap_or("?")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains(json["server_block"].as_str().unwrap_or("?")),
+        "{text}"
+    );
+    json
+}
+
+/// A server with an admin (everything) and the given worker users.
+fn server_with_users(users: &[(&str, String)]) -> NatsServer {
+    let mut entries = vec![format!(
+        "    {{ user: \"admin\", password: \"{ADMIN_PASSWORD}\" }}"
+    )];
+    for (user, block) in users {
+        entries.push(format!(
+            "    {{\n      user: \"{user}\", password: \"{WORKER_PASSWORD}\"\n      {}\n    }}",
+            block.replace('\n', "\n      ")
+        ));
+    }
+    server_with(format!(
+        "authorization {{\n  users: [\n{}\n  ]\n}}",
+        entries.join("\n")
+    ))
+}
+
+async fn admin(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), ADMIN_PASSWORD.into())
+            .connect(server.url())
+            .await
+            .expect("admin connects");
+    let js = jetstream::new(client.clone());
+    (client, js)
+}
+
+async fn publish_job(js: &jetstream::Context, job: &Job) {
+    js.publish(
+        format!("jobs.{}", job.id),
+        rmp_serde::to_vec_named(job).expect("encode").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+}
+
+/// Violations the server logged (it logs every denied publish and subscribe).
+fn violations(server: &NatsServer) -> Vec<String> {
+    std::fs::read_to_string(server.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[derive(Default)]
+struct Tally {
+    handled: AtomicU64,
+}
+
+/// Counts each job in the KV bucket (write, then read back), or fails permanently.
+async fn counting(job: Event<Job>, ctx: Context<Arc<Tally>>) -> Result<(), HandlerError> {
+    if job.mode == Mode::Permanent {
+        return Err(HandlerError::permanent(format!(
+            "job {} is invalid",
+            job.id
+        )));
+    }
+    let js = ctx.jetstream().ok_or("no JetStream context")?;
+    let kv = js
+        .get_key_value("tally")
+        .await
+        .map_err(HandlerError::transient)?;
+    let key = format!("job_{}", job.id);
+    kv.put(&key, job.id.to_string().into())
+        .await
+        .map_err(HandlerError::transient)?;
+    let back = kv.get(&key).await.map_err(HandlerError::transient)?;
+    if back.as_deref() != Some(job.id.to_string().as_bytes()) {
+        return Err(HandlerError::transient("read back something else"));
+    }
+    // Watching keys (an ordered consumer on the bucket's stream) works too.
+    let mut keys = kv.keys().await.map_err(HandlerError::transient)?;
+    futures::StreamExt::next(&mut keys)
+        .await
+        .ok_or("no keys")?
+        .map_err(HandlerError::transient)?;
+    ctx.state().handled.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_under_exactly_the_printed_permissions_does_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let printed = permissions_of(
+        dir.path(),
+        &worker_config("nats://127.0.0.1:4222", "worker", WORKER_PASSWORD),
+    );
+    let block = printed["server_block"]
+        .as_str()
+        .expect("server block")
+        .to_string();
+    assert_eq!(printed["subscribe"][0]["subject"], "_INBOX_lp.>");
+    let server = server_with_users(&[("worker", block)]);
+    let (_admin, js) = admin(&server).await;
+
+    let config = parse(&worker_config(&server.url(), "worker", WORKER_PASSWORD));
+    let tally = Arc::new(Tally::default());
+    let stop = CancellationToken::new();
+    let app = App::new(tally.clone()).handler("scripted", counting);
+    let worker = tokio::spawn(app.run_until(config, stop.clone()));
+
+    wait_until(
+        Duration::from_secs(20),
+        "provisioned by the worker",
+        || async {
+            js.get_stream("EVENTS").await.is_ok()
+                && js.get_stream("KV_tally").await.is_ok()
+                && js.get_stream("JETWORKER_ADVISORIES").await.is_ok()
+        },
+    )
+    .await;
+    for id in 1..=5 {
+        publish_job(&js, &Job::ok(id)).await;
+    }
+    publish_job(
+        &js,
+        &Job {
+            id: 6,
+            mode: Mode::Permanent,
+            until: 0,
+            sleep_ms: 0,
+        },
+    )
+    .await;
+    js.publish("jobs.garbage", b"\xc1 not msgpack".as_ref().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    wait_until(
+        Duration::from_secs(30),
+        "five counted, two dead letters",
+        || async { tally.handled.load(Ordering::SeqCst) == 5 && count(&js, "DLQ").await == 2 },
+    )
+    .await;
+
+    // The safety net: a max-deliveries advisory for message 1 (as the server publishes
+    // it when a last delivery never settles) makes the worker fetch the original by
+    // sequence and dead-letter it.
+    let advisory = serde_json::json!({
+        "type": "io.nats.jetstream.advisory.v1.max_deliver",
+        "id": "test", "timestamp": "2024-01-01T00:00:00Z",
+        "stream": "EVENTS", "consumer": "jobs", "stream_seq": 1, "deliveries": 4,
+    });
+    js.publish(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.EVENTS.jobs",
+        advisory.to_string().into(),
+    )
+    .await
+    .expect("publish advisory")
+    .await
+    .expect("captured by the advisory stream");
+    wait_until(
+        Duration::from_secs(20),
+        "the safety net's dead letter",
+        || async { count(&js, "DLQ").await == 3 },
+    )
+    .await;
+    let reasons: Vec<String> = messages(&js, "DLQ")
+        .await
+        .iter()
+        .filter_map(|m| header(m, dead_letter::REASON))
+        .collect();
+    assert_eq!(reasons, ["permanent", "decode", "abandoned"]);
+    wait_until(Duration::from_secs(10), "everything settled", || async {
+        let info = consumer_info(&js, "EVENTS", "jobs").await;
+        info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("ran without error");
+    let denied = violations(&server);
+    assert!(
+        denied.is_empty(),
+        "the server denied something: {denied:#?}"
+    );
+}
+
+#[tokio::test]
+async fn narrower_users_fail_clearly_and_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = permissions_of(
+        dir.path(),
+        &worker_config("nats://127.0.0.1:4222", "worker", WORKER_PASSWORD),
+    );
+    let full_block = full["server_block"].as_str().expect("block").to_string();
+    // Without the dead-letter publish.
+    let no_dead_letters = full_block.replace("      \"dlq.jobs\"\n", "");
+    assert_ne!(no_dead_letters, full_block);
+    // Without stream and consumer creation (as `--without-provisioning` prints it).
+    let path = dir.path().join("readonly.toml");
+    std::fs::write(
+        &path,
+        worker_config("nats://127.0.0.1:4222", "worker", WORKER_PASSWORD),
+    )
+    .expect("write");
+    let (code, stdout, _) = run_to_end(
+        &[
+            "--config",
+            &path.to_string_lossy(),
+            "permissions",
+            "--json",
+            "--without-provisioning",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0));
+    let readonly: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let readonly_block = readonly["server_block"]
+        .as_str()
+        .expect("block")
+        .to_string();
+    assert!(!readonly_block.contains("STREAM.CREATE.EVENTS"));
+
+    let server = server_with_users(&[
+        ("worker", full_block),
+        ("no_dlq", no_dead_letters),
+        ("readonly", readonly_block),
+    ]);
+    let (_admin, js) = admin(&server).await;
+
+    // 1. No provisioning rights on an empty server: the worker says which subject the
+    //    server denied, and keeps retrying (it does not exit or spin).
+    let readonly_config = dir.path().join("readonly-run.toml");
+    std::fs::write(
+        &readonly_config,
+        worker_config(&server.url(), "readonly", WORKER_PASSWORD),
+    )
+    .expect("write");
+    let readonly_worker = WorkerProcess::spawn(
+        &["--config", &readonly_config.to_string_lossy(), "run"],
+        &[],
+    );
+    readonly_worker
+        .wait_for(
+            Duration::from_secs(30),
+            "the denied stream creation",
+            |err| {
+                err.contains(
+                    "Permissions Violation for Publish to \"$JS.API.STREAM.CREATE.EVENTS\"",
+                ) && err.contains("the `permissions` subcommand")
+                    && err.contains("provisioning failed; retrying")
+            },
+        )
+        .await;
+    let (code, stderr) = readonly_worker.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "stops cleanly on SIGTERM: {stderr}");
+    assert!(!stderr.contains(WORKER_PASSWORD), "{stderr}");
+
+    // 2. No dead-letter publish: a permanent failure cannot be copied, so the original
+    //    is kept (nak'ed for a retry), with the violation and the failed copy logged.
+    let no_dlq_config = dir.path().join("no-dlq.toml");
+    std::fs::write(
+        &no_dlq_config,
+        worker_config(&server.url(), "no_dlq", WORKER_PASSWORD),
+    )
+    .expect("write");
+    let narrow = WorkerProcess::spawn(&["--config", &no_dlq_config.to_string_lossy(), "run"], &[]);
+    wait_until(Duration::from_secs(20), "provisioned", || async {
+        js.get_stream("EVENTS").await.is_ok() && js.get_stream("DLQ").await.is_ok()
+    })
+    .await;
+    publish_job(&js, &Job::ok(1)).await;
+    publish_job(
+        &js,
+        &Job {
+            id: 2,
+            mode: Mode::Permanent,
+            until: 0,
+            sleep_ms: 0,
+        },
+    )
+    .await;
+    narrow
+        .wait_for(
+            Duration::from_secs(30),
+            "the denied dead-letter publish",
+            |err| {
+                err.contains("Permissions Violation for Publish to \"dlq.jobs\"")
+                    && err.contains("dead-letter copy not stored; the original is kept and retried")
+            },
+        )
+        .await;
+    let (code, stderr) = narrow.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let denied = violations(&server);
+    assert!(
+        denied.iter().any(|l| l.contains("dlq.jobs")),
+        "the server logged the denial too: {denied:#?}"
+    );
+    assert_eq!(count(&js, "DLQ").await, 0, "nothing was dead-lettered");
+    assert_eq!(count(&js, "EVENTS").await, 2, "the original is still there");
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    assert_eq!(info.ack_floor.stream_sequence, 1, "job 1 acked, job 2 not");
+
+    // 3. The same message under the full permissions: dead-lettered, nothing lost.
+    let full_config = dir.path().join("full.toml");
+    std::fs::write(
+        &full_config,
+        worker_config(&server.url(), "worker", WORKER_PASSWORD),
+    )
+    .expect("write");
+    let worker = WorkerProcess::spawn(&["--config", &full_config.to_string_lossy(), "run"], &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the kept message dead-lettered",
+        || async { count(&js, "DLQ").await == 1 },
+    )
+    .await;
+    let letter = &messages(&js, "DLQ").await[0];
+    assert_eq!(
+        header(letter, dead_letter::ORIGINAL_SUBJECT).as_deref(),
+        Some("jobs.2")
+    );
+    let (code, stderr) = worker.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("Violation"),
+        "the full user is denied nothing: {stderr}"
+    );
+}
