@@ -28,11 +28,16 @@ tokio::task_local! {
     static CURRENT: TraceContext;
 }
 
-fn is_hex(s: &str, len: usize) -> bool {
+/// `len` lowercase hex digits.
+fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        && s.bytes().any(|b| b != b'0')
+}
+
+/// `len` lowercase hex digits, not all zero (an id).
+fn is_hex(s: &str, len: usize) -> bool {
+    is_lower_hex(s, len) && s.bytes().any(|b| b != b'0')
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -50,21 +55,31 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl TraceContext {
-    /// Parses a `traceparent` value (version 00); `None` when it is not valid.
+    /// Parses a `traceparent` value; `None` when it is not valid.
+    ///
+    /// Version `00` must have exactly four fields. As W3C Trace Context asks, a later
+    /// version is read by its first four fields (anything after them is ignored) so a
+    /// newer sender's trace still continues; version `ff` is invalid. Only the sampled
+    /// flag is kept from a later version, since its other flag bits may mean anything.
     pub fn parse(header: &str) -> Option<TraceContext> {
-        let mut parts = header.trim().split('-');
+        let header = header.trim();
+        let mut parts = header.split('-');
         let (version, trace_id, span_id, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if version != "00" || parts.next().is_some() {
+        if !is_lower_hex(version, 2) || version == "ff" {
             return None;
         }
-        if !is_hex(trace_id, 32) || !is_hex(span_id, 16) || flags.len() != 2 {
+        if version == "00" && parts.next().is_some() {
             return None;
         }
+        if !is_hex(trace_id, 32) || !is_hex(span_id, 16) || !is_lower_hex(flags, 2) {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
         Some(TraceContext {
             trace_id: trace_id.to_string(),
             span_id: span_id.to_string(),
-            flags: u8::from_str_radix(flags, 16).ok()?,
+            flags: if version == "00" { flags } else { flags & 1 },
         })
     }
 
@@ -136,15 +151,35 @@ mod tests {
         assert_eq!(c.to_string(), v);
         for bad in [
             "",
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0A",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
         ] {
             assert!(TraceContext::parse(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_later_version_is_read_by_its_first_four_fields() {
+        let c = TraceContext::parse(
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-what-the-future-holds",
+        )
+        .expect("a later version continues the trace");
+        assert_eq!(c.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(c.span_id, "00f067aa0ba902b7");
+        assert_eq!(c.flags, 1, "only the sampled flag is known");
+        assert_eq!(
+            c.to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "we speak version 00"
+        );
     }
 
     #[test]
