@@ -527,6 +527,12 @@ fn the_disruption_budget_selects_the_deployment_and_allows_drains() {
     } else {
         panic!("the PDB needs maxUnavailable or minAvailable");
     }
+    // Every worker is unready while NATS is down; that must not block node drains.
+    assert_eq!(
+        spec["unhealthyPodEvictionPolicy"].as_str(),
+        Some("AlwaysAllow"),
+        "unready workers must stay evictable"
+    );
 }
 
 #[test]
