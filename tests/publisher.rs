@@ -169,3 +169,153 @@ async fn pipelined_publishing_counts_stored_and_duplicates() {
     assert_eq!(report.duplicates, 100);
     assert_eq!(count(&js, "EVENTS").await, 5_000);
 }
+
+#[tokio::test]
+async fn json_codec_publishes_json() {
+    let server = NatsServer::start().expect("server");
+    let js = setup(&server).await;
+    let publisher = Publisher::new(js.clone()).with_codec(jetworker::codec::CodecKind::Json);
+    let click = Click {
+        id: "j-1".into(),
+        page: "/json".into(),
+    };
+    publisher
+        .publish("events.click", &click.id, &click)
+        .await
+        .expect("publish");
+    let stored = messages(&js, "EVENTS").await;
+    assert_eq!(&stored[0].payload[..], br#"{"id":"j-1","page":"/json"}"#);
+}
+
+#[tokio::test]
+async fn no_responders_are_retried_until_the_stream_exists() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let publisher = Publisher::new(js.clone()).with_retry(RetryPolicy {
+        deadline: Duration::from_secs(20),
+        ack_timeout: Duration::from_secs(2),
+        ..RetryPolicy::default()
+    });
+    // Nothing captures `late.>` yet: the server answers "no responders".
+    let creator = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            js.create_stream(jetstream::stream::Config {
+                name: "LATE".into(),
+                subjects: vec!["late.>".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("stream")
+        })
+    };
+    let started = Instant::now();
+    let ack = publisher
+        .publish(
+            "late.click",
+            "l-1",
+            &Click {
+                id: "l-1".into(),
+                page: "/".into(),
+            },
+        )
+        .await
+        .expect("retried until the stream existed");
+    assert_eq!(ack.stream, "LATE");
+    assert!(started.elapsed() >= Duration::from_millis(1000));
+    creator.await.expect("creator");
+    assert_eq!(count(&js, "LATE").await, 1);
+}
+
+#[tokio::test]
+async fn a_stream_that_refuses_more_messages_is_a_permanent_error() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "FULL".into(),
+        subjects: vec!["full.>".into()],
+        max_messages: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let publisher = Publisher::new(js.clone());
+    let one = |id: &str| Click {
+        id: id.into(),
+        page: "/".into(),
+    };
+    publisher
+        .publish("full.click", "f-1", &one("f-1"))
+        .await
+        .expect("the first fits");
+    let started = Instant::now();
+    let err = publisher
+        .publish("full.click", "f-2", &one("f-2"))
+        .await
+        .expect_err("the stream is full");
+    assert_eq!(err.kind, PublishFailure::Rejected, "{err}");
+    assert_eq!(err.attempts, 1);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(err.to_string().contains("full.click"), "{err}");
+}
+
+/// A server that stalls (its TCP connection open, nothing answered) and is then killed
+/// and restarted, in the middle of a pipelined run: the whole window of PubAcks is lost.
+/// Every message still ends stored exactly once (retries reuse the message ids), and the
+/// lost window costs about one ack timeout, not one per message (256 x 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishing_survives_a_stalled_and_restarted_server() {
+    const N: u32 = 2_000;
+    let mut server = Some(NatsServer::start().expect("server"));
+    let js = setup(server.as_ref().expect("server")).await;
+    let publisher = Publisher::new(js.clone()).with_retry(RetryPolicy {
+        deadline: Duration::from_secs(30),
+        ack_timeout: Duration::from_secs(1),
+        ..RetryPolicy::default()
+    });
+    let started = Instant::now();
+    let mut pipeline = publisher.pipeline(256);
+    let mut restarter = None;
+    for i in 0..N {
+        if i == N / 4 {
+            let mut server = server.take().expect("server");
+            let pid = server.pid().expect("running").to_string();
+            let stopped = std::process::Command::new("kill")
+                .args(["-STOP", &pid])
+                .status()
+                .expect("kill -STOP");
+            assert!(stopped.success());
+            restarter = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(1500));
+                server.kill();
+                server.restart().expect("restart");
+                server
+            }));
+        }
+        let click = Click {
+            id: format!("p-{i}"),
+            page: "/".into(),
+        };
+        pipeline
+            .publish("events.click", &click.id, &click)
+            .await
+            .expect("queued");
+    }
+    let report = pipeline.finish().await.expect("every PubAck in the end");
+    let took = started.elapsed();
+    let _server = restarter.expect("restarted").join().expect("restarter");
+    assert_eq!(
+        report.stored + report.duplicates,
+        u64::from(N),
+        "{report:?}"
+    );
+    assert!(
+        report.retried >= 100,
+        "the window's PubAcks were lost: {report:?}"
+    );
+    assert_eq!(count(&js, "EVENTS").await, u64::from(N), "each stored once");
+    assert!(took < Duration::from_secs(90), "took {took:?}");
+    eprintln!("{N} pipelined across a stall, kill and restart in {took:?}: {report:?}");
+}

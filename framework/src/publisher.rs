@@ -28,6 +28,7 @@ use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, publish::PublishAck};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -46,7 +47,9 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// The longest pause between attempts.
     pub max_backoff: Duration,
-    /// How long one attempt waits for its PubAck.
+    /// How long one attempt may take, from sending to its PubAck. In a [`Pipeline`] it
+    /// counts from the send too, so a server that went away costs one timeout for the
+    /// whole window, not one per message.
     pub ack_timeout: Duration,
 }
 
@@ -86,15 +89,29 @@ pub struct PublishError {
     pub message: String,
 }
 
-/// Whether retrying can help.
-fn is_transient(kind: &PublishErrorKind) -> bool {
-    matches!(
-        kind,
+/// Whether retrying can help: no PubAck in time, the connection broken, no responders
+/// (JetStream restarting, a leader election, the stream not created yet), too many
+/// PubAcks outstanding, or JetStream saying it has no quorum or no leader right now.
+/// Everything else (a wrong expected sequence or message id, a payload over a limit, a
+/// stream refusing more messages, JetStream off) fails the same way again. The HTTP-like
+/// `code` does not tell them apart: a full stream answers 503 too.
+fn is_transient(e: &async_nats::jetstream::context::PublishError) -> bool {
+    match e.kind() {
         PublishErrorKind::TimedOut
-            | PublishErrorKind::BrokenPipe
-            | PublishErrorKind::StreamNotFound
-            | PublishErrorKind::MaxAckPending
-    )
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::StreamNotFound
+        | PublishErrorKind::MaxAckPending => true,
+        PublishErrorKind::Other => std::error::Error::source(e)
+            .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|api| {
+                [
+                    ErrorCode::CLUSTER_NOT_AVAILABLE,
+                    ErrorCode::CLUSTER_NOT_LEADER,
+                ]
+                .contains(&api.error_code())
+            }),
+        _ => false,
+    }
 }
 
 /// Publishes typed events with retries. Cheap to clone.
@@ -166,8 +183,9 @@ impl Publisher {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
+            let left = self.retry.deadline.saturating_sub(started.elapsed());
             let result = self
-                .attempt(subject, headers.clone(), payload.clone())
+                .attempt(subject, headers.clone(), payload.clone(), left)
                 .await;
             let error = match result {
                 Ok(ack) => return Ok(ack),
@@ -198,18 +216,28 @@ impl Publisher {
         }
     }
 
+    /// One publish: sent and its PubAck awaited within `ack_timeout`, and never past
+    /// what is left of the deadline.
     async fn attempt(
         &self,
         subject: &str,
         headers: HeaderMap,
         payload: Bytes,
+        left: Duration,
     ) -> Result<PublishAck, Failure> {
-        let sent = self
-            .js
-            .publish_with_headers(subject.to_string(), headers, payload)
-            .await;
-        let future = sent.map_err(classify)?;
-        await_ack(future, self.retry.ack_timeout).await
+        let limit = self.retry.ack_timeout.min(left);
+        let attempt = async {
+            let future = self
+                .js
+                .publish_with_headers(subject.to_string(), headers, payload)
+                .await
+                .map_err(classify)?;
+            future.into_future().await.map_err(classify)
+        };
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(no_ack_within(limit)),
+        }
     }
 
     fn encode<T: Serialize + ?Sized>(
@@ -229,6 +257,19 @@ impl Publisher {
 
     /// A pipelined publisher: up to `window` PubAcks outstanding at once, for throughput.
     /// Failed publishes are retried (with their message id) when their PubAck fails.
+    ///
+    /// ```no_run
+    /// # async fn demo(publisher: jetworker::publisher::Publisher) -> Result<(), jetworker::publisher::PublishError> {
+    /// let mut pipeline = publisher.pipeline(256);
+    /// for i in 0..10_000u32 {
+    ///     let id = format!("e-{i}");
+    ///     pipeline.publish("events.click", &id, &i).await?;
+    /// }
+    /// // Every PubAck checked: stored, or recognised as a duplicate of its id.
+    /// let report = pipeline.finish().await?;
+    /// println!("stored {}, duplicates {}", report.stored, report.duplicates);
+    /// # Ok(()) }
+    /// ```
     pub fn pipeline(&self, window: usize) -> Pipeline {
         Pipeline {
             publisher: self.clone(),
@@ -249,22 +290,27 @@ enum Failure {
 }
 
 fn classify(e: async_nats::jetstream::context::PublishError) -> Failure {
-    if is_transient(&e.kind()) {
+    if is_transient(&e) {
         Failure::Transient(e.to_string())
     } else {
         Failure::Permanent(e.to_string())
     }
 }
 
+/// Waits for a PubAck already on its way, up to `timeout`.
 async fn await_ack(future: PublishAckFuture, timeout: Duration) -> Result<PublishAck, Failure> {
     match tokio::time::timeout(timeout, future.into_future()).await {
         Ok(Ok(ack)) => Ok(ack),
         Ok(Err(e)) => Err(classify(e)),
-        Err(_) => Err(Failure::Transient(format!(
-            "no PubAck within {}",
-            humantime::format_duration(timeout)
-        ))),
+        Err(_) => Err(no_ack_within(timeout)),
     }
+}
+
+fn no_ack_within(timeout: Duration) -> Failure {
+    Failure::Transient(format!(
+        "no PubAck within {}",
+        humantime::format_duration(round_ms(timeout))
+    ))
 }
 
 /// Adds the message id and, unless the caller set one, a `traceparent` (continuing the
@@ -284,7 +330,9 @@ fn with_msg_id(mut headers: HeaderMap, msg_id: &str) -> HeaderMap {
 pub struct PipelineReport {
     /// Messages stored (first time).
     pub stored: u64,
-    /// Messages the server recognised as duplicates of its message id.
+    /// Messages the server recognised as duplicates of their message id: repeats of an
+    /// id published before, and retries whose first attempt had been stored though its
+    /// PubAck was lost.
     pub duplicates: u64,
     /// Publishes retried one by one after their pipelined PubAck failed.
     pub retried: u64,
@@ -295,9 +343,17 @@ struct Pending {
     headers: HeaderMap,
     payload: Bytes,
     future: PublishAckFuture,
+    sent_at: Instant,
 }
 
 /// Pipelined publishing: many PubAcks outstanding, each checked; see [`Publisher::pipeline`].
+///
+/// A publish whose PubAck fails transiently (or does not come within `ack_timeout` of its
+/// send) is retried on its own, with its message id, under the publisher's retry policy.
+/// When a call returns an error, messages still in flight may or may not be stored:
+/// publishing them again with the same message ids (within the stream's duplicate
+/// window) stores each once. Dropping a pipeline without [`Pipeline::finish`] leaves
+/// their outcome unchecked.
 pub struct Pipeline {
     publisher: Publisher,
     window: usize,
@@ -342,6 +398,7 @@ impl Pipeline {
                     headers,
                     payload,
                     future,
+                    sent_at: Instant::now(),
                 });
                 Ok(())
             }
@@ -362,7 +419,14 @@ impl Pipeline {
         let Some(p) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        match await_ack(p.future, self.publisher.retry.ack_timeout).await {
+        // Its PubAck was due `ack_timeout` after it was sent; the futures queued behind
+        // a lost one have been waiting all along, so they do not each get a full timeout.
+        let left = self
+            .publisher
+            .retry
+            .ack_timeout
+            .saturating_sub(p.sent_at.elapsed());
+        match await_ack(p.future, left).await {
             Ok(ack) => {
                 self.count(&ack);
                 Ok(())
@@ -400,5 +464,57 @@ impl Pipeline {
             self.settle_oldest().await?;
         }
         Ok(self.report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::PublishError as NatsPublishError;
+
+    fn api_error(code: usize, err_code: u64) -> NatsPublishError {
+        let api: async_nats::jetstream::Error = serde_json::from_str(&format!(
+            r#"{{"code":{code},"err_code":{err_code},"description":"test"}}"#
+        ))
+        .unwrap_or_else(|e| panic!("a JetStream error: {e}"));
+        NatsPublishError::with_source(PublishErrorKind::Other, api)
+    }
+
+    #[test]
+    fn transient_and_permanent_failures() {
+        for kind in [
+            PublishErrorKind::TimedOut,
+            PublishErrorKind::BrokenPipe,
+            PublishErrorKind::StreamNotFound,
+            PublishErrorKind::MaxAckPending,
+        ] {
+            assert!(is_transient(&NatsPublishError::new(kind)), "{kind:?}");
+        }
+        for kind in [
+            PublishErrorKind::WrongLastMessageId,
+            PublishErrorKind::WrongLastSequence,
+            PublishErrorKind::MaxPayloadExceeded,
+            PublishErrorKind::Other,
+        ] {
+            assert!(!is_transient(&NatsPublishError::new(kind)), "{kind:?}");
+        }
+        // No quorum / no leader right now: retry.
+        assert!(is_transient(&api_error(503, 10008)));
+        assert!(is_transient(&api_error(500, 10009)));
+        // A full stream (discard new) answers 503 too, and stays full: do not retry.
+        assert!(!is_transient(&api_error(503, 10077)));
+        // A message over the stream's size limit.
+        assert!(!is_transient(&api_error(400, 10054)));
+    }
+
+    #[test]
+    fn message_ids_and_trace_headers() {
+        let headers = with_msg_id(HeaderMap::new(), "e-1");
+        assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("e-1"));
+        assert!(headers.get(trace::TRACEPARENT).is_some());
+        // An empty id (a retry keeping the headers it has) adds none.
+        assert!(with_msg_id(HeaderMap::new(), "")
+            .get("Nats-Msg-Id")
+            .is_none());
     }
 }
