@@ -251,3 +251,49 @@ async fn readyz_follows_the_server() {
     );
     waiter.await.expect("stopped");
 }
+
+/// A start that fails (here: a provisioning conflict) stops the ops endpoint it had
+/// started, so a retry in the same process can bind the port again.
+#[tokio::test]
+async fn a_failed_start_releases_the_ops_port() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    // EVENTS in memory; the config wants it on file: the server cannot change that.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "EVENTS".into(),
+        subjects: vec!["jobs.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut config = ops_config(&server.url());
+    config.worker.ops_listen = format!("127.0.0.1:{port}");
+    let started = App::new(Arc::new(Probe::default()))
+        .handler("scripted", scripted)
+        .start(config, CancellationToken::new())
+        .await;
+    assert!(
+        matches!(
+            started,
+            Err(jetworker::app::RunError::Provision(
+                jetworker::provision::ProvisionError::Conflicts(_)
+            ))
+        ),
+        "a storage conflict fails the start"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the ops port is free again",
+        || async {
+            tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}

@@ -155,6 +155,9 @@ impl<S: Send + Sync + 'static> App<S> {
         // watchdog and status): stopped by `aux_stop` at the very end of `wait`.
         let aux = TaskTracker::new();
         let aux_stop = CancellationToken::new();
+        // Whatever way this returns without a running worker (an error, a stop while
+        // connecting), the background tasks end with it: the ops port is released.
+        let aux_guard = aux_stop.clone().drop_guard();
         // The ops endpoint answers from the start: live while connecting, ready later.
         let ops_address = if config.worker.ops_listen.is_empty() {
             None
@@ -251,6 +254,7 @@ impl<S: Send + Sync + 'static> App<S> {
                 stats: consumer_stats,
                 stop: stop.clone(),
                 hard_stop: hard_stop.clone(),
+                inline_first_poll: std::sync::atomic::AtomicBool::new(true),
             });
             tracker.spawn(consumer::run(rt));
         }
@@ -267,6 +271,7 @@ impl<S: Send + Sync + 'static> App<S> {
             if config.consumers.len() == 1 { "" } else { "s" }
         );
         notify_systemd(&health, &aux, &stop, &aux_stop, &running_text);
+        aux_guard.disarm();
         Ok(Running {
             client: Some(client),
             tracker,
