@@ -662,3 +662,63 @@ dead_letter_subject = "dlq.audit"
     assert!(out.status.success());
     assert!(stdout(&out).contains("nothing to purge"));
 }
+
+/// `dlq purge` without `--yes` on a terminal asks, and deletes only after "y". The
+/// terminal is a real pseudo-terminal from `script` (util-linux), the answer typed into it.
+#[tokio::test]
+async fn purge_asks_on_a_terminal() {
+    let server = NatsServer::start().expect("server");
+    let (_client, js, _config) = provisioned(&server.url(), "max_deliver = 1").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config_file(dir.path(), &server.url(), "max_deliver = 1");
+    for id in [1, 2] {
+        craft_dead_letter(
+            &js,
+            &Job::ok(id),
+            "jobs",
+            Reason::Permanent,
+            id,
+            HeaderMap::new(),
+        )
+        .await;
+    }
+    let on_terminal = |answer: &str| {
+        let command = format!(
+            "{} --config {} dlq purge --all",
+            env!("CARGO_BIN_EXE_test_worker"),
+            path.display()
+        );
+        let mut child = std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("`script` (util-linux) runs the command on a pseudo-terminal");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin
+                .write_all(format!("{answer}\n").as_bytes())
+                .expect("type the answer");
+        }
+        child.wait_with_output().expect("script")
+    };
+
+    let out = on_terminal("n");
+    let text = stdout(&out);
+    assert!(
+        text.contains("Delete 2 dead letters (DLQ/jobs: 2) for good? [y/N]"),
+        "{text}"
+    );
+    assert!(text.contains("aborted: nothing was deleted"), "{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(count(&js, "DLQ").await, 2);
+
+    let out = on_terminal("y");
+    let text = stdout(&out);
+    assert!(text.contains("purged 2 dead letters"), "{text}");
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(count(&js, "DLQ").await, 0);
+}
