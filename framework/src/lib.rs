@@ -21,7 +21,8 @@
 //! - [`status`]: per consumer its backlog and dead letters, per stream its size (`status`).
 //! - [`dlq`]: listing, showing, replaying and purging dead letters (`dlq ...`).
 //! - [`trace`]: W3C `traceparent` continued from deliveries and added by the publisher.
-//! - `testing` (feature `testing`): real `nats-server` processes for integration tests.
+//! - `testing` (feature `testing`): for users' tests: the handler harness (outcomes without
+//!   a server) and real `nats-server` processes for integration tests.
 
 pub mod app;
 pub mod cli;

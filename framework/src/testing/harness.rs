@@ -5,6 +5,18 @@
 //! handler with timeout and panic capture, then [`decide`]), so what passes here is what
 //! happens in production.
 //!
+//! - [`HandlerHarness::call`] / [`call_at`](HandlerHarness::call_at): a value, encoded
+//!   with the consumer's codec, as delivery number 1 / `attempt`.
+//! - [`HandlerHarness::deliver`]: raw bytes with headers, attempt, subject
+//!   ([`Delivery`]): malformed payloads, headers the handler reads, the last attempt.
+//! - [`HandlerHarness::with_consumer`]: the consumer's settings from your config (codec,
+//!   `max_deliver`, the `backoff` schedule, handler timeout, size limit), so the retry
+//!   delays and the last attempt are production's.
+//! - [`HandlerHarness::with_jetstream`]: for handlers that use key-value buckets or
+//!   publish, a JetStream context on a real test server ([`crate::testing::server`]).
+//!
+//! `examples/testing_a_handler.rs` shows it in a user's tests.
+//!
 //! ```
 //! use jetworker::testing::harness::HandlerHarness;
 //! use jetworker::outcome::{Outcome, Reason};
@@ -83,6 +95,12 @@ impl Delivery {
         self.subject = subject.to_string();
         self
     }
+
+    /// Sets the stream sequence ([`Context::stream_sequence`]).
+    pub fn sequence(mut self, sequence: u64) -> Self {
+        self.sequence = sequence;
+        self
+    }
 }
 
 /// A handler with the consumer settings that shape its outcomes.
@@ -90,6 +108,7 @@ pub struct HandlerHarness<S> {
     state: Arc<S>,
     handler: Arc<dyn ErasedHandler<S>>,
     consumer: ConsumerConfig,
+    jetstream: Option<async_nats::jetstream::Context>,
 }
 
 impl<S: Send + Sync + 'static> HandlerHarness<S> {
@@ -107,7 +126,16 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
                 name: "test".to_string(),
                 ..ConsumerConfig::default()
             },
+            jetstream: None,
         }
+    }
+
+    /// Gives the handler a JetStream context ([`Context::jetstream`]), for handlers that
+    /// use key-value buckets or publish: connect it to a real server from
+    /// [`crate::testing::server`]. Without one, `ctx.jetstream()` is `None`.
+    pub fn with_jetstream(mut self, js: async_nats::jetstream::Context) -> Self {
+        self.jetstream = Some(js);
+        self
     }
 
     /// Uses a consumer's settings from a config (codec, limits, schedule, max_deliver).
@@ -157,11 +185,17 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
     }
 
     /// Encodes `value` with the codec and calls the handler as a first delivery.
+    ///
+    /// # Panics
+    /// When `value` cannot be encoded with the consumer's codec: the test itself is wrong.
     pub async fn call<T: Serialize + ?Sized>(&self, value: &T) -> Outcome {
         self.call_at(value, 1).await
     }
 
     /// Encodes `value` and calls the handler as delivery number `attempt`.
+    ///
+    /// # Panics
+    /// When `value` cannot be encoded with the consumer's codec: the test itself is wrong.
     pub async fn call_at<T: Serialize + ?Sized>(&self, value: &T, attempt: u64) -> Outcome {
         match codec::encode(self.consumer.codec, value) {
             Ok(payload) => self.deliver(Delivery::new(payload).attempt(attempt)).await,
@@ -172,10 +206,13 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
     /// Calls the handler with a raw delivery (payload bytes, headers, attempt).
     pub async fn deliver(&self, delivery: Delivery) -> Outcome {
         let policy = self.consumer.retry_policy();
-        let ctx = Context::new(self.state.clone(), delivery.subject, delivery.attempt)
+        let mut ctx = Context::new(self.state.clone(), delivery.subject, delivery.attempt)
             .with_headers(delivery.headers)
             .with_origin("TEST", &self.consumer.name, delivery.sequence)
             .with_max_deliver(policy.max_deliver);
+        if let Some(js) = &self.jetstream {
+            ctx = ctx.with_jetstream(js.clone());
+        }
         let attempted = match prepare(
             self.handler.as_ref(),
             &delivery.payload,
