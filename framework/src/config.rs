@@ -1121,13 +1121,21 @@ fn key_path(dotted: &str) -> String {
 /// Keys whose values are never quoted in an error.
 const SECRET_KEYS: [&str; 2] = ["password", "token"];
 
-/// Parse errors can quote values; remove anything that looks like URL userinfo.
+/// Parse errors can quote values: drop the source excerpt a TOML syntax error shows (the
+/// offending line can hold a secret: `3 | password = "..."`), keeping the position and
+/// the reason, and remove anything that looks like URL userinfo (`user:pw@`, `token@`).
 fn sanitize(message: &str) -> String {
-    message
+    let kept: Vec<&str> = message
+        .lines()
+        .filter(|line| !is_source_excerpt(line) && !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    kept.join(": ")
         .split(' ')
         .map(|word| {
-            if word.contains("://") {
-                redact_userinfo(word)
+            // `scheme://userinfo@host`, and `token@host` (a server URL without scheme).
+            if word.contains("://") || word.contains('@') {
+                redact_userinfo(word.trim_start_matches(['"', '\'']))
             } else {
                 word.to_string()
             }
@@ -1136,10 +1144,39 @@ fn sanitize(message: &str) -> String {
         .join(" ")
 }
 
+/// A line of the source excerpt in a TOML error: `  |`, `3 | text`, `  | ^^^`.
+fn is_source_excerpt(line: &str) -> bool {
+    line.trim_start()
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+        .trim_start()
+        .starts_with('|')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[test]
+    fn syntax_errors_do_not_quote_the_line() {
+        for text in [
+            "[connection]\npassword = \"pw-Unterminated-1\n",
+            "[connection]\ntoken = \"tok-Twice-2\"\ntoken = \"tok-Twice-2\"\n",
+            "[connection]\nservers = [\"nats://u:pw-In-Url-3@h:4222\" \"x\"]\n",
+            "[connection]\nservers = \"tok-No-Scheme-4@h:4222\"\n",
+        ] {
+            let err = Config::from_toml_with_env(text, Path::new("s.toml"), std::iter::empty())
+                .expect_err("a syntax error");
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("pw-") && !shown.contains("tok-"), "{shown}");
+            assert!(
+                shown.contains("line 2")
+                    || shown.contains("line 3")
+                    || shown.contains("connection.servers: invalid type"),
+                "{shown}"
+            );
+        }
+    }
 
     #[test]
     fn url_credentials_are_read_and_stripped() {
@@ -1193,6 +1230,9 @@ mod tests {
             "{problems:?}"
         );
         let shown = format!("{problems:?}");
-        assert!(!shown.contains("pw-first") && !shown.contains("pw-second"), "{shown}");
+        assert!(
+            !shown.contains("pw-first") && !shown.contains("pw-second"),
+            "{shown}"
+        );
     }
 }
