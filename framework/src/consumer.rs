@@ -248,6 +248,9 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
             Ok(SessionEnd::Stopped) => break,
             Ok(end) => {
                 tracing::info!(stream = %rt.spec.stream, consumer = %rt.spec.name, reason = ?end, "restarting pull");
+                if matches!(end, SessionEnd::HeartbeatsMissed) {
+                    revive_connection(&rt).await;
+                }
                 failures = match end {
                     SessionEnd::NoResponders | SessionEnd::SubscriptionClosed => failures + 1,
                     _ => 0,
@@ -271,6 +274,42 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     }
     tasks.close();
     tasks.wait().await;
+}
+
+/// After missed heartbeats: replaces a connection that no longer answers.
+///
+/// Heartbeats stop either because the server lost our pull request (a consumer leader
+/// moved: the connection is fine) or because the connection died without the socket
+/// noticing (a silent partition, a dropped NAT entry). The client's own pings notice the
+/// latter only after three ping intervals (minutes by default), while every ack and pull
+/// sent meanwhile is lost. So ask the server something it always answers (this
+/// consumer's info, which every worker may request) and reconnect when nothing comes
+/// back in time; any answer, even an error, means the connection works. A reconnect
+/// while the probe was out (another consumer's probe, or the client's own) already
+/// replaced the connection the probe was sent on.
+async fn revive_connection<S>(rt: &ConsumerRuntime<S>) {
+    let connects = || rt.client.statistics().connects.load(Ordering::Relaxed);
+    let connects_before = connects();
+    let subject = format!("$JS.API.CONSUMER.INFO.{}.{}", rt.spec.stream, rt.spec.name);
+    let probe = rt.client.request(subject, Bytes::new());
+    let answered = match tokio::time::timeout(rt.request_timeout, probe).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.kind() != async_nats::RequestErrorKind::TimedOut,
+        Err(_) => false,
+    };
+    if !answered
+        && connects() == connects_before
+        && rt.client.connection_state() == async_nats::connection::State::Connected
+    {
+        tracing::warn!(
+            stream = %rt.spec.stream, consumer = %rt.spec.name,
+            waited = %humantime::format_duration(rt.request_timeout),
+            "the connection does not answer; reconnecting"
+        );
+        if let Err(e) = rt.client.force_reconnect().await {
+            tracing::warn!(error = %e, "reconnect not requested");
+        }
+    }
 }
 
 fn backoff(failures: u32) -> Duration {
