@@ -2,22 +2,36 @@
 //! `jetworker_suite`, with every start and finish appended to the file named by
 //! `JW_TEST_LOG` as `start <id> <attempt>` / `done <id> <attempt>` lines.
 
+use std::fs::File;
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use jetworker::{App, Context, Event, HandlerError};
 use jetworker_suite::{scripted, Job, Probe};
 
+/// The `JW_TEST_LOG` file, opened once for appending (`None` when unset or unopenable).
+fn log_file() -> &'static Mutex<Option<File>> {
+    static FILE: OnceLock<Mutex<Option<File>>> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let file = std::env::var_os("JW_TEST_LOG").and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        });
+        Mutex::new(file)
+    })
+}
+
+/// Appends one whole line with a single `write` (no user-space buffer: a `kill -9`
+/// loses nothing written). `writeln!` on a `File` would issue the text and the newline
+/// as separate writes, and lines of concurrent handlers would interleave.
 fn log(line: &str) {
-    if let Ok(path) = std::env::var("JW_TEST_LOG") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(f, "{line}");
-        }
+    let mut guard = log_file().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = guard.as_mut() {
+        let _ = f.write_all(format!("{line}\n").as_bytes());
     }
 }
 
