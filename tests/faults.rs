@@ -1,0 +1,634 @@
+//! Fault injection: nothing whose publish was acknowledged is lost when things break.
+//!
+//! Every scenario runs the real `test_worker` binary as two worker replicas against real
+//! `nats-server` processes on loopback, publishes jobs (`jobs.<id>`) with a publisher that
+//! records which publishes got a PubAck, injects faults while the jobs flow, and then
+//! checks the oracle (see `faults/harness.rs`):
+//!
+//! - every acknowledged job was handled successfully at least once (a `done` line in a
+//!   worker's job log) or is in the dead-letter stream exactly once;
+//! - jobs handled more than once are counted and reported (at least once is the contract);
+//! - after each fault, work resumes within [`RECOVERY_BOUND`]: a job that *started* after
+//!   the fault ended is finished (a handler that was already running does not count), and
+//!   the jobs a killed worker had in flight are finished again, within the bound.
+//!
+//! Scenarios:
+//! 1. `kill_worker`: `kill -9` one of two replicas, again and again, while jobs flow;
+//! 2. `restart_server`: `kill -9` (and, at full size, also SIGTERM) the nats-server and
+//!    start it again on the same store;
+//! 3. `kill_stream_leader`: a 3-node cluster with R3 streams, `kill -9` the leader of the
+//!    jobs stream, then bring it back (at full size, then also the `jobs` consumer's
+//!    leader, which loses the workers' open pull requests);
+//! 4. `cut_connection`: the workers reach the server through a TCP proxy the test
+//!    controls; it freezes their connections silently (no FIN, no RST) and later closes
+//!    them, each time for longer than the pull heartbeat, then lets them through again;
+//! 5. `saturate_max_ack_pending`: slow handlers (some slower than the ack wait) on more
+//!    handler slots than the consumer's `max_ack_pending`;
+//! 6. `safety_net_abandoned`: jobs whose handler never returns; every worker holding one
+//!    is killed, so the last allowed delivery never settles and only the safety net can
+//!    dead-letter them (reason `abandoned`).
+//!
+//! `cargo test --test faults` runs a small version (a few thousand jobs, one or a few
+//! faults each; the scenarios run in parallel, about a minute on 2 cores).
+//! `JETWORKER_FAULTS_FULL=1 cargo test --test faults -- --nocapture` runs the full size
+//! (50k jobs in scenario 1, more faults) and prints the table: scenario, messages,
+//! faults injected, lost, duplicates, recovery time (the last scenario to finish prints
+//! all rows). A failing scenario keeps its files (job logs, worker logs, `run.log`) and
+//! names the directory; `JETWORKER_FAULTS_KEEP=1` keeps them always, and
+//! `JETWORKER_FAULTS_RUST_LOG` sets the workers' `RUST_LOG` (e.g. `debug`).
+
+#[path = "faults/harness.rs"]
+mod harness;
+#[path = "faults/proxy.rs"]
+mod proxy;
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use harness::*;
+use jetworker::testing::server::{NatsCluster, NatsServer};
+use jetworker_suite::{Job, Mode};
+use proxy::Proxy;
+use tokio::time::Instant;
+
+/// The stated bound: after each fault, work resumes (and a killed worker's jobs are
+/// handled again) within this long. It covers what the design allows: the ack wait
+/// (3 s) for a killed worker's messages, the client's reconnect backoff, a stream
+/// leader election, the pull heartbeat grace (11 s) plus a liveness probe for a frozen
+/// connection, with room for a loaded 2-core machine.
+const RECOVERY_BOUND: Duration = Duration::from_secs(30);
+
+/// How long draining may take after publishing ends, before the oracle runs anyway.
+fn drain_limit() -> Duration {
+    size(Duration::from_secs(90), Duration::from_secs(300))
+}
+
+/// Each scenario, with its servers and workers, is bounded by this.
+fn scenario_limit() -> Duration {
+    size(Duration::from_secs(300), Duration::from_secs(1500))
+}
+
+/// Runs a scenario body with the time bound; servers and workers it owns are killed
+/// when it is dropped, on timeout too.
+async fn bounded(name: &str, body: impl Future<Output = ()>) {
+    let limit = scenario_limit();
+    if tokio::time::timeout(limit, body).await.is_err() {
+        panic!("scenario {name} did not finish within {limit:?}");
+    }
+}
+
+/// Starts `n` replicas of the worker (the first alone, so one worker provisions).
+async fn start_workers(
+    run: &Run,
+    js: &jetstream::Context,
+    spec: &WorkerSpec,
+    n: usize,
+) -> Replicas {
+    let config = write_config(&run.path(), spec);
+    let mut replicas = Replicas::new(&run.path(), config, n, run.tracker.clone());
+    replicas.spawn(0);
+    wait_provisioned(js, Duration::from_secs(30)).await;
+    for i in 1..n {
+        replicas.spawn(i);
+    }
+    replicas
+}
+
+/// Jobs `1..=n` that succeed after `work_ms`.
+fn ok_jobs(n: u64, work_ms: u64) -> Vec<Job> {
+    (1..=n).map(|id| ok_job(id, work_ms)).collect()
+}
+
+/// Sleeps until `at` (a point in the run's schedule).
+async fn until(at: Instant) {
+    tokio::time::sleep_until(at).await;
+}
+
+/// Publishing gives up on a job after this long (such jobs are left out of the oracle).
+fn give_up_after(publish_over: Duration) -> Duration {
+    publish_over + Duration::from_secs(60)
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. kill -9 one of two worker replicas, repeatedly
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_worker() {
+    bounded("kill_worker", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("1_kill_worker", RECOVERY_BOUND);
+        let (_client, js) = connect(&[server.url()]).await;
+        let spec = WorkerSpec::new(vec![server.url()]);
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(3_000, 50_000);
+        let over = size(Duration::from_secs(12), Duration::from_secs(60));
+        // Not a multiple of the ack wait (3 s): redeliveries would land on the next victim.
+        let kill_every = size(Duration::from_millis(4_100), Duration::from_millis(4_300));
+        let t0 = Instant::now();
+        // 40 ms of work each: both replicas always hold jobs, so every kill strands some.
+        let publishing = spawn_publisher(js.clone(), ok_jobs(n, 40), over, give_up_after(over));
+        let mut next = t0 + Duration::from_secs(2);
+        let mut victim = 0;
+        while next + Duration::from_secs(1) < t0 + over {
+            until(next).await;
+            // Kill while it holds work, so the kill strands something (up to 2 s).
+            let wait_for_work = Instant::now() + Duration::from_secs(2);
+            while replicas.in_flight(victim).is_empty() && Instant::now() < wait_for_work {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let killed_at = Instant::now();
+            let stranded = replicas.kill(victim);
+            run.faults += 1;
+            run.say(&format!(
+                "kill -9 replica {victim}: {} jobs in flight",
+                stranded.len()
+            ));
+            run.stranded(killed_at, stranded);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            replicas.spawn(victim);
+            victim = 1 - victim;
+            next += kill_every;
+        }
+        let published = publishing.await.expect("publisher");
+        let verdict = run
+            .finish(&js, published, &mut replicas, drain_limit())
+            .await;
+        assert!(verdict.done > 0);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. restart nats-server mid-run
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_server() {
+    bounded("restart_server", async {
+        let mut server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("2_restart_server", RECOVERY_BOUND);
+        let (_client, js) = connect(&[server.url()]).await;
+        let spec = WorkerSpec::new(vec![server.url()]);
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(2_000, 30_000);
+        let over = size(Duration::from_secs(12), Duration::from_secs(60));
+        // Small: one kill -9. Full: kill -9, SIGTERM, kill -9.
+        let restarts: &[(f64, bool)] = if full() {
+            &[(0.2, true), (0.45, false), (0.7, true)]
+        } else {
+            &[(0.35, true)]
+        };
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), ok_jobs(n, 1), over, give_up_after(over));
+        for (at, kill) in restarts {
+            until(t0 + over.mul_f64(*at)).await;
+            let how = if *kill { "kill -9" } else { "SIGTERM" };
+            run.say(&format!("{how} nats-server"));
+            blocking(|| {
+                if *kill {
+                    server.kill();
+                } else {
+                    server.stop();
+                }
+            });
+            run.faults += 1;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            blocking(|| server.restart()).expect("restart nats-server");
+            let back = Instant::now();
+            run.say("nats-server is back");
+            run.recovered(&format!("{how} + restart"), back).await;
+        }
+        let published = publishing.await.expect("publisher");
+        run.finish(&js, published, &mut replicas, drain_limit())
+            .await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. a 3-node cluster with R3 streams: kill the stream leader
+// ---------------------------------------------------------------------------------------
+
+/// How long one question about a leader may take: short, so the time a new leader is
+/// first seen is precise to about this.
+const LEADER_ASK_TIMEOUT: Duration = Duration::from_millis(750);
+
+/// Whose leader scenario 3 kills.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// The EVENTS stream's.
+    StreamLeader,
+    /// The `jobs` consumer's.
+    ConsumerLeader,
+}
+
+/// The server name of the `jobs` consumer's leader, if one is known now.
+async fn consumer_leader(js: &jetstream::Context) -> Option<String> {
+    let read = async {
+        let stream = js.get_stream("EVENTS").await.ok()?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("jobs").await.ok()?;
+        let info = consumer.info().await.ok()?;
+        info.cluster.as_ref()?.leader.clone()
+    };
+    tokio::time::timeout(LEADER_ASK_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The server name of the stream's leader, if one is known now.
+async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<String> {
+    let read = async {
+        let mut s = js.get_stream(stream).await.ok()?;
+        let info = s.info().await.ok()?;
+        info.cluster.as_ref()?.leader.clone()
+    };
+    tokio::time::timeout(LEADER_ASK_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_stream_leader() {
+    bounded("kill_stream_leader", async {
+        let mut cluster = blocking(|| NatsCluster::start(3)).expect("3-node cluster");
+        let mut run = Run::new("3_kill_stream_leader", RECOVERY_BOUND);
+        let urls = cluster.urls();
+        let (_client, js) = connect(&urls).await;
+        let mut spec = WorkerSpec::new(urls);
+        spec.replicas = 3;
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(1_500, 20_000);
+        let over = size(Duration::from_secs(14), Duration::from_secs(60));
+        // Small: the EVENTS stream's leader. Full: then also the jobs consumer's leader,
+        // which loses the workers' open pull requests (they must notice and pull again).
+        let kills: &[(f64, Target)] = if full() {
+            &[(0.2, Target::StreamLeader), (0.6, Target::ConsumerLeader)]
+        } else {
+            &[(0.3, Target::StreamLeader)]
+        };
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), ok_jobs(n, 1), over, give_up_after(over));
+        for (at, target) in kills {
+            until(t0 + over.mul_f64(*at)).await;
+            let leader_of = |js: jetstream::Context| async move {
+                match target {
+                    Target::StreamLeader => stream_leader(&js, "EVENTS").await,
+                    Target::ConsumerLeader => consumer_leader(&js).await,
+                }
+            };
+            let mut leader = None;
+            let asking_since = Instant::now();
+            while leader.is_none() && asking_since.elapsed() < RECOVERY_BOUND {
+                leader = leader_of(js.clone()).await;
+            }
+            let leader = leader.unwrap_or_else(|| panic!("{target:?}: no leader known"));
+            let i = cluster
+                .servers()
+                .iter()
+                .position(|s| s.name() == leader)
+                .expect("the leader is a member");
+            let (stream_at, consumer_at) = (
+                stream_leader(&js, "EVENTS").await.unwrap_or_default(),
+                consumer_leader(&js).await.unwrap_or_default(),
+            );
+            run.say(&format!(
+                "kill -9 {leader} (member {i}): {target:?}; leaders: EVENTS {stream_at}, jobs {consumer_at}"
+            ));
+            let killed_at = Instant::now();
+            blocking(|| cluster.server(i).kill());
+            run.faults += 1;
+            // A new leader among the other two; until then the stream takes no publishes
+            // (or the consumer delivers nothing): part of the recovery.
+            let elected = loop {
+                match leader_of(js.clone()).await {
+                    Some(new) if new != leader => break Some((new, killed_at.elapsed())),
+                    _ if killed_at.elapsed() > RECOVERY_BOUND => break None,
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            match elected {
+                Some((new, took)) => {
+                    run.notes.push(format!(
+                        "killed {leader} ({target:?}; it led EVENTS: {}, jobs: {}), new leader {new} {:.1}s later",
+                        stream_at == leader,
+                        consumer_at == leader,
+                        took.as_secs_f64()
+                    ));
+                    run.recoveries
+                        .push((format!("{target:?} {leader}: new leader"), took));
+                }
+                None => run.fail(format!(
+                    "{target:?}: no new leader within {RECOVERY_BOUND:?} of killing {leader}"
+                )),
+            }
+            run.recovered(&format!("{target:?} {leader} killed"), killed_at)
+                .await;
+            // Bring it back (it catches up from the others) before the next kill.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            blocking(|| cluster.server(i).restart()).expect("restart the killed member");
+            run.say(&format!("{leader} is back"));
+        }
+        let published = publishing.await.expect("publisher");
+        run.finish(&js, published, &mut replicas, drain_limit())
+            .await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. cut the workers' connection through a proxy, longer than the pull heartbeat
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connection() {
+    bounded("cut_connection", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("4_cut_connection", RECOVERY_BOUND);
+        let upstream = SocketAddr::from(([127, 0, 0, 1], server.port()));
+        let proxy = Proxy::start(upstream).await.expect("proxy");
+        // The publisher and the oracle go direct; only the workers go through the proxy.
+        let (_client, js) = connect(&[server.url()]).await;
+        let spec = WorkerSpec::new(vec![proxy.url()]);
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        // Longer than the pull heartbeat (5 s) and its grace (11 s): the workers must
+        // notice through their own timeouts.
+        let outage = size(Duration::from_secs(15), Duration::from_secs(25));
+        let n = size(1_500, 20_000);
+        let over = outage * 2 + size(Duration::from_secs(12), Duration::from_secs(40));
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), ok_jobs(n, 1), over, give_up_after(over));
+
+        until(t0 + Duration::from_secs(3)).await;
+        run.say("silent partition: connections frozen, no FIN, no RST");
+        proxy.stall();
+        run.faults += 1;
+        tokio::time::sleep(outage).await;
+        proxy.restore();
+        let restored = Instant::now();
+        run.say("partition healed");
+        run.recovered("silent partition", restored).await;
+
+        until(restored + Duration::from_secs(4)).await;
+        run.say("connections closed, reconnects black-holed");
+        proxy.cut();
+        run.faults += 1;
+        tokio::time::sleep(outage).await;
+        proxy.restore();
+        let restored = Instant::now();
+        run.say("connections let through again");
+        run.recovered("closed + black-holed", restored).await;
+
+        let stats = proxy.stats();
+        run.notes.push(format!(
+            "proxy: {} connections forwarded, {} frozen, {} closed, {} black-holed",
+            stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+            stats.stalled.load(std::sync::atomic::Ordering::Relaxed),
+            stats
+                .closed_by_cut
+                .load(std::sync::atomic::Ordering::Relaxed),
+            stats.black_holed.load(std::sync::atomic::Ordering::Relaxed),
+        ));
+        let published = publishing.await.expect("publisher");
+        run.finish(&js, published, &mut replicas, drain_limit())
+            .await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. slow handlers saturating max ack pending
+// ---------------------------------------------------------------------------------------
+
+/// Server-side ack-pending of the `jobs` consumer, if it can be read now.
+async fn ack_pending(js: &jetstream::Context) -> Option<usize> {
+    let read = async {
+        let stream = js.get_stream("EVENTS").await.ok()?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("jobs").await.ok()?;
+        Some(consumer.info().await.ok()?.num_ack_pending)
+    };
+    tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturate_max_ack_pending() {
+    bounded("saturate_max_ack_pending", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("5_saturate_ack_pending", RECOVERY_BOUND);
+        let (_client, js) = connect(&[server.url()]).await;
+        let mut spec = WorkerSpec::new(vec![server.url()]);
+        // 2 replicas x 16 slots = 32 > 20: the server's limit is what holds work back.
+        spec.max_ack_pending = 20;
+        spec.ack_wait = "4s";
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(500u64, 8_000);
+        // 100..600 ms of work; every 50th job takes 6 s, longer than the ack wait: its
+        // message is kept by progress acks, never redelivered while it runs.
+        let jobs: Vec<Job> = (1..=n)
+            .map(|id| ok_job(id, if id % 50 == 0 { 6_000 } else { 100 + id * 37 % 500 }))
+            .collect();
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(
+            js.clone(),
+            jobs,
+            Duration::from_secs(1),
+            give_up_after(Duration::from_secs(1)),
+        );
+        run.faults += 1;
+        // Watch the server's ack-pending until everything is handled.
+        let mut peak = 0;
+        while run.tracker.done_ids() < n as usize && t0.elapsed() < scenario_limit() / 2 {
+            if let Some(p) = ack_pending(&js).await {
+                peak = peak.max(p);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let busy_until = Instant::now();
+        let stall = run.tracker.longest_gap(t0, busy_until);
+        run.say(&format!(
+            "all handled after {:.1}s; server ack pending peaked at {peak}; longest time without a finished job {:.1}s",
+            t0.elapsed().as_secs_f64(),
+            stall.as_secs_f64()
+        ));
+        run.recoveries.push(("longest stall while saturated".into(), stall));
+        if stall > RECOVERY_BOUND {
+            run.fail(format!(
+                "no job finished for {stall:?} while work was waiting"
+            ));
+        }
+        if peak < spec.max_ack_pending as usize {
+            run.fail(format!(
+                "the scenario did not saturate max_ack_pending: peak {peak} < {}",
+                spec.max_ack_pending
+            ));
+        }
+        let peak_running = run.tracker.peak_in_flight();
+        if peak_running > spec.max_ack_pending as usize {
+            run.fail(format!(
+                "{peak_running} handlers ran at once, more than max_ack_pending {}: messages were delivered twice while running",
+                spec.max_ack_pending
+            ));
+        }
+        run.notes.push(format!(
+            "server ack pending peaked at {peak} (max {}); at most {peak_running} handlers ran at once",
+            spec.max_ack_pending
+        ));
+        let published = publishing.await.expect("publisher");
+        let verdict = run
+            .finish(&js, published, &mut replicas, drain_limit())
+            .await;
+        // No fault here kills or cuts anything: slow handlers alone must not cause a
+        // redelivery (progress acks keep what runs longer than the ack wait).
+        assert_eq!(
+            verdict.duplicate_ids, 0,
+            "slow handlers were redelivered while they ran"
+        );
+        assert!(verdict.letters.is_empty(), "nothing should be dead-lettered");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. the final attempts are killed: only the safety net can dead-letter them
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_net_abandoned() {
+    bounded("safety_net_abandoned", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("6_safety_net_abandoned", RECOVERY_BOUND);
+        let (_client, js) = connect(&[server.url()]).await;
+        let mut spec = WorkerSpec::new(vec![server.url()]);
+        spec.max_deliver = 3;
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(600u64, 20_000);
+        let hanging_every = size(100u64, 400);
+        let hanging: HashSet<u64> = (1..=n).filter(|id| id % hanging_every == 7).collect();
+        let jobs: Vec<Job> = (1..=n)
+            .map(|id| {
+                if hanging.contains(&id) {
+                    // Never returns (the handler timeout is 60 s; it is killed first).
+                    Job {
+                        id,
+                        mode: Mode::Sleep,
+                        until: u64::MAX,
+                        sleep_ms: 600_000,
+                    }
+                } else {
+                    ok_job(id, 2)
+                }
+            })
+            .collect();
+        let over = size(Duration::from_secs(8), Duration::from_secs(40));
+        let publishing = spawn_publisher(js.clone(), jobs, over, give_up_after(over));
+
+        // Kill every worker that holds a hanging job; note when each final attempt died.
+        let max_deliver = u64::from(spec.max_deliver);
+        let mut final_killed: BTreeMap<u64, Instant> = BTreeMap::new();
+        let mut lettered: BTreeMap<u64, Instant> = BTreeMap::new();
+        let mut last_dlq_check = Instant::now();
+        let deadline = Instant::now() + over + RECOVERY_BOUND * 4;
+        while lettered.len() < hanging.len() && Instant::now() < deadline {
+            for i in 0..2 {
+                if !replicas.is_up(i) {
+                    replicas.spawn(i);
+                    continue;
+                }
+                let holding: Vec<u64> = replicas
+                    .in_flight(i)
+                    .into_iter()
+                    .filter(|id| hanging.contains(id))
+                    .collect();
+                if holding.is_empty() {
+                    continue;
+                }
+                let killed_at = Instant::now();
+                let in_flight = replicas.kill(i);
+                run.faults += 1;
+                let finals: Vec<u64> = holding
+                    .iter()
+                    .copied()
+                    .filter(|id| run.tracker.started(*id, max_deliver))
+                    .collect();
+                for id in &finals {
+                    final_killed.entry(*id).or_insert(killed_at);
+                }
+                run.say(&format!(
+                    "kill -9 replica {i}: holds hanging jobs {holding:?} (final attempt: {finals:?})"
+                ));
+                run.stranded(
+                    killed_at,
+                    in_flight
+                        .into_iter()
+                        .filter(|id| !hanging.contains(id))
+                        .collect(),
+                );
+            }
+            if last_dlq_check.elapsed() > Duration::from_millis(500) {
+                last_dlq_check = Instant::now();
+                if dlq_count(&js).await > lettered.len() as u64 {
+                    for letter in dead_letters(&js).await {
+                        if let Some(id) = letter.id.filter(|id| hanging.contains(id)) {
+                            lettered.entry(id).or_insert_with(Instant::now);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (id, killed_at) in &final_killed {
+            if let Some(at) = lettered.get(id) {
+                run.recoveries.push((
+                    format!("job {id}: final attempt killed -> dead-lettered"),
+                    at.duration_since(*killed_at),
+                ));
+            }
+        }
+        run.notes.push(format!(
+            "{} hanging jobs, {} final attempts seen killed, {} dead-lettered by the safety net",
+            hanging.len(),
+            final_killed.len(),
+            lettered.len()
+        ));
+        let slowest = run.max_recovery().unwrap_or_default();
+        if slowest > RECOVERY_BOUND {
+            run.fail(format!(
+                "a killed final attempt took {slowest:?} to be dead-lettered"
+            ));
+        }
+        let published = publishing.await.expect("publisher");
+        let tracker = run.tracker.clone();
+        let verdict = run
+            .finish(&js, published, &mut replicas, drain_limit())
+            .await;
+        for id in &hanging {
+            let letter = verdict
+                .letters
+                .get(id)
+                .unwrap_or_else(|| panic!("hanging job {id} was not dead-lettered"));
+            assert_eq!(letter.reason, "abandoned", "job {id}: {letter:?}");
+            assert_eq!(letter.attempts, max_deliver, "job {id}: {letter:?}");
+        }
+        assert!(
+            hanging.iter().all(|id| !tracker.is_done(*id)),
+            "a hanging job cannot have succeeded"
+        );
+    })
+    .await;
+}
