@@ -39,14 +39,20 @@ struct Demo {
 }
 
 impl Demo {
+    /// `scripts/demo --every 1 --rate 200` with the test build of `workers`.
     fn start(nats_url: &str, data_dir: &Path) -> Demo {
         let mut command = Command::new("bash");
         command
             .arg(script())
             .args(["--every", "1", "--rate", "200"])
             .env("WORKERS_BIN", env!("CARGO_BIN_EXE_workers"))
+            .env("DEMO_NATS_DIR", data_dir);
+        Demo::spawn(command, nats_url)
+    }
+
+    fn spawn(mut command: Command, nats_url: &str) -> Demo {
+        command
             .env("NATS_URL", nats_url)
-            .env("DEMO_NATS_DIR", data_dir)
             // Tests run in parallel: no fixed ops port.
             .env("JETWORKER__WORKER__OPS_LISTEN", "127.0.0.1:0")
             .env_remove("RUST_LOG")
@@ -56,7 +62,7 @@ impl Demo {
             .stderr(Stdio::piped());
         // Like a shell's foreground job: a group of its own, which Ctrl-C signals whole.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let mut child = command.spawn().expect("scripts/demo starts");
+        let mut child = command.spawn().expect("the demo starts");
         let output = Arc::new(Mutex::new(String::new()));
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
@@ -368,4 +374,87 @@ fn a_server_without_jetstream_gets_a_clear_error_at_once() {
         "{out}"
     );
     assert!(!data.exists(), "nothing started");
+}
+
+#[test]
+fn killed_outright_it_still_leaves_no_server_behind() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let data = home.path().join("nats");
+    let port = free_port();
+    let mut demo = Demo::start(&format!("nats://127.0.0.1:{port}"), &data);
+    demo.wait_for(
+        "a live analytics printout",
+        Duration::from_secs(60),
+        |out| live_analytics(out) >= 1,
+    );
+    let server = local_server_pid(&demo.output());
+    // `kill -9`: no cleanup code runs; the watchdog notices and stops the server.
+    kill("KILL", &demo.child.id().to_string());
+    let status = demo.wait_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(server) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!alive(server), "the watchdog stopped the server");
+    assert!(!answers(port));
+    let strays = processes_mentioning(&data.display().to_string());
+    assert!(strays.is_empty(), "stray processes: {strays:?}");
+}
+
+/// No nats-server binary: the demo runs the installer it was given (scripts/demo gives
+/// scripts/install-deps, which uses apt-get; here a stand-in that links the real binary
+/// where `NATS_SERVER_BIN` points), then starts the server.
+#[test]
+fn a_missing_nats_server_is_installed_first() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let data = home.path().join("nats");
+    let installed = home.path().join("bin/nats-server");
+    let real = jetworker::testing::server::server_binary().expect("a nats-server to install");
+    let installer = home.path().join("install-nats");
+    std::fs::write(
+        &installer,
+        format!(
+            "#!/bin/sh\necho installing >&2\nmkdir -p '{}' && ln -s '{}' '{}'\n",
+            home.path().join("bin").display(),
+            real.display(),
+            installed.display()
+        ),
+    )
+    .expect("installer");
+    let chmod = Command::new("chmod")
+        .arg("+x")
+        .arg(&installer)
+        .status()
+        .expect("chmod");
+    assert!(chmod.success());
+
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_workers"));
+    command
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .args(["demo", "--every", "1", "--local-server"])
+        .arg(&data)
+        .arg("--install-server-with")
+        .arg(&installer)
+        .env("NATS_SERVER_BIN", &installed);
+    let mut demo = Demo::spawn(command, &format!("nats://127.0.0.1:{port}"));
+    demo.wait_for(
+        "a live analytics printout",
+        Duration::from_secs(60),
+        |out| live_analytics(out) >= 1,
+    );
+    let out = demo.output();
+    assert!(
+        out.contains("nats-server is not installed: installing it with"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("starting {} -js", installed.display())),
+        "{out}"
+    );
+    let server = local_server_pid(&out);
+    demo.ctrl_c();
+    assert!(demo.wait_exit(Duration::from_secs(60)).success());
+    assert!(!alive(server));
 }
