@@ -366,7 +366,7 @@ async fn a_worker_with_a_wrong_password_stops_with_the_error() {
     let result = tokio::time::timeout(Duration::from_secs(15), app.run_until(config, stop))
         .await
         .expect("returns, does not retry forever");
-    let err = result.err().expect("refused");
+    let err = result.expect_err("refused");
     let shown = err.to_string();
     assert!(shown.contains("user/password auth"), "{shown}");
     assert!(
