@@ -249,6 +249,7 @@ impl<S: Send + Sync + 'static> App<S> {
                 state: self.state.clone(),
                 client: client.clone(),
                 js: js.clone(),
+                handler_js: Arc::new(js.clone()),
                 server_version: version,
                 request_timeout: config.connection.request_timeout,
                 stats: consumer_stats,

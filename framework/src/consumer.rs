@@ -22,6 +22,7 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::{Client, StatusCode};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use std::future::Future;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,46 @@ const HEARTBEAT_GRACE: Duration = Duration::from_secs(11);
 const TICK: Duration = Duration::from_millis(500);
 /// Longest wait between attempts to restore a consumer or a dead-letter publish.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A delivery whose first poll (in the pull loop, see [`start`]) takes longer than this
+/// counts as slow; [`INLINE_SLOW_STREAK`] slow ones in a row mean a CPU-heavy handler.
+const INLINE_POLL_LIMIT: Duration = Duration::from_millis(2);
+/// Consecutive slow first polls that turn inline polling off (one alone may be the
+/// machine pausing the thread, not the handler).
+const INLINE_SLOW_STREAK: u32 = 3;
+/// Deliveries spawned without a first poll before inline polling is tried again.
+const INLINE_OFF_FOR: u32 = 1000;
+
+/// When [`start`] polls a delivery in the pull loop first: on, until a handler shows it
+/// works long before its first await; then off for a while, then probed again.
+#[derive(Debug, Default)]
+struct InlinePolling {
+    slow_streak: u32,
+    off_for: u32,
+}
+
+impl InlinePolling {
+    fn should_poll(&mut self) -> bool {
+        if self.off_for > 0 {
+            self.off_for -= 1;
+            return false;
+        }
+        true
+    }
+
+    fn record(&mut self, first_poll: Duration) -> bool {
+        if first_poll <= INLINE_POLL_LIMIT {
+            self.slow_streak = 0;
+            return false;
+        }
+        self.slow_streak += 1;
+        if self.slow_streak >= INLINE_SLOW_STREAK {
+            self.slow_streak = 0;
+            self.off_for = INLINE_OFF_FOR;
+            return true;
+        }
+        false
+    }
+}
 
 /// Counters for one consumer, updated as deliveries settle.
 #[derive(Debug)]
@@ -158,6 +199,8 @@ pub(crate) struct ConsumerRuntime<S> {
     pub state: Arc<S>,
     pub client: Client,
     pub js: jetstream::Context,
+    /// The same context, shared with every handler's [`Context`].
+    pub handler_js: Arc<jetstream::Context>,
     pub server_version: ServerVersion,
     pub request_timeout: Duration,
     pub stats: Arc<ConsumerStats>,
@@ -165,6 +208,8 @@ pub(crate) struct ConsumerRuntime<S> {
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: abandon what still runs.
     pub hard_stop: CancellationToken,
+    /// Whether [`start`] may poll a delivery once before spawning it (see there).
+    pub inline_first_poll: AtomicBool,
 }
 
 /// Why a pull session ended.
@@ -364,6 +409,7 @@ async fn session<S: Send + Sync + 'static>(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_connected = true;
+    let mut inline = InlinePolling::default();
 
     let end = loop {
         // Ask for as many messages as there are free handler slots not yet asked for.
@@ -424,7 +470,7 @@ async fn session<S: Send + Sync + 'static>(
                                 }
                             },
                         };
-                        start(rt, tasks, done, permit, message);
+                        start(rt, tasks, done, &mut inline, permit, message);
                     }
                     Some(StatusCode::IDLE_HEARTBEAT) => {}
                     Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
@@ -492,24 +538,48 @@ async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
     }
 }
 
+/// Starts a delivery. Its first poll happens right here, in the pull loop's task: a
+/// handler that finishes without waiting (decode, count, return) is settled with no task
+/// spawned, as cheaply as a hand-written loop. A delivery that has to wait (I/O, timers)
+/// continues as its own task, so slow handlers run concurrently up to `concurrency`.
+/// Handlers whose first poll is itself long (CPU-heavy work before their first await)
+/// are spawned straight away, so they run in parallel on the runtime's threads instead
+/// of holding up the pull loop.
 fn start<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     tasks: &TaskTracker,
     done: &Arc<Notify>,
+    inline: &mut InlinePolling,
     permit: OwnedSemaphorePermit,
     message: async_nats::Message,
 ) {
-    let rt = rt.clone();
-    let done = done.clone();
     rt.stats.received.fetch_add(1, Ordering::Relaxed);
-    tasks.spawn(async move {
-        let running = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        rt.stats
-            .peak_in_flight
-            .fetch_max(running, Ordering::Relaxed);
-        deliver(&rt, message).await;
-        rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let running = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    rt.stats
+        .peak_in_flight
+        .fetch_max(running, Ordering::Relaxed);
+    let delivery_rt = rt.clone();
+    let mut delivery = Box::pin(async move {
+        deliver(&delivery_rt, message).await;
+        delivery_rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
+    });
+    if rt.inline_first_poll.load(Ordering::Relaxed) && inline.should_poll() {
+        // A no-op waker is enough: if the delivery is not finished, the spawned task
+        // polls it again at once, and that poll registers the task's own waker.
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        let polled_at = std::time::Instant::now();
+        let ready = delivery.as_mut().poll(&mut cx).is_ready();
+        if inline.record(polled_at.elapsed()) {
+            tracing::debug!(consumer = %rt.spec.name, "handlers work long before their first await: the next deliveries run as tasks at once");
+        }
+        if ready {
+            return;
+        }
+    }
+    let done = done.clone();
+    tasks.spawn(async move {
+        delivery.await;
         done.notify_one();
     });
 }
@@ -608,32 +678,44 @@ async fn run_handler<S: Send + Sync + 'static>(
 ) -> Ran {
     let ctx = Context {
         state: rt.state.clone(),
-        subject: message.subject.to_string(),
+        subject: message.subject.as_str().to_owned(),
         headers: message.headers.clone().unwrap_or_default(),
-        stream: stream.to_string(),
+        stream: stream.to_owned(),
         consumer: rt.spec.name.clone(),
         stream_sequence: sequence,
         attempt,
         max_deliver: rt.policy.max_deliver,
         shutdown: rt.stop.clone(),
-        jetstream: Some(rt.js.clone()),
+        jetstream: Some(rt.handler_js.clone()),
     };
     let guarded = match prepare(rt.handler.as_ref(), &message.payload, &rt.config, ctx) {
         Ok(f) => f,
         Err(attempted) => return Ran::Finished(attempted),
     };
     tokio::pin!(guarded);
-    let timeout = tokio::time::sleep(rt.config.handler_timeout);
-    tokio::pin!(timeout);
-    // Keep the message while the handler works past half the ack wait.
+    // One timer serves both deadlines: the handler timeout, and the next progress ack
+    // that keeps the message while the handler works past half the ack wait.
+    let started = Instant::now();
+    let timeout_at = started + rt.config.handler_timeout;
     let every = (rt.config.ack_wait / 2).max(Duration::from_millis(500));
-    let mut progress = tokio::time::interval_at(Instant::now() + every, every);
+    let mut progress_at = started + every;
+    let timer = tokio::time::sleep_until(progress_at.min(timeout_at));
+    tokio::pin!(timer);
     loop {
         tokio::select! {
+            // The handler first: one that is already done never arms the timer.
+            biased;
             result = &mut guarded => return Ran::Finished(attempted_from(result)),
-            _ = &mut timeout => return Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout)),
-            _ = progress.tick() => {
-                let _ = message.ack_with(AckKind::Progress).await;
+            _ = &mut timer => {
+                let now = Instant::now();
+                if now >= timeout_at {
+                    return Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout));
+                }
+                if now >= progress_at {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    progress_at = now + every;
+                }
+                timer.as_mut().reset(progress_at.min(timeout_at));
             }
             _ = rt.hard_stop.cancelled() => return Ran::Abandoned,
         }
@@ -720,7 +802,12 @@ async fn settle<S: Send + Sync + 'static>(
             );
         }
         Outcome::DeadLetter { reason, error } => {
-            dead_letter_then_term(rt, message, stream, sequence, attempt, reason, error).await;
+            // Boxed: the rare path's large future would otherwise be part of every
+            // delivery's task, copied at each spawn.
+            Box::pin(dead_letter_then_term(
+                rt, message, stream, sequence, attempt, reason, error,
+            ))
+            .await;
         }
     }
 }
@@ -751,9 +838,9 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
     let consumer = &rt.spec.name;
     let subject = &rt.config.dead_letter_subject;
     let letter = DeadLetter {
-        subject: message.subject.to_string(),
+        subject: message.subject.as_str().to_owned(),
         headers: message.headers.clone().unwrap_or_default(),
-        stream: stream.to_string(),
+        stream: stream.to_owned(),
         sequence,
         consumer: consumer.clone(),
         attempts: attempt,
@@ -871,6 +958,24 @@ mod tests {
         });
         r.expire(now + Duration::from_millis(1));
         assert!(r.open.is_empty());
+    }
+
+    #[test]
+    fn inline_polling_turns_off_after_a_streak_and_comes_back() {
+        let fast = Duration::from_micros(10);
+        let slow = INLINE_POLL_LIMIT + Duration::from_millis(1);
+        let mut p = InlinePolling::default();
+        assert!(p.should_poll());
+        // One slow poll between fast ones is a hiccup, not a CPU-heavy handler.
+        assert!(!p.record(slow));
+        assert!(!p.record(fast));
+        assert!(!p.record(slow));
+        assert!(!p.record(slow));
+        assert!(p.record(slow), "three in a row turn it off");
+        for _ in 0..INLINE_OFF_FOR {
+            assert!(!p.should_poll());
+        }
+        assert!(p.should_poll(), "probed again");
     }
 
     #[test]

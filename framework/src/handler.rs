@@ -68,7 +68,8 @@ pub struct Context<S = ()> {
     pub(crate) attempt: u64,
     pub(crate) max_deliver: u64,
     pub(crate) shutdown: CancellationToken,
-    pub(crate) jetstream: Option<async_nats::jetstream::Context>,
+    /// Shared, so that giving every delivery its context costs one reference count.
+    pub(crate) jetstream: Option<Arc<async_nats::jetstream::Context>>,
 }
 
 impl<S> Clone for Context<S> {
@@ -107,7 +108,7 @@ impl<S> Context<S> {
 
     /// Sets the JetStream context handlers reach through [`Context::jetstream`].
     pub fn with_jetstream(mut self, js: async_nats::jetstream::Context) -> Self {
-        self.jetstream = Some(js);
+        self.jetstream = Some(Arc::new(js));
         self
     }
 
@@ -179,7 +180,7 @@ impl<S> Context<S> {
     /// The worker's JetStream context (for key-value buckets, follow-up publishes);
     /// `None` only for contexts built outside the runtime without one.
     pub fn jetstream(&self) -> Option<&async_nats::jetstream::Context> {
-        self.jetstream.as_ref()
+        self.jetstream.as_deref()
     }
 
     /// The trace this delivery belongs to (continued from its `traceparent` header, or

@@ -40,16 +40,15 @@ fn is_hex(s: &str, len: usize) -> bool {
     is_lower_hex(s, len) && s.bytes().any(|b| b != b'0')
 }
 
+/// `bytes` random bytes (at most 16) as lowercase hex, never all zero. One random
+/// draw and one allocation: this runs for every delivery.
 fn random_hex(bytes: usize) -> String {
+    let bytes = bytes.clamp(1, 16);
     let mut rng = rand::thread_rng();
-    let mut out = String::with_capacity(bytes * 2);
     loop {
-        out.clear();
-        for _ in 0..bytes {
-            out.push_str(&format!("{:02x}", rng.gen::<u8>()));
-        }
-        if out.bytes().any(|b| b != b'0') {
-            return out;
+        let value: u128 = rng.gen::<u128>() >> (128 - 8 * bytes as u32);
+        if value != 0 {
+            return format!("{value:0width$x}", width = bytes * 2);
         }
     }
 }
@@ -117,8 +116,12 @@ impl TraceContext {
     }
 
     /// Runs `future` with `self` as the current context.
-    pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
-        CURRENT.scope(self, future).await
+    pub fn scope<F: std::future::Future>(
+        self,
+        future: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        // Not an `async fn`: that would store `future` twice in the state machine.
+        CURRENT.scope(self, future)
     }
 }
 
@@ -180,6 +183,16 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "we speak version 00"
         );
+    }
+
+    #[test]
+    fn random_ids_have_their_length_and_are_hex() {
+        for _ in 0..200 {
+            let c = TraceContext::new_root();
+            assert!(is_hex(&c.trace_id, 32), "{}", c.trace_id);
+            assert!(is_hex(&c.span_id, 16), "{}", c.span_id);
+        }
+        assert_ne!(random_hex(16), random_hex(16));
     }
 
     #[test]
