@@ -61,6 +61,13 @@ pub fn advisory_stream(config: &Config) -> Option<StreamConfig> {
     })
 }
 
+/// How long the safety net's own delivery of an advisory may go unacknowledged before
+/// the server hands it to another worker: the advisory's handling is lost with a worker
+/// killed while holding it, so this bounds how late a stranded message is dead-lettered
+/// after such a crash. Handling takes two quick requests, and progress acks keep a slow
+/// one (up to the handler timeout) from being redelivered.
+pub const SAFETY_NET_ACK_WAIT: Duration = Duration::from_secs(10);
+
 /// The internal consumer reading the advisory stream. Its own failures (after many
 /// retries) go to the first consumer's dead-letter subject, where an operator sees them.
 pub fn safety_net_consumer(config: &Config) -> Option<ConsumerConfig> {
@@ -79,7 +86,7 @@ pub fn safety_net_consumer(config: &Config) -> Option<ConsumerConfig> {
         ]),
         concurrency: 4,
         max_ack_pending: 100,
-        ack_wait: Duration::from_secs(30),
+        ack_wait: SAFETY_NET_ACK_WAIT,
         handler_timeout: Duration::from_secs(30),
         dead_letter_subject: first.dead_letter_subject.clone(),
         description: Some("jetworker safety net".into()),
