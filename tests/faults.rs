@@ -436,7 +436,7 @@ async fn saturate_max_ack_pending() {
         spec.ack_wait = "4s";
         let mut replicas = start_workers(&run, &js, &spec, 2).await;
 
-        let n = size(500u64, 8_000);
+        let n = size(500u64, 5_000);
         // 100..600 ms of work; every 50th job takes 6 s, longer than the ack wait: its
         // message is kept by progress acks, never redelivered while it runs.
         let jobs: Vec<Job> = (1..=n)
@@ -477,15 +477,13 @@ async fn saturate_max_ack_pending() {
                 spec.max_ack_pending
             ));
         }
+        // Reported, not asserted: the logs of the two workers are read one after the
+        // other, so this sum can count a job that finished between the two reads together
+        // with one that started after it. What it would catch (a message delivered again
+        // while its handler runs) is asserted exactly below: no duplicates.
         let peak_running = run.tracker.peak_in_flight();
-        if peak_running > spec.max_ack_pending as usize {
-            run.fail(format!(
-                "{peak_running} handlers ran at once, more than max_ack_pending {}: messages were delivered twice while running",
-                spec.max_ack_pending
-            ));
-        }
         run.notes.push(format!(
-            "server ack pending peaked at {peak} (max {}); at most {peak_running} handlers ran at once",
+            "server ack pending peaked at {peak} (max {}); about {peak_running} handlers ran at once at most",
             spec.max_ack_pending
         ));
         let published = publishing.await.expect("publisher");
