@@ -13,6 +13,16 @@ use jetworker::testing::server::NatsServer;
 use jetworker_suite::{Job, Mode};
 
 fn write_config(dir: &Path, url: &str, grace: &str) -> PathBuf {
+    write_config_with(dir, url, grace, "3s", 4)
+}
+
+fn write_config_with(
+    dir: &Path,
+    url: &str,
+    grace: &str,
+    ack_wait: &str,
+    concurrency: usize,
+) -> PathBuf {
     let path = dir.join("streams.toml");
     std::fs::write(
         &path,
@@ -37,8 +47,8 @@ subjects = ["dlq.>"]
 name = "jobs"
 stream = "EVENTS"
 handler = "scripted"
-concurrency = 4
-ack_wait = "3s"
+concurrency = {concurrency}
+ack_wait = "{ack_wait}"
 dead_letter_subject = "dlq.jobs"
 "#
         ),
@@ -47,15 +57,42 @@ dead_letter_subject = "dlq.jobs"
     path
 }
 
-fn spawn_worker(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_test_worker"))
-        .args(["--config", &config.display().to_string(), "run"])
-        .env("JW_TEST_LOG", log)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn test_worker")
+/// A worker process, killed when dropped (a failing test leaves nothing behind).
+struct Worker(Child);
+
+impl std::ops::Deref for Worker {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn_worker(config: &Path, log: &Path) -> Worker {
+    Worker(
+        Command::new(env!("CARGO_BIN_EXE_test_worker"))
+            .args(["--config", &config.display().to_string(), "run"])
+            .env("JW_TEST_LOG", log)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn test_worker"),
+    )
 }
 
 fn signal(child: &Child, name: &str) {
@@ -204,4 +241,66 @@ async fn a_second_signal_exits_at_once() {
     signal(&worker, "INT");
     let status = wait_exit(&mut worker, Duration::from_secs(3));
     assert_eq!(status.code(), Some(130));
+}
+
+/// Messages the server sends to pull requests still open at SIGTERM are handed back, not
+/// stranded until the ack wait: with a 60 s ack wait, a second worker gets every one of
+/// them within seconds.
+#[tokio::test]
+async fn deliveries_arriving_during_shutdown_are_handed_back_at_once() {
+    let server = NatsServer::start().expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let config = write_config_with(dir.path(), &server.url(), "10s", "60s", 8);
+    let (_c, js) = connect(&server.url()).await;
+
+    let mut worker = spawn_worker(&config, &log);
+    wait_until(Duration::from_secs(15), "provisioned", || async {
+        match js.get_stream("EVENTS").await {
+            Ok(s) => s.consumer_info("jobs").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    // Publish without pause while the worker receives SIGTERM in the middle.
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut id = 0u64;
+            while started.elapsed() < Duration::from_millis(1500) {
+                let batch: Vec<Job> = (id + 1..=id + 20).map(Job::ok).collect();
+                publish_jobs(&js, &batch).await;
+                id += 20;
+            }
+            id
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&worker, "TERM");
+    let published = publisher.await.expect("publisher");
+    let status = wait_exit(&mut worker, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "graceful exit");
+
+    // Whatever the first worker did not finish is available now, not after 60 s.
+    let mut second = spawn_worker(&config, &log);
+    wait_until(
+        Duration::from_secs(25),
+        "every job done by one of the workers",
+        || async {
+            let mut ids: Vec<u64> = lines(&log, "done").iter().map(|(id, _)| *id).collect();
+            ids.sort();
+            ids.dedup();
+            ids.len() as u64 == published
+        },
+    )
+    .await;
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    assert_eq!(info.num_ack_pending, 0, "nothing stranded");
+    signal(&second, "TERM");
+    assert_eq!(
+        wait_exit(&mut second, Duration::from_secs(20)).code(),
+        Some(0)
+    );
 }

@@ -36,12 +36,16 @@ use crate::provision::{self, ConsumerSpec, ServerVersion};
 use crate::trace::TraceContext;
 use tracing::Instrument;
 
-/// How long one pull request waits on the server for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// How long one pull request waits on the server for messages. Short, because the
+/// server cannot be asked to cancel a pull request: at shutdown the loop listens until
+/// its open requests expire (see [`session`]), so this bounds how long an idle worker
+/// takes to stop.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Idle heartbeat asked of the server while a pull request waits.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
-/// Pull requests whose server we have not heard from for this long are presumed lost.
-const HEARTBEAT_GRACE: Duration = Duration::from_secs(11);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Pull requests whose server we have not heard from for this long are presumed lost
+/// (three heartbeats missed).
+const HEARTBEAT_GRACE: Duration = Duration::from_secs(6);
 /// How often the loop checks deadlines, heartbeats and the connection.
 const TICK: Duration = Duration::from_millis(500);
 /// Longest wait between attempts to restore a consumer or a dead-letter publish.
@@ -507,15 +511,66 @@ async fn session<S: Send + Sync + 'static>(
         }
     };
 
-    // Hand back whatever arrived and never started, so another worker gets it now.
+    // Deliveries that arrive from now on never start: they are handed back below.
+    let mut unstarted = Vec::new();
+    if matches!(end, SessionEnd::Stopped) {
+        // The server keeps filling open pull requests and cannot be asked to cancel them;
+        // what it sends after we unsubscribe is lost to us and comes back only after the
+        // ack wait. So listen until every open request is fulfilled or expired. What
+        // arrives is held, not nak'ed yet: a nak now would go straight back to one of
+        // our own open requests and burn an attempt.
+        wait_out_open_requests(rt, &mut sub, &mut requests, &mut unstarted).await;
+    }
     let _ = sub.unsubscribe().await;
     while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await
     {
         if matches!(message.status, None | Some(StatusCode::OK)) && message.reply.is_some() {
-            release(rt, message).await;
+            unstarted.push(message);
         }
     }
+    // Hand back whatever arrived and never started, so another worker gets it now.
+    for message in unstarted {
+        release(rt, message).await;
+    }
     Ok(end)
+}
+
+/// At shutdown: receives until every open pull request is fulfilled or expired (or the
+/// grace period ends), collecting the deliveries that arrive in `unstarted`.
+async fn wait_out_open_requests<S>(
+    rt: &ConsumerRuntime<S>,
+    sub: &mut async_nats::Subscriber,
+    requests: &mut OpenRequests,
+    unstarted: &mut Vec<async_nats::Message>,
+) {
+    let Some(until) = requests.open.iter().map(|r| r.deadline).max() else {
+        return;
+    };
+    tracing::debug!(
+        stream = %rt.spec.stream, consumer = %rt.spec.name, open = requests.requested(),
+        "stopping: waiting for open pull requests to end, handing back what they bring"
+    );
+    while !requests.open.is_empty() {
+        tokio::select! {
+            message = sub.next() => {
+                let Some(message) = message else { return };
+                match message.status {
+                    None | Some(StatusCode::OK) => {
+                        requests.delivered();
+                        if message.reply.is_some() {
+                            unstarted.push(message);
+                        }
+                    }
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    // Expired (408), nothing left (404), or the consumer is gone: that
+                    // request brings nothing more.
+                    Some(_) => requests.close(request_id(&message.subject)),
+                }
+            }
+            _ = tokio::time::sleep_until(until) => return,
+            _ = rt.hard_stop.cancelled() => return,
+        }
+    }
 }
 
 /// The request id from a status message's subject (`<inbox>.<id>`).
