@@ -56,9 +56,9 @@ use tokio::time::Instant;
 
 /// The stated bound: after each fault, work resumes (and a killed worker's jobs are
 /// handled again) within this long. It covers what the design allows: the ack wait
-/// (3 s) for a killed worker's messages, the client's reconnect backoff, a stream
-/// leader election, the pull heartbeat grace (11 s) plus a liveness probe for a frozen
-/// connection, with room for a loaded 2-core machine.
+/// (3 s) for a killed worker's messages, the client's reconnect backoff, a stream or
+/// consumer leader election, the pull heartbeat grace plus a liveness probe (the
+/// request timeout) for a frozen connection, with room for a loaded 2-core machine.
 const RECOVERY_BOUND: Duration = Duration::from_secs(30);
 
 /// How long draining may take after publishing ends, before the oracle runs anyway.
@@ -361,8 +361,8 @@ async fn cut_connection() {
         let spec = WorkerSpec::new(vec![proxy.url()]);
         let mut replicas = start_workers(&run, &js, &spec, 2).await;
 
-        // Longer than the pull heartbeat (5 s) and its grace (11 s): the workers must
-        // notice through their own timeouts.
+        // Longer than the pull heartbeat and its grace (a few seconds; the client's own
+        // pings would take minutes): the workers must notice through the heartbeats.
         let outage = size(Duration::from_secs(15), Duration::from_secs(25));
         let n = size(1_500, 20_000);
         let over = outage * 2 + size(Duration::from_secs(12), Duration::from_secs(40));
