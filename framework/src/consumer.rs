@@ -36,16 +36,17 @@ use crate::provision::{self, ConsumerSpec, ServerVersion};
 use crate::trace::TraceContext;
 use tracing::Instrument;
 
-/// How long one pull request waits on the server for messages. Short, because the
-/// server cannot be asked to cancel a pull request: at shutdown the loop listens until
-/// its open requests expire (see [`session`]), so this bounds how long an idle worker
-/// takes to stop.
+/// How long one pull request waits on the server for messages. Short, so that a
+/// request lost with a connection is replaced soon.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Idle heartbeat asked of the server while a pull request waits.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Pull requests whose server we have not heard from for this long are presumed lost
 /// (three heartbeats missed).
 const HEARTBEAT_GRACE: Duration = Duration::from_secs(6);
+/// At shutdown, open pull requests are listened to until they are fulfilled or nothing
+/// has arrived for this long (see [`wait_out_open_requests`]).
+const STOP_QUIET: Duration = Duration::from_millis(300);
 /// How often the loop checks deadlines, heartbeats and the connection.
 const TICK: Duration = Duration::from_millis(500);
 /// Longest wait between attempts to restore a consumer or a dead-letter publish.
@@ -514,16 +515,14 @@ async fn session<S: Send + Sync + 'static>(
     // Deliveries that arrive from now on never start: they are handed back below.
     let mut unstarted = Vec::new();
     if matches!(end, SessionEnd::Stopped) {
-        // The server keeps filling open pull requests and cannot be asked to cancel them;
-        // what it sends after we unsubscribe is lost to us and comes back only after the
-        // ack wait. So listen until every open request is fulfilled or expired. What
-        // arrives is held, not nak'ed yet: a nak now would go straight back to one of
-        // our own open requests and burn an attempt.
+        // What the server already sent to our open pull requests is still on its way:
+        // collect it before removing our interest (see `wait_out_open_requests`).
         wait_out_open_requests(rt, &mut sub, &mut requests, &mut unstarted).await;
     }
-    let _ = sub.unsubscribe().await;
-    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await
-    {
+    // `drain` removes the server's interest (it then drops our open pull requests and
+    // sends them nothing more) and still delivers what arrives before it completes.
+    let _ = sub.drain().await;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
         if matches!(message.status, None | Some(StatusCode::OK)) && message.reply.is_some() {
             unstarted.push(message);
         }
@@ -535,21 +534,23 @@ async fn session<S: Send + Sync + 'static>(
     Ok(end)
 }
 
-/// At shutdown: receives until every open pull request is fulfilled or expired (or the
-/// grace period ends), collecting the deliveries that arrive in `unstarted`.
+/// At shutdown: receives until every open pull request is fulfilled, or nothing has
+/// arrived for [`STOP_QUIET`], or the requests expire or the grace period ends,
+/// collecting the deliveries in `unstarted`. They are held, not nak'ed yet: a nak now
+/// would go straight back to one of our own open requests and burn an attempt.
+/// Messages the server sends after our interest is gone would be lost to us and come
+/// back only after the ack wait; waiting for the flow to stop first leaves only
+/// deliveries that start in the instant of the unsubscribe exposed to that delay.
 async fn wait_out_open_requests<S>(
     rt: &ConsumerRuntime<S>,
     sub: &mut async_nats::Subscriber,
     requests: &mut OpenRequests,
     unstarted: &mut Vec<async_nats::Message>,
 ) {
-    let Some(until) = requests.open.iter().map(|r| r.deadline).max() else {
+    let Some(expired) = requests.open.iter().map(|r| r.deadline).max() else {
         return;
     };
-    tracing::debug!(
-        stream = %rt.spec.stream, consumer = %rt.spec.name, open = requests.requested(),
-        "stopping: waiting for open pull requests to end, handing back what they bring"
-    );
+    let mut quiet_from = Instant::now() + STOP_QUIET;
     while !requests.open.is_empty() {
         tokio::select! {
             message = sub.next() => {
@@ -557,6 +558,7 @@ async fn wait_out_open_requests<S>(
                 match message.status {
                     None | Some(StatusCode::OK) => {
                         requests.delivered();
+                        quiet_from = Instant::now() + STOP_QUIET;
                         if message.reply.is_some() {
                             unstarted.push(message);
                         }
@@ -567,7 +569,7 @@ async fn wait_out_open_requests<S>(
                     Some(_) => requests.close(request_id(&message.subject)),
                 }
             }
-            _ = tokio::time::sleep_until(until) => return,
+            _ = tokio::time::sleep_until(quiet_from.min(expired)) => return,
             _ = rt.hard_stop.cancelled() => return,
         }
     }
