@@ -223,6 +223,12 @@ pub struct ConnectionConfig {
     /// How long a JetStream API request (stream info, create, ...) may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How often the client pings the server; two unanswered pings close the connection
+    /// and start a reconnect. The client library's default (60s) lets a black-holed
+    /// connection go unnoticed for minutes while every handler slot is busy (no pull
+    /// heartbeats are expected then).
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
     /// User for user/password auth.
     pub user: Option<String>,
     /// Password for user/password auth (better given as `JETWORKER__CONNECTION__PASSWORD`).
@@ -258,6 +264,7 @@ impl Default for ConnectionConfig {
             name: "jetworker".to_string(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(10),
             user: None,
             password: None,
             token: None,
@@ -797,6 +804,12 @@ impl Config {
             add(
                 "connection.request_timeout".into(),
                 "must be more than 0s".into(),
+            );
+        }
+        if c.ping_interval < Duration::from_secs(1) {
+            add(
+                "connection.ping_interval".into(),
+                "must be at least 1s".into(),
             );
         }
 

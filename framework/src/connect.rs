@@ -240,6 +240,7 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
         .name(&c.name)
         .connection_timeout(c.connect_timeout)
         .request_timeout(Some(c.request_timeout))
+        .ping_interval(c.ping_interval)
         .event_callback(|event| async move { log_event(event) }))
 }
 

@@ -243,6 +243,12 @@ fn validation_rules_name_their_key() {
             &["connection.servers"],
         ),
         (
+            "ping interval too short",
+            "servers = [\"nats://127.0.0.1:4222\"]",
+            "servers = [\"nats://127.0.0.1:4222\"]\nping_interval = \"100ms\"",
+            &["connection.ping_interval"],
+        ),
+        (
             "bad ops address",
             "[connection]",
             "[worker]\nops_listen = \"nowhere\"\n[connection]",
