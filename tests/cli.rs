@@ -32,40 +32,24 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// A config whose server nobody listens on: commands that must not need a server fail
-/// (or succeed) without one.
-fn offline_config(handler: &str, extra: &str) -> String {
-    format!(
-        r#"
-[connection]
-servers = ["nats://127.0.0.1:1"]
-connect_timeout = "1s"
-
-[worker]
-ops_listen = ""
-
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "{handler}"
-dead_letter_subject = "dlq.jobs"
-{extra}
-"#
-    )
+/// The suite's usual config ([`write_config_file`]) pointing at a port nobody listens
+/// on, with the consumer's handler named `handler`: commands that must not need a server
+/// fail (or succeed) without one.
+fn offline_config(dir: &Path, name: &str, handler: &str, extra: &str) -> PathBuf {
+    let path = write_config_file(dir, "nats://127.0.0.1:1", extra);
+    let text = std::fs::read_to_string(&path)
+        .expect("read config")
+        .replace(
+            "handler = \"scripted\"",
+            &format!("handler = \"{handler}\""),
+        );
+    write(dir, name, &text)
 }
 
 #[test]
 fn check_validates_without_a_server() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let good = write(dir.path(), "good.toml", &offline_config("scripted", ""));
+    let good = offline_config(dir.path(), "good.toml", "scripted", "");
     let out = worker(&good, &["check"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -75,13 +59,11 @@ fn check_validates_without_a_server() {
     );
 
     // Several problems: all reported at once, each with the file and the key path.
-    let bad = write(
+    let bad = offline_config(
         dir.path(),
         "bad.toml",
-        &offline_config(
-            "scripted",
-            "max_deliver = -1\nconcurrency = 50\nmax_ack_pending = 10\nack_wiat = \"5s\"",
-        ),
+        "scripted",
+        "max_deliver = -1\nconcurrency = 50\nmax_ack_pending = 10\nack_wiat = \"5s\"",
     );
     let out = worker(&bad, &["check"]);
     assert_eq!(out.status.code(), Some(2), "invalid config exit code");
@@ -99,11 +81,7 @@ fn check_validates_without_a_server() {
 #[test]
 fn an_unregistered_handler_is_refused_before_connecting() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write(
-        dir.path(),
-        "streams.toml",
-        &offline_config("track_orders", ""),
-    );
+    let config = offline_config(dir.path(), "orders.toml", "track_orders", "");
     for args in [&["check"][..], &["run"][..]] {
         let out = worker(&config, args);
         assert_eq!(
@@ -117,7 +95,7 @@ fn an_unregistered_handler_is_refused_before_connecting() {
             err.contains("consumers[0].handler")
                 && err.contains("track_orders")
                 && err.contains("scripted")
-                && err.contains("streams.toml"),
+                && err.contains("orders.toml"),
             "{args:?}: names the key, the missing handler, what is registered and the file: {err}"
         );
         assert!(
