@@ -248,14 +248,12 @@ impl<S: Send + Sync + 'static> App<S> {
                 handler: handler.clone(),
                 state: self.state.clone(),
                 client: client.clone(),
-                js: js.clone(),
-                handler_js: Arc::new(js.clone()),
+                js: Arc::new(js.clone()),
                 server_version: version,
                 request_timeout: config.connection.request_timeout,
                 stats: consumer_stats,
                 stop: stop.clone(),
                 hard_stop: hard_stop.clone(),
-                inline_first_poll: std::sync::atomic::AtomicBool::new(true),
             });
             tracker.spawn(consumer::run(rt));
         }

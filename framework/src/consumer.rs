@@ -203,9 +203,8 @@ pub(crate) struct ConsumerRuntime<S> {
     pub handler: Arc<dyn ErasedHandler<S>>,
     pub state: Arc<S>,
     pub client: Client,
-    pub js: jetstream::Context,
-    /// The same context, shared with every handler's [`Context`].
-    pub handler_js: Arc<jetstream::Context>,
+    /// Shared with every handler's [`Context`]: one reference count per delivery.
+    pub js: Arc<jetstream::Context>,
     pub server_version: ServerVersion,
     pub request_timeout: Duration,
     pub stats: Arc<ConsumerStats>,
@@ -213,8 +212,6 @@ pub(crate) struct ConsumerRuntime<S> {
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: abandon what still runs.
     pub hard_stop: CancellationToken,
-    /// Whether [`start`] may poll a delivery once before spawning it (see there).
-    pub inline_first_poll: AtomicBool,
 }
 
 /// Why a pull session ended.
@@ -588,7 +585,7 @@ fn request_id(subject: &str) -> u64 {
 async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
     let message = jetstream::Message {
         message,
-        context: rt.js.clone(),
+        context: (*rt.js).clone(),
     };
     if message.ack_with(AckKind::Nak(None)).await.is_ok() {
         rt.stats.released.fetch_add(1, Ordering::Relaxed);
@@ -621,7 +618,7 @@ fn start<S: Send + Sync + 'static>(
         delivery_rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
     });
-    if rt.inline_first_poll.load(Ordering::Relaxed) && inline.should_poll() {
+    if inline.should_poll() {
         // A no-op waker is enough: if the delivery is not finished, the spawned task
         // polls it again at once, and that poll registers the task's own waker.
         let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
@@ -655,7 +652,7 @@ async fn deliver<S: Send + Sync + 'static>(
 ) {
     let message = jetstream::Message {
         message,
-        context: rt.js.clone(),
+        context: (*rt.js).clone(),
     };
     let (stream, sequence, attempt) = match message.info() {
         Ok(info) => (
@@ -743,7 +740,7 @@ async fn run_handler<S: Send + Sync + 'static>(
         attempt,
         max_deliver: rt.policy.max_deliver,
         shutdown: rt.stop.clone(),
-        jetstream: Some(rt.handler_js.clone()),
+        jetstream: Some(rt.js.clone()),
     };
     let guarded = match prepare(rt.handler.as_ref(), &message.payload, &rt.config, ctx) {
         Ok(f) => f,
