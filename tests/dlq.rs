@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use common::*;
-use jetworker::app::RunError;
 use jetworker::config::Config;
 use jetworker::dead_letter::{self, DeadLetter};
 use jetworker::dlq::{Dlq, DlqFailure, Filter, PayloadEncoding};
@@ -22,8 +21,6 @@ use jetworker::outcome::Reason;
 use jetworker::testing::server::NatsServer;
 use jetworker::{App, Context, Event, HandlerError};
 use jetworker_suite::Job;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// A handler that refuses every job (permanently) until the test flips `accept`, then
 /// records what it handled with the headers it saw.
@@ -58,30 +55,6 @@ async fn refuse_until_accepted(
         h.push((job.id, ctx.attempt(), replays));
     }
     Ok(())
-}
-
-struct Worker {
-    stop: CancellationToken,
-    handle: JoinHandle<Result<(), RunError>>,
-}
-
-impl Worker {
-    fn start(config: Config, gate: Arc<Gate>) -> Worker {
-        let stop = CancellationToken::new();
-        let app = App::new(gate).handler("scripted", refuse_until_accepted);
-        let token = stop.clone();
-        let handle = tokio::spawn(async move { app.run_until(config, token).await.map(|_| ()) });
-        Worker { stop, handle }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("worker stops in time")
-            .expect("worker task")
-            .expect("worker ran");
-    }
 }
 
 /// Publishes a dead letter the way the runtime does, for a job that was never in EVENTS.
@@ -144,7 +117,10 @@ async fn list_filters_show_replay_and_purge() {
     let server = NatsServer::start().expect("server");
     let (_client, js, config) = provisioned(&server.url(), "max_deliver = 1").await;
     let gate_state = Arc::new(Gate::default());
-    let worker = Worker::start(config.clone(), gate_state.clone());
+    let worker = InProcessWorker::start(
+        config.clone(),
+        App::new(gate_state.clone()).handler("scripted", refuse_until_accepted),
+    );
 
     // Four jobs refused by the worker: four `permanent` dead letters of consumer jobs.
     publish_jobs(&js, &(1..=4).map(Job::ok).collect::<Vec<_>>()).await;
@@ -366,7 +342,10 @@ async fn a_replayed_message_that_fails_again_counts_its_replays() {
     let server = NatsServer::start().expect("server");
     let (_client, js, config) = provisioned(&server.url(), "max_deliver = 1").await;
     let gate_state = Arc::new(Gate::default());
-    let worker = Worker::start(config.clone(), gate_state.clone());
+    let worker = InProcessWorker::start(
+        config.clone(),
+        App::new(gate_state.clone()).handler("scripted", refuse_until_accepted),
+    );
     let dlq = Dlq::new(js.clone(), &config).expect("dlq");
 
     publish_jobs(&js, &[Job::ok(5)]).await;

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -57,64 +57,15 @@ dead_letter_subject = "dlq.jobs"
     path
 }
 
-/// A worker process, killed when dropped (a failing test leaves nothing behind).
-struct Worker(Child);
-
-impl std::ops::Deref for Worker {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Worker {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn spawn_worker(config: &Path, log: &Path) -> Worker {
-    Worker(
+fn spawn_worker(config: &Path, log: &Path) -> WorkerProcess {
+    WorkerProcess::spawn(
         Command::new(env!("CARGO_BIN_EXE_test_worker"))
             .args(["--config", &config.display().to_string(), "run"])
             .env("JW_TEST_LOG", log)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn test_worker"),
+            .stderr(Stdio::inherit()),
     )
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("worker did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn lines(log: &Path, kind: &str) -> Vec<(u64, u64)> {
@@ -162,8 +113,8 @@ async fn sigterm_lets_in_flight_work_finish_and_nothing_is_redelivered() {
     .await;
     publish_jobs(&js, &jobs[4..]).await;
 
-    signal(&worker, "TERM");
-    let status = wait_exit(&mut worker, Duration::from_secs(15));
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "graceful exit");
     let done = lines(&log, "done");
     for id in 1..=4 {
@@ -196,11 +147,8 @@ async fn sigterm_lets_in_flight_work_finish_and_nothing_is_redelivered() {
     }
     let info = consumer_info(&js, "EVENTS", "jobs").await;
     assert_eq!(info.num_redelivered, 0);
-    signal(&worker, "TERM");
-    assert_eq!(
-        wait_exit(&mut worker, Duration::from_secs(15)).code(),
-        Some(0)
-    );
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 
 #[tokio::test]
@@ -232,14 +180,14 @@ async fn a_second_signal_exits_at_once() {
         !lines(&log, "start").is_empty()
     })
     .await;
-    signal(&worker, "TERM");
+    worker.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        worker.try_wait().expect("try_wait").is_none(),
+        worker.child.try_wait().expect("try_wait").is_none(),
         "still in its grace period"
     );
-    signal(&worker, "INT");
-    let status = wait_exit(&mut worker, Duration::from_secs(3));
+    worker.signal("INT");
+    let status = worker.wait_exit(Duration::from_secs(3));
     assert_eq!(status.code(), Some(130));
 }
 
@@ -278,9 +226,9 @@ async fn deliveries_arriving_during_shutdown_are_handed_back_at_once() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    signal(&worker, "TERM");
+    worker.signal("TERM");
     let published = publisher.await.expect("publisher");
-    let status = wait_exit(&mut worker, Duration::from_secs(20));
+    let status = worker.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "graceful exit");
 
     // Whatever the first worker did not finish is available now, not after 60 s.
@@ -298,9 +246,6 @@ async fn deliveries_arriving_during_shutdown_are_handed_back_at_once() {
     .await;
     let info = consumer_info(&js, "EVENTS", "jobs").await;
     assert_eq!(info.num_ack_pending, 0, "nothing stranded");
-    signal(&second, "TERM");
-    assert_eq!(
-        wait_exit(&mut second, Duration::from_secs(20)).code(),
-        Some(0)
-    );
+    second.signal("TERM");
+    assert_eq!(second.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }

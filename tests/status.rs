@@ -10,38 +10,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use common::*;
 use futures::StreamExt;
-use jetworker::app::RunError;
-use jetworker::config::Config;
 use jetworker::status::{self, StatusReport};
 use jetworker::testing::server::NatsServer;
 use jetworker::App;
 use jetworker_suite::{scripted, Job, Mode, Probe};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-struct Worker {
-    stop: CancellationToken,
-    handle: JoinHandle<Result<(), RunError>>,
-}
-
-impl Worker {
-    fn start(config: Config, probe: Arc<Probe>) -> Worker {
-        let stop = CancellationToken::new();
-        let app = App::new(probe).handler("scripted", scripted);
-        let token = stop.clone();
-        let handle = tokio::spawn(async move { app.run_until(config, token).await.map(|_| ()) });
-        Worker { stop, handle }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("worker stops in time")
-            .expect("worker task")
-            .expect("worker ran");
-    }
-}
 
 fn permanent(id: u64) -> Job {
     Job {
@@ -99,7 +71,10 @@ async fn status_figures_equal_the_servers() {
     jobs.extend((6..=8).map(permanent));
     publish_jobs(&js, &jobs).await;
     let probe = Arc::new(Probe::default());
-    let worker = Worker::start(config.clone(), probe.clone());
+    let worker = InProcessWorker::start(
+        config.clone(),
+        App::new(probe.clone()).handler("scripted", scripted),
+    );
     wait_until(
         Duration::from_secs(15),
         "5 handled, 3 dead letters",

@@ -15,7 +15,7 @@ mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -373,72 +373,6 @@ dead_letter_subject = "dlq.jobs"
     path
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            panic!("worker did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A worker process that cannot outlive the test. Dropping it (a failed assertion
-/// unwinds through it) kills the worker; and should the test binary die without
-/// unwinding (killed by a timeout, `abort`), a `sh` sentinel blocked reading a pipe
-/// whose only writer is this process sees it close and kills the worker.
-struct WorkerProcess {
-    child: Child,
-    sentinel: Option<Child>,
-}
-
-impl WorkerProcess {
-    fn spawn(command: &mut Command) -> WorkerProcess {
-        let child = command.spawn().expect("spawn test_worker");
-        // Our end of the pipe is close-on-exec: no other child inherits it.
-        let sentinel = Command::new("sh")
-            .args([
-                "-c",
-                "read _ignored; kill -9 \"$1\" 2>/dev/null",
-                "jetworker-test-sentinel",
-                &child.id().to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok();
-        WorkerProcess { child, sentinel }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -{name} {}", self.pid());
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // The sentinel first: once the worker is reaped its pid may be reused.
-        if let Some(mut sentinel) = self.sentinel.take() {
-            let _ = sentinel.kill();
-            let _ = sentinel.wait();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The real worker under a fake systemd, its server down at first: no READY=1 while it
 /// cannot connect (a STATUS= line says why), READY=1 once connected and provisioned,
 /// WATCHDOG=1 at half of WATCHDOG_USEC while running, a STATUS= line when it loses the
@@ -558,7 +492,7 @@ async fn a_worker_process_notifies_ready_watchdog_and_stopping() {
     .await
     .expect("STOPPING=1");
     let mut worker = worker;
-    let exit = wait_exit(&mut worker.child, Duration::from_secs(30));
+    let exit = worker.wait_exit(Duration::from_secs(30));
     assert_eq!(exit.code(), Some(0), "graceful exit");
     // Whatever the process sent on its way out.
     let manager = tokio::task::spawn_blocking(move || {

@@ -3,16 +3,22 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::Stream};
+use jetworker::app::RunError;
 use jetworker::config::Config;
+use jetworker::App;
 use jetworker_suite::Job;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-/// A config with one EVENTS stream, one DLQ stream and one consumer `jobs` reading
-/// `jobs.>` into handler `scripted`; `consumer_extra` lines are added to the consumer.
-pub fn config(url: &str, consumer_extra: &str) -> Config {
-    let text = format!(
+/// The text of a config with one EVENTS stream, one DLQ stream and one consumer `jobs`
+/// reading `jobs.>` into handler `scripted`; `consumer_extra` lines are added to the
+/// consumer.
+pub fn config_text(url: &str, consumer_extra: &str) -> String {
+    format!(
         r#"
 [connection]
 servers = ["{url}"]
@@ -37,9 +43,17 @@ handler = "scripted"
 dead_letter_subject = "dlq.jobs"
 {consumer_extra}
 "#
-    );
-    Config::from_toml_with_env(&text, Path::new("test-streams.toml"), std::iter::empty())
-        .expect("valid test config")
+    )
+}
+
+/// [`config_text`] loaded and validated.
+pub fn config(url: &str, consumer_extra: &str) -> Config {
+    Config::from_toml_with_env(
+        &config_text(url, consumer_extra),
+        Path::new("test-streams.toml"),
+        std::iter::empty(),
+    )
+    .expect("valid test config")
 }
 
 pub async fn connect(url: &str) -> (async_nats::Client, jetstream::Context) {
@@ -165,36 +179,109 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The config of [`config`] as a file `dir/streams.toml`, for tests that run a binary
-/// with `--config`. Returns its path.
+/// [`config_text`] as a file `dir/streams.toml`, for tests that run a binary with
+/// `--config`. Returns its path.
 pub fn write_config_file(dir: &Path, url: &str, consumer_extra: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[connection]
-servers = ["{url}"]
-request_timeout = "2s"
-
-[worker]
-shutdown_grace = "10s"
-ops_listen = ""
-
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-dead_letter_subject = "dlq.jobs"
-{consumer_extra}
-"#
-    );
     let path = dir.join("streams.toml");
-    std::fs::write(&path, text).expect("write config file");
+    std::fs::write(&path, config_text(url, consumer_extra)).expect("write config file");
     path
+}
+
+/// An [`App`] running in this process until [`InProcessWorker::stop`].
+pub struct InProcessWorker {
+    stop: CancellationToken,
+    handle: JoinHandle<Result<(), RunError>>,
+}
+
+impl InProcessWorker {
+    /// Runs `app` with `config` on a task of its own.
+    pub fn start<S: Send + Sync + 'static>(config: Config, app: App<S>) -> InProcessWorker {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle = tokio::spawn(async move { app.run_until(config, token).await.map(|_| ()) });
+        InProcessWorker { stop, handle }
+    }
+
+    /// Stops it and waits until it has (graceful shutdown), failing the test if it ran
+    /// into an error.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task")
+            .expect("worker ran");
+    }
+}
+
+/// A worker process that cannot outlive the test. Dropping it (a failed assertion
+/// unwinds through it) kills the worker; and should the test binary die without
+/// unwinding (killed by a timeout, `abort`), a `sh` sentinel blocked reading a pipe
+/// whose only writer is this process sees it close and kills the worker.
+pub struct WorkerProcess {
+    /// The worker.
+    pub child: Child,
+    sentinel: Option<Child>,
+}
+
+impl WorkerProcess {
+    /// Spawns `command` and its sentinel.
+    pub fn spawn(command: &mut Command) -> WorkerProcess {
+        let child = command.spawn().expect("spawn the worker");
+        // Our end of the pipe is close-on-exec: no other child inherits it.
+        let sentinel = Command::new("sh")
+            .args([
+                "-c",
+                "read _ignored; kill -9 \"$1\" 2>/dev/null",
+                "jetworker-test-sentinel",
+                &child.id().to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok();
+        WorkerProcess { child, sentinel }
+    }
+
+    /// The worker's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} {}", self.pid());
+    }
+
+    /// Waits for the worker to exit; fails the test (killing it) after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("worker did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // The sentinel first: once the worker is reaped its pid may be reused.
+        if let Some(mut sentinel) = self.sentinel.take() {
+            let _ = sentinel.kill();
+            let _ = sentinel.wait();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
