@@ -55,8 +55,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use futures::StreamExt;
-use jetworker::config::Config;
 use jetworker::testing::server::{self, NatsServer};
+use jetworker::Config;
 use jetworker::{App, Context, Event, HandlerError};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -455,7 +455,7 @@ fn config(text: &str) -> anyhow::Result<Config> {
 async fn fill(url: &str, settings: &Settings) -> anyhow::Result<(jetstream::Context, f64, u64)> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
-    jetworker::provision::provision(&client, &js, &config(&streams_toml(url))?, false).await?;
+    jetworker::provision(&client, &js, &config(&streams_toml(url))?, false).await?;
 
     let started = Instant::now();
     let mut acks = Vec::with_capacity(PUBLISH_WINDOW);

@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use jetworker::config::Config;
-use jetworker::publisher::Publisher;
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
+use jetworker::Publisher;
 use jetworker::{App, Context, Event, HandlerError};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The first worker, stopped by a real signal like any deployed worker.
     let stop = CancellationToken::new();
-    jetworker::shutdown::on_signals(stop.clone());
+    jetworker::on_signals(stop.clone());
     let running = app("worker-1", &done)
         .start(config.clone(), stop.clone())
         .await?;

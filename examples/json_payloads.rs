@@ -22,13 +22,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use jetworker::codec::CodecKind;
-use jetworker::config::Config;
-use jetworker::dead_letter;
-use jetworker::dlq::{Dlq, Filter};
-use jetworker::publisher::Publisher;
+use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
+use jetworker::CodecKind;
+use jetworker::Config;
+use jetworker::Publisher;
 use jetworker::{App, Context, Event, HandlerError};
+use jetworker_cli::{Dlq, Filter};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 

@@ -1,7 +1,7 @@
 //! Run with: `nats-server -js &` then `cargo run --example minimal_worker -- --config examples/configs/minimal.toml run`
 //!
 //! The smallest real worker, in the shape you copy into your own binary: one handler, the
-//! config in a file, and [`jetworker::cli::main`] for the command line. Send it work with
+//! config in a file, and [`jetworker_cli::main`] for the command line. Send it work with
 //! the `nats` CLI (the config uses JSON so you can type payloads by hand):
 //!
 //! ```text
@@ -40,5 +40,5 @@ async fn greet(greeting: Event<Greeting>, ctx: Context) -> Result<(), HandlerErr
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    jetworker::cli::main(App::new(()).handler("greet", greet)).await
+    jetworker_cli::main(App::new(()).handler("greet", greet)).await
 }

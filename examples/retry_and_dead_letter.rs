@@ -21,11 +21,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use jetworker::config::Config;
-use jetworker::dlq::{Dlq, Filter};
-use jetworker::publisher::Publisher;
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
+use jetworker::Publisher;
 use jetworker::{App, Context, Event, HandlerError, ResultExt};
+use jetworker_cli::{Dlq, Filter};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 

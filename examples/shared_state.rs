@@ -22,9 +22,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use jetworker::config::Config;
-use jetworker::publisher::Publisher;
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
+use jetworker::Publisher;
 use jetworker::{App, Context, Event, HandlerError};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;

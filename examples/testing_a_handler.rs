@@ -24,13 +24,13 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use jetworker::config::Config;
-use jetworker::outcome::Outcome;
-#[cfg(test)]
-use jetworker::outcome::Reason;
 use jetworker::testing::harness::{Delivery, HandlerHarness};
 #[cfg(test)]
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
+use jetworker::Outcome;
+#[cfg(test)]
+use jetworker::Reason;
 use jetworker::{Context, Event, HandlerError};
 use serde::{Deserialize, Serialize};
 

@@ -9,6 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jetworker::{Context, Event, HandlerError};
+
+/// The README's code compiles (`cargo test --doc`).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 use serde::{Deserialize, Serialize};
 
 /// What the scripted handler does with a message.

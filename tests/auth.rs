@@ -10,15 +10,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use jetworker::config::ServerUrl;
-use jetworker::config::{ConnectionConfig, TlsConfig};
-use jetworker::connect::{self, AuthMode, ConnectError, ConnectFailure, Transport};
+use jetworker::ServerUrl;
+use jetworker::{AuthMode, ConnectError, ConnectFailure, Transport};
+use jetworker::{ConnectionConfig, TlsConfig};
 use secrecy::SecretString;
 use security_kit::*;
 
 /// Connecting works and JetStream answers (a stream is created and read back).
 async fn assert_works(c: &ConnectionConfig) {
-    let client = connect::connect(c)
+    let client = jetworker::connect(c)
         .await
         .unwrap_or_else(|e| panic!("connects: {e}"));
     let js = jetstream::new(client.clone());
@@ -47,7 +47,7 @@ async fn assert_fails(
     secrets: &[&str],
 ) -> ConnectError {
     let started = Instant::now();
-    let err = connect::connect(c)
+    let err = jetworker::connect(c)
         .await
         .expect_err("the connection must be refused");
     let took = started.elapsed();
@@ -315,7 +315,7 @@ async fn mutual_tls_with_user_and_password() {
         ),
     ] {
         let started = Instant::now();
-        let err = connect::connect(&config)
+        let err = jetworker::connect(&config)
             .await
             .expect_err("refused without a trusted client certificate");
         assert!(

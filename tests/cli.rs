@@ -1,5 +1,5 @@
 //! The built-in command line as a user meets it, through a real worker binary
-//! (`test_worker`, which is `jetworker::cli::main` with one handler, `scripted`):
+//! (`test_worker`, which is `jetworker_cli::main` with one handler, `scripted`):
 //! `check` without a server, `run` refusing an unregistered handler before it connects,
 //! and `provision --dry-run` / `provision` against a real server.
 

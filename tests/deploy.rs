@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jetworker::config::Config;
+use jetworker::Config;
 use serde::Deserialize;
 use serde_norway::Value;
 
@@ -253,18 +253,18 @@ fn configmap_streams_toml_passes_workers_check() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("streams.toml");
     std::fs::write(&path, text).expect("write streams.toml");
-    let global = jetworker::cli::GlobalArgs {
+    let global = jetworker_cli::GlobalArgs {
         config: path,
-        log_format: jetworker::cli::LogFormat::Human,
+        log_format: jetworker_cli::LogFormat::Human,
     };
     let app = workers::handlers::app(workers::handlers::Analytics::new());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let code = runtime.block_on(jetworker::cli::execute(
+    let code = runtime.block_on(jetworker_cli::execute(
         &global,
-        jetworker::cli::Command::Check,
+        jetworker_cli::Command::Check,
         app,
     ));
     assert_eq!(

@@ -14,12 +14,13 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use common::*;
-use jetworker::config::Config;
-use jetworker::dead_letter::{self, DeadLetter};
-use jetworker::dlq::{Dlq, DlqFailure, Filter, PayloadEncoding};
-use jetworker::outcome::Reason;
+use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
+use jetworker::DeadLetter;
+use jetworker::Reason;
 use jetworker::{App, Context, Event, HandlerError};
+use jetworker_cli::{Dlq, DlqFailure, Filter, PayloadEncoding};
 use jetworker_suite::Job;
 
 /// A handler that refuses every job (permanently) until the test flips `accept`, then
@@ -77,27 +78,22 @@ async fn craft_dead_letter(
         error: format!("crafted {reason}"),
     };
     let payload = rmp_serde::to_vec_named(job).expect("encode");
-    dead_letter::publish(
-        js,
-        "dlq.jobs",
-        &letter,
-        payload.into(),
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("dead letter stored");
+    letter
+        .publish(js, "dlq.jobs", payload.into(), Duration::from_secs(5))
+        .await
+        .expect("dead letter stored");
 }
 
 async fn provisioned(url: &str, extra: &str) -> (async_nats::Client, jetstream::Context, Config) {
     let (client, js) = connect(url).await;
     let config = config(url, extra);
-    jetworker::provision::provision(&client, &js, &config, false)
+    jetworker::provision(&client, &js, &config, false)
         .await
         .expect("provision");
     (client, js, config)
 }
 
-fn ids_of(letters: &[jetworker::dlq::Letter]) -> BTreeSet<u64> {
+fn ids_of(letters: &[jetworker_cli::Letter]) -> BTreeSet<u64> {
     letters
         .iter()
         .map(|l| {

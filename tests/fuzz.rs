@@ -12,12 +12,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use jetworker::codec::{self, CodecKind, MAX_MSGPACK_DEPTH};
-use jetworker::config::Config;
-use jetworker::outcome::{Outcome, Reason};
-use jetworker::permissions::{Permissions, Scope};
 use jetworker::testing::harness::{Delivery, HandlerHarness};
-use jetworker::{dlq, provision, safety_net, Context, Event, HandlerError};
+use jetworker::Config;
+use jetworker::{CodecKind, MAX_MSGPACK_DEPTH};
+use jetworker::{Context, Event, HandlerError};
+use jetworker::{Outcome, Reason};
+use jetworker_cli::{Permissions, Scope};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use serde::Deserialize;
@@ -305,9 +305,9 @@ fn check_load(text: &str, env: Vec<(String, String)>) -> Result<(), TestCaseErro
                 "{shown}"
             );
             let _ = Permissions::for_worker(&config, &Scope::default()).text();
-            let _ = safety_net::advisory_stream(&config);
-            let desired = provision::desired(&config);
-            let _ = provision::plan(&desired, &provision::Actual::default()).to_string();
+            let _ = jetworker::safety_net_stream(&config);
+            let desired = jetworker::desired(&config);
+            let _ = jetworker::plan(&desired, &jetworker::Actual::default()).to_string();
         }
         Err(e) => {
             let shown = format!("{e} {e:?}");
@@ -362,14 +362,14 @@ enum Expr {
 
 fn decode_every_way(bytes: &[u8]) {
     for codec in [CodecKind::Msgpack, CodecKind::Json] {
-        let _ = codec::decode::<Click>(codec, bytes);
-        let _ = codec::decode::<Expr>(codec, bytes);
-        let _ = codec::decode::<serde_json::Value>(codec, bytes);
-        let _ = codec::decode::<Vec<Option<String>>>(codec, bytes);
-        let _ = codec::decode::<HashMap<String, Vec<u8>>>(codec, bytes);
-        let _ = dlq::decode_payload(Some(codec), bytes);
+        let _ = jetworker::decode::<Click>(codec, bytes);
+        let _ = jetworker::decode::<Expr>(codec, bytes);
+        let _ = jetworker::decode::<serde_json::Value>(codec, bytes);
+        let _ = jetworker::decode::<Vec<Option<String>>>(codec, bytes);
+        let _ = jetworker::decode::<HashMap<String, Vec<u8>>>(codec, bytes);
+        let _ = jetworker_cli::decode_payload(Some(codec), bytes);
     }
-    let _ = dlq::decode_payload(None, bytes);
+    let _ = jetworker_cli::decode_payload(None, bytes);
 }
 
 /// A MessagePack value `depth` containers deep, the containers picked by `kinds`.
@@ -474,8 +474,8 @@ proptest! {
         how in mutations(),
     ) {
         // Unmutated, both decode as a JSON value.
-        prop_assert!(codec::decode::<serde_json::Value>(CodecKind::Msgpack, &msgpack).is_ok());
-        prop_assert!(codec::decode::<serde_json::Value>(CodecKind::Json, &json).is_ok());
+        prop_assert!(jetworker::decode::<serde_json::Value>(CodecKind::Msgpack, &msgpack).is_ok());
+        prop_assert!(jetworker::decode::<serde_json::Value>(CodecKind::Json, &json).is_ok());
         decode_every_way(&mutate(msgpack, &how));
         decode_every_way(&mutate(json, &how));
     }
@@ -486,11 +486,11 @@ proptest! {
         depth in 0usize..400,
     ) {
         let bytes = nested_msgpack(&kinds, depth);
-        let scan = codec::check_msgpack_depth(&bytes, MAX_MSGPACK_DEPTH);
+        let scan = jetworker::check_msgpack_depth(&bytes, MAX_MSGPACK_DEPTH);
         prop_assert_eq!(scan.is_err(), depth > MAX_MSGPACK_DEPTH, "scan of depth {}", depth);
         if depth > MAX_MSGPACK_DEPTH {
-            prop_assert!(codec::decode::<serde_json::Value>(CodecKind::Msgpack, &bytes).is_err());
-            prop_assert!(codec::decode::<Expr>(CodecKind::Msgpack, &bytes).is_err());
+            prop_assert!(jetworker::decode::<serde_json::Value>(CodecKind::Msgpack, &bytes).is_err());
+            prop_assert!(jetworker::decode::<Expr>(CodecKind::Msgpack, &bytes).is_err());
         }
         decode_every_way(&bytes);
     }
@@ -536,12 +536,12 @@ proptest! {
 #[test]
 fn regression_recursive_enum_nesting_is_an_error_not_a_stack_overflow() {
     let bytes = nested_msgpack(&[4], 200_000);
-    let err = codec::decode::<Expr>(CodecKind::Msgpack, &bytes).expect_err("too deep");
+    let err = jetworker::decode::<Expr>(CodecKind::Msgpack, &bytes).expect_err("too deep");
     assert!(err.message.contains("depth"), "{err}");
     // On a small stack too (a spawned thread's), as the runtime's worker threads have.
     std::thread::Builder::new()
         .stack_size(256 * 1024)
-        .spawn(move || codec::decode::<Expr>(CodecKind::Msgpack, &bytes).is_err())
+        .spawn(move || jetworker::decode::<Expr>(CodecKind::Msgpack, &bytes).is_err())
         .expect("thread")
         .join()
         .map(|refused| assert!(refused))

@@ -280,8 +280,8 @@ async fn a_failed_start_releases_the_ops_port() {
     assert!(
         matches!(
             started,
-            Err(jetworker::app::RunError::Provision(
-                jetworker::provision::ProvisionError::Conflicts(_)
+            Err(jetworker::RunError::Provision(
+                jetworker::ProvisionError::Conflicts(_)
             ))
         ),
         "a storage conflict fails the start"

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use jetworker::config::Config;
-use jetworker::provision::{self, Action, ProvisionError};
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
+use jetworker::{Action, Plan, ProvisionError};
 
 fn config(server: &NatsServer, events_extra: &str) -> Config {
     let text = format!(
@@ -62,11 +62,11 @@ async fn run(
     js: &jetstream::Context,
     config: &Config,
     dry_run: bool,
-) -> Result<provision::Plan, ProvisionError> {
-    provision::provision(client, js, config, dry_run).await
+) -> Result<Plan, ProvisionError> {
+    jetworker::provision(client, js, config, dry_run).await
 }
 
-fn all(plan: &provision::Plan, word: &str) -> bool {
+fn all(plan: &Plan, word: &str) -> bool {
     plan.streams.iter().all(|s| s.action.word() == word)
         && plan.consumers.iter().all(|c| c.action.word() == word)
 }

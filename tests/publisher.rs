@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use common::*;
-use jetworker::publisher::{PublishFailure, Publisher, RetryPolicy};
 use jetworker::testing::server::NatsServer;
+use jetworker::{PublishFailure, Publisher, RetryPolicy};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -174,7 +174,7 @@ async fn pipelined_publishing_counts_stored_and_duplicates() {
 async fn json_codec_publishes_json() {
     let server = NatsServer::start().expect("server");
     let js = setup(&server).await;
-    let publisher = Publisher::new(js.clone()).with_codec(jetworker::codec::CodecKind::Json);
+    let publisher = Publisher::new(js.clone()).with_codec(jetworker::CodecKind::Json);
     let click = Click {
         id: "j-1".into(),
         page: "/json".into(),

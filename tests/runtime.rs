@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use jetworker::app::RunError;
-use jetworker::config::Config;
-use jetworker::consumer::ConsumerStats;
-use jetworker::dead_letter;
+use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
 use jetworker::App;
+use jetworker::Config;
+use jetworker::ConsumerStats;
+use jetworker::RunError;
 use jetworker_suite::{scripted, Job, Mode, Probe};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

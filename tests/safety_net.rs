@@ -8,9 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use jetworker::dead_letter;
-use jetworker::safety_net::{ADVISORY_STREAM, ORIGINAL_MISSING};
+use jetworker::headers as dead_letter;
+use jetworker::headers::ORIGINAL_MISSING;
 use jetworker::testing::server::NatsServer;
+use jetworker::ADVISORY_STREAM;
 use jetworker_suite::{Job, Mode};
 
 struct Killed(Child);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::{consumer_info, count, header, messages, wait_until};
-use jetworker::dead_letter;
+use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
 use jetworker::{App, Context, Event, HandlerError};
 use jetworker_suite::{Job, Mode};

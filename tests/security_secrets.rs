@@ -8,8 +8,7 @@ mod security_kit;
 use std::path::Path;
 use std::time::Duration;
 
-use jetworker::config::Config;
-use jetworker::connect;
+use jetworker::Config;
 use jetworker_suite::Job;
 use security_kit::*;
 
@@ -52,7 +51,9 @@ async fn worker_run_output(
             e.contains("workers running")
         })
         .await;
-    let client = connect::connect(&config.connection).await.expect("connect");
+    let client = jetworker::connect(&config.connection)
+        .await
+        .expect("connect");
     let js = async_nats::jetstream::new(client.clone());
     let job = rmp_serde::to_vec_named(&Job::ok(1)).expect("encode");
     js.publish("jobs.1", job.into())
@@ -171,7 +172,7 @@ async fn check_everything(
             .map(|(k, v)| (k.to_string(), v.to_string())),
     )
     .expect("valid");
-    let err = connect::connect(&wrong_config.connection)
+    let err = jetworker::connect(&wrong_config.connection)
         .await
         .expect_err("refused");
     assert_clean("the connect error", &format!("{err} {err:?}"), secrets);

@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use common::*;
 use futures::StreamExt;
-use jetworker::status::{self, StatusReport};
 use jetworker::testing::server::NatsServer;
 use jetworker::App;
+use jetworker_cli::{StatusReport, StreamStatus};
 use jetworker_suite::{scripted, Job, Mode, Probe};
 
 fn permanent(id: u64) -> Job {
@@ -38,7 +38,7 @@ async fn server_subject_count(js: &jetstream::Context, stream: &str, subject: &s
     total
 }
 
-fn find<'a>(report: &'a StatusReport, stream: &str) -> &'a status::StreamStatus {
+fn find<'a>(report: &'a StatusReport, stream: &str) -> &'a StreamStatus {
     report
         .streams
         .iter()
@@ -57,12 +57,14 @@ async fn status_figures_equal_the_servers() {
     );
 
     // Before provisioning: nothing exists, and status says so instead of failing.
-    let before = status::collect(&js, &config).await.expect("status");
+    let before = jetworker_cli::collect_status(&js, &config)
+        .await
+        .expect("status");
     assert!(before.streams.iter().all(|s| !s.exists));
     assert!(!before.consumers[0].exists);
     assert_eq!(before.consumers[0].dead_letters, None);
 
-    jetworker::provision::provision(&client, &js, &config, false)
+    jetworker::provision(&client, &js, &config, false)
         .await
         .expect("provision");
 
@@ -136,7 +138,9 @@ async fn status_figures_equal_the_servers() {
     })
     .await;
 
-    let report = status::collect(&js, &config).await.expect("status");
+    let report = jetworker_cli::collect_status(&js, &config)
+        .await
+        .expect("status");
     let info = consumer_info(&js, "EVENTS", "jobs").await;
     let c = &report.consumers[0];
     assert!(c.exists);
@@ -204,7 +208,7 @@ async fn status_command_prints_the_report_as_json_and_as_a_table() {
     let server = NatsServer::start().expect("server");
     let (client, js) = connect(&server.url()).await;
     let config = config(&server.url(), "max_deliver = 1");
-    jetworker::provision::provision(&client, &js, &config, false)
+    jetworker::provision(&client, &js, &config, false)
         .await
         .expect("provision");
     publish_jobs(&js, &(1..=3).map(Job::ok).collect::<Vec<_>>()).await;
@@ -227,7 +231,9 @@ async fn status_command_prints_the_report_as_json_and_as_a_table() {
         String::from_utf8_lossy(&out.stderr)
     );
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let report = status::collect(&js, &config).await.expect("status");
+    let report = jetworker_cli::collect_status(&js, &config)
+        .await
+        .expect("status");
     assert_eq!(printed, serde_json::to_value(&report).expect("to json"));
     assert_eq!(printed["consumers"][0]["pending"], 3);
     assert_eq!(printed["consumers"][0]["dead_letters"], 0);

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
-use jetworker::publisher::Publisher;
 use jetworker::testing::server::NatsServer;
-use jetworker::trace::TraceContext;
+use jetworker::Publisher;
+use jetworker::TraceContext;
 use jetworker::{App, Context, Event, HandlerError};
 use jetworker_suite::{Job, Mode};
 use tokio_util::sync::CancellationToken;

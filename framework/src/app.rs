@@ -19,10 +19,11 @@ use crate::safety_net::{self, MaxDeliveriesAdvisory, SafetyNet};
 use crate::{connect, shutdown, systemd};
 
 /// A worker application: shared state `S` and handlers registered by the names
-/// `streams.toml` gives them.
+/// `streams.toml` gives them. A worker binary hands it to `jetworker_cli::main(app)`,
+/// which gives it the operator's subcommands; [`App::run`] is the `run` subcommand.
 ///
 /// ```no_run
-/// use jetworker::{App, Context, Event, HandlerError};
+/// use jetworker::{App, Config, Context, Event, HandlerError};
 /// # #[derive(serde::Deserialize)] struct Click { page: String }
 /// async fn track_click(click: Event<Click>, _ctx: Context) -> Result<(), HandlerError> {
 ///     println!("{}", click.page);
@@ -30,14 +31,25 @@ use crate::{connect, shutdown, systemd};
 /// }
 ///
 /// #[tokio::main]
-/// async fn main() -> std::process::ExitCode {
-///     let app = App::new(()).handler("track_click", track_click);
-///     jetworker::cli::main(app).await
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let config = Config::load("streams.toml")?;
+///     App::new(()).handler("track_click", track_click).run(config).await?;
+///     Ok(())
 /// }
 /// ```
 pub struct App<S = ()> {
     state: Arc<S>,
     handlers: HashMap<String, Arc<dyn ErasedHandler<S>>>,
+}
+
+// Not derived: cloning shares the state and the handlers, whatever `S` is.
+impl<S> Clone for App<S> {
+    fn clone(&self) -> Self {
+        App {
+            state: Arc::clone(&self.state),
+            handlers: self.handlers.clone(),
+        }
+    }
 }
 
 impl Default for App<()> {
@@ -244,7 +256,7 @@ impl<S: Send + Sync + 'static> App<S> {
             let rt = Arc::new(ConsumerRuntime {
                 config: c.clone(),
                 spec: provision::consumer_spec(c),
-                policy: c.retry_policy(),
+                policy: c.retry_schedule(),
                 handler: handler.clone(),
                 state: self.state.clone(),
                 client: client.clone(),

@@ -214,6 +214,20 @@ pub struct PublishFailed {
     pub message: String,
 }
 
+impl DeadLetter {
+    /// Publishes this letter with `payload` to `subject` and waits for the server's
+    /// PubAck (bounded by `timeout`). Only an `Ok` means the copy is stored.
+    pub async fn publish(
+        &self,
+        js: &jetstream::Context,
+        subject: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<jetstream::publish::PublishAck, PublishFailed> {
+        publish(js, subject, self, payload, timeout).await
+    }
+}
+
 /// Publishes the copy and waits for the server's PubAck (bounded by `timeout`). Only an
 /// `Ok` means the copy is stored.
 pub async fn publish(

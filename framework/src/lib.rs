@@ -1,52 +1,126 @@
 //! jetworker: long-lived NATS JetStream workers from `streams.toml` and plain async handlers.
 //!
+//! This crate is the worker runtime: what runs inside a worker process. The operator's
+//! tools (`run`, `check`, `provision`, `status`, `dlq ...`, `permissions`) are in the
+//! `jetworker-cli` crate, whose `jetworker_cli::main(app)` is a worker's whole `main`.
+//!
+//! ```no_run
+//! use jetworker::{App, Config, Context, Event, HandlerError};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Click {
+//!     user: u64,
+//! }
+//!
+//! async fn count_click(click: Event<Click>, _ctx: Context) -> Result<(), HandlerError> {
+//!     if click.user == 0 {
+//!         return Err(HandlerError::permanent("no user"));
+//!     }
+//!     Ok(())
+//! }
+//!
+//! # async fn run() -> Result<(), jetworker::RunError> {
+//! let config = Config::load("streams.toml").expect("a valid config");
+//! App::new(()).handler("count_click", count_click).run(config).await
+//! # }
+//! ```
+//!
 //! # Layout
-//! - [`config`]: `streams.toml` loading, environment overrides, validation (every problem at once).
-//! - [`subject`]: NATS subject rules and wildcard matching.
-//! - [`provision`]: `plan(desired, actual)` (pure) and applying it to a server.
-//! - [`connect`]: the connection config as an async-nats client (every auth mode).
-//! - [`permissions`]: the least publish/subscribe permissions a worker's config needs.
-//! - [`handler`]: handlers as plain async functions; `Event`, `Context`, `HandlerError`.
-//! - [`codec`]: MessagePack (default) and JSON payloads, decoded defensively.
-//! - [`outcome`]: `decide(attempted, attempt, policy) -> Outcome`, the pure decision table.
-//! - [`consumer`]: the pull loop and the path of one delivery (ack, nak, dead letter).
-//! - [`dead_letter`]: the dead-letter copy, its headers and its publish.
-//! - [`publisher`]: typed publish with message ids, PubAck and retries; a pipelined mode.
-//! - [`app`]: handlers registered by name, run, graceful shutdown.
-//! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics` on `worker.ops_listen`.
-//! - [`safety_net`]: dead letters for messages whose last delivery never settled.
-//! - [`shutdown`]: SIGTERM / SIGINT handling.
+//! The path of one message reads top to bottom: `config` -> `provision` -> `app` ->
+//! `consumer` (pull loop, one delivery) -> `outcome` -> `dead_letter`.
+//! - `config/`: the `streams.toml` schema, loading with environment overrides, and
+//!   validation that reports every problem at once.
+//! - `subject`: NATS subject rules and wildcard overlap.
+//! - `provision`: `plan(desired, actual)` (pure) and applying the plan to a server.
+//! - `connect`: the connection config as an async-nats client (every auth mode).
+//! - `handler`: handlers as plain async functions; [`Event`], [`Context`], [`HandlerError`].
+//! - `codec`: MessagePack (default) and JSON payloads, decoded defensively.
+//! - `outcome`: `decide(attempted, attempt, schedule) -> Outcome`, the pure decision table.
+//! - `consumer/`: one durable consumer at work: the pull loop, the path of one delivery
+//!   (ack, nak, dead letter) and its counters.
+//! - `dead_letter`: the dead-letter copy, its headers and its publish.
+//! - `safety_net`: dead letters for messages whose last delivery never settled.
+//! - `publisher`: typed publish with message ids, PubAck and retries; a pipelined mode.
+//! - `app`: handlers registered by name, start, run, graceful shutdown.
+//! - `ops`: `/healthz`, `/readyz` and Prometheus `/metrics` on `worker.ops_listen`.
+//! - `shutdown`: SIGTERM / SIGINT handling.
 //! - [`systemd`]: `Type=notify` services: READY / STOPPING / STATUS and the watchdog.
-//! - [`cli`]: the subcommands every jetworker binary gets (`run`, `check`, `provision`).
-//! - [`status`]: per consumer its backlog and dead letters, per stream its size (`status`).
-//! - [`dlq`]: listing, showing, replaying and purging dead letters (`dlq ...`).
-//! - [`trace`]: W3C `traceparent` continued from deliveries and added by the publisher.
-//! - `testing` (feature `testing`): for users' tests: the handler harness (outcomes without
-//!   a server) and real `nats-server` processes for integration tests.
+//! - `trace`: W3C `traceparent` continued from deliveries and added by the publisher.
+//! - [`headers`]: the names of the headers jetworker puts on dead letters and replays.
+//! - `testing` (feature `testing`): for users' tests: the handler harness (outcomes
+//!   without a server) and real `nats-server` processes for integration tests.
+//!
+//! Modules are private; what a worker, a test or the operator's tools use is re-exported
+//! here. `async_nats` and `tokio_util` are re-exported because their types (the client,
+//! JetStream contexts, cancellation tokens) are part of this API.
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
-pub mod app;
-pub mod cli;
-pub mod codec;
-pub mod config;
-pub mod connect;
-pub mod consumer;
-pub mod dead_letter;
-pub mod dlq;
-pub mod handler;
-pub mod ops;
-pub mod outcome;
-pub mod permissions;
-pub mod provision;
-pub mod publisher;
-pub mod safety_net;
-pub mod shutdown;
-pub mod status;
-pub mod subject;
+mod app;
+mod codec;
+mod config;
+mod connect;
+mod consumer;
+mod dead_letter;
+mod handler;
+mod ops;
+mod outcome;
+mod provision;
+mod publisher;
+mod safety_net;
+mod shutdown;
+mod subject;
 pub mod systemd;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod trace;
+mod trace;
 
-pub use app::App;
-pub use config::Config;
-pub use handler::{Context, Event, HandlerError, ResultExt};
+pub use async_nats;
+pub use tokio_util;
+
+pub use app::{App, RunError, Running};
+pub use codec::{check_msgpack_depth, decode, encode, DecodeError, EncodeError, MAX_MSGPACK_DEPTH};
+pub use config::{
+    redact_userinfo, CodecKind, Config, ConfigError, ConfigProblem, ConnectionConfig,
+    ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig, Retention, ServerUrl, Storage,
+    StreamConfig, TlsConfig, UrlCredentials, WorkerConfig, DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX,
+    DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
+};
+pub use connect::{
+    connect, connect_with, redacted_servers, AuthMode, ConnectError, ConnectFailure, Transport,
+};
+pub use consumer::ConsumerStats;
+pub use dead_letter::{
+    message_id as dead_letter_message_id, DeadLetter, PublishFailed as DeadLetterPublishError,
+};
+pub use handler::{
+    Context, Event, Handler, HandlerError, HandlerErrorKind, HandlerFuture, HandlerOutput,
+    ResultExt,
+};
+pub use ops::Health;
+pub use outcome::{decide, Attempted, Outcome, Reason, RetrySchedule};
+pub use provision::{
+    consumer_info, desired, get_stream, plan, provision, Action, Actual, Desired, Plan,
+    ProvisionError, ServerVersion,
+};
+pub use publisher::{
+    Pipeline, PipelineReport, PublishError, PublishFailure, Publisher, RetryPolicy,
+};
+pub use safety_net::{
+    advisory_stream as safety_net_stream, safety_net_consumer, ADVISORY_STREAM, SAFETY_NET_CONSUMER,
+};
+pub use shutdown::on_signals;
+pub use subject::{overlaps as subjects_overlap, validate_filter, validate_literal, SubjectError};
+pub use trace::TraceContext;
+
+/// The names of the headers jetworker puts on dead letters and on replayed messages.
+///
+/// A dead letter keeps the original's headers under [`ORIGINAL_PREFIX`] and adds the
+/// others; `dlq replay` restores the original headers and adds [`REPLAY_COUNT`].
+pub mod headers {
+    pub use crate::dead_letter::{
+        ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, ORIGINAL_PREFIX, ORIGINAL_SUBJECT,
+        PAYLOAD_DROPPED, REASON, REPLAY_COUNT, SEQUENCE, STREAM, TIME,
+    };
+    pub use crate::safety_net::ORIGINAL_MISSING;
+    pub use crate::trace::TRACEPARENT;
+}

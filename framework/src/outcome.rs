@@ -116,14 +116,14 @@ impl Outcome {
 
 /// What the decision needs to know about the consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryPolicy {
+pub struct RetrySchedule {
     /// Deliveries allowed (at least 1).
     pub max_deliver: u64,
     /// Delay after failed attempt n is `schedule[n-1]`, the last entry past the end.
     pub schedule: Vec<Duration>,
 }
 
-impl RetryPolicy {
+impl RetrySchedule {
     /// The delay before the next delivery after attempt `attempt` (1-based) failed.
     pub fn delay_after(&self, attempt: u64) -> Duration {
         let Some(last) = self.schedule.last() else {
@@ -135,7 +135,7 @@ impl RetryPolicy {
 }
 
 /// Decides how to settle a delivery. `attempt` is the server's delivery count (1-based).
-pub fn decide(attempted: &Attempted, attempt: u64, policy: &RetryPolicy) -> Outcome {
+pub fn decide(attempted: &Attempted, attempt: u64, policy: &RetrySchedule) -> Outcome {
     let last = attempt >= policy.max_deliver;
     let retry_or = |reason: Reason, error: String| {
         if last {
@@ -186,8 +186,8 @@ pub fn decide(attempted: &Attempted, attempt: u64, policy: &RetryPolicy) -> Outc
 mod tests {
     use super::*;
 
-    fn policy() -> RetryPolicy {
-        RetryPolicy {
+    fn policy() -> RetrySchedule {
+        RetrySchedule {
             max_deliver: 3,
             schedule: vec![Duration::from_secs(1), Duration::from_secs(10)],
         }
@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn schedule_past_its_end_reuses_the_last_delay() {
-        let p = RetryPolicy {
+        let p = RetrySchedule {
             max_deliver: 10,
             schedule: vec![Duration::from_secs(1), Duration::from_secs(5)],
         };

@@ -4,8 +4,8 @@
 //! This is the supported replacement for hand-written retry loops around `publish`:
 //!
 //! ```no_run
-//! # async fn demo(js: async_nats::jetstream::Context) -> Result<(), jetworker::publisher::PublishError> {
-//! use jetworker::publisher::Publisher;
+//! # async fn demo(js: async_nats::jetstream::Context) -> Result<(), jetworker::PublishError> {
+//! use jetworker::Publisher;
 //! #[derive(serde::Serialize)]
 //! struct Click { id: String, page: String }
 //!
@@ -259,7 +259,7 @@ impl Publisher {
     /// Failed publishes are retried (with their message id) when their PubAck fails.
     ///
     /// ```no_run
-    /// # async fn demo(publisher: jetworker::publisher::Publisher) -> Result<(), jetworker::publisher::PublishError> {
+    /// # async fn demo(publisher: jetworker::Publisher) -> Result<(), jetworker::PublishError> {
     /// let mut pipeline = publisher.pipeline(256);
     /// for i in 0..10_000u32 {
     ///     let id = format!("e-{i}");

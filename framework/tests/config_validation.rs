@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use jetworker::config::{CodecKind, Config, ConfigError, DeliverPolicy, Storage};
+use jetworker::{CodecKind, Config, ConfigError, DeliverPolicy, Storage};
 
 /// A valid base config; tests append or replace parts of it.
 const BASE: &str = r#"
@@ -83,10 +83,13 @@ fn durations_and_lists_parse() {
     );
     assert_eq!(cons.handler_timeout, Duration::from_millis(1500));
     assert_eq!(cons.codec, CodecKind::Json);
-    assert_eq!(cons.retry_policy().delay_after(1), Duration::from_secs(1));
-    assert_eq!(cons.retry_policy().delay_after(3), Duration::from_secs(60));
+    assert_eq!(cons.retry_schedule().delay_after(1), Duration::from_secs(1));
     assert_eq!(
-        cons.retry_policy().delay_after(9),
+        cons.retry_schedule().delay_after(3),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        cons.retry_schedule().delay_after(9),
         Duration::from_secs(60),
         "past the end reuses the last"
     );

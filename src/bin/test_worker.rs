@@ -48,5 +48,5 @@ async fn logged(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), Handler
 #[tokio::main]
 async fn main() -> ExitCode {
     let app = App::new(Arc::new(Probe::default())).handler("scripted", logged);
-    jetworker::cli::main(app).await
+    jetworker_cli::main(app).await
 }

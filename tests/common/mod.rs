@@ -7,9 +7,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::Stream};
-use jetworker::app::RunError;
-use jetworker::config::Config;
 use jetworker::App;
+use jetworker::Config;
+use jetworker::RunError;
 use jetworker_suite::Job;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use jetworker::dead_letter;
-use jetworker::publisher::{Publisher, RetryPolicy};
+use jetworker::headers as dead_letter;
+use jetworker::{Publisher, RetryPolicy};
 use jetworker_suite::Job;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -1130,7 +1130,7 @@ impl Verdict {
         let mut copies: BTreeMap<(String, u64), usize> = BTreeMap::new();
         for l in letters {
             *copies.entry((l.stream.clone(), l.sequence)).or_default() += 1;
-            if l.msg_id != dead_letter::message_id(&l.stream, l.sequence) {
+            if l.msg_id != jetworker::dead_letter_message_id(&l.stream, l.sequence) {
                 v.bad_letters.push(format!(
                     "{} seq {} has Nats-Msg-Id {:?}",
                     l.original_subject, l.sequence, l.msg_id

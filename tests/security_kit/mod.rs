@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use jetworker::config::{Config, ConnectionConfig, ServerUrl};
 use jetworker::testing::server::{NatsServer, ServerOptions};
+use jetworker::{Config, ConnectionConfig, ServerUrl};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,

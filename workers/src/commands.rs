@@ -1,5 +1,6 @@
 //! The `workers` command line: jetworker's built-in subcommands (`run`, `check`,
-//! `provision`) plus `publish`, `stats` and `demo`.
+//! `provision`, `status`, `dlq`, `permissions`) plus the platform's own `publish`, `stats`
+//! and `demo`, added through [`jetworker_cli::Cli`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,13 +8,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use clap::{Args, Parser, Subcommand};
-use jetworker::app::{RunError, Running};
-use jetworker::cli::{GlobalArgs, EXIT_CONFLICT, EXIT_FAILURE, EXIT_INVALID_CONFIG};
-use jetworker::config::Config;
-use jetworker::consumer::ConsumerStats;
-use jetworker::publisher::Publisher;
-use jetworker::{connect, provision};
+use clap::{Args, Subcommand};
+use jetworker::{App, Config, ConsumerStats, ProvisionError, Publisher, RunError, Running};
+use jetworker_cli::{
+    Cli, GlobalArgs, Invocation, EXIT_CONFLICT, EXIT_FAILURE, EXIT_INVALID_CONFIG,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,28 +23,23 @@ use crate::local_server::{self, Address, LocalServer, Probe};
 use crate::publish::{self, now_ms, PublishPlan};
 use crate::report::{self, ReportOptions};
 
-/// The analytics platform's command line.
-#[derive(Debug, Parser)]
-#[command(
-    name = "workers",
-    version,
-    about = "Real-time analytics workers on NATS JetStream"
-)]
-pub struct Cli {
-    /// Options of every subcommand.
-    #[command(flatten)]
-    pub global: GlobalArgs,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Cmd,
+/// The analytics platform's command line: jetworker's built-in subcommands (`run`,
+/// `check`, `provision`, `status`, `dlq`, `permissions`) and the platform's own.
+pub fn cli() -> Cli<Analytics, Cmd> {
+    Cli::new(handlers::app(Analytics::new()))
+        .name("workers")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Real-time analytics workers on NATS JetStream")
+        .commands(run)
+        .init_logging(|format, own| match own {
+            Some(Cmd::Demo(_)) => init_demo_logging(format),
+            _ => jetworker_cli::init_logging(format),
+        })
 }
 
-/// The subcommands.
+/// The platform's own subcommands, next to jetworker's.
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// jetworker's built-in subcommands.
-    #[command(flatten)]
-    Jetworker(jetworker::cli::Command),
     /// Publish synthetic traffic (clicks, purchases, logins, a few malformed payloads).
     Publish(PublishArgs),
     /// Print the aggregates.
@@ -160,35 +154,28 @@ pub struct DemoArgs {
     pub traffic: TrafficArgs,
 }
 
-/// Runs the parsed command line; returns the exit code.
-pub async fn run(cli: Cli) -> ExitCode {
-    if let Cmd::Demo(_) = cli.command {
-        init_demo_logging(cli.global.log_format);
-    } else {
-        jetworker::cli::init_logging(cli.global.log_format);
-    }
-    match cli.command {
-        Cmd::Jetworker(command) => {
-            jetworker::cli::execute(&cli.global, command, handlers::app(Analytics::new())).await
-        }
-        Cmd::Publish(args) => exit(publish_command(&cli.global, &args).await),
-        Cmd::Stats(args) => exit(stats_command(&cli.global, &args).await),
-        Cmd::Demo(args) => exit(demo_command(&cli.global, &args).await),
+/// Runs one of the platform's own commands; returns the exit code.
+async fn run(command: Cmd, invocation: Invocation<Analytics>) -> ExitCode {
+    let global = &invocation.global;
+    match command {
+        Cmd::Publish(args) => exit(publish_command(global, &args).await),
+        Cmd::Stats(args) => exit(stats_command(global, &args).await),
+        Cmd::Demo(args) => exit(demo_command(global, &args, invocation.app.clone()).await),
     }
 }
 
 /// The demo prints its own story on stdout; logs (stderr) default to warnings, without
 /// the per-message ones for the malformed events it sends on purpose (the analytics
 /// count those). `RUST_LOG` overrides, as everywhere.
-fn init_demo_logging(format: jetworker::cli::LogFormat) {
+fn init_demo_logging(format: jetworker_cli::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,jetworker::consumer=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match format {
-        jetworker::cli::LogFormat::Human => builder.try_init(),
-        jetworker::cli::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        jetworker_cli::LogFormat::Human => builder.try_init(),
+        jetworker_cli::LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
 
@@ -221,11 +208,11 @@ fn exit(result: Result<(), Failure>) -> ExitCode {
 }
 
 fn load(global: &GlobalArgs) -> Result<Config, Failure> {
-    jetworker::cli::load_config(global).map_err(|_| Failure::new(EXIT_INVALID_CONFIG, ""))
+    jetworker_cli::load_config(global).map_err(|_| Failure::new(EXIT_INVALID_CONFIG, ""))
 }
 
 async fn connect(config: &Config) -> Result<(async_nats::Client, jetstream::Context), Failure> {
-    let client = connect::connect(&config.connection).await.map_err(|e| {
+    let client = jetworker::connect(&config.connection).await.map_err(|e| {
         Failure::new(
             EXIT_FAILURE,
             format!("error: {e}\nhint: start a server with scripts/demo (or `nats-server -js`), or point NATS_URL at one"),
@@ -254,7 +241,7 @@ async fn publish_command(global: &GlobalArgs, args: &PublishArgs) -> Result<(), 
     let config = load(global)?;
     let (client, js) = connect(&config).await?;
     let stop = CancellationToken::new();
-    jetworker::shutdown::on_signals(stop.clone());
+    jetworker::on_signals(stop.clone());
     let mut traffic = args.traffic.traffic();
     let plan = PublishPlan {
         rate: args.rate.max(0.0),
@@ -307,12 +294,16 @@ enum DemoServer {
     Local(LocalServer),
 }
 
-async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failure> {
+async fn demo_command(
+    global: &GlobalArgs,
+    args: &DemoArgs,
+    app: App<Analytics>,
+) -> Result<(), Failure> {
     let config = load(global)?;
     // Signals first: a Ctrl-C while a server starts or the streams are provisioned must
     // end the demo cleanly too, not leave a server behind.
     let stop = CancellationToken::new();
-    jetworker::shutdown::on_signals(stop.clone());
+    jetworker::on_signals(stop.clone());
 
     let server = tokio::select! {
         _ = stop.cancelled() => return Ok(()),
@@ -321,7 +312,14 @@ async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failur
     let result = if stop.is_cancelled() {
         Ok(())
     } else {
-        run_demo(&config, args, &stop, matches!(server, DemoServer::Local(_))).await
+        run_demo(
+            &config,
+            args,
+            &stop,
+            app,
+            matches!(server, DemoServer::Local(_)),
+        )
+        .await
     };
     if let DemoServer::Local(server) = server {
         let (pid, dir) = (server.pid(), server.dir().display().to_string());
@@ -342,7 +340,7 @@ async fn demo_command(global: &GlobalArgs, args: &DemoArgs) -> Result<(), Failur
 /// with `--local-server`, one started there (installed first when missing).
 async fn demo_server(config: &Config, args: &DemoArgs) -> Result<DemoServer, Failure> {
     const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-    let servers = connect::redacted_servers(&config.connection);
+    let servers = jetworker::redacted_servers(&config.connection);
     let addresses: Vec<Address> = config
         .connection
         .servers
@@ -509,6 +507,7 @@ async fn run_demo(
     config: &Config,
     args: &DemoArgs,
     stop: &CancellationToken,
+    app: App<Analytics>,
     local_server: bool,
 ) -> Result<(), Failure> {
     let (client, js) = connect(config).await?;
@@ -522,10 +521,10 @@ async fn run_demo(
         });
     }
 
-    match provision::provision(&client, &js, config, false).await {
+    match jetworker::provision(&client, &js, config, false).await {
         Ok(plan) if plan.has_changes() => print!("provisioned:\n{plan}"),
         Ok(_) => println!("streams, consumers and the {BUCKET:?} bucket are up to date"),
-        Err(provision::ProvisionError::Conflicts(plan)) => {
+        Err(ProvisionError::Conflicts(plan)) => {
             return Err(Failure::new(
                 EXIT_CONFLICT,
                 format!("provisioning has conflicts; nothing was changed:\n{plan}"),
@@ -535,7 +534,7 @@ async fn run_demo(
     }
     let kv = open_bucket(&js).await?;
 
-    let running = start_workers(config, stop).await?;
+    let running = start_workers(app, config, stop).await?;
     let consumers: Vec<&str> = config.consumers.iter().map(|c| c.name.as_str()).collect();
     let ops = running
         .ops_address()
@@ -627,12 +626,13 @@ async fn run_demo(
 
 /// Starts the workers; when the configured ops address is taken (a Prometheus on 9090,
 /// another demo), the demo takes a free port instead of failing.
-async fn start_workers(config: &Config, stop: &CancellationToken) -> Result<Running, Failure> {
+async fn start_workers(
+    app: App<Analytics>,
+    config: &Config,
+    stop: &CancellationToken,
+) -> Result<Running, Failure> {
     let failed = |e: RunError| Failure::new(EXIT_FAILURE, format!("error: {e}"));
-    match handlers::app(Analytics::new())
-        .start(config.clone(), stop.clone())
-        .await
-    {
+    match app.clone().start(config.clone(), stop.clone()).await {
         Err(RunError::Ops(why)) => {
             println!(
                 "note: the ops endpoint cannot listen on {} ({why}); using a free port",
@@ -640,10 +640,7 @@ async fn start_workers(config: &Config, stop: &CancellationToken) -> Result<Runn
             );
             let mut config = config.clone();
             config.worker.ops_listen = "127.0.0.1:0".to_string();
-            handlers::app(Analytics::new())
-                .start(config, stop.clone())
-                .await
-                .map_err(failed)
+            app.start(config, stop.clone()).await.map_err(failed)
         }
         other => other.map_err(failed),
     }

@@ -355,14 +355,14 @@ fn encode(event: &AnyEvent) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jetworker::codec::{self, CodecKind};
+    use jetworker::CodecKind;
     use std::collections::{BTreeSet, HashSet};
 
     fn decodes(kind: Kind, bytes: &[u8]) -> bool {
         match kind {
-            Kind::Click => codec::decode::<Click>(CodecKind::Msgpack, bytes).is_ok(),
-            Kind::Purchase => codec::decode::<Purchase>(CodecKind::Msgpack, bytes).is_ok(),
-            Kind::Login => codec::decode::<Login>(CodecKind::Msgpack, bytes).is_ok(),
+            Kind::Click => jetworker::decode::<Click>(CodecKind::Msgpack, bytes).is_ok(),
+            Kind::Purchase => jetworker::decode::<Purchase>(CodecKind::Msgpack, bytes).is_ok(),
+            Kind::Login => jetworker::decode::<Login>(CodecKind::Msgpack, bytes).is_ok(),
         }
     }
 

@@ -179,7 +179,7 @@ async fn flag_if_needed(kv: &kv::Store, user: &str, threshold: u64) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jetworker::handler::HandlerErrorKind;
+    use jetworker::HandlerErrorKind;
 
     #[tokio::test]
     async fn invalid_events_are_permanent_failures() {

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::{self, kv};
-use jetworker::config::Config;
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
 use workers::counters::{
     apply_once, read_record, Application, Applied, CounterErrorKind, Delta, Faults, RunOptions,
     Step,
@@ -37,7 +37,7 @@ async fn bucket(server: &NatsServer) -> (async_nats::Client, kv::Store) {
         .expect("valid config");
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = jetstream::new(client.clone());
-    jetworker::provision::provision(&client, &js, &config, false)
+    jetworker::provision(&client, &js, &config, false)
         .await
         .expect("provision");
     let kv = js.get_key_value("analytics").await.expect("bucket");

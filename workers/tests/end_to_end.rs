@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use jetworker::config::Config;
-use jetworker::dead_letter;
-use jetworker::publisher::Publisher;
+use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
+use jetworker::Publisher;
 use jetworker::{App, Context, Event, HandlerError};
 use tokio_util::sync::CancellationToken;
 use workers::aggregates::{self, Aggregates, DEFAULT_FLAG_THRESHOLD};
@@ -180,7 +180,7 @@ async fn ten_thousand_events_two_replicas_exact_aggregates() {
 
     // Wait until every stored message is settled (acked or dead-lettered) by a replica,
     // then for the aggregates to match exactly, with nothing left in flight.
-    let settled = |replicas: &[jetworker::app::Running]| -> u64 {
+    let settled = |replicas: &[jetworker::Running]| -> u64 {
         replicas
             .iter()
             .flat_map(|r| r.stats().values())

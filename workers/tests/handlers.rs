@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use async_nats::jetstream;
-use jetworker::config::Config;
-use jetworker::outcome::{Outcome, Reason};
 use jetworker::testing::harness::{Delivery, HandlerHarness};
 use jetworker::testing::server::NatsServer;
+use jetworker::Config;
+use jetworker::{Outcome, Reason};
 use workers::aggregates::{self, DEFAULT_FLAG_THRESHOLD};
 use workers::events::{Login, Purchase};
 use workers::handlers::{self, Analytics, BUCKET};
@@ -24,13 +24,13 @@ async fn setup() -> (NatsServer, Config, jetstream::Context) {
         .expect("streams.toml is valid");
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = jetstream::new(client.clone());
-    jetworker::provision::provision(&client, &js, &config, false)
+    jetworker::provision(&client, &js, &config, false)
         .await
         .expect("provisioned");
     (server, config, js)
 }
 
-fn consumer(config: &Config, name: &str) -> jetworker::config::ConsumerConfig {
+fn consumer(config: &Config, name: &str) -> jetworker::ConsumerConfig {
     config
         .consumers
         .iter()

@@ -19,7 +19,7 @@
 //!
 //! ```
 //! use jetworker::testing::harness::HandlerHarness;
-//! use jetworker::outcome::{Outcome, Reason};
+//! use jetworker::{Outcome, Reason};
 //! use jetworker::{Context, Event, HandlerError};
 //! # #[derive(serde::Serialize, serde::Deserialize)] struct Order { amount: i64 }
 //!
@@ -205,7 +205,7 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
 
     /// Calls the handler with a raw delivery (payload bytes, headers, attempt).
     pub async fn deliver(&self, delivery: Delivery) -> Outcome {
-        let policy = self.consumer.retry_policy();
+        let policy = self.consumer.retry_schedule();
         let mut ctx = Context::new(self.state.clone(), delivery.subject, delivery.attempt)
             .with_headers(delivery.headers)
             .with_origin("TEST", &self.consumer.name, delivery.sequence)

@@ -8,8 +8,8 @@
 //! server's own; nothing is estimated.
 //!
 //! ```no_run
-//! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker::status::StatusError> {
-//! let report = jetworker::status::collect(&js, &config).await?;
+//! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker_cli::StatusError> {
+//! let report = jetworker_cli::collect_status(&js, &config).await?;
 //! print!("{}", report.table());
 //! # Ok(()) }
 //! ```
@@ -20,9 +20,9 @@ use async_nats::jetstream;
 use futures::TryStreamExt;
 use serde::Serialize;
 
-use crate::config::Config;
 use crate::dlq::dead_letter_streams;
-use crate::provision;
+use crate::table::table;
+use jetworker::Config;
 
 /// Reading the status failed (a request to the server, not a missing stream).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -109,7 +109,7 @@ pub async fn collect(
     let mut streams = Vec::new();
     let mut handles = BTreeMap::new();
     for s in &config.streams {
-        let found = provision::get_stream(js, &s.name)
+        let found = jetworker::get_stream(js, &s.name)
             .await
             .map_err(|e| fail(format!("reading stream {:?}", s.name), e))?;
         let dead_letters = dl_streams.iter().any(|d| d.name == s.name);
@@ -169,7 +169,7 @@ pub async fn collect(
     let mut consumers = Vec::new();
     for c in &config.consumers {
         let info = match handles.get(&c.stream) {
-            Some(handle) => provision::consumer_info(handle, &c.name)
+            Some(handle) => jetworker::consumer_info(handle, &c.name)
                 .await
                 .map_err(|e| fail(format!("reading consumer {:?}", c.name), e))?,
             None => None,
@@ -232,39 +232,6 @@ pub fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     format!("{value:.1} {}", UNITS[unit])
-}
-
-/// A plain text table: columns padded to their widest cell, two spaces apart, numbers
-/// (`right[i]`) right-aligned; no trailing spaces.
-pub fn table(headers: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
-    let columns = headers.len();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate().take(columns) {
-            widths[i] = widths[i].max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let header_row: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
-    for row in std::iter::once(&header_row).chain(rows) {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate().take(columns) {
-            if i > 0 {
-                line.push_str("  ");
-            }
-            let pad = widths[i].saturating_sub(cell.chars().count());
-            if right.get(i).copied().unwrap_or(false) {
-                line.push_str(&" ".repeat(pad));
-                line.push_str(cell);
-            } else {
-                line.push_str(cell);
-                line.push_str(&" ".repeat(pad));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 impl StatusReport {

@@ -29,9 +29,9 @@
 //! [`Dlq::other_readers`] names them, and `dlq replay` says so before it starts.
 //!
 //! ```no_run
-//! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker::dlq::DlqError> {
-//! use jetworker::dlq::{Dlq, Filter};
-//! use jetworker::outcome::Reason;
+//! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker_cli::DlqError> {
+//! use jetworker_cli::{Dlq, Filter};
+//! use jetworker::Reason;
 //!
 //! let dlq = Dlq::new(js, &config)?;
 //! let filter = Filter { reasons: vec![Reason::Permanent], ..Filter::default() };
@@ -55,12 +55,8 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::codec::{self, CodecKind};
-use crate::config::Config;
-use crate::dead_letter;
-use crate::outcome::Reason;
-use crate::publisher::{Publisher, RetryPolicy};
-use crate::subject;
+use jetworker::headers as dead_letter;
+use jetworker::{CodecKind, Config, Publisher, Reason, RetryPolicy};
 
 /// What kind of `dlq` failure this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,11 +253,11 @@ pub fn dead_letter_streams(config: &Config) -> Vec<DeadLetterStream> {
     let mut out: Vec<DeadLetterStream> = Vec::new();
     for c in &config.consumers {
         let subject = &c.dead_letter_subject;
-        let Some(s) = config
-            .streams
-            .iter()
-            .find(|s| s.subjects.iter().any(|ss| subject::overlaps(ss, subject)))
-        else {
+        let Some(s) = config.streams.iter().find(|s| {
+            s.subjects
+                .iter()
+                .any(|ss| jetworker::subjects_overlap(ss, subject))
+        }) else {
             continue;
         };
         let index = match out.iter().position(|d| d.name == s.name) {
@@ -509,7 +505,7 @@ pub fn decode_payload(codec: Option<CodecKind>, bytes: &[u8]) -> Payload {
 fn decode_msgpack(bytes: &[u8]) -> Result<serde_json::Value, String> {
     use serde::Deserialize;
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
-    de.set_max_depth(codec::MAX_MSGPACK_DEPTH);
+    de.set_max_depth(jetworker::MAX_MSGPACK_DEPTH);
     let value = serde_json::Value::deserialize(&mut de).map_err(|e| e.to_string())?;
     let used = de.position();
     if used != bytes.len() as u64 {
@@ -640,7 +636,7 @@ pub fn list_table(letters: &[Summary]) -> String {
             ]
         })
         .collect();
-    let mut out = crate::status::table(&headers, &right, &rows);
+    let mut out = crate::table::table(&headers, &right, &rows);
     out.push_str(&format!(
         "{} dead letter{}\n",
         letters.len(),
@@ -710,7 +706,10 @@ fn other_readers(
     };
     let stores = |stream: &str| {
         streams.iter().any(|(name, subjects)| {
-            name == stream && subjects.iter().any(|f| subject::overlaps(f, subject))
+            name == stream
+                && subjects
+                    .iter()
+                    .any(|f| jetworker::subjects_overlap(f, subject))
         })
     };
     let mut out: Vec<String> = readers
@@ -720,7 +719,7 @@ fn other_readers(
         .filter(|r| {
             r.filter
                 .as_deref()
-                .is_none_or(|f| subject::overlaps(f, subject))
+                .is_none_or(|f| jetworker::subjects_overlap(f, subject))
         })
         .map(|r| r.consumer.clone())
         .collect();
@@ -1045,7 +1044,7 @@ impl Dlq {
                 ),
             )
         })?;
-        if let Err(e) = subject::validate_literal(target) {
+        if let Err(e) = jetworker::validate_literal(target) {
             return Err(DlqError::new(
                 DlqFailure::NotADeadLetter,
                 format!(
@@ -1183,7 +1182,7 @@ impl Dlq {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dead_letter::DeadLetter;
+    use jetworker::DeadLetter;
     use std::path::Path;
 
     fn at(text: &str) -> OffsetDateTime {
@@ -1417,7 +1416,7 @@ mod tests {
     #[test]
     fn payloads_decode_with_the_codec_or_fall_back() {
         let value = serde_json::json!({"id": 7, "page": "/"});
-        let packed = codec::encode(CodecKind::Msgpack, &value).unwrap_or_default();
+        let packed = jetworker::encode(CodecKind::Msgpack, &value).unwrap_or_default();
         let p = decode_payload(Some(CodecKind::Msgpack), &packed);
         assert_eq!(p.encoding, PayloadEncoding::Msgpack);
         assert_eq!(p.value, value);

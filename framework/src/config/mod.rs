@@ -552,8 +552,8 @@ impl Default for ConsumerConfig {
 
 impl ConsumerConfig {
     /// The retry schedule and delivery limit, as the decision uses them.
-    pub fn retry_policy(&self) -> crate::outcome::RetryPolicy {
-        crate::outcome::RetryPolicy {
+    pub fn retry_schedule(&self) -> crate::outcome::RetrySchedule {
+        crate::outcome::RetrySchedule {
             max_deliver: self.max_deliver_count(),
             schedule: match &self.backoff {
                 Some(list) if !list.is_empty() => list.clone(),

@@ -1,50 +1,15 @@
-//! The subcommands every jetworker binary gets (`run`, `check`, `provision`, `status`,
-//! `dlq list/show/replay/purge`, `permissions`), so a user's worker binary and the
-//! `workers` platform share one command line.
-//!
-//! A binary with no commands of its own calls [`main`]. One that adds commands embeds
-//! [`GlobalArgs`] and [`Command`] in its own clap parser:
-//!
-//! ```no_run
-//! use clap::{Parser, Subcommand};
-//!
-//! #[derive(Parser)]
-//! struct Cli {
-//!     #[command(flatten)]
-//!     global: jetworker::cli::GlobalArgs,
-//!     #[command(subcommand)]
-//!     command: Cmd,
-//! }
-//!
-//! #[derive(Subcommand)]
-//! enum Cmd {
-//!     #[command(flatten)]
-//!     Jetworker(jetworker::cli::Command),
-//!     /// Something of this binary's own.
-//!     Hello,
-//! }
-//!
-//! #[tokio::main]
-//! async fn main() -> std::process::ExitCode {
-//!     let cli = Cli::parse();
-//!     jetworker::cli::init_logging(cli.global.log_format);
-//!     let app = jetworker::App::new(());
-//!     match cli.command {
-//!         Cmd::Jetworker(command) => jetworker::cli::execute(&cli.global, command, app).await,
-//!         Cmd::Hello => std::process::ExitCode::SUCCESS,
-//!     }
-//! }
-//! ```
+//! The built-in subcommands (`run`, `check`, `provision`, `status`, `dlq ...`,
+//! `permissions`): their arguments and what each one does, with the exit codes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
+use jetworker::{App, Config, ConfigError, ProvisionError, RunError};
 
-use crate::app::{App, RunError};
-use crate::config::{Config, ConfigError};
 use crate::dlq::{self, Dlq, DlqError, DlqFailure, Filter, Letter};
-use crate::{connect, provision, status};
+use crate::logging::LogFormat;
+use crate::status;
 
 /// Exit code for an invalid config (or a consumer naming an unregistered handler).
 pub const EXIT_INVALID_CONFIG: u8 = 2;
@@ -62,20 +27,11 @@ pub const EXIT_USAGE: u8 = 2;
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
     /// Path of the config file.
-    #[arg(long, short = 'c', global = true, env = "JETWORKER_CONFIG", default_value = crate::config::DEFAULT_PATH)]
+    #[arg(long, short = 'c', global = true, env = "JETWORKER_CONFIG", default_value = jetworker::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
     /// Log format: human-readable lines or one JSON object per line.
     #[arg(long, global = true, env = "JETWORKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
-}
-
-/// How logs are written (to stderr).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Human,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The built-in subcommands.
@@ -230,44 +186,6 @@ impl FilterArgs {
     }
 }
 
-/// The command line of a binary with only the built-in subcommands.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-pub struct Cli {
-    /// Shared options.
-    #[command(flatten)]
-    pub global: GlobalArgs,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Parses the command line, sets up logging and runs the command with `app`: a whole `main`.
-pub async fn main<S: Send + Sync + 'static>(app: App<S>) -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.global.log_format);
-    execute(&cli.global, cli.command, app).await
-}
-
-/// Sets up `tracing` output on stderr. The level comes from `RUST_LOG` (default `info`,
-/// with the client library's own connection chatter at `warn`). Human lines are colored
-/// only on a terminal (and not with `NO_COLOR` set): the journal, `kubectl logs` and log
-/// shippers get plain text. Calling it twice is harmless.
-pub fn init_logging(format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal() && !no_color)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
-
 /// Loads the config, printing its problems to stderr on failure.
 pub fn load_config(global: &GlobalArgs) -> Result<Config, ExitCode> {
     Config::load(&global.config).map_err(|e| {
@@ -296,7 +214,7 @@ pub async fn execute<S: Send + Sync + 'static>(
                 eprintln!("{e}");
                 ExitCode::from(EXIT_INVALID_CONFIG)
             }
-            Err(RunError::Provision(provision::ProvisionError::Conflicts(plan))) => {
+            Err(RunError::Provision(ProvisionError::Conflicts(plan))) => {
                 eprintln!("provisioning has conflicts; nothing was changed and no worker started:\n{plan}");
                 ExitCode::from(EXIT_CONFLICT)
             }
@@ -340,7 +258,7 @@ fn plural(n: usize) -> &'static str {
 }
 
 async fn run_provision(config: &Config, dry_run: bool) -> ExitCode {
-    let client = match connect::connect(&config.connection).await {
+    let client = match jetworker::connect(&config.connection).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -348,7 +266,7 @@ async fn run_provision(config: &Config, dry_run: bool) -> ExitCode {
         }
     };
     let js = async_nats::jetstream::new(client.clone());
-    let result = provision::provision(&client, &js, config, dry_run).await;
+    let result = jetworker::provision(&client, &js, config, dry_run).await;
     let code = match result {
         Ok(plan) => {
             if dry_run {
@@ -361,7 +279,7 @@ async fn run_provision(config: &Config, dry_run: bool) -> ExitCode {
             print!("{plan}");
             ExitCode::SUCCESS
         }
-        Err(provision::ProvisionError::Conflicts(plan)) => {
+        Err(ProvisionError::Conflicts(plan)) => {
             eprintln!("plan has conflicts: nothing was changed");
             print!("{plan}");
             ExitCode::from(EXIT_CONFLICT)
@@ -391,7 +309,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> ExitCode {
 
 /// Connects for a one-shot command; the error (servers redacted) is printed.
 async fn connect_for_command(config: &Config) -> Result<async_nats::Client, ExitCode> {
-    connect::connect(&config.connection).await.map_err(|e| {
+    jetworker::connect(&config.connection).await.map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_FAILURE)
     })

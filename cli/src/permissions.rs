@@ -27,8 +27,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::config::{Config, ConsumerConfig};
-use crate::safety_net;
+use jetworker::{Config, ConsumerConfig};
 
 /// One subject a worker may publish to or subscribe to, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -146,7 +145,7 @@ impl Permissions {
         for s in &config.streams {
             b.stream(&s.name, "stream", scope);
         }
-        let advisory = safety_net::advisory_stream(config);
+        let advisory = jetworker::safety_net_stream(config);
         if let Some(s) = &advisory {
             b.stream(&s.name, "the safety net's advisory stream", scope);
         }
@@ -160,7 +159,7 @@ impl Permissions {
         for c in &config.consumers {
             b.consumer(c, scope);
         }
-        if let Some(net) = safety_net::safety_net_consumer(config) {
+        if let Some(net) = jetworker::safety_net_consumer(config) {
             b.consumer(&net, scope);
             for stream in config
                 .consumers

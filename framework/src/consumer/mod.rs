@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::ConsumerConfig;
 use crate::dead_letter::{self, DeadLetter};
 use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
-use crate::outcome::{decide, Attempted, Outcome, Reason, RetryPolicy};
+use crate::outcome::{decide, Attempted, Outcome, Reason, RetrySchedule};
 use crate::provision::{self, ConsumerSpec, ServerVersion};
 use crate::trace::TraceContext;
 use tracing::Instrument;
@@ -199,7 +199,7 @@ impl ConsumerStats {
 pub(crate) struct ConsumerRuntime<S> {
     pub config: ConsumerConfig,
     pub spec: ConsumerSpec,
-    pub policy: RetryPolicy,
+    pub policy: RetrySchedule,
     pub handler: Arc<dyn ErasedHandler<S>>,
     pub state: Arc<S>,
     pub client: Client,

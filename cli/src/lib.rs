@@ -1,0 +1,74 @@
+//! jetworker-cli: the operator's tools every jetworker worker binary gets.
+//!
+//! A worker's `main` is one line; the binary then has `run`, `check`, `provision`,
+//! `status`, `dlq list | show | replay | purge` and `permissions`:
+//!
+//! ```no_run
+//! # async fn count_click(_: jetworker::Event<u64>, _: jetworker::Context) -> Result<(), jetworker::HandlerError> { Ok(()) }
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     jetworker_cli::main(jetworker::App::new(()).handler("count_click", count_click)).await
+//! }
+//! ```
+//!
+//! A binary that wants its own name, `--version` and about text, or commands of its own,
+//! builds a [`Cli`]; its commands are a `clap::Subcommand` enum and one async function:
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//!
+//! #[derive(clap::Subcommand)]
+//! enum Extra {
+//!     /// Say hello (a command of this binary's own).
+//!     Hello,
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> ExitCode {
+//!     jetworker_cli::Cli::new(jetworker::App::new(()))
+//!         .name("orders")
+//!         .version(env!("CARGO_PKG_VERSION"))
+//!         .about("Order workers")
+//!         .commands(|command: Extra, invocation: jetworker_cli::Invocation<()>| async move {
+//!             match command {
+//!                 Extra::Hello => println!("hello from {}", invocation.global.config.display()),
+//!             }
+//!             ExitCode::SUCCESS
+//!         })
+//!         .main()
+//!         .await
+//! }
+//! ```
+//!
+//! # Layout
+//! - `cli`: [`Cli`], the command line a binary builds: built-in and own commands.
+//! - `command`: the built-in subcommands and what each does ([`execute`]), exit codes.
+//! - `dlq`: the dead-letter service: list / show / replay / purge ([`Dlq`]) and its views.
+//! - `status`: per consumer its backlog and dead letters, per stream its size.
+//! - `permissions`: the least publish/subscribe permissions a worker's config needs.
+//! - `table`: plain text tables for the commands' output.
+//! - `logging`: `tracing` on stderr, human or JSON ([`init_logging`]).
+
+mod cli;
+mod command;
+mod dlq;
+mod logging;
+mod permissions;
+mod status;
+mod table;
+
+pub use cli::{main, Cli, Invocation, NoCommands};
+pub use command::{
+    execute, load_config, Command, DlqCommand, FilterArgs, GlobalArgs, EXIT_CONFLICT, EXIT_FAILURE,
+    EXIT_INVALID_CONFIG, EXIT_USAGE,
+};
+pub use dlq::{
+    dead_letter_streams, decode_payload, list_table, parse_reason, parse_time, DeadLetterSource,
+    DeadLetterStream, Detail, Dlq, DlqError, DlqFailure, Filter, Letter, Payload, PayloadEncoding,
+    PurgeReport, ReplayReport, Replayed, Summary,
+};
+pub use logging::{init_logging, LogFormat};
+pub use permissions::{Permissions, Scope};
+pub use status::{
+    collect as collect_status, ConsumerStatus, StatusError, StatusReport, StreamStatus,
+};
