@@ -114,26 +114,24 @@ fn cargo_adds(markdown: &str) -> Vec<(Vec<String>, Vec<String>)> {
 
 #[test]
 fn each_readme_shows_the_minimal_worker_example() {
-    let (_, example) = repository_file("examples/minimal_worker.rs");
-    let (_, config) = repository_file("examples/configs/minimal.toml");
-    let example = without_header(&example, "//!");
-    let config = without_header(&config, "#");
-    for readme in READMES {
-        let (path, markdown) = repository_file(readme);
-        let rust = code_blocks(&markdown, "rust");
-        assert_eq!(
-            rust,
-            [example.as_str()],
-            "{}: its one rust block must be examples/minimal_worker.rs without the //! header",
-            path.display()
-        );
-        let toml = code_blocks(&markdown, "toml");
-        assert_eq!(
-            toml,
-            [config.as_str()],
-            "{}: its one toml block must be examples/configs/minimal.toml without the header comment",
-            path.display()
-        );
+    // Per language: the file each README's one block of it must equal, and the
+    // comment marker of the header that block leaves out.
+    let sources = [
+        ("rust", "examples/minimal_worker.rs", "//!"),
+        ("toml", "examples/configs/minimal.toml", "#"),
+    ];
+    for (language, source, comment) in sources {
+        let (_, text) = repository_file(source);
+        let expected = without_header(&text, comment);
+        for readme in READMES {
+            let (path, markdown) = repository_file(readme);
+            assert_eq!(
+                code_blocks(&markdown, language),
+                [expected.as_str()],
+                "{}: its one {language} block must be {source} without its leading {comment} comments",
+                path.display()
+            );
+        }
     }
 }
 
