@@ -53,7 +53,7 @@
 //! Modules are private; what a worker, a test or the operator's tools use is re-exported
 //! here. `async_nats` and `tokio_util` are re-exported because their types (the client,
 //! JetStream contexts, cancellation tokens) are part of this API.
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod app;
 mod codec;
