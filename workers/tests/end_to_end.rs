@@ -57,7 +57,7 @@ struct Chaos {
 impl Faults for Chaos {
     fn fail_at(&self, _id: &str, marker: &str, step: Step) -> bool {
         let point = (marker.to_string(), format!("{step:?}"));
-        if stable_hash(&format!("{}|{}", point.0, point.1)) % 60 != 0 {
+        if !stable_hash(&format!("{}|{}", point.0, point.1)).is_multiple_of(60) {
             return false;
         }
         let first = self.fired.lock().expect("lock").insert(point);
