@@ -43,6 +43,8 @@
 //! - `safety_net`: dead letters for messages whose last delivery never settled.
 //! - `publisher`: typed publish with message ids, PubAck and retries; a pipelined mode.
 //! - `app`: handlers registered by name, start, run, graceful shutdown.
+//! - `backoff`: the jittered, capped waits of every retry loop (connect, provision,
+//!   consumer restore, dead-letter publish, publisher), so replicas do not retry in step.
 //! - `ops`: `/healthz`, `/readyz` and Prometheus `/metrics` on `worker.ops_listen`.
 //! - `shutdown`: SIGTERM / SIGINT handling.
 //! - [`systemd`]: `Type=notify` services: READY / STOPPING / STATUS and the watchdog.
@@ -57,6 +59,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod app;
+mod backoff;
 mod codec;
 mod config;
 mod connect;

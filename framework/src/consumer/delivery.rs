@@ -17,13 +17,20 @@ use futures::FutureExt;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::backoff;
 use super::runtime::ConsumerRuntime;
+use crate::backoff::Backoff;
 use crate::config::ConsumerConfig;
 use crate::dead_letter::{self, DeadLetter};
 use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
 use crate::outcome::{decide, Attempted, Outcome, Reason};
 use crate::trace::TraceContext;
+
+/// The first wait before retrying a dead-letter publish held on a message's last
+/// delivery (see [`dead_letter_then_term`]); the waits grow from it, jittered.
+const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest of those waits. Both are bounded by the progress-ack interval too: the
+/// held message gets a progress ack before each publish.
+const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// One message from the pull with what its reply subject says about it, read once when
 /// it arrives (see [`receive`]) and carried to its settlement.
@@ -305,27 +312,31 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
     reason: Reason,
     error: String,
 ) {
-    let Delivery {
-        message,
-        stream,
-        consumer,
-        sequence: seq,
-        attempt,
-    } = delivery;
-    let attempt = *attempt;
+    let message = &delivery.message;
+    let (stream, consumer, seq, attempt) = (
+        delivery.stream.as_str(),
+        delivery.consumer,
+        delivery.sequence,
+        delivery.attempt,
+    );
     let subject = &rt.config.dead_letter_subject;
     let letter = DeadLetter {
         subject: message.subject.as_str().to_owned(),
         headers: message.headers.clone().unwrap_or_default(),
-        stream: stream.clone(),
-        sequence: *seq,
-        consumer: (*consumer).to_owned(),
+        stream: stream.to_owned(),
+        sequence: seq,
+        consumer: consumer.to_owned(),
         attempts: attempt,
         reason,
         error,
     };
     let payload: Bytes = message.payload.clone();
-    let mut failures: u32 = 0;
+    // Held on the last delivery, the message needs a progress ack between two publishes.
+    let hold = progress_interval(&rt.config);
+    let mut retry = Backoff::new(
+        DEAD_LETTER_RETRY_FIRST.min(hold),
+        DEAD_LETTER_RETRY_MAX.min(hold),
+    );
     loop {
         match dead_letter::publish(
             &rt.js,
@@ -350,7 +361,6 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 rt.stats
                     .dead_letter_failures
                     .fetch_add(1, Ordering::Relaxed);
-                failures += 1;
                 if attempt < rt.policy.max_deliver {
                     // Never term a message whose copy is not stored: it comes back later.
                     let delay = rt.policy.delay_after(attempt);
@@ -365,7 +375,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 }
                 // The last delivery: a nak would strand it (the server delivers it no
                 // more), so keep it here with progress acks and retry the copy.
-                let wait = backoff(failures).min(progress_interval(&rt.config));
+                let wait = retry.next();
                 tracing::error!(
                     stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
                     retry_in = %humantime::format_duration(wait),

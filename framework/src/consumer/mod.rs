@@ -3,7 +3,7 @@
 //! - [`run`] (here): the consumer's life. It makes sure the durable consumer exists
 //!   (recreating it from the config when it was deleted), runs pull sessions, and starts
 //!   a new one when heartbeats stop, the client reconnects or the server says the
-//!   consumer is gone; failures wait a growing backoff before the next try.
+//!   consumer is gone; failures wait a jittered [`Backoff`] before the next try.
 //! - `pull`: one pull session: `MSG.NEXT` requests sized to free handler slots, idle
 //!   heartbeats, the hand-back at shutdown of what never started; each message takes a
 //!   slot and goes to `delivery`.
@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::provision;
 use pull::SessionEnd;
 
@@ -38,8 +39,10 @@ pub(crate) use delivery::{attempted_from, prepare};
 pub(crate) use runtime::ConsumerRuntime;
 pub use stats::ConsumerStats;
 
-/// Longest wait between attempts to restore a consumer.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The first wait before trying again to restore the consumer (or a pull session).
+const RESTORE_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between attempts to restore the consumer.
+const RESTORE_MAX: Duration = Duration::from_secs(30);
 
 /// Runs the consumer until `stop`, then waits for its handlers (the caller bounds that
 /// with the grace period through `hard_stop`).
@@ -48,7 +51,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     let permits = Arc::new(Semaphore::new(concurrency));
     let done = Arc::new(Notify::new());
     let tasks = TaskTracker::new();
-    let mut failures: u32 = 0;
+    let mut retry = Backoff::new(RESTORE_FIRST, RESTORE_MAX);
 
     loop {
         rt.stats.tick();
@@ -56,8 +59,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
             break;
         }
         if let Err(e) = ensure_consumer(&rt).await {
-            failures += 1;
-            let wait = backoff(failures);
+            let wait = retry.next();
             tracing::warn!(
                 stream = %rt.spec.stream, consumer = %rt.spec.name, error = %e,
                 retry_in = %humantime::format_duration(wait), "consumer unavailable"
@@ -79,20 +81,16 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
                     pull::revive_connection(&rt).await;
                 }
                 match end {
-                    SessionEnd::NoResponders | SessionEnd::SubscriptionClosed => {
-                        failures += 1;
-                        backoff(failures)
-                    }
+                    SessionEnd::NoResponders | SessionEnd::SubscriptionClosed => retry.next(),
                     _ => {
-                        failures = 0;
+                        retry.reset();
                         continue;
                     }
                 }
             }
             Err(e) => {
                 tracing::warn!(stream = %rt.spec.stream, consumer = %rt.spec.name, error = %e, "pull session failed");
-                failures += 1;
-                backoff(failures)
+                retry.next()
             }
         };
         tokio::select! {
@@ -102,12 +100,6 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     }
     tasks.close();
     tasks.wait().await;
-}
-
-/// The wait after `failures` failures in a row: 1, 2, 4, 8 and then 16 s.
-pub(super) fn backoff(failures: u32) -> Duration {
-    let secs = 1u64 << failures.min(5).saturating_sub(1);
-    Duration::from_secs(secs).min(MAX_BACKOFF)
 }
 
 /// Makes sure the durable consumer exists; recreates it from the config when it was
@@ -129,17 +121,4 @@ async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), String> {
         rt.stats.recreated.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(3), Duration::from_secs(4));
-        assert!(backoff(50) <= MAX_BACKOFF);
-    }
 }
