@@ -5,7 +5,7 @@
 //! jetworker asks for exactly as many messages as it has free handler slots, so a
 //! message never waits in a client buffer while its ack timer runs. Each arriving
 //! message takes a slot and starts (see [`start`]) on its way through
-//! [`deliver`](super::delivery::deliver).
+//! [`deliver`].
 
 use std::collections::VecDeque;
 use std::future::Future;
