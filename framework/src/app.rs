@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::config::ConsumerConfig;
 use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
@@ -201,7 +202,7 @@ impl<S: Send + Sync + 'static> App<S> {
 
         // Provision: a conflict is fatal; an unavailable JetStream is retried.
         systemd::status("provisioning streams and consumers");
-        let mut failures = 0u32;
+        let mut retry = Backoff::new(PROVISION_RETRY_FIRST, PROVISION_RETRY_MAX);
         loop {
             match provision::provision(&client, &js, &config, false).await {
                 Ok(plan) => {
@@ -218,8 +219,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     return Err(e.into());
                 }
                 Err(e) => {
-                    failures += 1;
-                    let wait = Duration::from_secs(u64::from(failures.min(5)));
+                    let wait = retry.next();
                     tracing::warn!(error = %e, retry_in = %humantime::format_duration(wait), "provisioning failed; retrying");
                     systemd::status(&format!(
                         "provisioning failed (retrying in {}): {e}",
@@ -449,13 +449,22 @@ impl Running {
     }
 }
 
-/// Connects, retrying with backoff (each failure logged) until connected or `stop`. A
-/// permanent failure (refused credentials, bad URL, TLS) is returned at once.
+/// The first wait before connecting again after a failure.
+const CONNECT_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between connection attempts.
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(10);
+/// The first wait before provisioning again when JetStream is unavailable.
+const PROVISION_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between provisioning attempts.
+const PROVISION_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Connects, retrying with a jittered backoff (each failure logged) until connected or
+/// `stop`. A permanent failure (refused credentials, bad URL, TLS) is returned at once.
 async fn connect_until(
     config: &Config,
     stop: &CancellationToken,
 ) -> Result<Option<async_nats::Client>, connect::ConnectError> {
-    let mut failures = 0u32;
+    let mut retry = Backoff::new(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX);
     loop {
         let attempt = async {
             let opts = connect::options(&config.connection).await?;
@@ -470,8 +479,7 @@ async fn connect_until(
             Ok(client) => return Ok(Some(client)),
             Err(e) if e.kind.is_permanent() => return Err(e),
             Err(e) => {
-                failures += 1;
-                let wait = Duration::from_secs(u64::from(failures.min(10)));
+                let wait = retry.next();
                 tracing::error!(error = %e, retry_in = %humantime::format_duration(wait), "cannot connect");
                 systemd::status(&format!(
                     "{e}; retrying in {}",

@@ -27,7 +27,7 @@
 //!
 //! # Layout
 //! The path of one message reads top to bottom: `config` -> `provision` -> `app` ->
-//! `consumer` (pull loop, one delivery) -> `outcome` -> `dead_letter`.
+//! `consumer` (`pull` -> `delivery`) -> `handler` -> `outcome` -> `dead_letter`.
 //! - `config/`: the `streams.toml` schema, loading with environment overrides, and
 //!   validation that reports every problem at once.
 //! - `subject`: NATS subject rules and wildcard overlap.
@@ -36,12 +36,15 @@
 //! - `handler`: handlers as plain async functions; [`Event`], [`Context`], [`HandlerError`].
 //! - `codec`: MessagePack (default) and JSON payloads, decoded defensively.
 //! - `outcome`: `decide(attempted, attempt, schedule) -> Outcome`, the pure decision table.
-//! - `consumer/`: one durable consumer at work: the pull loop, the path of one delivery
-//!   (ack, nak, dead letter) and its counters.
+//! - `consumer/`: one durable consumer at work: `pull` (the pull protocol: requests
+//!   sized to free slots, heartbeats, hand-back at shutdown) -> `delivery` (one `Delivery`
+//!   from size check to ack / nak / dead letter); `inline`, `runtime`, [`ConsumerStats`].
 //! - `dead_letter`: the dead-letter copy, its headers and its publish.
 //! - `safety_net`: dead letters for messages whose last delivery never settled.
 //! - `publisher`: typed publish with message ids, PubAck and retries; a pipelined mode.
 //! - `app`: handlers registered by name, start, run, graceful shutdown.
+//! - `backoff`: the jittered, capped waits of every retry loop (connect, provision,
+//!   consumer restore, dead-letter publish, publisher), so replicas do not retry in step.
 //! - `ops`: `/healthz`, `/readyz` and Prometheus `/metrics` on `worker.ops_listen`.
 //! - `shutdown`: SIGTERM / SIGINT handling.
 //! - [`systemd`]: `Type=notify` services: READY / STOPPING / STATUS and the watchdog.
@@ -56,6 +59,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod app;
+mod backoff;
 mod codec;
 mod config;
 mod connect;

@@ -35,6 +35,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::codec::{self, CodecKind};
 use crate::trace;
 
@@ -43,7 +44,9 @@ use crate::trace;
 pub struct RetryPolicy {
     /// Give up after this long (from the first attempt).
     pub deadline: Duration,
-    /// The first pause between attempts; doubles each time.
+    /// The longest first pause between attempts. Each pause is drawn at random between
+    /// half of this and a ceiling that starts here and doubles after every pause (up to
+    /// `max_backoff`), so that publishers failing together do not retry together.
     pub initial_backoff: Duration,
     /// The longest pause between attempts.
     pub max_backoff: Duration,
@@ -179,7 +182,7 @@ impl Publisher {
     ) -> Result<PublishAck, PublishError> {
         let headers = with_msg_id(headers, msg_id);
         let started = Instant::now();
-        let mut backoff = self.retry.initial_backoff;
+        let mut backoff = Backoff::new(self.retry.initial_backoff, self.retry.max_backoff);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -199,7 +202,8 @@ impl Publisher {
                 }
                 Err(Failure::Transient(message)) => message,
             };
-            if started.elapsed() + backoff > self.retry.deadline {
+            let wait = backoff.next();
+            if started.elapsed() + wait > self.retry.deadline {
                 return Err(PublishError {
                     kind: PublishFailure::DeadlineExceeded,
                     subject: subject.to_string(),
@@ -211,8 +215,7 @@ impl Publisher {
                 });
             }
             tracing::debug!(subject, attempts, error, "publish failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.retry.max_backoff);
+            tokio::time::sleep(wait).await;
         }
     }
 

@@ -1,0 +1,413 @@
+//! The path of one delivery, ending settled: size check -> decode -> handler (timeout,
+//! panic caught, progress acks while it runs) -> [`decide`] -> ack | nak(delay) | dead
+//! letter (publish, await PubAck, then term).
+//!
+//! A [`Delivery`] is read once from the message the pull brought and carried along that
+//! path. [`prepare`] and [`attempted_from`] are shared with the test harness, so that a
+//! handler unit-tested there meets the same checks as in production.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use futures::FutureExt;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::runtime::ConsumerRuntime;
+use crate::backoff::Backoff;
+use crate::config::ConsumerConfig;
+use crate::dead_letter::{self, DeadLetter};
+use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
+use crate::outcome::{decide, Attempted, Outcome, Reason};
+use crate::trace::TraceContext;
+
+/// The first wait before retrying a dead-letter publish held on a message's last
+/// delivery (see [`dead_letter_then_term`]); the waits grow from it, jittered.
+const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest of those waits. Both are bounded by the progress-ack interval too: the
+/// held message gets a progress ack before each publish.
+const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// One message from the pull with what its reply subject says about it, read once when
+/// it arrives (see [`receive`]) and carried to its settlement.
+pub(super) struct Delivery<'c> {
+    /// The message; its ack, nak or term goes through its JetStream context.
+    message: jetstream::Message,
+    /// The stream that stores it.
+    stream: String,
+    /// The durable consumer that delivered it (the runtime's name, borrowed: no copy
+    /// per message).
+    consumer: &'c str,
+    /// Its sequence in `stream`.
+    sequence: u64,
+    /// The server's delivery count (1 on the first delivery), never a local counter:
+    /// redeliveries can land on another replica.
+    attempt: u64,
+}
+
+/// How a handler run ended.
+enum Ran {
+    Finished(Attempted),
+    /// The grace period ran out: hand the message back.
+    Abandoned,
+}
+
+/// The path of one delivery, ending settled (or handed back when the grace period ends).
+pub(super) async fn deliver<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    message: async_nats::Message,
+) {
+    let Some(delivery) = receive(rt, message) else {
+        return;
+    };
+    // One span per message; a `traceparent` header continues the sender's trace.
+    let trace = TraceContext::for_delivery(delivery.message.headers.as_ref());
+    let span = tracing::info_span!(
+        "message",
+        stream = %delivery.stream,
+        consumer = %delivery.consumer,
+        seq = delivery.sequence,
+        attempt = delivery.attempt,
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
+        outcome = tracing::field::Empty,
+    );
+    settle_delivery(rt, delivery, trace).instrument(span).await;
+}
+
+/// The delivery of `message`, or `None` (logged) when it carries no JetStream metadata:
+/// without an ack subject nothing can settle it.
+fn receive<'c, S>(
+    rt: &'c ConsumerRuntime<S>,
+    message: async_nats::Message,
+) -> Option<Delivery<'c>> {
+    let message = jetstream::Message {
+        message,
+        context: (*rt.js).clone(),
+    };
+    let (stream, sequence, attempt) = match message.info() {
+        Ok(info) => (
+            info.stream.to_string(),
+            info.stream_sequence,
+            u64::try_from(info.delivered).unwrap_or(1).max(1),
+        ),
+        Err(e) => {
+            tracing::error!(consumer = %rt.spec.name, subject = %message.subject, error = %e, "delivery without JetStream metadata ignored");
+            return None;
+        }
+    };
+    if attempt > 1 {
+        rt.stats.redelivered.fetch_add(1, Ordering::Relaxed);
+    }
+    Some(Delivery {
+        message,
+        stream,
+        consumer: &rt.spec.name,
+        sequence,
+        attempt,
+    })
+}
+
+async fn settle_delivery<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    delivery: Delivery<'_>,
+    trace: TraceContext,
+) {
+    let started = std::time::Instant::now();
+    let ran = trace.scope(run_handler(rt, &delivery)).await;
+    let took = started.elapsed();
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    rt.stats.handler_micros.fetch_add(micros, Ordering::Relaxed);
+    rt.stats.handler_seconds.observe(took.as_secs_f64());
+    let attempted = match ran {
+        Ran::Finished(a) => a,
+        Ran::Abandoned => {
+            tracing::warn!(
+                stream = %delivery.stream, consumer = %delivery.consumer,
+                seq = delivery.sequence, attempt = delivery.attempt,
+                "shutdown grace over: handing the message back"
+            );
+            let _ = delivery.message.ack_with(AckKind::Nak(None)).await;
+            return;
+        }
+    };
+    match &attempted {
+        Attempted::Panicked(_) => rt.stats.panics.fetch_add(1, Ordering::Relaxed),
+        Attempted::TimedOut(_) => rt.stats.timeouts.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
+    let outcome = decide(&attempted, delivery.attempt, &rt.policy);
+    tracing::Span::current().record("outcome", outcome.word());
+    settle(rt, &delivery, &attempted, outcome).await;
+}
+
+/// How often a message whose handler (or dead-letter publish) is still at work gets a
+/// progress ack: twice per ack wait, so the server never redelivers it meanwhile.
+fn progress_interval(config: &ConsumerConfig) -> Duration {
+    (config.ack_wait / 2).max(Duration::from_millis(500))
+}
+
+async fn run_handler<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    delivery: &Delivery<'_>,
+) -> Ran {
+    let message = &delivery.message;
+    let ctx = Context {
+        state: rt.state.clone(),
+        subject: message.subject.as_str().to_owned(),
+        headers: message.headers.clone().unwrap_or_default(),
+        stream: delivery.stream.clone(),
+        consumer: delivery.consumer.to_owned(),
+        stream_sequence: delivery.sequence,
+        attempt: delivery.attempt,
+        max_deliver: rt.policy.max_deliver,
+        shutdown: rt.stop.clone(),
+        jetstream: Some(rt.js.clone()),
+    };
+    let guarded = match prepare(rt.handler.as_ref(), &message.payload, &rt.config, ctx) {
+        Ok(f) => f,
+        Err(attempted) => return Ran::Finished(attempted),
+    };
+    tokio::pin!(guarded);
+    // One timer serves both deadlines: the handler timeout, and the next progress ack
+    // that keeps the message while the handler works past half the ack wait.
+    let started = Instant::now();
+    let timeout_at = started + rt.config.handler_timeout;
+    let every = progress_interval(&rt.config);
+    let mut progress_at = started + every;
+    let timer = tokio::time::sleep_until(progress_at.min(timeout_at));
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            // The handler first: one that is already done never arms the timer.
+            biased;
+            result = &mut guarded => return Ran::Finished(attempted_from(result)),
+            _ = &mut timer => {
+                let now = Instant::now();
+                if now >= timeout_at {
+                    return Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout));
+                }
+                if now >= progress_at {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    progress_at = now + every;
+                }
+                timer.as_mut().reset(progress_at.min(timeout_at));
+            }
+            _ = rt.hard_stop.cancelled() => return Ran::Abandoned,
+        }
+    }
+}
+
+/// A handler's future with panics caught.
+pub(crate) type GuardedFuture = futures::future::CatchUnwind<AssertUnwindSafe<HandlerFuture>>;
+
+/// Size check and decode, the same for the runtime and the test harness: the handler's
+/// future (panics caught), or why it cannot run.
+pub(crate) fn prepare<S>(
+    handler: &dyn ErasedHandler<S>,
+    payload: &[u8],
+    config: &ConsumerConfig,
+    ctx: Context<S>,
+) -> Result<GuardedFuture, Attempted> {
+    let limit = usize::try_from(config.max_payload_bytes).unwrap_or(usize::MAX);
+    // Headers count: they come from the sender too, and the handler gets them.
+    let size = if ctx.headers.is_empty() {
+        payload.len()
+    } else {
+        payload.len() + dead_letter::wire_len(&ctx.headers)
+    };
+    if size > limit {
+        return Err(Attempted::TooLarge { size, limit });
+    }
+    match handler.prepare(payload, config.codec, ctx) {
+        Ok(future) => Ok(AssertUnwindSafe(future).catch_unwind()),
+        Err(e) => Err(Attempted::Undecodable(e.to_string())),
+    }
+}
+
+/// What a finished (or panicked) handler run means for the decision.
+pub(crate) fn attempted_from(
+    result: Result<Result<(), crate::HandlerError>, Box<dyn std::any::Any + Send>>,
+) -> Attempted {
+    match result {
+        Ok(Ok(())) => Attempted::Succeeded,
+        Ok(Err(e)) => match e.kind() {
+            HandlerErrorKind::Transient => Attempted::Transient(e.message()),
+            HandlerErrorKind::RetryAfter(d) => Attempted::RetryAfter(d, e.message()),
+            HandlerErrorKind::Permanent => Attempted::Permanent(e.message()),
+        },
+        Err(panic) => Attempted::Panicked(panic_message(&panic)),
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+async fn settle<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    delivery: &Delivery<'_>,
+    attempted: &Attempted,
+    outcome: Outcome,
+) {
+    let Delivery {
+        message,
+        stream,
+        consumer,
+        sequence: seq,
+        attempt,
+    } = delivery;
+    match outcome {
+        Outcome::Ack => {
+            if let Err(e) = message.ack().await {
+                tracing::warn!(stream, consumer = %consumer, seq, error = %e, "ack not sent; the message will be redelivered");
+            }
+            rt.stats.acked.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(stream, consumer = %consumer, seq, attempt, outcome = "ack", "settled");
+        }
+        Outcome::Nak(delay) => {
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                stream, consumer = %consumer, seq, attempt,
+                outcome = "retry", retry_in = %humantime::format_duration(delay),
+                error = %attempted_error(attempted), "settled"
+            );
+        }
+        Outcome::DeadLetter { reason, error } => {
+            // Boxed: the rare path's large future would otherwise be part of every
+            // delivery's task, copied at each spawn.
+            Box::pin(dead_letter_then_term(rt, delivery, reason, error)).await;
+        }
+    }
+}
+
+fn attempted_error(a: &Attempted) -> String {
+    match a {
+        Attempted::Succeeded => String::new(),
+        Attempted::Transient(e)
+        | Attempted::RetryAfter(_, e)
+        | Attempted::Permanent(e)
+        | Attempted::Undecodable(e)
+        | Attempted::Panicked(e) => e.clone(),
+        Attempted::TooLarge { size, limit } => format!("{size} bytes > {limit}"),
+        Attempted::TimedOut(d) => format!("timed out after {}", humantime::format_duration(*d)),
+    }
+}
+
+/// Publishes the dead-letter copy and terms the original only once the copy is stored.
+async fn dead_letter_then_term<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    delivery: &Delivery<'_>,
+    reason: Reason,
+    error: String,
+) {
+    let message = &delivery.message;
+    let (stream, consumer, seq, attempt) = (
+        delivery.stream.as_str(),
+        delivery.consumer,
+        delivery.sequence,
+        delivery.attempt,
+    );
+    let subject = &rt.config.dead_letter_subject;
+    let letter = DeadLetter {
+        subject: message.subject.as_str().to_owned(),
+        headers: message.headers.clone().unwrap_or_default(),
+        stream: stream.to_owned(),
+        sequence: seq,
+        consumer: consumer.to_owned(),
+        attempts: attempt,
+        reason,
+        error,
+    };
+    let payload: Bytes = message.payload.clone();
+    // Held on the last delivery, the message needs a progress ack between two publishes.
+    let hold = progress_interval(&rt.config);
+    let mut retry = Backoff::new(
+        DEAD_LETTER_RETRY_FIRST.min(hold),
+        DEAD_LETTER_RETRY_MAX.min(hold),
+    );
+    loop {
+        match dead_letter::publish(
+            &rt.js,
+            subject,
+            &letter,
+            payload.clone(),
+            rt.request_timeout,
+        )
+        .await
+        {
+            Ok(_) => {
+                term(rt, message, reason).await;
+                rt.stats.count_dead_letter(reason);
+                tracing::warn!(
+                    stream, consumer = %consumer, seq, attempt,
+                    outcome = "dead_letter", reason = %reason, error = %letter.error,
+                    dead_letter_subject = %subject, "settled"
+                );
+                return;
+            }
+            Err(e) => {
+                rt.stats
+                    .dead_letter_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                if attempt < rt.policy.max_deliver {
+                    // Never term a message whose copy is not stored: it comes back later.
+                    let delay = rt.policy.delay_after(attempt);
+                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
+                        retry_in = %humantime::format_duration(delay),
+                        "dead-letter copy not stored; the original is kept and retried"
+                    );
+                    return;
+                }
+                // The last delivery: a nak would strand it (the server delivers it no
+                // more), so keep it here with progress acks and retry the copy.
+                let wait = retry.next();
+                tracing::error!(
+                    stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
+                    retry_in = %humantime::format_duration(wait),
+                    "dead-letter copy not stored on the last delivery; holding the original and retrying"
+                );
+                let _ = message.ack_with(AckKind::Progress).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = rt.hard_stop.cancelled() => {
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Terminates the original, with the reason where the server supports it (2.10.4+).
+async fn term<S>(rt: &ConsumerRuntime<S>, message: &jetstream::Message, reason: Reason) {
+    let sent = match (&message.reply, rt.server_version.at_least(2, 10, 4)) {
+        (Some(reply), true) => rt
+            .client
+            .publish(reply.clone(), Bytes::from(format!("+TERM {reason}")))
+            .await
+            .map_err(|e| e.to_string()),
+        _ => message
+            .ack_with(AckKind::Term)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(e) = sent {
+        tracing::warn!(consumer = %rt.spec.name, error = %e, "term not sent; the message will be redelivered and its copy deduplicated");
+    }
+}

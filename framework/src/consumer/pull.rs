@@ -1,0 +1,417 @@
+//! The pull protocol, spoken directly: one inbox subscription per session, `MSG.NEXT`
+//! requests sized to free handler slots, idle heartbeats, and at the end of a session
+//! the hand-back of what arrived and never started.
+//!
+//! jetworker asks for exactly as many messages as it has free handler slots, so a
+//! message never waits in a client buffer while its ack timer runs. Each arriving
+//! message takes a slot and starts (see [`start`]) on its way through
+//! [`deliver`].
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::StatusCode;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use super::delivery::deliver;
+use super::inline::InlinePolling;
+use super::runtime::ConsumerRuntime;
+
+/// How long one pull request waits on the server for messages. Short, so that a
+/// request lost with a connection is replaced soon.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Idle heartbeat asked of the server while a pull request waits.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Pull requests whose server we have not heard from for this long are presumed lost
+/// (three heartbeats missed).
+const HEARTBEAT_GRACE: Duration = Duration::from_secs(6);
+/// At shutdown, open pull requests are listened to until they are fulfilled or nothing
+/// has arrived for this long (see [`wait_out_open_requests`]).
+const STOP_QUIET: Duration = Duration::from_millis(300);
+/// How often the loop checks deadlines, heartbeats and the connection.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Why a pull session ended.
+#[derive(Debug)]
+pub(super) enum SessionEnd {
+    Stopped,
+    ConsumerDeleted,
+    NoResponders,
+    HeartbeatsMissed,
+    Reconnected,
+    SubscriptionClosed,
+}
+
+struct OpenRequest {
+    id: u64,
+    remaining: usize,
+    deadline: Instant,
+}
+
+/// Pull requests sent and not yet fulfilled or expired.
+#[derive(Default)]
+struct OpenRequests {
+    open: VecDeque<OpenRequest>,
+}
+
+impl OpenRequests {
+    fn requested(&self) -> usize {
+        self.open.iter().map(|r| r.remaining).sum()
+    }
+
+    /// A message arrived: the server fills requests in order.
+    fn delivered(&mut self) {
+        if let Some(front) = self.open.front_mut() {
+            front.remaining = front.remaining.saturating_sub(1);
+            if front.remaining == 0 {
+                self.open.pop_front();
+            }
+        }
+    }
+
+    fn close(&mut self, id: u64) {
+        self.open.retain(|r| r.id != id);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.open.retain(|r| r.deadline > now);
+    }
+}
+
+/// After missed heartbeats: replaces a connection that no longer answers.
+///
+/// Heartbeats stop either because the server lost our pull request (a consumer leader
+/// moved: the connection is fine) or because the connection died without the socket
+/// noticing (a silent partition, a dropped NAT entry). The client's own pings notice the
+/// latter only after three ping intervals (minutes by default), while every ack and pull
+/// sent meanwhile is lost. So ask the server something it always answers (this
+/// consumer's info, which every worker may request) and reconnect when nothing comes
+/// back in time; any answer, even an error, means the connection works. A reconnect
+/// while the probe was out (another consumer's probe, or the client's own) already
+/// replaced the connection the probe was sent on.
+pub(super) async fn revive_connection<S>(rt: &ConsumerRuntime<S>) {
+    let connects = || rt.client.statistics().connects.load(Ordering::Relaxed);
+    let connects_before = connects();
+    let subject = format!("$JS.API.CONSUMER.INFO.{}.{}", rt.spec.stream, rt.spec.name);
+    let probe = rt.client.request(subject, Bytes::new());
+    let answered = match tokio::time::timeout(rt.request_timeout, probe).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.kind() != async_nats::RequestErrorKind::TimedOut,
+        Err(_) => false,
+    };
+    if !answered
+        && connects() == connects_before
+        && rt.client.connection_state() == async_nats::connection::State::Connected
+    {
+        tracing::warn!(
+            stream = %rt.spec.stream, consumer = %rt.spec.name,
+            waited = %humantime::format_duration(rt.request_timeout),
+            "the connection does not answer; reconnecting"
+        );
+        if let Err(e) = rt.client.force_reconnect().await {
+            tracing::warn!(error = %e, "reconnect not requested");
+        }
+    }
+}
+
+/// One pull session: a fresh inbox, requests sized to free capacity, until something
+/// needs a restart or the worker stops.
+pub(super) async fn session<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    permits: &Arc<Semaphore>,
+    done: &Arc<Notify>,
+    tasks: &TaskTracker,
+) -> Result<SessionEnd, String> {
+    let inbox = rt.client.new_inbox();
+    let mut sub = rt
+        .client
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    let next_subject = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+        rt.spec.stream, rt.spec.name
+    );
+    let concurrency = rt.config.concurrency_limit();
+    let threshold = (concurrency / 4).max(1);
+    let mut requests = OpenRequests::default();
+    let mut next_id: u64 = 0;
+    let mut last_heard = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_connected = true;
+    let mut inline = InlinePolling::default();
+
+    let end = loop {
+        // Ask for as many messages as there are free handler slots not yet asked for.
+        let connected = rt.client.connection_state() == async_nats::connection::State::Connected;
+        let free = permits
+            .available_permits()
+            .saturating_sub(requests.requested());
+        if connected && free > 0 && (free >= threshold || requests.open.is_empty()) {
+            next_id += 1;
+            let body = format!(
+                "{{\"batch\":{free},\"expires\":{},\"idle_heartbeat\":{}}}",
+                PULL_EXPIRES.as_nanos(),
+                PULL_HEARTBEAT.as_nanos()
+            );
+            match rt
+                .client
+                .publish_with_reply(
+                    next_subject.clone(),
+                    format!("{inbox}.{next_id}"),
+                    body.into(),
+                )
+                .await
+            {
+                Ok(()) => {
+                    if requests.open.is_empty() {
+                        last_heard = Instant::now();
+                    }
+                    requests.open.push_back(OpenRequest {
+                        id: next_id,
+                        remaining: free,
+                        deadline: Instant::now() + PULL_EXPIRES + PULL_HEARTBEAT,
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "pull request not sent"),
+            }
+        }
+
+        tokio::select! {
+            biased;
+            _ = rt.stop.cancelled() => break SessionEnd::Stopped,
+            message = sub.next() => {
+                let Some(message) = message else { break SessionEnd::SubscriptionClosed };
+                last_heard = Instant::now();
+                match message.status {
+                    None | Some(StatusCode::OK) => {
+                        requests.delivered();
+                        let permit = match permits.clone().try_acquire_owned() {
+                            Ok(p) => p,
+                            // Only after a reset: a late delivery for a request we gave up on.
+                            Err(_) => tokio::select! {
+                                p = permits.clone().acquire_owned() => match p {
+                                    Ok(p) => p,
+                                    Err(_) => break SessionEnd::Stopped,
+                                },
+                                _ = rt.stop.cancelled() => {
+                                    release(rt, message).await;
+                                    break SessionEnd::Stopped;
+                                }
+                            },
+                        };
+                        start(rt, tasks, done, &mut inline, permit, message);
+                    }
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
+                        requests.close(request_id(&message.subject));
+                    }
+                    Some(StatusCode::NO_RESPONDERS) => {
+                        requests.close(request_id(&message.subject));
+                        break SessionEnd::NoResponders;
+                    }
+                    Some(status) => {
+                        let description = message.description.clone().unwrap_or_default();
+                        requests.close(request_id(&message.subject));
+                        if description.to_ascii_lowercase().contains("consumer deleted") {
+                            break SessionEnd::ConsumerDeleted;
+                        }
+                        tracing::debug!(status = %status, description, "pull request ended by the server");
+                    }
+                }
+            }
+            _ = done.notified() => {}
+            _ = tick.tick() => {
+                rt.stats.tick();
+                let now = Instant::now();
+                requests.expire(now);
+                let connected_now = rt.client.connection_state() == async_nats::connection::State::Connected;
+                if connected_now && !was_connected {
+                    break SessionEnd::Reconnected;
+                }
+                was_connected = connected_now;
+                if !requests.open.is_empty() && now.duration_since(last_heard) > HEARTBEAT_GRACE {
+                    break SessionEnd::HeartbeatsMissed;
+                }
+            }
+        }
+    };
+
+    // Deliveries that arrive from now on never start: they are handed back below.
+    let mut unstarted = Vec::new();
+    if matches!(end, SessionEnd::Stopped) {
+        // What the server already sent to our open pull requests is still on its way:
+        // collect it before removing our interest (see `wait_out_open_requests`).
+        wait_out_open_requests(rt, &mut sub, &mut requests, &mut unstarted).await;
+    }
+    // `drain` removes the server's interest (it then drops our open pull requests and
+    // sends them nothing more) and still delivers what arrives before it completes.
+    let _ = sub.drain().await;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+        if matches!(message.status, None | Some(StatusCode::OK)) && message.reply.is_some() {
+            unstarted.push(message);
+        }
+    }
+    // Hand back whatever arrived and never started, so another worker gets it now.
+    for message in unstarted {
+        release(rt, message).await;
+    }
+    Ok(end)
+}
+
+/// At shutdown: receives until every open pull request is fulfilled, or nothing has
+/// arrived for [`STOP_QUIET`], or the requests expire or the grace period ends,
+/// collecting the deliveries in `unstarted`. They are held, not nak'ed yet: a nak now
+/// would go straight back to one of our own open requests and burn an attempt.
+/// Messages the server sends after our interest is gone would be lost to us and come
+/// back only after the ack wait; waiting for the flow to stop first leaves only
+/// deliveries that start in the instant of the unsubscribe exposed to that delay.
+async fn wait_out_open_requests<S>(
+    rt: &ConsumerRuntime<S>,
+    sub: &mut async_nats::Subscriber,
+    requests: &mut OpenRequests,
+    unstarted: &mut Vec<async_nats::Message>,
+) {
+    let Some(expired) = requests.open.iter().map(|r| r.deadline).max() else {
+        return;
+    };
+    let mut quiet_from = Instant::now() + STOP_QUIET;
+    while !requests.open.is_empty() {
+        tokio::select! {
+            message = sub.next() => {
+                let Some(message) = message else { return };
+                match message.status {
+                    None | Some(StatusCode::OK) => {
+                        requests.delivered();
+                        quiet_from = Instant::now() + STOP_QUIET;
+                        if message.reply.is_some() {
+                            unstarted.push(message);
+                        }
+                    }
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    // Expired (408), nothing left (404), or the consumer is gone: that
+                    // request brings nothing more.
+                    Some(_) => requests.close(request_id(&message.subject)),
+                }
+            }
+            _ = tokio::time::sleep_until(quiet_from.min(expired)) => return,
+            _ = rt.hard_stop.cancelled() => return,
+        }
+    }
+}
+
+/// The request id from a status message's subject (`<inbox>.<id>`).
+fn request_id(subject: &str) -> u64 {
+    subject
+        .rsplit('.')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Naks a delivery that never started, without delay: another worker takes it at once.
+async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
+    let message = jetstream::Message {
+        message,
+        context: (*rt.js).clone(),
+    };
+    if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+        rt.stats.released.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Starts a delivery. Its first poll happens right here, in the pull loop's task: a
+/// handler that finishes without waiting (decode, count, return) is settled with no task
+/// spawned, as cheaply as a hand-written loop. A delivery that has to wait (I/O, timers)
+/// continues as its own task, so slow handlers run concurrently up to `concurrency`.
+/// Handlers whose first poll is itself long (CPU-heavy work before their first await)
+/// are spawned straight away, so they run in parallel on the runtime's threads instead
+/// of holding up the pull loop.
+fn start<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    tasks: &TaskTracker,
+    done: &Arc<Notify>,
+    inline: &mut InlinePolling,
+    permit: OwnedSemaphorePermit,
+    message: async_nats::Message,
+) {
+    rt.stats.received.fetch_add(1, Ordering::Relaxed);
+    let running = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    rt.stats
+        .peak_in_flight
+        .fetch_max(running, Ordering::Relaxed);
+    let delivery_rt = rt.clone();
+    let mut delivery = Box::pin(async move {
+        deliver(&delivery_rt, message).await;
+        delivery_rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+    });
+    if inline.should_poll() {
+        // A no-op waker is enough: if the delivery is not finished, the spawned task
+        // polls it again at once, and that poll registers the task's own waker.
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        let polled_at = std::time::Instant::now();
+        let ready = delivery.as_mut().poll(&mut cx).is_ready();
+        if inline.record(polled_at.elapsed()) {
+            tracing::debug!(consumer = %rt.spec.name, "handlers work long before their first await: the next deliveries run as tasks at once");
+        }
+        if ready {
+            return;
+        }
+    }
+    let done = done.clone();
+    tasks.spawn(async move {
+        delivery.await;
+        done.notify_one();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_requests_account_in_order() {
+        let now = Instant::now();
+        let mut r = OpenRequests::default();
+        r.open.push_back(OpenRequest {
+            id: 1,
+            remaining: 2,
+            deadline: now + Duration::from_secs(1),
+        });
+        r.open.push_back(OpenRequest {
+            id: 2,
+            remaining: 3,
+            deadline: now + Duration::from_secs(9),
+        });
+        assert_eq!(r.requested(), 5);
+        r.delivered();
+        r.delivered();
+        assert_eq!(r.open.len(), 1, "first request fulfilled");
+        assert_eq!(r.requested(), 3);
+        r.close(2);
+        assert_eq!(r.requested(), 0);
+        r.open.push_back(OpenRequest {
+            id: 3,
+            remaining: 1,
+            deadline: now,
+        });
+        r.expire(now + Duration::from_millis(1));
+        assert!(r.open.is_empty());
+    }
+
+    #[test]
+    fn request_ids_parse() {
+        assert_eq!(request_id("_INBOX.abc.17"), 17);
+        assert_eq!(request_id("garbage"), 0);
+    }
+}

@@ -1,0 +1,33 @@
+//! [`ConsumerRuntime`]: what one consumer's pull loop and its deliveries share.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{jetstream, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::stats::ConsumerStats;
+use crate::config::ConsumerConfig;
+use crate::handler::ErasedHandler;
+use crate::outcome::RetrySchedule;
+use crate::provision::{ConsumerSpec, ServerVersion};
+
+/// Everything one consumer's loop and its tasks share.
+pub(crate) struct ConsumerRuntime<S> {
+    pub config: ConsumerConfig,
+    pub spec: ConsumerSpec,
+    pub policy: RetrySchedule,
+    pub handler: Arc<dyn ErasedHandler<S>>,
+    pub state: Arc<S>,
+    pub client: Client,
+    /// Shared with every handler's [`Context`](crate::Context): one reference count per
+    /// delivery.
+    pub js: Arc<jetstream::Context>,
+    pub server_version: ServerVersion,
+    pub request_timeout: Duration,
+    pub stats: Arc<ConsumerStats>,
+    /// Cancelled at the first shutdown signal: stop pulling; handlers see it in `Context`.
+    pub stop: CancellationToken,
+    /// Cancelled when the grace period is over: abandon what still runs.
+    pub hard_stop: CancellationToken,
+}

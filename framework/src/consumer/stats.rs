@@ -1,0 +1,119 @@
+//! [`ConsumerStats`]: one consumer's counters, updated as deliveries settle and read by
+//! `/metrics`, `/readyz` and the counts [`crate::Running::wait`] returns.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+use crate::outcome::Reason;
+
+/// Counters for one consumer, updated as deliveries settle.
+#[derive(Debug)]
+pub struct ConsumerStats {
+    /// Deliveries received.
+    pub received: AtomicU64,
+    /// Acked after success.
+    pub acked: AtomicU64,
+    /// Nak'ed for a retry.
+    pub retried: AtomicU64,
+    /// Dead-lettered, by [`Reason`] in [`Reason::ALL`] order.
+    pub dead_lettered: [AtomicU64; Reason::ALL.len()],
+    /// Handler panics caught.
+    pub panics: AtomicU64,
+    /// Handler timeouts.
+    pub timeouts: AtomicU64,
+    /// Dead-letter publishes that failed (the original was kept).
+    pub dead_letter_failures: AtomicU64,
+    /// Deliveries that never started (shutdown) and were handed back at once.
+    pub released: AtomicU64,
+    /// Deliveries with attempt > 1.
+    pub redelivered: AtomicU64,
+    /// Handlers running now.
+    pub in_flight: AtomicUsize,
+    /// The most handlers ever running at once.
+    pub peak_in_flight: AtomicUsize,
+    /// Times the consumer was found missing and recreated.
+    pub recreated: AtomicU64,
+    /// Pull sessions started (1 + recoveries).
+    pub sessions: AtomicU64,
+    /// Sum of handler run times, in microseconds.
+    pub handler_micros: AtomicU64,
+    /// Handler run times (for `/metrics`).
+    pub handler_seconds: Histogram,
+    /// Server-side: messages not yet delivered (polled).
+    pub server_pending: AtomicU64,
+    /// Server-side: messages delivered and not acknowledged (polled).
+    pub server_ack_pending: AtomicU64,
+    /// True while a pull session is running.
+    pulling: AtomicBool,
+    /// When the loop last reported in, as milliseconds since `born`.
+    last_tick_ms: AtomicU64,
+    born: std::time::Instant,
+}
+
+impl Default for ConsumerStats {
+    fn default() -> Self {
+        ConsumerStats {
+            received: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: Default::default(),
+            panics: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            dead_letter_failures: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            peak_in_flight: AtomicUsize::new(0),
+            recreated: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            handler_micros: AtomicU64::new(0),
+            handler_seconds: Histogram::new(exponential_buckets(0.0005, 2.5, 14)),
+            server_pending: AtomicU64::new(0),
+            server_ack_pending: AtomicU64::new(0),
+            pulling: AtomicBool::new(false),
+            last_tick_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
+        }
+    }
+}
+
+impl ConsumerStats {
+    /// The loop reports in (for liveness).
+    pub(crate) fn tick(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_tick_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the loop last reported in.
+    pub fn since_last_tick(&self) -> Duration {
+        let last = Duration::from_millis(self.last_tick_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
+    }
+
+    /// True while a pull session runs (the consumer exists and is being pulled from).
+    pub fn is_pulling(&self) -> bool {
+        self.pulling.load(Ordering::Relaxed)
+    }
+
+    /// A pull session started (`true`) or ended (`false`).
+    pub(crate) fn set_pulling(&self, pulling: bool) {
+        self.pulling.store(pulling, Ordering::Relaxed);
+    }
+
+    /// Dead letters recorded for `reason`.
+    pub fn dead_letters(&self, reason: Reason) -> u64 {
+        self.dead_lettered[reason_index(reason)].load(Ordering::Relaxed)
+    }
+
+    /// One more dead letter for `reason`.
+    pub(crate) fn count_dead_letter(&self, reason: Reason) {
+        self.dead_lettered[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Where `reason` is counted in [`ConsumerStats::dead_lettered`].
+fn reason_index(reason: Reason) -> usize {
+    Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0)
+}
