@@ -118,8 +118,9 @@ pub use trace::TraceContext;
 
 /// The names of the headers jetworker puts on dead letters and on replayed messages.
 ///
-/// A dead letter keeps the original's headers under [`ORIGINAL_PREFIX`] and adds the
-/// others; `dlq replay` restores the original headers and adds [`REPLAY_COUNT`].
+/// A dead letter keeps the original's headers under
+/// [`ORIGINAL_PREFIX`](headers::ORIGINAL_PREFIX) and adds the others; `dlq replay`
+/// restores the original headers and adds [`REPLAY_COUNT`](headers::REPLAY_COUNT).
 pub mod headers {
     pub use crate::dead_letter::{
         ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, ORIGINAL_PREFIX, ORIGINAL_SUBJECT,
