@@ -3,10 +3,11 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::Stream};
+use jetworker::testing::server::Watchdog;
 use jetworker::App;
 use jetworker::Config;
 use jetworker::RunError;
@@ -216,32 +217,20 @@ impl InProcessWorker {
 
 /// A worker process that cannot outlive the test. Dropping it (a failed assertion
 /// unwinds through it) kills the worker; and should the test binary die without
-/// unwinding (killed by a timeout, `abort`), a `sh` sentinel blocked reading a pipe
-/// whose only writer is this process sees it close and kills the worker.
+/// unwinding (killed by a timeout, `abort`), the launcher's [`Watchdog`] kills it.
 pub struct WorkerProcess {
     /// The worker.
     pub child: Child,
-    sentinel: Option<Child>,
+    watchdog: Watchdog,
 }
 
 impl WorkerProcess {
-    /// Spawns `command` and its sentinel.
+    /// Spawns `command` and its watchdog (`kill -9` at once: a test has no use for a
+    /// worker's graceful end once the test is gone).
     pub fn spawn(command: &mut Command) -> WorkerProcess {
         let child = command.spawn().expect("spawn the worker");
-        // Our end of the pipe is close-on-exec: no other child inherits it.
-        let sentinel = Command::new("sh")
-            .args([
-                "-c",
-                "read _ignored; kill -9 \"$1\" 2>/dev/null",
-                "jetworker-test-sentinel",
-                &child.id().to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok();
-        WorkerProcess { child, sentinel }
+        let watchdog = Watchdog::guard(child.id(), "jetworker-test-sentinel", Duration::ZERO);
+        WorkerProcess { child, watchdog }
     }
 
     /// The worker's pid.
@@ -276,11 +265,8 @@ impl WorkerProcess {
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        // The sentinel first: once the worker is reaped its pid may be reused.
-        if let Some(mut sentinel) = self.sentinel.take() {
-            let _ = sentinel.kill();
-            let _ = sentinel.wait();
-        }
+        // The watchdog first: once the worker is reaped its pid may be reused.
+        self.watchdog.disarm();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

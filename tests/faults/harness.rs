@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use jetworker::headers as dead_letter;
+use jetworker::testing::server::Watchdog;
 use jetworker::{Publisher, RetryPolicy};
 use jetworker_suite::Job;
 use tokio::task::JoinHandle;
@@ -147,7 +148,7 @@ dead_letter_subject = "dlq.jobs"
 /// test process dies without dropping it.
 pub struct Worker {
     child: Child,
-    watchdog: Option<Child>,
+    watchdog: Watchdog,
     /// Its `JW_TEST_LOG` (`start`/`done` lines).
     pub log: PathBuf,
     /// Its stdout + stderr (the runtime's own log).
@@ -172,18 +173,7 @@ impl Worker {
             .stderr(err)
             .spawn()
             .expect("spawn test_worker");
-        let watchdog = Command::new("sh")
-            .args([
-                "-c",
-                "read _ignored; kill -9 \"$1\" 2>/dev/null",
-                "jetworker-faults-watchdog",
-                &child.id().to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok();
+        let watchdog = Watchdog::guard(child.id(), "jetworker-faults-watchdog", Duration::ZERO);
         Worker {
             child,
             watchdog,
@@ -192,14 +182,11 @@ impl Worker {
         }
     }
 
-    /// `kill -9` and reap.
+    /// `kill -9` and reap (the watchdog ended first: a reaped pid may be reused).
     pub fn kill9(&mut self) {
+        self.watchdog.disarm();
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
     }
 
     /// Whether the process still runs.
