@@ -4,6 +4,7 @@
 //! connects and uses JetStream; each wrong credential is a prompt error that names the
 //! auth mode and shows no secret.
 
+mod common;
 mod security_kit;
 
 use std::path::PathBuf;

@@ -513,20 +513,16 @@ async fn the_dlq_command_line() {
     let server = NatsServer::start().expect("server");
     let (_client, js, _config) = provisioned(&server.url(), "max_deliver = 1").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write_config_file(dir.path(), &server.url(), "max_deliver = 1");
     // A second consumer reading one of the original subjects: a replay reaches it too.
-    let mut text = std::fs::read_to_string(&path).expect("read config");
-    text.push_str(
-        r#"
-[[consumers]]
-name = "audit"
-stream = "EVENTS"
-handler = "scripted"
-filter_subject = "jobs.1"
-dead_letter_subject = "dlq.audit"
-"#,
-    );
-    std::fs::write(&path, text).expect("write config");
+    let path = suite_config(&server.url())
+        .in_consumer("jobs", "max_deliver = 1")
+        .consumer(
+            "audit",
+            "EVENTS",
+            "scripted",
+            r#"filter_subject = "jobs.1""#,
+        )
+        .write(dir.path());
     for (id, reason) in [
         (1, Reason::Permanent),
         (2, Reason::Exhausted),

@@ -37,6 +37,7 @@
 //! names the directory; `JETWORKER_FAULTS_KEEP=1` keeps them always, and
 //! `JETWORKER_FAULTS_RUST_LOG` sets the workers' `RUST_LOG` (e.g. `debug`).
 
+mod common;
 #[path = "faults/harness.rs"]
 mod harness;
 #[path = "faults/proxy.rs"]

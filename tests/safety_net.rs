@@ -23,36 +23,17 @@ impl Drop for Killed {
 }
 
 fn write_config(dir: &Path, url: &str, events_extra: &str) -> PathBuf {
-    let path = dir.join("streams.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[connection]
-servers = ["{url}"]
-[worker]
-ops_listen = ""
-shutdown_grace = "2s"
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-{events_extra}
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-max_deliver = 1
+    ConfigText::new(url)
+        .worker(r#"shutdown_grace = "2s""#)
+        .with_jobs()
+        .in_stream("EVENTS", events_extra)
+        .in_consumer(
+            "jobs",
+            r#"max_deliver = 1
 ack_wait = "1s"
-handler_timeout = "1m"
-dead_letter_subject = "dlq.jobs"
-"#
-        ),
-    )
-    .expect("config");
-    path
+handler_timeout = "1m""#,
+        )
+        .write(dir)
 }
 
 fn spawn(config: &Path, log: &Path) -> Killed {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{consumer_info, count, header, messages, wait_until};
+use common::{consumer_info, count, header, messages, wait_until, ConfigText};
 use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
 use jetworker::{App, Context, Event, HandlerError};
@@ -26,42 +26,25 @@ const WORKER_PASSWORD: &str = "worker-pw-9c2b";
 /// The worker's config: a filtered consumer, a dead-letter stream, a KV bucket, its own
 /// inbox prefix.
 fn worker_config(url: &str, user: &str, password: &str) -> String {
-    format!(
-        r#"
-[connection]
-servers = ["{url}"]
-user = "{user}"
+    ConfigText::new(url)
+        .connection(&format!(
+            r#"user = "{user}"
 password = "{password}"
 name = "least-privilege"
 inbox_prefix = "_INBOX_lp"
 request_timeout = "2s"
-connect_timeout = "3s"
-
-[worker]
-shutdown_grace = "5s"
-ops_listen = ""
-
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-
-[[kv_buckets]]
-name = "tally"
-
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-filter_subject = "jobs.>"
-handler = "scripted"
+connect_timeout = "3s""#
+        ))
+        .worker(r#"shutdown_grace = "5s""#)
+        .with_jobs()
+        .kv_bucket("tally", "")
+        .in_consumer(
+            "jobs",
+            r#"filter_subject = "jobs.>"
 max_deliver = 4
-backoff = ["1s"]
-dead_letter_subject = "dlq.jobs"
-"#
-    )
+backoff = ["1s"]"#,
+        )
+        .text()
 }
 
 /// `test_worker permissions --json` for `config_text`: the server block and subjects.

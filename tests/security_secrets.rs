@@ -3,6 +3,7 @@
 //! level, the client library's included), in error messages, in `Debug` output, or in
 //! the output of `status`, `check`, `provision --dry-run` and `permissions`.
 
+mod common;
 mod security_kit;
 
 use std::path::Path;

@@ -23,38 +23,14 @@ fn write_config_with(
     ack_wait: &str,
     concurrency: usize,
 ) -> PathBuf {
-    let path = dir.join("streams.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[connection]
-servers = ["{url}"]
-
-[worker]
-shutdown_grace = "{grace}"
-ops_listen = ""
-
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-concurrency = {concurrency}
-ack_wait = "{ack_wait}"
-dead_letter_subject = "dlq.jobs"
-"#
-        ),
-    )
-    .expect("write config");
-    path
+    ConfigText::new(url)
+        .worker(&format!("shutdown_grace = \"{grace}\""))
+        .with_jobs()
+        .in_consumer(
+            "jobs",
+            &format!("concurrency = {concurrency}\nack_wait = \"{ack_wait}\""),
+        )
+        .write(dir)
 }
 
 fn spawn_worker(config: &Path, log: &Path) -> WorkerProcess {

@@ -341,36 +341,10 @@ async fn the_watchdog_withholds_pings_while_the_loops_are_not_alive() {
 }
 
 fn write_config(dir: &Path, url: &str) -> std::path::PathBuf {
-    let path = dir.join("streams.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[connection]
-servers = ["{url}"]
-
-[worker]
-shutdown_grace = "10s"
-ops_listen = ""
-
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-dead_letter_subject = "dlq.jobs"
-"#
-        ),
-    )
-    .expect("write config");
-    path
+    ConfigText::new(url)
+        .worker(r#"shutdown_grace = "10s""#)
+        .with_jobs()
+        .write(dir)
 }
 
 /// The real worker under a fake systemd, its server down at first: no READY=1 while it

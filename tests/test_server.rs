@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::{self, stream};
 use jetworker::testing::server::{
-    server_version, NatsCluster, NatsServer, ServerOptions, TestServerError,
+    probe, server_version, Address, NatsCluster, NatsServer, Probe, ServerOptions, TestServerError,
 };
 
 /// Retry `op` until it succeeds or `within` has passed (then return the last error).
@@ -365,4 +365,67 @@ async fn not_ready_in_time_is_a_clear_error() -> Result<()> {
         started.elapsed()
     );
     Ok(())
+}
+
+/// What the demo asks for: a fixed loopback address, a directory kept across runs, a
+/// name of its own; and `probe` sees what answers there.
+#[tokio::test]
+async fn a_fixed_address_and_a_kept_directory() -> Result<()> {
+    let home = tempfile::tempdir()?;
+    let data = home.path().join("nats");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let address = Address::loopback(port);
+    assert_eq!(probe(&address, Duration::from_secs(1)), Probe::Nothing);
+    let options = ServerOptions {
+        address: Some(address.clone()),
+        dir: Some(data.clone()),
+        name: Some("jw-kept".to_owned()),
+        ..Default::default()
+    };
+    let mut server = NatsServer::start_with(options.clone())?;
+    assert_eq!(server.url(), format!("nats://127.0.0.1:{port}"));
+    assert_eq!(server.name(), "jw-kept");
+    assert_eq!(server.version(), server_version()?);
+    assert_eq!(server.dir(), data);
+    assert_eq!(
+        probe(&address, Duration::from_secs(1)),
+        Probe::Nats {
+            version: server_version()?,
+            jetstream: true
+        }
+    );
+    assert!(data.join("nats-server.pid").is_file());
+    {
+        let js = jetstream::new(connect(server.url()).await?);
+        js.create_stream(file_stream("KEPT", "kept.>", 1)).await?;
+        js.publish("kept.one", "stored".into()).await?.await?;
+    }
+    let pid = server.pid().context("pid")?;
+    assert!(server.stop().is_some(), "a running server stops");
+    assert!(!process_alive(pid));
+    assert_eq!(server.stop(), None, "stopping twice is harmless");
+    assert!(!data.join("nats-server.pid").exists(), "no stale pid file");
+    drop(server);
+    assert!(data.join("jetstream").is_dir(), "the store stays");
+
+    // Another server on the same directory has what the first one stored.
+    let server = NatsServer::start_with(options)?;
+    let js = jetstream::new(connect(server.url()).await?);
+    let info = js.get_stream("KEPT").await?.get_info().await?;
+    assert_eq!(info.state.messages, 1);
+    Ok(())
+}
+
+#[test]
+fn only_loopback_addresses_are_served() {
+    let result = NatsServer::start_with(ServerOptions {
+        address: Address::parse("nats://10.0.0.7:4222"),
+        ..Default::default()
+    });
+    assert!(
+        matches!(result, Err(TestServerError::Start(_))),
+        "{result:?}"
+    );
 }

@@ -88,32 +88,10 @@ async fn traceparent_continues_through_the_handler() {
 async fn json_logs_carry_the_message_span() {
     let server = NatsServer::start().expect("server");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config_path = dir.path().join("streams.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            r#"
-[connection]
-servers = ["{}"]
-[worker]
-ops_listen = ""
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-max_deliver = 1
-dead_letter_subject = "dlq.jobs"
-"#,
-            server.url()
-        ),
-    )
-    .expect("config");
+    let config_path = ConfigText::new(&server.url())
+        .with_jobs()
+        .in_consumer("jobs", "max_deliver = 1")
+        .write(dir.path());
     let (_c, js) = connect(&server.url()).await;
     // JSON through the environment here; the flag is checked by the test below.
     let mut worker = Command::new(env!("CARGO_BIN_EXE_test_worker"))
@@ -187,29 +165,10 @@ dead_letter_subject = "dlq.jobs"
 #[test]
 fn the_log_format_flag_and_variable() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("streams.toml");
     // Port 1 on loopback: nothing listens there, the connection is refused at once.
-    std::fs::write(
-        &config,
-        r#"
-[connection]
-servers = ["nats://127.0.0.1:1"]
-[worker]
-ops_listen = ""
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-dead_letter_subject = "dlq.jobs"
-"#,
-    )
-    .expect("config");
+    let config = ConfigText::new("nats://127.0.0.1:1")
+        .with_jobs()
+        .write(dir.path());
     let first_line = |args: &[&str], env: Option<&str>| -> String {
         let mut command = Command::new(env!("CARGO_BIN_EXE_test_worker"));
         command

@@ -51,7 +51,8 @@
 //! - `trace`: W3C `traceparent` continued from deliveries and added by the publisher.
 //! - [`headers`]: the names of the headers jetworker puts on dead letters and replays.
 //! - `testing` (feature `testing`): for users' tests: the handler harness (outcomes
-//!   without a server) and real `nats-server` processes for integration tests.
+//!   without a server); `testing/server/`: the nats-server launcher (real servers and
+//!   clusters for integration tests, and the demo's local server).
 //!
 //! Modules are private; what a worker, a test or the operator's tools use is re-exported
 //! here. `async_nats` and `tokio_util` are re-exported because their types (the client,

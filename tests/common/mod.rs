@@ -2,11 +2,12 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::Stream};
+use jetworker::testing::server::Watchdog;
 use jetworker::App;
 use jetworker::Config;
 use jetworker::RunError;
@@ -14,46 +15,230 @@ use jetworker_suite::Job;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The text of a config with one EVENTS stream, one DLQ stream and one consumer `jobs`
-/// reading `jobs.>` into handler `scripted`; `consumer_extra` lines are added to the
-/// consumer.
+/// A test's `streams.toml`, built from the parts that vary between tests, so that the
+/// suite's tests do not each paste a near-equal TOML text.
+///
+/// [`ConfigText::new`] starts with the server and no ops endpoint (tests run in
+/// parallel); [`ConfigText::with_jobs`] adds the suite's usual shape. Lines are TOML as
+/// it stands in the section (`max_deliver = 1`; several separated by newlines), added
+/// after what the builder writes there. A test that is *about* a config text (a bad
+/// one, unknown keys, the deploy files) keeps its literal TOML.
+///
+/// ```ignore
+/// let path = ConfigText::new(&url)
+///     .with_jobs()
+///     .worker(r#"shutdown_grace = "2s""#)
+///     .in_consumer("jobs", "max_deliver = 1")
+///     .write(dir);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConfigText {
+    servers: Vec<String>,
+    connection: Vec<String>,
+    worker: Vec<String>,
+    streams: Vec<Table>,
+    kv_buckets: Vec<Table>,
+    consumers: Vec<Table>,
+}
+
+/// One `[[streams]]`, `[[kv_buckets]]` or `[[consumers]]` entry: its name and the lines
+/// after it.
+#[derive(Debug, Clone)]
+struct Table {
+    name: String,
+    lines: Vec<String>,
+}
+
+impl ConfigText {
+    /// `[worker] ops_listen = ""` and nothing else: not even a server (for tests whose
+    /// `[connection]` lines name it, see [`ConfigText::connection`]).
+    pub fn empty() -> ConfigText {
+        ConfigText {
+            servers: Vec::new(),
+            connection: Vec::new(),
+            worker: vec![r#"ops_listen = """#.to_owned()],
+            streams: Vec::new(),
+            kv_buckets: Vec::new(),
+            consumers: Vec::new(),
+        }
+    }
+
+    /// [`ConfigText::empty`] connecting to `url`.
+    pub fn new(url: &str) -> ConfigText {
+        ConfigText::empty().servers(&[url])
+    }
+
+    /// `servers = [...]` in `[connection]`.
+    pub fn servers<S: AsRef<str>>(mut self, urls: &[S]) -> ConfigText {
+        self.servers = urls.iter().map(|url| url.as_ref().to_owned()).collect();
+        self
+    }
+
+    /// The suite's usual shape: stream `EVENTS` on `jobs.>`, stream `DLQ` on `dlq.>`, and
+    /// consumer `jobs` on EVENTS for handler `scripted` (the test worker's), its dead
+    /// letters to `dlq.jobs`.
+    pub fn with_jobs(self) -> ConfigText {
+        self.stream("EVENTS", &["jobs.>"], "")
+            .stream("DLQ", &["dlq.>"], "")
+            .consumer("jobs", "EVENTS", "scripted", "")
+    }
+
+    /// Lines for `[connection]`.
+    pub fn connection(mut self, lines: &str) -> ConfigText {
+        push_lines(&mut self.connection, lines);
+        self
+    }
+
+    /// Lines for `[worker]`.
+    pub fn worker(mut self, lines: &str) -> ConfigText {
+        push_lines(&mut self.worker, lines);
+        self
+    }
+
+    /// A stream `name` on `subjects`, with `lines`.
+    pub fn stream(mut self, name: &str, subjects: &[&str], lines: &str) -> ConfigText {
+        let subjects: Vec<String> = subjects.iter().map(|s| quote(s)).collect();
+        let mut table = Table::new(name, &[format!("subjects = [{}]", subjects.join(", "))]);
+        push_lines(&mut table.lines, lines);
+        self.streams.push(table);
+        self
+    }
+
+    /// A key-value bucket `name`, with `lines`.
+    pub fn kv_bucket(mut self, name: &str, lines: &str) -> ConfigText {
+        let mut table = Table::new(name, &[]);
+        push_lines(&mut table.lines, lines);
+        self.kv_buckets.push(table);
+        self
+    }
+
+    /// A consumer `name` on `stream` for `handler`, its dead letters to `dlq.<name>`
+    /// (which the `DLQ` stream of [`ConfigText::with_jobs`] stores), with `lines`.
+    pub fn consumer(mut self, name: &str, stream: &str, handler: &str, lines: &str) -> ConfigText {
+        let mut table = Table::new(
+            name,
+            &[
+                format!("stream = {}", quote(stream)),
+                format!("handler = {}", quote(handler)),
+                format!("dead_letter_subject = {}", quote(&format!("dlq.{name}"))),
+            ],
+        );
+        push_lines(&mut table.lines, lines);
+        self.consumers.push(table);
+        self
+    }
+
+    /// More lines for the stream `name` (which must be there).
+    pub fn in_stream(mut self, name: &str, lines: &str) -> ConfigText {
+        push_lines(&mut Table::named(&mut self.streams, name).lines, lines);
+        self
+    }
+
+    /// More lines for the consumer `name` (which must be there).
+    pub fn in_consumer(mut self, name: &str, lines: &str) -> ConfigText {
+        push_lines(&mut Table::named(&mut self.consumers, name).lines, lines);
+        self
+    }
+
+    /// The TOML text.
+    pub fn text(&self) -> String {
+        let mut text = String::from("\n[connection]\n");
+        if !self.servers.is_empty() {
+            let servers: Vec<String> = self.servers.iter().map(|s| quote(s)).collect();
+            text.push_str(&format!("servers = [{}]\n", servers.join(", ")));
+        }
+        for line in &self.connection {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str("\n[worker]\n");
+        for line in &self.worker {
+            text.push_str(line);
+            text.push('\n');
+        }
+        for (header, tables) in [
+            ("[[streams]]", &self.streams),
+            ("[[kv_buckets]]", &self.kv_buckets),
+            ("[[consumers]]", &self.consumers),
+        ] {
+            for table in tables {
+                text.push_str(&format!("\n{header}\nname = {}\n", quote(&table.name)));
+                for line in &table.lines {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    }
+
+    /// The text loaded and validated (as `test-streams.toml`, no environment).
+    pub fn load(&self) -> Config {
+        Config::from_toml_with_env(
+            &self.text(),
+            Path::new("test-streams.toml"),
+            std::iter::empty(),
+        )
+        .expect("valid test config")
+    }
+
+    /// The text as the file `dir/streams.toml`, for tests that run a binary with
+    /// `--config`. Returns its path.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("streams.toml");
+        std::fs::write(&path, self.text()).expect("write config file");
+        path
+    }
+}
+
+impl Table {
+    fn new(name: &str, lines: &[String]) -> Table {
+        Table {
+            name: name.to_owned(),
+            lines: lines.to_vec(),
+        }
+    }
+
+    fn named<'a>(tables: &'a mut [Table], name: &str) -> &'a mut Table {
+        tables
+            .iter_mut()
+            .find(|table| table.name == name)
+            .unwrap_or_else(|| panic!("no {name:?} in the test config"))
+    }
+}
+
+/// Adds the non-blank lines of `lines`.
+fn push_lines(to: &mut Vec<String>, lines: &str) {
+    to.extend(
+        lines
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(str::to_owned),
+    );
+}
+
+/// A TOML basic string.
+fn quote(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The suite's usual config on `url` ([`ConfigText::with_jobs`], a 2 s request timeout, a
+/// 10 s shutdown grace), to add to.
+pub fn suite_config(url: &str) -> ConfigText {
+    ConfigText::new(url)
+        .connection(r#"request_timeout = "2s""#)
+        .worker(r#"shutdown_grace = "10s""#)
+        .with_jobs()
+}
+
+/// The text of [`suite_config`]; `consumer_extra` lines are added to the consumer.
 pub fn config_text(url: &str, consumer_extra: &str) -> String {
-    format!(
-        r#"
-[connection]
-servers = ["{url}"]
-request_timeout = "2s"
-
-[worker]
-shutdown_grace = "10s"
-ops_listen = ""
-
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-dead_letter_subject = "dlq.jobs"
-{consumer_extra}
-"#
-    )
+    suite_config(url).in_consumer("jobs", consumer_extra).text()
 }
 
 /// [`config_text`] loaded and validated.
 pub fn config(url: &str, consumer_extra: &str) -> Config {
-    Config::from_toml_with_env(
-        &config_text(url, consumer_extra),
-        Path::new("test-streams.toml"),
-        std::iter::empty(),
-    )
-    .expect("valid test config")
+    suite_config(url).in_consumer("jobs", consumer_extra).load()
 }
 
 pub async fn connect(url: &str) -> (async_nats::Client, jetstream::Context) {
@@ -181,10 +366,10 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 
 /// [`config_text`] as a file `dir/streams.toml`, for tests that run a binary with
 /// `--config`. Returns its path.
-pub fn write_config_file(dir: &Path, url: &str, consumer_extra: &str) -> std::path::PathBuf {
-    let path = dir.join("streams.toml");
-    std::fs::write(&path, config_text(url, consumer_extra)).expect("write config file");
-    path
+pub fn write_config_file(dir: &Path, url: &str, consumer_extra: &str) -> PathBuf {
+    suite_config(url)
+        .in_consumer("jobs", consumer_extra)
+        .write(dir)
 }
 
 /// An [`App`] running in this process until [`InProcessWorker::stop`].
@@ -216,32 +401,20 @@ impl InProcessWorker {
 
 /// A worker process that cannot outlive the test. Dropping it (a failed assertion
 /// unwinds through it) kills the worker; and should the test binary die without
-/// unwinding (killed by a timeout, `abort`), a `sh` sentinel blocked reading a pipe
-/// whose only writer is this process sees it close and kills the worker.
+/// unwinding (killed by a timeout, `abort`), the launcher's [`Watchdog`] kills it.
 pub struct WorkerProcess {
     /// The worker.
     pub child: Child,
-    sentinel: Option<Child>,
+    watchdog: Watchdog,
 }
 
 impl WorkerProcess {
-    /// Spawns `command` and its sentinel.
+    /// Spawns `command` and its watchdog (`kill -9` at once: a test has no use for a
+    /// worker's graceful end once the test is gone).
     pub fn spawn(command: &mut Command) -> WorkerProcess {
         let child = command.spawn().expect("spawn the worker");
-        // Our end of the pipe is close-on-exec: no other child inherits it.
-        let sentinel = Command::new("sh")
-            .args([
-                "-c",
-                "read _ignored; kill -9 \"$1\" 2>/dev/null",
-                "jetworker-test-sentinel",
-                &child.id().to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok();
-        WorkerProcess { child, sentinel }
+        let watchdog = Watchdog::guard(child.id(), "jetworker-test-sentinel", Duration::ZERO);
+        WorkerProcess { child, watchdog }
     }
 
     /// The worker's pid.
@@ -276,11 +449,8 @@ impl WorkerProcess {
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        // The sentinel first: once the worker is reaped its pid may be reused.
-        if let Some(mut sentinel) = self.sentinel.take() {
-            let _ = sentinel.kill();
-            let _ = sentinel.wait();
-        }
+        // The watchdog first: once the worker is reaped its pid may be reused.
+        self.watchdog.disarm();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -18,9 +18,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::common::ConfigText;
 use async_nats::jetstream;
 use futures::StreamExt;
 use jetworker::headers as dead_letter;
+use jetworker::testing::server::Watchdog;
 use jetworker::{Publisher, RetryPolicy};
 use jetworker_suite::Job;
 use tokio::task::JoinHandle;
@@ -93,61 +95,34 @@ impl WorkerSpec {
 
 /// Writes `streams.toml` for `spec` into `dir`.
 pub fn write_config(dir: &Path, spec: &WorkerSpec) -> PathBuf {
-    let servers = spec
-        .servers
-        .iter()
-        .map(|s| format!("{s:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let path = dir.join("streams.toml");
-    let text = format!(
-        r#"
-[connection]
-servers = [{servers}]
-
-[worker]
-shutdown_grace = "2s"
-ops_listen = ""
-
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-replicas = {replicas}
-
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-replicas = {replicas}
-
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-concurrency = {concurrency}
-ack_wait = "{ack_wait}"
-max_deliver = {max_deliver}
-max_ack_pending = {max_ack_pending}
-handler_timeout = "{handler_timeout}"
-backoff = {backoff}
-dead_letter_subject = "dlq.jobs"
-"#,
-        replicas = spec.replicas,
-        concurrency = spec.concurrency,
-        ack_wait = spec.ack_wait,
-        max_deliver = spec.max_deliver,
-        max_ack_pending = spec.max_ack_pending,
-        handler_timeout = spec.handler_timeout,
-        backoff = spec.backoff,
-    );
-    std::fs::write(&path, text).expect("write streams.toml");
-    path
+    let replicas = format!("replicas = {}", spec.replicas);
+    ConfigText::empty()
+        .servers(&spec.servers)
+        .worker(r#"shutdown_grace = "2s""#)
+        .with_jobs()
+        .in_stream("EVENTS", &replicas)
+        .in_stream("DLQ", &replicas)
+        .in_consumer(
+            "jobs",
+            &format!(
+                "concurrency = {}\nack_wait = \"{}\"\nmax_deliver = {}\nmax_ack_pending = {}\n\
+                 handler_timeout = \"{}\"\nbackoff = {}",
+                spec.concurrency,
+                spec.ack_wait,
+                spec.max_deliver,
+                spec.max_ack_pending,
+                spec.handler_timeout,
+                spec.backoff,
+            ),
+        )
+        .write(dir)
 }
 
 /// One `test_worker` process; `kill -9`'d when dropped. A watchdog kills it too if the
 /// test process dies without dropping it.
 pub struct Worker {
     child: Child,
-    watchdog: Option<Child>,
+    watchdog: Watchdog,
     /// Its `JW_TEST_LOG` (`start`/`done` lines).
     pub log: PathBuf,
     /// Its stdout + stderr (the runtime's own log).
@@ -172,18 +147,7 @@ impl Worker {
             .stderr(err)
             .spawn()
             .expect("spawn test_worker");
-        let watchdog = Command::new("sh")
-            .args([
-                "-c",
-                "read _ignored; kill -9 \"$1\" 2>/dev/null",
-                "jetworker-faults-watchdog",
-                &child.id().to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok();
+        let watchdog = Watchdog::guard(child.id(), "jetworker-faults-watchdog", Duration::ZERO);
         Worker {
             child,
             watchdog,
@@ -192,14 +156,11 @@ impl Worker {
         }
     }
 
-    /// `kill -9` and reap.
+    /// `kill -9` and reap (the watchdog ended first: a reaped pid may be reused).
     pub fn kill9(&mut self) {
+        self.watchdog.disarm();
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
     }
 
     /// Whether the process still runs.

@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::common::ConfigText;
 use base64::Engine;
 use jetworker::testing::server::{NatsServer, ServerOptions};
 use jetworker::{Config, ConnectionConfig, ServerUrl};
@@ -271,36 +272,23 @@ pub fn connection(url: &str) -> ConnectionConfig {
     }
 }
 
-/// A valid config with the given `[connection]` lines and one stream + consumer.
+/// A valid config with the given `[connection]` lines (the servers among them) and the
+/// suite's stream + consumer.
 pub fn config_text(connection_lines: &str) -> String {
-    format!(
-        r#"
-[connection]
-{connection_lines}
-request_timeout = "3s"
-connect_timeout = "3s"
-
-[worker]
-shutdown_grace = "5s"
-ops_listen = ""
-
-[[streams]]
-name = "EVENTS"
-subjects = ["jobs.>"]
-
-[[streams]]
-name = "DLQ"
-subjects = ["dlq.>"]
-
-[[consumers]]
-name = "jobs"
-stream = "EVENTS"
-handler = "scripted"
-max_deliver = 2
-backoff = ["200ms"]
-dead_letter_subject = "dlq.jobs"
-"#
-    )
+    ConfigText::empty()
+        .connection(connection_lines)
+        .connection(
+            r#"request_timeout = "3s"
+connect_timeout = "3s""#,
+        )
+        .worker(r#"shutdown_grace = "5s""#)
+        .with_jobs()
+        .in_consumer(
+            "jobs",
+            r#"max_deliver = 2
+backoff = ["200ms"]"#,
+        )
+        .text()
 }
 
 pub fn parse(text: &str) -> Config {
