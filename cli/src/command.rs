@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use jetworker::{App, Config, ConfigError, ProvisionError, RunError};
+use jetworker::{App, Config, ConfigErrorKind, ProvisionError, RunError};
 
 use crate::dlq::{self, Dlq, DlqError, DlqFailure, Filter, Letter};
 use crate::logging::LogFormat;
@@ -190,9 +190,10 @@ impl FilterArgs {
 pub fn load_config(global: &GlobalArgs) -> Result<Config, ExitCode> {
     Config::load(&global.config).map_err(|e| {
         eprintln!("{e}");
-        match e {
-            ConfigError::Invalid { .. } => ExitCode::from(EXIT_INVALID_CONFIG),
-            ConfigError::Load { .. } => ExitCode::from(EXIT_INVALID_CONFIG),
+        match e.kind() {
+            ConfigErrorKind::Read | ConfigErrorKind::Parse | ConfigErrorKind::Invalid => {
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            }
         }
     })
 }

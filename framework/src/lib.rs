@@ -28,8 +28,9 @@
 //! # Layout
 //! The path of one message reads top to bottom: `config` -> `provision` -> `app` ->
 //! `consumer` (pull loop, one delivery) -> `outcome` -> `dead_letter`.
-//! - `config/`: the `streams.toml` schema, loading with environment overrides, and
-//!   validation that reports every problem at once.
+//! - [`Error`]: the one error shape: a kind to match on, a message, a `source()` chain.
+//! - `config/`: `streams.toml`: the schema (plain data), server URLs and their secrets,
+//!   loading with environment overrides, validation that reports every problem at once.
 //! - `subject`: NATS subject rules and wildcard overlap.
 //! - `provision`: `plan(desired, actual)` (pure) and applying the plan to a server.
 //! - `connect`: the connection config as an async-nats client (every auth mode).
@@ -61,6 +62,7 @@ mod config;
 mod connect;
 mod consumer;
 mod dead_letter;
+mod error;
 mod handler;
 mod ops;
 mod outcome;
@@ -77,13 +79,15 @@ mod trace;
 pub use async_nats;
 pub use tokio_util;
 
+pub use error::Error;
+
 pub use app::{App, RunError, Running};
 pub use codec::{check_msgpack_depth, decode, encode, DecodeError, EncodeError, MAX_MSGPACK_DEPTH};
 pub use config::{
-    redact_userinfo, CodecKind, Config, ConfigError, ConfigProblem, ConnectionConfig,
-    ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig, Retention, ServerUrl, Storage,
-    StreamConfig, TlsConfig, UrlCredentials, WorkerConfig, DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX,
-    DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
+    redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem,
+    ConnectionConfig, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig, Retention, ServerUrl,
+    Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig, DEFAULT_BACKOFF,
+    DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{
     connect, connect_with, redacted_servers, AuthMode, ConnectError, ConnectFailure, Transport,
