@@ -82,7 +82,10 @@ pub use tokio_util;
 pub use error::Error;
 
 pub use app::{App, RunError, Running};
-pub use codec::{check_msgpack_depth, decode, encode, DecodeError, EncodeError, MAX_MSGPACK_DEPTH};
+pub use codec::{
+    check_msgpack_depth, decode, encode, DecodeError, DecodeErrorKind, EncodeError,
+    EncodeErrorKind, MAX_MSGPACK_DEPTH,
+};
 pub use config::{
     redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem,
     ConnectionConfig, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig, Retention, ServerUrl,
@@ -94,7 +97,7 @@ pub use connect::{
 };
 pub use consumer::ConsumerStats;
 pub use dead_letter::{
-    message_id as dead_letter_message_id, DeadLetter, PublishFailed as DeadLetterPublishError,
+    message_id as dead_letter_message_id, DeadLetter, DeadLetterError, DeadLetterErrorKind,
 };
 pub use handler::{
     Context, Event, Handler, HandlerError, HandlerErrorKind, HandlerFuture, HandlerOutput,
@@ -107,13 +110,15 @@ pub use provision::{
     ProvisionError, ServerVersion,
 };
 pub use publisher::{
-    Pipeline, PipelineReport, PublishError, PublishFailure, Publisher, RetryPolicy,
+    Pipeline, PipelineReport, PublishError, PublishErrorKind, Publisher, RetryPolicy,
 };
 pub use safety_net::{
     advisory_stream as safety_net_stream, safety_net_consumer, ADVISORY_STREAM, SAFETY_NET_CONSUMER,
 };
 pub use shutdown::on_signals;
-pub use subject::{overlaps as subjects_overlap, validate_filter, validate_literal, SubjectError};
+pub use subject::{
+    overlaps as subjects_overlap, validate_filter, validate_literal, SubjectError, SubjectErrorKind,
+};
 pub use trace::TraceContext;
 
 /// The names of the headers jetworker puts on dead letters and on replayed messages.
