@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use jetworker::{App, Config, ConfigErrorKind, ProvisionError, RunError};
+use jetworker::{App, Config, ConfigErrorKind, RunErrorKind};
 
 use crate::dlq::{self, Dlq, DlqError, DlqFailure, Filter, Letter};
 use crate::logging::LogFormat;
@@ -211,18 +211,20 @@ pub async fn execute<S: Send + Sync + 'static>(
     match command {
         Command::Run => match app.run(config).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e @ RunError::MissingHandlers(_)) => {
-                eprintln!("{e}");
-                ExitCode::from(EXIT_INVALID_CONFIG)
-            }
-            Err(RunError::Provision(ProvisionError::Conflicts(plan))) => {
-                eprintln!("provisioning has conflicts; nothing was changed and no worker started:\n{plan}");
-                ExitCode::from(EXIT_CONFLICT)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(EXIT_FAILURE)
-            }
+            Err(e) => match (e.kind(), e.plan()) {
+                (RunErrorKind::MissingHandlers, _) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_INVALID_CONFIG)
+                }
+                (RunErrorKind::Conflicts, Some(plan)) => {
+                    eprintln!("provisioning has conflicts; nothing was changed and no worker started:\n{plan}");
+                    ExitCode::from(EXIT_CONFLICT)
+                }
+                _ => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
         },
         Command::Check => {
             if let Err(e) = app.check(&config) {
@@ -280,15 +282,17 @@ async fn run_provision(config: &Config, dry_run: bool) -> ExitCode {
             print!("{plan}");
             ExitCode::SUCCESS
         }
-        Err(ProvisionError::Conflicts(plan)) => {
-            eprintln!("plan has conflicts: nothing was changed");
-            print!("{plan}");
-            ExitCode::from(EXIT_CONFLICT)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(e) => match e.plan() {
+            Some(plan) => {
+                eprintln!("plan has conflicts: nothing was changed");
+                print!("{plan}");
+                ExitCode::from(EXIT_CONFLICT)
+            }
+            None => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
     };
     let _ = client.drain().await;
     code

@@ -2,6 +2,7 @@
 //! connects, provisions, runs every consumer and shuts down gracefully.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,10 +12,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::config::ConsumerConfig;
+use crate::connect::ConnectError;
 use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
+use crate::error::Error;
 use crate::handler::{Context, ErasedHandler, Event, Handler, TypedHandler};
 use crate::ops::{self, Health};
-use crate::provision::{self, ServerVersion};
+use crate::provision::{self, Plan, ProvisionError, ProvisionErrorKind, ServerVersion};
 use crate::safety_net::{self, MaxDeliveriesAdvisory, SafetyNet};
 use crate::{connect, shutdown, systemd};
 
@@ -59,20 +62,72 @@ impl Default for App<()> {
 }
 
 /// Why the app could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Consumers name handlers that were not registered.
-    #[error("{}", .0.join("\n"))]
-    MissingHandlers(Vec<String>),
-    /// Connecting failed in a way retrying cannot fix (refused credentials, bad URL, TLS).
-    #[error(transparent)]
-    Connect(#[from] connect::ConnectError),
-    /// The ops endpoint could not start (address in use, ...).
-    #[error("{0}")]
-    Ops(String),
-    /// Provisioning failed or has conflicts.
-    #[error(transparent)]
-    Provision(#[from] provision::ProvisionError),
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunErrorKind {
+    /// Consumers name handlers that were not registered; see
+    /// [`RunError::missing_handlers`].
+    MissingHandlers,
+    /// Connecting failed in a way retrying cannot fix (refused credentials, bad URL,
+    /// TLS); the [`ConnectError`](crate::ConnectError) is the source.
+    Connect,
+    /// The ops endpoint cannot listen on `worker.ops_listen` (address in use, ...); the
+    /// [`OpsError`](crate::OpsError) is the source.
+    OpsListen,
+    /// The provisioning plan has conflicts; nothing was changed. See [`RunError::plan`].
+    Conflicts,
+    /// Provisioning failed; the [`ProvisionError`] is the source.
+    Provision,
+}
+
+impl fmt::Display for RunErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RunErrorKind::MissingHandlers => "consumers name handlers that are not registered",
+            RunErrorKind::Connect => "cannot connect",
+            RunErrorKind::OpsListen => "the ops endpoint cannot listen",
+            RunErrorKind::Conflicts => "the provisioning plan has conflicts",
+            RunErrorKind::Provision => "provisioning failed",
+        })
+    }
+}
+
+/// Why the app could not run. Around a connection, ops or provisioning error it shows
+/// that error's message, which stays reachable as the source.
+pub type RunError = Error<RunErrorKind>;
+
+/// The lines of a [`RunErrorKind::MissingHandlers`] error.
+#[derive(Debug)]
+struct MissingHandlers(Vec<String>);
+
+impl RunError {
+    /// One line per consumer whose handler is not registered, naming the file, the key
+    /// and what is registered (empty for other kinds).
+    pub fn missing_handlers(&self) -> &[String] {
+        self.detail::<MissingHandlers>()
+            .map(|m| m.0.as_slice())
+            .unwrap_or_default()
+    }
+
+    /// The plan, when provisioning had conflicts.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.source_as::<ProvisionError>()?.plan()
+    }
+}
+
+impl From<ConnectError> for RunError {
+    fn from(e: ConnectError) -> Self {
+        RunError::wrap(RunErrorKind::Connect, e)
+    }
+}
+
+impl From<ProvisionError> for RunError {
+    fn from(e: ProvisionError) -> Self {
+        let kind = match e.kind() {
+            ProvisionErrorKind::Conflicts => RunErrorKind::Conflicts,
+            ProvisionErrorKind::Request => RunErrorKind::Provision,
+        };
+        RunError::wrap(kind, e)
+    }
 }
 
 impl<S: Send + Sync + 'static> App<S> {
@@ -129,7 +184,9 @@ impl<S: Send + Sync + 'static> App<S> {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(RunError::MissingHandlers(missing))
+            Err(RunError::new(RunErrorKind::MissingHandlers)
+                .with_message(missing.join("\n"))
+                .with_detail(MissingHandlers(missing)))
         }
     }
 
@@ -182,7 +239,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     aux_stop.clone(),
                 )
                 .await
-                .map_err(RunError::Ops)?,
+                .map_err(|e| RunError::wrap(RunErrorKind::OpsListen, e))?,
             )
         };
         let stopped =
@@ -211,7 +268,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     health.set_provisioned();
                     break;
                 }
-                Err(e @ provision::ProvisionError::Conflicts(_)) => {
+                Err(e) if e.kind() == ProvisionErrorKind::Conflicts => {
                     systemd::status(
                         "provisioning has conflicts: nothing was changed and no worker started",
                     );
@@ -322,7 +379,8 @@ fn notify_systemd(
     }
     let (health, stop, running_text) = (health.clone(), stop.clone(), running_text.to_string());
     aux.spawn(async move {
-        let mut last: Result<(), String> = Ok(());
+        // Why it was not ready at the last check (`None`: ready).
+        let mut last: Option<String> = None;
         let mut ticks =
             tokio::time::interval_at(tokio::time::Instant::now() + STATUS_PERIOD, STATUS_PERIOD);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -331,11 +389,11 @@ fn notify_systemd(
                 _ = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let now = health.ready();
+            let now = health.ready().err().map(|why| why.to_string());
             if now != last {
                 match &now {
-                    Ok(()) => systemd::status(&running_text),
-                    Err(why) => systemd::status(&format!("not ready: {why}")),
+                    None => systemd::status(&running_text),
+                    Some(why) => systemd::status(&format!("not ready: {why}")),
                 };
                 last = now;
             }
@@ -454,7 +512,7 @@ impl Running {
 async fn connect_until(
     config: &Config,
     stop: &CancellationToken,
-) -> Result<Option<async_nats::Client>, connect::ConnectError> {
+) -> Result<Option<async_nats::Client>, ConnectError> {
     let mut failures = 0u32;
     loop {
         let attempt = async {
@@ -468,7 +526,7 @@ async fn connect_until(
         };
         match result {
             Ok(client) => return Ok(Some(client)),
-            Err(e) if e.kind.is_permanent() => return Err(e),
+            Err(e) if e.kind().is_permanent() => return Err(e),
             Err(e) => {
                 failures += 1;
                 let wait = Duration::from_secs(u64::from(failures.min(10)));

@@ -115,6 +115,11 @@ where
         let detail: &dyn Any = self.detail.as_deref()?;
         detail.downcast_ref()
     }
+
+    /// The source, when it is an `E` (a `RunError`'s `ProvisionError`, ...).
+    pub(crate) fn source_as<E: StdError + 'static>(&self) -> Option<&E> {
+        self.source.as_deref()?.downcast_ref()
+    }
 }
 
 impl<K: Debug> Debug for Error<K> {
@@ -217,6 +222,8 @@ mod tests {
         assert_eq!(source.to_string(), "inner: no such file");
         let root = source.source().expect("the io error");
         assert!(root.downcast_ref::<std::io::Error>().is_some());
+        assert!(outer.source_as::<TestError>().is_some());
+        assert!(outer.source_as::<std::io::Error>().is_none());
     }
 
     #[test]

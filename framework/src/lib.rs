@@ -81,7 +81,7 @@ pub use tokio_util;
 
 pub use error::Error;
 
-pub use app::{App, RunError, Running};
+pub use app::{App, RunError, RunErrorKind, Running};
 pub use codec::{
     check_msgpack_depth, decode, encode, DecodeError, DecodeErrorKind, EncodeError,
     EncodeErrorKind, MAX_MSGPACK_DEPTH,
@@ -93,7 +93,7 @@ pub use config::{
     DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{
-    connect, connect_with, redacted_servers, AuthMode, ConnectError, ConnectFailure, Transport,
+    connect, connect_with, redacted_servers, AuthMode, ConnectError, ConnectErrorKind, Transport,
 };
 pub use consumer::ConsumerStats;
 pub use dead_letter::{
@@ -103,11 +103,11 @@ pub use handler::{
     Context, Event, Handler, HandlerError, HandlerErrorKind, HandlerFuture, HandlerOutput,
     ResultExt,
 };
-pub use ops::Health;
+pub use ops::{Health, HealthError, HealthErrorKind, OpsError, OpsErrorKind};
 pub use outcome::{decide, Attempted, Outcome, Reason, RetrySchedule};
 pub use provision::{
     consumer_info, desired, get_stream, plan, provision, Action, Actual, Desired, Plan,
-    ProvisionError, ServerVersion,
+    ProvisionError, ProvisionErrorKind, ServerVersion,
 };
 pub use publisher::{
     Pipeline, PipelineReport, PublishError, PublishErrorKind, Publisher, RetryPolicy,
