@@ -26,7 +26,8 @@ use std::sync::Arc;
 /// (`Display`), and what caused it ([`std::error::Error::source`]).
 ///
 /// `Display` is the message (or, without one, the kind's own description) followed by
-/// `": "` and the source's text, as async-nats prints its errors. Messages never hold a
+/// `": "` and the source's text, as async-nats prints its errors; an error made with
+/// [`Error::wrap`] shows its source's text alone. Messages never hold a
 /// secret: where a cause's text could quote one (a config parser quoting a line), only
 /// a scrubbed message is kept and that cause is not attached.
 ///
@@ -57,9 +58,6 @@ trait Detail: Any + Debug + Send + Sync {}
 
 impl<T: Any + Debug + Send + Sync> Detail for T {}
 
-/// The boxed error a source is given as (what `?` and `.into()` make of any error).
-type BoxError = Box<dyn StdError + Send + Sync + 'static>;
-
 impl<K> Error<K>
 where
     K: Copy + PartialEq + Eq + Debug + Display,
@@ -75,7 +73,7 @@ where
     }
 
     /// An error of `kind` caused by `source`.
-    pub fn with_source(kind: K, source: impl Into<BoxError>) -> Self {
+    pub fn with_source(kind: K, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Error {
             source: Some(Arc::from(source.into())),
             ..Error::new(kind)
@@ -85,7 +83,7 @@ where
     /// An error of `kind` that shows `source`'s message as its own: for an error that
     /// only says which step failed (`RunError` of kind `Connect` around a
     /// `ConnectError`). The source stays reachable through `source()`.
-    pub fn wrap(kind: K, source: impl Into<BoxError>) -> Self {
+    pub fn wrap(kind: K, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Error {
             headline: Headline::Source,
             ..Error::with_source(kind, source)

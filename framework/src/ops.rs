@@ -43,7 +43,7 @@ pub const LAG_POLL: Duration = Duration::from_secs(5);
 /// `/readyz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthErrorKind {
-    /// A consumer loop has not reported in for longer than [`LOOP_STALL`] (not live).
+    /// A consumer loop has not reported in for longer than `LOOP_STALL` (90s; not live).
     LoopStalled,
     /// Shutdown began (not ready).
     ShuttingDown,
