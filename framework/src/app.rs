@@ -543,3 +543,46 @@ async fn connect_until(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{OpsError, OpsErrorKind};
+
+    /// A taken ops port is an error of its own kind, with the I/O error at the end of
+    /// the chain: what a caller that falls back to another port decides on.
+    #[tokio::test]
+    async fn a_taken_ops_port_is_an_ops_listen_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let mut config = Config::default();
+        config.worker.ops_listen = taken.local_addr().expect("address").to_string();
+        let err = match App::new(()).start(config, CancellationToken::new()).await {
+            Ok(_) => panic!("the port is taken"),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), RunErrorKind::OpsListen, "{err}");
+        let ops = err.source_as::<OpsError>().expect("the ops error");
+        assert_eq!(ops.kind(), OpsErrorKind::Listen);
+        let io = std::error::Error::source(ops)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .expect("the I/O error");
+        assert_eq!(io.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("worker.ops_listen"), "{err}");
+    }
+
+    #[test]
+    fn missing_handlers_are_listed() {
+        let config = Config {
+            consumers: vec![ConsumerConfig {
+                handler: "nobody".into(),
+                ..ConsumerConfig::default()
+            }],
+            ..Config::default()
+        };
+        let err = App::new(()).check(&config).expect_err("not registered");
+        assert_eq!(err.kind(), RunErrorKind::MissingHandlers);
+        assert_eq!(err.missing_handlers().len(), 1);
+        assert!(err.missing_handlers()[0].contains("consumers[0].handler"));
+        assert_eq!(err.to_string(), err.missing_handlers()[0]);
+    }
+}
