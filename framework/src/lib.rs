@@ -28,7 +28,8 @@
 //! # Layout
 //! The path of one message reads top to bottom: `config` -> `provision` -> `app` ->
 //! `consumer` (pull loop, one delivery) -> `outcome` -> `dead_letter`.
-//! - [`Error`]: the one error shape: a kind to match on, a message, a `source()` chain.
+//! - `error`: [`Error`], the one error shape: a kind to match on, a message, a `source()`
+//!   chain; each module has its kind enum and alias (`ConfigError = Error<ConfigErrorKind>`).
 //! - `config/`: `streams.toml`: the schema (plain data), server URLs and their secrets,
 //!   loading with environment overrides, validation that reports every problem at once.
 //! - `subject`: NATS subject rules and wildcard overlap.
