@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use jetworker::ServerUrl;
-use jetworker::{AuthMode, ConnectError, ConnectFailure, Transport};
+use jetworker::{AuthMode, ConnectError, ConnectErrorKind, Transport};
 use jetworker::{ConnectionConfig, TlsConfig};
 use secrecy::SecretString;
 use security_kit::*;
@@ -43,7 +43,7 @@ async fn assert_works(c: &ConnectionConfig) {
 /// transport, and none of `secrets`.
 async fn assert_fails(
     c: &ConnectionConfig,
-    kind: ConnectFailure,
+    kind: ConnectErrorKind,
     auth: AuthMode,
     secrets: &[&str],
 ) -> ConnectError {
@@ -56,8 +56,8 @@ async fn assert_fails(
         took < c.connect_timeout + Duration::from_secs(3),
         "an error, not a hang: took {took:?}"
     );
-    assert_eq!(err.kind, kind, "{err}");
-    assert_eq!(err.auth, auth, "{err}");
+    assert_eq!(err.kind(), kind, "{err}");
+    assert_eq!(err.auth(), Some(auth), "{err}");
     let shown = format!("{err} / {err:?}");
     assert!(
         shown.contains(&auth.to_string()),
@@ -91,18 +91,18 @@ async fn user_and_password() {
     assert_works(&with_user(&url, "worker", "pw-Correct-7f3a")).await;
     let err = assert_fails(
         &with_user(&url, "worker", "pw-Wrong-91bc"),
-        ConnectFailure::Refused,
+        ConnectErrorKind::Refused,
         AuthMode::UserPassword,
         &["pw-Wrong-91bc", "pw-Correct-7f3a"],
     )
     .await;
-    assert!(err.kind.is_permanent());
+    assert!(err.kind().is_permanent());
     assert!(err.to_string().contains("refused the credentials"), "{err}");
 
     // No credentials at all: said so.
     let err = assert_fails(
         &connection(&url),
-        ConnectFailure::Refused,
+        ConnectErrorKind::Refused,
         AuthMode::None,
         &[],
     )
@@ -117,12 +117,15 @@ async fn user_and_password() {
     let wrong_in_url = connection(&format!("nats://worker:pw-Wr%40ng@127.0.0.1:{port}"));
     let err = assert_fails(
         &wrong_in_url,
-        ConnectFailure::Refused,
+        ConnectErrorKind::Refused,
         AuthMode::UserPassword,
         &["pw-Wr%40ng", "pw-Wr@ng"],
     )
     .await;
-    assert!(err.servers.contains("***@127.0.0.1"), "{err}");
+    assert!(
+        err.servers().is_some_and(|s| s.contains("***@127.0.0.1")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -136,7 +139,7 @@ async fn token() {
     assert_works(&with_token("tok-Correct-55e1")).await;
     assert_fails(
         &with_token("tok-Wrong-0d2c"),
-        ConnectFailure::Refused,
+        ConnectErrorKind::Refused,
         AuthMode::Token,
         &["tok-Wrong-0d2c", "tok-Correct-55e1"],
     )
@@ -172,7 +175,7 @@ async fn nkey_seed_file() {
     std::fs::write(&stranger_file, &stranger).expect("write seed");
     assert_fails(
         &with_seed(stranger_file),
-        ConnectFailure::Refused,
+        ConnectErrorKind::Refused,
         AuthMode::Nkey,
         &[&seed, &stranger],
     )
@@ -183,14 +186,14 @@ async fn nkey_seed_file() {
     std::fs::write(&garbage, "SUAGARBAGE-not-a-seed").expect("write");
     assert_fails(
         &with_seed(garbage),
-        ConnectFailure::Credentials,
+        ConnectErrorKind::Credentials,
         AuthMode::Nkey,
         &["SUAGARBAGE-not-a-seed"],
     )
     .await;
     assert_fails(
         &with_seed(dir.path().join("missing.nk")),
-        ConnectFailure::Credentials,
+        ConnectErrorKind::Credentials,
         AuthMode::Nkey,
         &[],
     )
@@ -220,7 +223,7 @@ async fn creds_file_with_an_operator_account_user_chain() {
     let rogue_jwt = rogue_text.lines().nth(1).expect("jwt line").to_string();
     assert_fails(
         &with_creds(rogue),
-        ConnectFailure::Refused,
+        ConnectErrorKind::Refused,
         AuthMode::Creds,
         &[&seed, &rogue_jwt],
     )
@@ -231,7 +234,7 @@ async fn creds_file_with_an_operator_account_user_chain() {
     std::fs::write(&broken, "not a creds file").expect("write");
     assert_fails(
         &with_creds(broken),
-        ConnectFailure::Credentials,
+        ConnectErrorKind::Credentials,
         AuthMode::Creds,
         &[],
     )
@@ -264,12 +267,12 @@ async fn tls_with_the_servers_ca() {
     assert_works(&tls_url).await;
 
     // Without the CA the server's certificate is not trusted: a TLS error, at once.
-    let err = assert_fails(&tls(None), ConnectFailure::Tls, AuthMode::None, &[]).await;
+    let err = assert_fails(&tls(None), ConnectErrorKind::Tls, AuthMode::None, &[]).await;
     assert!(err.to_string().contains("connection.tls.ca_file"), "{err}");
     // A client with no TLS settings meets a TLS server: refused the same way.
     assert_fails(
         &connection(&server.url()),
-        ConnectFailure::Tls,
+        ConnectErrorKind::Tls,
         AuthMode::None,
         &[],
     )
@@ -277,7 +280,7 @@ async fn tls_with_the_servers_ca() {
     // A missing CA file is a clear error before connecting.
     let err = assert_fails(
         &tls(Some(dir.path().join("missing-ca.pem"))),
-        ConnectFailure::Tls,
+        ConnectErrorKind::Tls,
         AuthMode::None,
         &[],
     )
@@ -325,7 +328,7 @@ async fn mutual_tls_with_user_and_password() {
             started.elapsed()
         );
         let shown = format!("{err} / {err:?}");
-        assert_eq!(err.kind, ConnectFailure::Tls, "{what}: {shown}");
+        assert_eq!(err.kind(), ConnectErrorKind::Tls, "{what}: {shown}");
         assert!(shown.contains("TLS"), "{what}: {shown}");
         assert!(
             shown.contains("client certificate"),
@@ -343,7 +346,7 @@ async fn mutual_tls_with_user_and_password() {
     };
     assert_fails(
         &wrong_password,
-        ConnectFailure::Refused,
+        ConnectErrorKind::Refused,
         AuthMode::UserPassword,
         &["pw-Wrong-mTLS", "pw-mTLS-c0de"],
     )

@@ -20,7 +20,7 @@ use jetworker::Config;
 use jetworker::DeadLetter;
 use jetworker::Reason;
 use jetworker::{App, Context, Event, HandlerError};
-use jetworker_cli::{Dlq, DlqFailure, Filter, PayloadEncoding};
+use jetworker_cli::{Dlq, DlqErrorKind, Filter, PayloadEncoding};
 use jetworker_suite::Job;
 
 /// A handler that refuses every job (permanently) until the test flips `accept`, then
@@ -243,7 +243,7 @@ async fn list_filters_show_replay_and_purge() {
     let text = detail.text(&first.payload);
     assert!(text.contains(&format!("\"id\": {shown_id}")), "{text}");
     let missing = dlq.get(None, 999_999).await.expect_err("no such message");
-    assert_eq!(missing.kind(), DlqFailure::NotFound);
+    assert_eq!(missing.kind(), DlqErrorKind::NotFound);
 
     // replay one: the worker now accepts; the replayed message is a new message with a
     // replay count, handled on its attempt 1, and the dead letter is gone.
@@ -267,7 +267,7 @@ async fn list_filters_show_replay_and_purge() {
         .get(None, first.sequence)
         .await
         .expect_err("deleted after replay");
-    assert_eq!(gone.kind(), DlqFailure::NotFound);
+    assert_eq!(gone.kind(), DlqErrorKind::NotFound);
     // The republished copy carries no dead-letter headers.
     let copy = js
         .get_stream("EVENTS")

@@ -278,12 +278,7 @@ async fn a_failed_start_releases_the_ops_port() {
         .start(config, CancellationToken::new())
         .await;
     assert!(
-        matches!(
-            started,
-            Err(jetworker::RunError::Provision(
-                jetworker::ProvisionError::Conflicts(_)
-            ))
-        ),
+        matches!(&started, Err(e) if e.kind() == jetworker::RunErrorKind::Conflicts),
         "a storage conflict fails the start"
     );
     wait_until(

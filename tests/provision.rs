@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use jetworker::testing::server::NatsServer;
 use jetworker::Config;
-use jetworker::{Action, Plan, ProvisionError};
+use jetworker::{Action, Plan, ProvisionError, ProvisionErrorKind};
 
 fn config(server: &NatsServer, events_extra: &str) -> Config {
     let text = format!(
@@ -147,10 +147,10 @@ async fn changed_storage_is_a_conflict_and_the_server_is_untouched() {
     let err = run(&client, &js, &changed, false)
         .await
         .expect_err("conflict");
-    let plan = match err {
-        ProvisionError::Conflicts(plan) => plan,
-        other => panic!("expected conflicts, got {other}"),
-    };
+    assert_eq!(err.kind(), ProvisionErrorKind::Conflicts, "{err}");
+    let plan = err
+        .plan()
+        .unwrap_or_else(|| panic!("expected conflicts, got {err}"));
     let text = plan.to_string();
     assert!(text.contains("stream EVENTS: conflict"), "{text}");
     assert!(text.contains("storage: file -> memory"), "{text}");
@@ -166,7 +166,7 @@ async fn changed_storage_is_a_conflict_and_the_server_is_untouched() {
     let err = run(&client, &js, &changed, true)
         .await
         .expect_err("conflict");
-    assert!(matches!(err, ProvisionError::Conflicts(_)));
+    assert_eq!(err.kind(), ProvisionErrorKind::Conflicts, "{err}");
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use common::*;
 use jetworker::testing::server::NatsServer;
-use jetworker::{PublishFailure, Publisher, RetryPolicy};
+use jetworker::{PublishErrorKind, Publisher, RetryPolicy};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -111,8 +111,8 @@ async fn permanent_failures_return_at_once_and_deadlines_are_kept() {
         .publish("events.click", &big.id, &big)
         .await
         .expect_err("too big");
-    assert_eq!(err.kind, PublishFailure::Rejected, "{err}");
-    assert_eq!(err.attempts, 1);
+    assert_eq!(err.kind(), PublishErrorKind::Rejected, "{err}");
+    assert_eq!(err.attempts(), 1);
     assert!(started.elapsed() < Duration::from_secs(1));
 
     // No stream captures the subject: retried as transient until the deadline, then a clear error.
@@ -128,8 +128,8 @@ async fn permanent_failures_return_at_once_and_deadlines_are_kept() {
         )
         .await
         .expect_err("no stream");
-    assert_eq!(err.kind, PublishFailure::DeadlineExceeded, "{err}");
-    assert!(err.attempts > 1);
+    assert_eq!(err.kind(), PublishErrorKind::DeadlineExceeded, "{err}");
+    assert!(err.attempts() > 1);
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(1000) && took < Duration::from_secs(4),
@@ -255,8 +255,8 @@ async fn a_stream_that_refuses_more_messages_is_a_permanent_error() {
         .publish("full.click", "f-2", &one("f-2"))
         .await
         .expect_err("the stream is full");
-    assert_eq!(err.kind, PublishFailure::Rejected, "{err}");
-    assert_eq!(err.attempts, 1);
+    assert_eq!(err.kind(), PublishErrorKind::Rejected, "{err}");
+    assert_eq!(err.attempts(), 1);
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(err.to_string().contains("full.click"), "{err}");
 }

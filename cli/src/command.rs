@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use jetworker::{App, Config, ConfigError, ProvisionError, RunError};
+use jetworker::{App, Config, ConfigErrorKind, RunErrorKind};
 
-use crate::dlq::{self, Dlq, DlqError, DlqFailure, Filter, Letter};
+use crate::dlq::{self, Dlq, DlqError, DlqErrorKind, Filter, Letter};
 use crate::logging::LogFormat;
 use crate::status;
 
@@ -153,27 +153,34 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    /// The filter these arguments describe, with times relative to now.
-    pub fn to_filter(&self) -> Result<Filter, String> {
+    /// The filter these arguments describe, with times relative to now. A value that
+    /// cannot be used is an error of kind [`DlqErrorKind::InvalidSelection`] naming the
+    /// option.
+    pub fn to_filter(&self) -> Result<Filter, DlqError> {
         let now = time::OffsetDateTime::now_utc();
+        let option = |name: &str| {
+            let name = name.to_string();
+            move |e: DlqError| DlqError::with_source(e.kind(), e).with_message(name)
+        };
         let reasons = self
             .reason
             .iter()
-            .map(|r| dlq::parse_reason(r).map_err(|e| format!("--reason: {e}")))
+            .map(|r| dlq::parse_reason(r).map_err(option("--reason")))
             .collect::<Result<Vec<_>, _>>()?;
         let since = self
             .since
             .as_deref()
-            .map(|t| dlq::parse_time(t, now).map_err(|e| format!("--since: {e}")))
+            .map(|t| dlq::parse_time(t, now).map_err(option("--since")))
             .transpose()?;
         let until = self
             .until
             .as_deref()
-            .map(|t| dlq::parse_time(t, now).map_err(|e| format!("--until: {e}")))
+            .map(|t| dlq::parse_time(t, now).map_err(option("--until")))
             .transpose()?;
         if let (Some(s), Some(u)) = (since, until) {
             if s > u {
-                return Err("--since is after --until: nothing can match".to_string());
+                return Err(DlqError::new(DlqErrorKind::InvalidSelection)
+                    .with_message("--since is after --until: nothing can match"));
             }
         }
         Ok(Filter {
@@ -190,9 +197,10 @@ impl FilterArgs {
 pub fn load_config(global: &GlobalArgs) -> Result<Config, ExitCode> {
     Config::load(&global.config).map_err(|e| {
         eprintln!("{e}");
-        match e {
-            ConfigError::Invalid { .. } => ExitCode::from(EXIT_INVALID_CONFIG),
-            ConfigError::Load { .. } => ExitCode::from(EXIT_INVALID_CONFIG),
+        match e.kind() {
+            ConfigErrorKind::Read | ConfigErrorKind::Parse | ConfigErrorKind::Invalid => {
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            }
         }
     })
 }
@@ -210,18 +218,20 @@ pub async fn execute<S: Send + Sync + 'static>(
     match command {
         Command::Run => match app.run(config).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e @ RunError::MissingHandlers(_)) => {
-                eprintln!("{e}");
-                ExitCode::from(EXIT_INVALID_CONFIG)
-            }
-            Err(RunError::Provision(ProvisionError::Conflicts(plan))) => {
-                eprintln!("provisioning has conflicts; nothing was changed and no worker started:\n{plan}");
-                ExitCode::from(EXIT_CONFLICT)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(EXIT_FAILURE)
-            }
+            Err(e) => match (e.kind(), e.plan()) {
+                (RunErrorKind::MissingHandlers, _) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_INVALID_CONFIG)
+                }
+                (RunErrorKind::Conflicts, Some(plan)) => {
+                    eprintln!("provisioning has conflicts; nothing was changed and no worker started:\n{plan}");
+                    ExitCode::from(EXIT_CONFLICT)
+                }
+                _ => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
         },
         Command::Check => {
             if let Err(e) = app.check(&config) {
@@ -279,15 +289,17 @@ async fn run_provision(config: &Config, dry_run: bool) -> ExitCode {
             print!("{plan}");
             ExitCode::SUCCESS
         }
-        Err(ProvisionError::Conflicts(plan)) => {
-            eprintln!("plan has conflicts: nothing was changed");
-            print!("{plan}");
-            ExitCode::from(EXIT_CONFLICT)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(e) => match e.plan() {
+            Some(plan) => {
+                eprintln!("plan has conflicts: nothing was changed");
+                print!("{plan}");
+                ExitCode::from(EXIT_CONFLICT)
+            }
+            None => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
     };
     let _ = client.drain().await;
     code
@@ -368,11 +380,13 @@ fn run_permissions(
 fn dlq_error(e: &DlqError) -> ExitCode {
     eprintln!("error: {e}");
     match e.kind() {
-        DlqFailure::InvalidSelection | DlqFailure::NoDeadLetterStream => ExitCode::from(EXIT_USAGE),
-        DlqFailure::NotFound
-        | DlqFailure::NotADeadLetter
-        | DlqFailure::Request
-        | DlqFailure::Publish => ExitCode::from(EXIT_FAILURE),
+        DlqErrorKind::InvalidSelection | DlqErrorKind::NoDeadLetterStream => {
+            ExitCode::from(EXIT_USAGE)
+        }
+        DlqErrorKind::NotFound
+        | DlqErrorKind::NotADeadLetter
+        | DlqErrorKind::Request
+        | DlqErrorKind::Publish => ExitCode::from(EXIT_FAILURE),
     }
 }
 
@@ -386,10 +400,7 @@ async fn select(
     all: bool,
     verb: &str,
 ) -> Result<Vec<Letter>, ExitCode> {
-    let parsed = filter.to_filter().map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(EXIT_USAGE)
-    })?;
+    let parsed = filter.to_filter().map_err(|e| dlq_error(&e))?;
     if let Some(seq) = seq {
         return dlq
             .get(parsed.stream.as_deref(), seq)
@@ -484,10 +495,7 @@ async fn run_dlq_command(dlq: &Dlq, command: DlqCommand) -> ExitCode {
         DlqCommand::List { filter, json } => {
             let filter = match filter.to_filter() {
                 Ok(f) => f,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+                Err(e) => return dlq_error(&e),
             };
             match dlq.list(&filter).await {
                 Ok(letters) => {

@@ -56,11 +56,11 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use jetworker::headers as dead_letter;
-use jetworker::{CodecKind, Config, Publisher, Reason, RetryPolicy};
+use jetworker::{CodecKind, Config, Error, Publisher, Reason, RetryPolicy};
 
 /// What kind of `dlq` failure this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DlqFailure {
+pub enum DlqErrorKind {
     /// No stream of the config captures a dead-letter subject, or not the one named.
     NoDeadLetterStream,
     /// The selection cannot be used (an ambiguous sequence, an unknown reason or time).
@@ -75,31 +75,34 @@ pub enum DlqFailure {
     Publish,
 }
 
+impl fmt::Display for DlqErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DlqErrorKind::NoDeadLetterStream => "no dead-letter stream",
+            DlqErrorKind::InvalidSelection => "the selection cannot be used",
+            DlqErrorKind::NotFound => "no such dead letter",
+            DlqErrorKind::NotADeadLetter => "not a dead letter",
+            DlqErrorKind::Request => "a JetStream request failed",
+            DlqErrorKind::Publish => "republishing the dead letter failed",
+        })
+    }
+}
+
 /// A `dlq` operation that failed. The message names streams, sequences and subjects,
-/// never a credential.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct DlqError {
-    kind: DlqFailure,
-    message: String,
+/// never a credential; the client's error, if any, is the source.
+pub type DlqError = Error<DlqErrorKind>;
+
+/// An error of `kind` saying `message`, with no other cause.
+fn dlq_error(kind: DlqErrorKind, message: impl Into<String>) -> DlqError {
+    DlqError::new(kind).with_message(message)
 }
 
-impl DlqError {
-    fn new(kind: DlqFailure, message: impl Into<String>) -> Self {
-        DlqError {
-            kind,
-            message: message.into(),
-        }
-    }
-
-    /// The kind, to match on.
-    pub fn kind(&self) -> DlqFailure {
-        self.kind
-    }
-}
-
-fn request(what: impl fmt::Display, err: impl fmt::Display) -> DlqError {
-    DlqError::new(DlqFailure::Request, format!("{what}: {err}"))
+/// A request for `what` failed with the client's error `err`.
+fn request(
+    what: impl fmt::Display,
+    err: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> DlqError {
+    DlqError::with_source(DlqErrorKind::Request, err).with_message(what.to_string())
 }
 
 /// The message id of the `n`th replay of dead letter `sequence` of `stream`:
@@ -147,29 +150,35 @@ pub fn replay_headers(dead: &HeaderMap, replay_count: u64) -> HeaderMap {
 }
 
 /// Parses a `--since` / `--until` value: an RFC 3339 time (`2024-05-01T12:00:00Z`) or a
-/// duration before `now` (`90m`, `1h`, `2d`, `1h ago`).
-pub fn parse_time(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+/// duration before `now` (`90m`, `1h`, `2d`, `1h ago`). Anything else is an error of
+/// kind [`DlqErrorKind::InvalidSelection`] that says what the value is not.
+pub fn parse_time(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, DlqError> {
     let text = text.trim();
     if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
         return Ok(at);
     }
     let ago = text.strip_suffix("ago").map(str::trim_end).unwrap_or(text);
+    let invalid = |message: String| dlq_error(DlqErrorKind::InvalidSelection, message);
     match humantime::parse_duration(ago) {
         Ok(d) => time::Duration::try_from(d)
             .ok()
             .and_then(|d| now.checked_sub(d))
-            .ok_or_else(|| format!("{text:?} reaches too far into the past")),
-        Err(_) => Err(format!(
+            .ok_or_else(|| invalid(format!("{text:?} reaches too far into the past"))),
+        Err(_) => Err(invalid(format!(
             "{text:?} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration ago (90m, 1h, 2d)"
-        )),
+        ))),
     }
 }
 
-/// Parses a `--reason` value (the wire form stored in `Jetworker-Reason`).
-pub fn parse_reason(text: &str) -> Result<Reason, String> {
+/// Parses a `--reason` value (the wire form stored in `Jetworker-Reason`). An unknown
+/// one is an error of kind [`DlqErrorKind::InvalidSelection`] that lists the known ones.
+pub fn parse_reason(text: &str) -> Result<Reason, DlqError> {
     Reason::parse(text.trim()).ok_or_else(|| {
         let all: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
-        format!("unknown reason {text:?}: one of {}", all.join(", "))
+        dlq_error(
+            DlqErrorKind::InvalidSelection,
+            format!("unknown reason {text:?}: one of {}", all.join(", ")),
+        )
     })
 }
 
@@ -755,8 +764,8 @@ impl Dlq {
     pub fn new(js: jetstream::Context, config: &Config) -> Result<Dlq, DlqError> {
         let streams = dead_letter_streams(config);
         if streams.is_empty() {
-            return Err(DlqError::new(
-                DlqFailure::NoDeadLetterStream,
+            return Err(dlq_error(
+                DlqErrorKind::NoDeadLetterStream,
                 format!(
                     "{}: no stream captures a consumer's dead_letter_subject",
                     config.source.display()
@@ -829,8 +838,8 @@ impl Dlq {
 
     fn stream_named(&self, name: &str) -> Result<&DeadLetterStream, DlqError> {
         self.streams.iter().find(|s| s.name == name).ok_or_else(|| {
-            DlqError::new(
-                DlqFailure::NoDeadLetterStream,
+            dlq_error(
+                DlqErrorKind::NoDeadLetterStream,
                 format!(
                     "{name:?} is not a dead-letter stream of this config (dead-letter streams: {})",
                     self.stream_names()
@@ -853,8 +862,8 @@ impl Dlq {
             Some(name) => self.stream_named(name),
             None => match self.streams.as_slice() {
                 [only] => Ok(only),
-                _ => Err(DlqError::new(
-                    DlqFailure::InvalidSelection,
+                _ => Err(dlq_error(
+                    DlqErrorKind::InvalidSelection,
                     format!(
                         "the config has several dead-letter streams ({}): name one with --stream",
                         self.stream_names()
@@ -949,10 +958,11 @@ impl Dlq {
                 let next = tokio::time::timeout(self.read_timeout, messages.next())
                     .await
                     .map_err(|_| {
-                        request(
-                            what(),
-                            format_args!(
-                                "no message within {} ({} read, {expected} expected)",
+                        dlq_error(
+                            DlqErrorKind::Request,
+                            format!(
+                                "{}: no message within {} ({} read, {expected} expected)",
+                                what(),
                                 humantime::format_duration(self.read_timeout),
                                 out.len()
                             ),
@@ -997,8 +1007,8 @@ impl Dlq {
         let message = match handle.get_raw_message(sequence).await {
             Ok(m) => m,
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
-                return Err(DlqError::new(
-                    DlqFailure::NotFound,
+                return Err(dlq_error(
+                    DlqErrorKind::NotFound,
                     format!("no message #{sequence} in stream {:?}", dl.name),
                 ))
             }
@@ -1011,8 +1021,7 @@ impl Dlq {
         };
         let subject = message.subject.to_string();
         if !dl.subjects.contains_key(&subject) {
-            return Err(DlqError::new(
-                DlqFailure::NotFound,
+            return Err(dlq_error(DlqErrorKind::NotFound,
                 format!(
                     "message #{sequence} of stream {:?} is on {subject}, which is no consumer's dead_letter_subject",
                     dl.name
@@ -1034,8 +1043,8 @@ impl Dlq {
     /// dead letter in place. [`Dlq::replay_one`] is this, then the delete.
     pub async fn republish(&self, letter: &Letter) -> Result<Replayed, DlqError> {
         let target = letter.original_subject().ok_or_else(|| {
-            DlqError::new(
-                DlqFailure::NotADeadLetter,
+            dlq_error(
+                DlqErrorKind::NotADeadLetter,
                 format!(
                     "{} #{} has no {} header: nowhere to replay it to",
                     letter.stream,
@@ -1045,8 +1054,8 @@ impl Dlq {
             )
         })?;
         if let Err(e) = jetworker::validate_literal(target) {
-            return Err(DlqError::new(
-                DlqFailure::NotADeadLetter,
+            return Err(dlq_error(
+                DlqErrorKind::NotADeadLetter,
                 format!(
                     "{} #{}: original subject {target:?} cannot be published to: {e}",
                     letter.stream, letter.sequence
@@ -1061,13 +1070,10 @@ impl Dlq {
             .publish_bytes(target, &message_id, headers, letter.payload.clone())
             .await
             .map_err(|e| {
-                DlqError::new(
-                    DlqFailure::Publish,
-                    format!(
-                        "replaying {} #{}: {e}; the dead letter was kept",
-                        letter.stream, letter.sequence
-                    ),
-                )
+                DlqError::with_source(DlqErrorKind::Publish, e).with_message(format!(
+                    "replaying {} #{} (the dead letter was kept)",
+                    letter.stream, letter.sequence
+                ))
             })?;
         Ok(Replayed {
             stream: letter.stream.clone(),
@@ -1087,17 +1093,14 @@ impl Dlq {
     pub async fn replay_one(&self, letter: &Letter) -> Result<Replayed, DlqError> {
         let replayed = self.republish(letter).await?;
         self.delete(letter).await.map_err(|e| {
-            DlqError::new(
-                e.kind(),
-                format!(
-                    "{} #{} was republished to {} ({} #{}) but not deleted: {e}; replay it again to finish (the copy is deduplicated)",
-                    letter.stream,
-                    letter.sequence,
-                    replayed.subject,
-                    replayed.target_stream,
-                    replayed.target_sequence
-                ),
-            )
+            DlqError::with_source(e.kind(), e).with_message(format!(
+                "{} #{} was republished to {} ({} #{}) but not deleted (replay it again to finish: the copy is deduplicated)",
+                letter.stream,
+                letter.sequence,
+                replayed.subject,
+                replayed.target_stream,
+                replayed.target_sequence
+            ))
         })?;
         Ok(replayed)
     }
@@ -1109,7 +1112,7 @@ impl Dlq {
         for letter in letters {
             match self.replay_one(letter).await {
                 Ok(r) => report.replayed.push(r),
-                Err(e) if e.kind() == DlqFailure::NotADeadLetter => {
+                Err(e) if e.kind() == DlqErrorKind::NotADeadLetter => {
                     report
                         .skipped
                         .push((letter.stream.clone(), letter.sequence, e.to_string()))
@@ -1139,15 +1142,18 @@ impl Dlq {
             .await;
         let failure = match response {
             Ok(Response::Ok(status)) if status.success => return Ok(true),
-            Ok(Response::Ok(_)) => "the server did not delete it".to_string(),
-            Ok(Response::Err { error }) => error.to_string(),
-            Err(e) => e.to_string(),
+            Ok(Response::Ok(_)) => dlq_error(
+                DlqErrorKind::Request,
+                format!("{}: the server did not delete it", what()),
+            ),
+            Ok(Response::Err { error }) => request(what(), error),
+            Err(e) => request(what(), e),
         };
         let handle = self.handle(&letter.stream).await?;
         match handle.get_raw_message(letter.sequence).await {
             // Gone already (another replay or purge got there first): done.
             Err(g) if g.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(false),
-            _ => Err(request(what(), failure)),
+            _ => Err(failure),
         }
     }
 
@@ -1170,10 +1176,10 @@ impl Dlq {
             }
         }
         match first_error {
-            Some(e) => Err(DlqError::new(
-                e.kind(),
-                format!("{e} ({} other dead letters were deleted)", report.deleted),
-            )),
+            Some(e) => Err(DlqError::with_source(e.kind(), e).with_message(format!(
+                "purging failed after {} other dead letters were deleted",
+                report.deleted
+            ))),
             None => Ok(report),
         }
     }
@@ -1328,26 +1334,34 @@ mod tests {
     #[test]
     fn times_parse_as_rfc3339_or_duration_ago() {
         let now = at("2024-05-01T12:00:00Z");
+        let time = |text| parse_time(text, now).map_err(|e| e.kind());
+        assert_eq!(time("2024-04-30T10:00:00Z"), Ok(at("2024-04-30T10:00:00Z")));
         assert_eq!(
-            parse_time("2024-04-30T10:00:00Z", now),
+            time("2024-04-30T12:00:00+02:00"),
             Ok(at("2024-04-30T10:00:00Z"))
         );
-        assert_eq!(
-            parse_time("2024-04-30T12:00:00+02:00", now),
-            Ok(at("2024-04-30T10:00:00Z"))
-        );
-        assert_eq!(parse_time("1h", now), Ok(at("2024-05-01T11:00:00Z")));
-        assert_eq!(parse_time("90m ago", now), Ok(at("2024-05-01T10:30:00Z")));
-        assert_eq!(parse_time(" 2d ", now), Ok(at("2024-04-29T12:00:00Z")));
-        assert!(parse_time("yesterday", now).is_err());
-        assert!(parse_time("", now).is_err());
-        assert!(parse_time("2024-13-01T00:00:00Z", now).is_err());
+        assert_eq!(time("1h"), Ok(at("2024-05-01T11:00:00Z")));
+        assert_eq!(time("90m ago"), Ok(at("2024-05-01T10:30:00Z")));
+        assert_eq!(time(" 2d "), Ok(at("2024-04-29T12:00:00Z")));
+        for wrong in ["yesterday", "", "2024-13-01T00:00:00Z"] {
+            assert_eq!(
+                time(wrong),
+                Err(DlqErrorKind::InvalidSelection),
+                "{wrong:?}"
+            );
+        }
     }
 
     #[test]
     fn reasons_parse_with_a_helpful_error() {
-        assert_eq!(parse_reason("too_large"), Ok(Reason::TooLarge));
-        let err = parse_reason("exausted").err().unwrap_or_default();
+        assert_eq!(
+            parse_reason("too_large").map_err(|e| e.kind()),
+            Ok(Reason::TooLarge)
+        );
+        let err = parse_reason("exausted")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("exhausted, permanent"), "{err}");
     }
 

@@ -48,6 +48,9 @@
 //! - `permissions`: the least publish/subscribe permissions a worker's config needs.
 //! - `table`: plain text tables for the commands' output.
 //! - `logging`: `tracing` on stderr, human or JSON ([`init_logging`]).
+//!
+//! Errors have jetworker's one shape, [`jetworker::Error`]: [`DlqError`] is
+//! `Error<DlqErrorKind>`, [`StatusError`] is `Error<StatusErrorKind>`; match on `kind()`.
 
 mod cli;
 mod command;
@@ -64,11 +67,12 @@ pub use command::{
 };
 pub use dlq::{
     dead_letter_streams, decode_payload, list_table, parse_reason, parse_time, DeadLetterSource,
-    DeadLetterStream, Detail, Dlq, DlqError, DlqFailure, Filter, Letter, Payload, PayloadEncoding,
-    PurgeReport, ReplayReport, Replayed, Summary,
+    DeadLetterStream, Detail, Dlq, DlqError, DlqErrorKind, Filter, Letter, Payload,
+    PayloadEncoding, PurgeReport, ReplayReport, Replayed, Summary,
 };
 pub use logging::{init_logging, LogFormat};
 pub use permissions::{Permissions, Scope};
 pub use status::{
-    collect as collect_status, ConsumerStatus, StatusError, StatusReport, StreamStatus,
+    collect as collect_status, ConsumerStatus, StatusError, StatusErrorKind, StatusReport,
+    StreamStatus,
 };

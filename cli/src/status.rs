@@ -15,6 +15,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use async_nats::jetstream;
 use futures::TryStreamExt;
@@ -22,17 +23,26 @@ use serde::Serialize;
 
 use crate::dlq::dead_letter_streams;
 use crate::table::table;
-use jetworker::Config;
+use jetworker::{Config, Error};
 
-/// Reading the status failed (a request to the server, not a missing stream).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{what}: {message}")]
-pub struct StatusError {
-    /// What was being read.
-    pub what: String,
-    /// What happened.
-    pub message: String,
+/// Why the status could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusErrorKind {
+    /// A request to the server failed (not a missing stream or consumer, which the
+    /// report shows as such); the client's error is the source.
+    Request,
 }
+
+impl fmt::Display for StatusErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StatusErrorKind::Request => "a JetStream request failed",
+        })
+    }
+}
+
+/// Reading the status failed; the message says what was being read.
+pub type StatusError = Error<StatusErrorKind>;
 
 /// The whole report: `status --json` prints it as is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -93,11 +103,12 @@ pub struct ConsumerStatus {
     pub dead_letter_subject_shared_with: Vec<String>,
 }
 
-fn fail(what: impl Into<String>, err: impl std::fmt::Display) -> StatusError {
-    StatusError {
-        what: what.into(),
-        message: err.to_string(),
-    }
+/// Reading `what` failed with the client's error `err`.
+fn fail(
+    what: impl Into<String>,
+    err: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> StatusError {
+    StatusError::with_source(StatusErrorKind::Request, err).with_message(what)
 }
 
 /// Reads the status of every stream and consumer of `config` from the server.

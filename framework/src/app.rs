@@ -2,6 +2,7 @@
 //! connects, provisions, runs every consumer and shuts down gracefully.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +13,12 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::config::ConsumerConfig;
+use crate::connect::ConnectError;
 use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
+use crate::error::Error;
 use crate::handler::{Context, ErasedHandler, Event, Handler, TypedHandler};
 use crate::ops::{self, Health};
-use crate::provision::{self, ServerVersion};
+use crate::provision::{self, Plan, ProvisionError, ProvisionErrorKind, ServerVersion};
 use crate::safety_net::{self, MaxDeliveriesAdvisory, SafetyNet};
 use crate::{connect, shutdown, systemd};
 
@@ -60,20 +63,72 @@ impl Default for App<()> {
 }
 
 /// Why the app could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Consumers name handlers that were not registered.
-    #[error("{}", .0.join("\n"))]
-    MissingHandlers(Vec<String>),
-    /// Connecting failed in a way retrying cannot fix (refused credentials, bad URL, TLS).
-    #[error(transparent)]
-    Connect(#[from] connect::ConnectError),
-    /// The ops endpoint could not start (address in use, ...).
-    #[error("{0}")]
-    Ops(String),
-    /// Provisioning failed or has conflicts.
-    #[error(transparent)]
-    Provision(#[from] provision::ProvisionError),
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunErrorKind {
+    /// Consumers name handlers that were not registered; see
+    /// [`RunError::missing_handlers`].
+    MissingHandlers,
+    /// Connecting failed in a way retrying cannot fix (refused credentials, bad URL,
+    /// TLS); the [`ConnectError`](crate::ConnectError) is the source.
+    Connect,
+    /// The ops endpoint cannot listen on `worker.ops_listen` (address in use, ...); the
+    /// [`OpsError`](crate::OpsError) is the source.
+    OpsListen,
+    /// The provisioning plan has conflicts; nothing was changed. See [`RunError::plan`].
+    Conflicts,
+    /// Provisioning failed; the [`ProvisionError`] is the source.
+    Provision,
+}
+
+impl fmt::Display for RunErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RunErrorKind::MissingHandlers => "consumers name handlers that are not registered",
+            RunErrorKind::Connect => "cannot connect",
+            RunErrorKind::OpsListen => "the ops endpoint cannot listen",
+            RunErrorKind::Conflicts => "the provisioning plan has conflicts",
+            RunErrorKind::Provision => "provisioning failed",
+        })
+    }
+}
+
+/// Why the app could not run. Around a connection, ops or provisioning error it shows
+/// that error's message, which stays reachable as the source.
+pub type RunError = Error<RunErrorKind>;
+
+/// The lines of a [`RunErrorKind::MissingHandlers`] error.
+#[derive(Debug)]
+struct MissingHandlers(Vec<String>);
+
+impl RunError {
+    /// One line per consumer whose handler is not registered, naming the file, the key
+    /// and what is registered (empty for other kinds).
+    pub fn missing_handlers(&self) -> &[String] {
+        self.detail::<MissingHandlers>()
+            .map(|m| m.0.as_slice())
+            .unwrap_or_default()
+    }
+
+    /// The plan, when provisioning had conflicts.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.source_as::<ProvisionError>()?.plan()
+    }
+}
+
+impl From<ConnectError> for RunError {
+    fn from(e: ConnectError) -> Self {
+        RunError::wrap(RunErrorKind::Connect, e)
+    }
+}
+
+impl From<ProvisionError> for RunError {
+    fn from(e: ProvisionError) -> Self {
+        let kind = match e.kind() {
+            ProvisionErrorKind::Conflicts => RunErrorKind::Conflicts,
+            ProvisionErrorKind::Request => RunErrorKind::Provision,
+        };
+        RunError::wrap(kind, e)
+    }
 }
 
 impl<S: Send + Sync + 'static> App<S> {
@@ -130,7 +185,9 @@ impl<S: Send + Sync + 'static> App<S> {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(RunError::MissingHandlers(missing))
+            Err(RunError::new(RunErrorKind::MissingHandlers)
+                .with_message(missing.join("\n"))
+                .with_detail(MissingHandlers(missing)))
         }
     }
 
@@ -183,7 +240,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     aux_stop.clone(),
                 )
                 .await
-                .map_err(RunError::Ops)?,
+                .map_err(|e| RunError::wrap(RunErrorKind::OpsListen, e))?,
             )
         };
         let stopped =
@@ -212,7 +269,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     health.set_provisioned();
                     break;
                 }
-                Err(e @ provision::ProvisionError::Conflicts(_)) => {
+                Err(e) if e.kind() == ProvisionErrorKind::Conflicts => {
                     systemd::status(
                         "provisioning has conflicts: nothing was changed and no worker started",
                     );
@@ -322,7 +379,8 @@ fn notify_systemd(
     }
     let (health, stop, running_text) = (health.clone(), stop.clone(), running_text.to_string());
     aux.spawn(async move {
-        let mut last: Result<(), String> = Ok(());
+        // Why it was not ready at the last check (`None`: ready).
+        let mut last: Option<String> = None;
         let mut ticks =
             tokio::time::interval_at(tokio::time::Instant::now() + STATUS_PERIOD, STATUS_PERIOD);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -331,11 +389,11 @@ fn notify_systemd(
                 _ = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let now = health.ready();
+            let now = health.ready().err().map(|why| why.to_string());
             if now != last {
                 match &now {
-                    Ok(()) => systemd::status(&running_text),
-                    Err(why) => systemd::status(&format!("not ready: {why}")),
+                    None => systemd::status(&running_text),
+                    Some(why) => systemd::status(&format!("not ready: {why}")),
                 };
                 last = now;
             }
@@ -463,7 +521,7 @@ const PROVISION_RETRY_MAX: Duration = Duration::from_secs(5);
 async fn connect_until(
     config: &Config,
     stop: &CancellationToken,
-) -> Result<Option<async_nats::Client>, connect::ConnectError> {
+) -> Result<Option<async_nats::Client>, ConnectError> {
     let mut retry = Backoff::new(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX);
     loop {
         let attempt = async {
@@ -477,7 +535,7 @@ async fn connect_until(
         };
         match result {
             Ok(client) => return Ok(Some(client)),
-            Err(e) if e.kind.is_permanent() => return Err(e),
+            Err(e) if e.kind().is_permanent() => return Err(e),
             Err(e) => {
                 let wait = retry.next();
                 tracing::error!(error = %e, retry_in = %humantime::format_duration(wait), "cannot connect");
@@ -491,5 +549,48 @@ async fn connect_until(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{OpsError, OpsErrorKind};
+
+    /// A taken ops port is an error of its own kind, with the I/O error at the end of
+    /// the chain: what a caller that falls back to another port decides on.
+    #[tokio::test]
+    async fn a_taken_ops_port_is_an_ops_listen_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let mut config = Config::default();
+        config.worker.ops_listen = taken.local_addr().expect("address").to_string();
+        let err = match App::new(()).start(config, CancellationToken::new()).await {
+            Ok(_) => panic!("the port is taken"),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), RunErrorKind::OpsListen, "{err}");
+        let ops = err.source_as::<OpsError>().expect("the ops error");
+        assert_eq!(ops.kind(), OpsErrorKind::Listen);
+        let io = std::error::Error::source(ops)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .expect("the I/O error");
+        assert_eq!(io.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("worker.ops_listen"), "{err}");
+    }
+
+    #[test]
+    fn missing_handlers_are_listed() {
+        let config = Config {
+            consumers: vec![ConsumerConfig {
+                handler: "nobody".into(),
+                ..ConsumerConfig::default()
+            }],
+            ..Config::default()
+        };
+        let err = App::new(()).check(&config).expect_err("not registered");
+        assert_eq!(err.kind(), RunErrorKind::MissingHandlers);
+        assert_eq!(err.missing_handlers().len(), 1);
+        assert!(err.missing_handlers()[0].contains("consumers[0].handler"));
+        assert_eq!(err.to_string(), err.missing_handlers()[0]);
     }
 }

@@ -8,53 +8,108 @@
 //! serde_json (128 levels, every path). Length prefixes are never trusted for
 //! allocation: a value longer than the bytes left is an error before anything is read.
 
+use std::fmt;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use crate::error::Error;
 
 pub use crate::config::CodecKind;
 
 /// The deepest MessagePack nesting accepted.
 pub const MAX_MSGPACK_DEPTH: usize = 64;
 
-/// A payload that could not be decoded into the handler's type.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("cannot decode {codec} payload: {message}")]
-pub struct DecodeError {
-    /// The codec that was used.
-    pub codec: CodecKind,
-    /// What was wrong.
-    pub message: String,
+/// Why a payload could not be decoded into the handler's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeErrorKind {
+    /// MessagePack nested deeper than [`MAX_MSGPACK_DEPTH`] (JSON's own limit reports
+    /// as [`DecodeErrorKind::Malformed`]).
+    TooDeep,
+    /// Not a value of the handler's type in this codec: malformed, truncated, a missing
+    /// field, a wrong type.
+    Malformed,
 }
 
-/// A value that could not be encoded.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("cannot encode {codec} payload: {message}")]
-pub struct EncodeError {
+impl fmt::Display for DecodeErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DecodeErrorKind::TooDeep => "depth limit exceeded",
+            DecodeErrorKind::Malformed => "malformed payload",
+        })
+    }
+}
+
+/// A payload that could not be decoded into the handler's type. The message names the
+/// codec; the codec library's error is the source.
+pub type DecodeError = Error<DecodeErrorKind>;
+
+impl DecodeError {
+    /// The codec that was used (`None` for a scan without one, see [`check_msgpack_depth`]).
+    pub fn codec(&self) -> Option<CodecKind> {
+        self.detail::<CodecKind>().copied()
+    }
+}
+
+/// Why a value could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodeErrorKind {
+    /// The codec cannot represent the value (a JSON map key that is not a string, a
+    /// `Serialize` impl that fails, ...).
+    Unsupported,
+}
+
+impl fmt::Display for EncodeErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EncodeErrorKind::Unsupported => "the codec cannot represent the value",
+        })
+    }
+}
+
+/// A value that could not be encoded. The message names the codec; the codec library's
+/// error is the source.
+pub type EncodeError = Error<EncodeErrorKind>;
+
+impl EncodeError {
     /// The codec that was used.
-    pub codec: CodecKind,
-    /// What was wrong.
-    pub message: String,
+    pub fn codec(&self) -> Option<CodecKind> {
+        self.detail::<CodecKind>().copied()
+    }
 }
 
 /// Decodes `bytes` with `codec`.
 pub fn decode<T: DeserializeOwned>(codec: CodecKind, bytes: &[u8]) -> Result<T, DecodeError> {
-    let fail = |message: String| DecodeError { codec, message };
+    let fail = |kind, source: Box<dyn std::error::Error + Send + Sync>| {
+        DecodeError::with_source(kind, source)
+            .with_message(format!("cannot decode {codec} payload"))
+            .with_detail(codec)
+    };
     match codec {
         CodecKind::Msgpack => {
-            check_msgpack_depth(bytes, MAX_MSGPACK_DEPTH).map_err(fail)?;
+            check_msgpack_depth(bytes, MAX_MSGPACK_DEPTH)
+                .map_err(|e| fail(DecodeErrorKind::TooDeep, e.into()))?;
             let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
             // The same limit as the scan (rmp-serde counts down to zero exclusive).
             de.set_max_depth(MAX_MSGPACK_DEPTH + 1);
-            T::deserialize(&mut de).map_err(|e| fail(e.to_string()))
+            T::deserialize(&mut de).map_err(|e| {
+                let kind = match e {
+                    rmp_serde::decode::Error::DepthLimitExceeded => DecodeErrorKind::TooDeep,
+                    _ => DecodeErrorKind::Malformed,
+                };
+                fail(kind, e.into())
+            })
         }
-        CodecKind::Json => serde_json::from_slice(bytes).map_err(|e| fail(e.to_string())),
+        CodecKind::Json => {
+            serde_json::from_slice(bytes).map_err(|e| fail(DecodeErrorKind::Malformed, e.into()))
+        }
     }
 }
 
 /// Scans the first MessagePack value in `bytes`, without recursion, and fails when
 /// arrays, maps and extension values nest deeper than `max_depth`. Malformed or
 /// truncated input passes: the deserializer that follows reports it with its position.
-pub fn check_msgpack_depth(bytes: &[u8], max_depth: usize) -> Result<(), String> {
+pub fn check_msgpack_depth(bytes: &[u8], max_depth: usize) -> Result<(), DecodeError> {
     // Values still to read at each open level; the bottom entry is the top-level value.
     let mut open: Vec<u64> = vec![1];
     let mut pos = 0usize;
@@ -109,9 +164,11 @@ pub fn check_msgpack_depth(bytes: &[u8], max_depth: usize) -> Result<(), String>
         if let Some(values) = nested {
             // `open` holds the top-level entry plus one per container entered.
             if open.len() > max_depth {
-                return Err(format!(
-                    "depth limit exceeded: MessagePack nested deeper than {max_depth} levels"
-                ));
+                return Err(
+                    DecodeError::new(DecodeErrorKind::TooDeep).with_message(format!(
+                        "depth limit exceeded: MessagePack nested deeper than {max_depth} levels"
+                    )),
+                );
             }
             open.push(values);
         }
@@ -122,10 +179,14 @@ pub fn check_msgpack_depth(bytes: &[u8], max_depth: usize) -> Result<(), String>
 /// Encodes `value` with `codec`. MessagePack encodes structs as maps (field names
 /// included), so fields can be added without breaking older readers.
 pub fn encode<T: Serialize + ?Sized>(codec: CodecKind, value: &T) -> Result<Vec<u8>, EncodeError> {
-    let fail = |message: String| EncodeError { codec, message };
+    let fail = |source: Box<dyn std::error::Error + Send + Sync>| {
+        EncodeError::with_source(EncodeErrorKind::Unsupported, source)
+            .with_message(format!("cannot encode {codec} payload"))
+            .with_detail(codec)
+    };
     match codec {
-        CodecKind::Msgpack => rmp_serde::to_vec_named(value).map_err(|e| fail(e.to_string())),
-        CodecKind::Json => serde_json::to_vec(value).map_err(|e| fail(e.to_string())),
+        CodecKind::Msgpack => rmp_serde::to_vec_named(value).map_err(|e| fail(e.into())),
+        CodecKind::Json => serde_json::to_vec(value).map_err(|e| fail(e.into())),
     }
 }
 
@@ -197,7 +258,7 @@ mod tests {
         // 200k levels would overflow any thread's stack without the scan.
         let deep = nested_msgpack(200_000);
         let err = decode::<Expr>(CodecKind::Msgpack, &deep).expect_err("too deep");
-        assert!(err.message.contains("depth"), "{err}");
+        assert_eq!(err.kind(), DecodeErrorKind::TooDeep, "{err}");
         // The same shape in JSON is stopped by serde_json's limit.
         let json = format!(
             "{}{{\"Lit\":1}}{}",
@@ -249,6 +310,6 @@ mod tests {
         let mut bytes = vec![0x91u8; 100_000];
         bytes.push(0x00);
         let err = decode::<serde_json::Value>(CodecKind::Msgpack, &bytes).expect_err("too deep");
-        assert!(err.message.contains("depth"), "{err}");
+        assert_eq!(err.kind(), DecodeErrorKind::TooDeep, "{err}");
     }
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use secrecy::ExposeSecret;
 
-use crate::config::{redact_userinfo, ConnectionConfig, UrlCredentials};
+use crate::config::{ConnectionConfig, UrlCredentials};
+use crate::error::Error;
 
 /// Which auth mode a connection uses, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,9 +108,9 @@ impl fmt::Display for Transport {
     }
 }
 
-/// What kind of connection failure this was.
+/// What kind of connection failure this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectFailure {
+pub enum ConnectErrorKind {
     /// A server URL does not parse.
     BadUrl,
     /// A credentials or TLS file could not be read.
@@ -122,50 +123,98 @@ pub enum ConnectFailure {
     Unreachable,
 }
 
-impl ConnectFailure {
+impl ConnectErrorKind {
     /// True when retrying cannot help (bad URL, refused or unreadable credentials, TLS).
     pub fn is_permanent(self) -> bool {
-        !matches!(self, ConnectFailure::Unreachable)
+        !matches!(self, ConnectErrorKind::Unreachable)
+    }
+}
+
+impl fmt::Display for ConnectErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectErrorKind::BadUrl => "not a server URL",
+            ConnectErrorKind::Credentials => "the credentials cannot be used",
+            ConnectErrorKind::Refused => "the server refused the credentials",
+            ConnectErrorKind::Tls => "TLS failed",
+            ConnectErrorKind::Unreachable => "no server answered",
+        })
     }
 }
 
 /// Connecting failed. The message names the servers (userinfo redacted), the auth mode
-/// and the transport.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot connect to {servers} ({auth}, {transport}): {message}")]
-pub struct ConnectError {
-    /// Kind, to match on.
-    pub kind: ConnectFailure,
+/// and the transport, never a secret; the client's error is the source.
+pub type ConnectError = Error<ConnectErrorKind>;
+
+/// What a failed connection tried: readable from the error, for callers that decide on
+/// it (and for tests).
+#[derive(Debug, Clone)]
+struct Tried {
+    auth: AuthMode,
+    transport: Transport,
+    servers: String,
+}
+
+impl Tried {
+    fn of(c: &ConnectionConfig) -> Tried {
+        Tried {
+            auth: AuthMode::of(c),
+            transport: Transport::of(c),
+            servers: redacted_servers(c),
+        }
+    }
+
+    /// An error of `kind`, `what` saying what happened, caused by `source` if given.
+    fn error(
+        &self,
+        kind: ConnectErrorKind,
+        what: impl fmt::Display,
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> ConnectError {
+        let error = match source {
+            Some(source) => ConnectError::with_source(kind, source),
+            None => ConnectError::new(kind),
+        };
+        error
+            .with_message(format!(
+                "cannot connect to {} ({}, {}): {what}",
+                self.servers, self.auth, self.transport
+            ))
+            .with_detail(self.clone())
+    }
+}
+
+impl ConnectError {
     /// The auth mode that was tried.
-    pub auth: AuthMode,
+    pub fn auth(&self) -> Option<AuthMode> {
+        self.detail::<Tried>().map(|t| t.auth)
+    }
+
     /// Plain, TLS or mutual TLS.
-    pub transport: Transport,
-    /// The servers, redacted.
-    pub servers: String,
-    /// What happened, never including secrets.
-    pub message: String,
+    pub fn transport(&self) -> Option<Transport> {
+        self.detail::<Tried>().map(|t| t.transport)
+    }
+
+    /// The servers, userinfo redacted, comma separated.
+    pub fn servers(&self) -> Option<&str> {
+        self.detail::<Tried>().map(|t| t.servers.as_str())
+    }
 }
 
 /// Builds the client options: auth, TLS, name, timeouts, and connection event logging.
 pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectError> {
-    let auth = AuthMode::of(c);
-    let fail = |kind, message: String| ConnectError {
-        kind,
-        auth,
-        transport: Transport::of(c),
-        servers: redacted_servers(c),
-        message,
-    };
-    let mut opts = match auth {
+    let tried = Tried::of(c);
+    let mut opts = match tried.auth {
         AuthMode::Creds => {
             let path = c.creds_file.clone().unwrap_or_default();
             warn_if_world_readable(&path, "the creds file");
             ConnectOptions::with_credentials_file(&path)
                 .await
                 .map_err(|e| {
-                    fail(
-                        ConnectFailure::Credentials,
-                        format!("cannot use creds file {}: {}", path.display(), e.kind()),
+                    tried.error(
+                        ConnectErrorKind::Credentials,
+                        format_args!("cannot use creds file {}", path.display()),
+                        Some(only_the_kind(&e)),
                     )
                 })?
         }
@@ -173,20 +222,19 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
             let path = c.nkey_seed_file.clone().unwrap_or_default();
             warn_if_world_readable(&path, "the nkey seed file");
             let seed = std::fs::read_to_string(&path).map_err(|e| {
-                fail(
-                    ConnectFailure::Credentials,
-                    format!(
-                        "cannot read nkey seed file {}: {}",
-                        path.display(),
-                        e.kind()
-                    ),
+                tried.error(
+                    ConnectErrorKind::Credentials,
+                    format_args!("cannot read nkey seed file {}", path.display()),
+                    Some(only_the_kind(&e)),
                 )
             })?;
             let seed = seed.trim().to_string();
             if nkeys::KeyPair::from_seed(&seed).is_err() {
-                return Err(fail(
-                    ConnectFailure::Credentials,
-                    format!("{} does not hold a valid nkey seed", path.display()),
+                // The nkeys error is not kept: it is about the seed itself.
+                return Err(tried.error(
+                    ConnectErrorKind::Credentials,
+                    format_args!("{} does not hold a valid nkey seed", path.display()),
+                    None,
                 ));
             }
             ConnectOptions::with_nkey(seed)
@@ -223,13 +271,22 @@ pub async fn options(c: &ConnectionConfig) -> Result<ConnectOptions, ConnectErro
     if let Some(prefix) = &c.inbox_prefix {
         opts = opts.custom_inbox_prefix(prefix);
     }
+    let readable = |path: &std::path::Path| {
+        std::fs::metadata(path).map(|_| ()).map_err(|e| {
+            tried.error(
+                ConnectErrorKind::Tls,
+                format_args!("cannot read {}", path.display()),
+                Some(only_the_kind(&e)),
+            )
+        })
+    };
     if let Some(ca) = &c.tls.ca_file {
-        check_readable(ca).map_err(|m| fail(ConnectFailure::Tls, m))?;
+        readable(ca)?;
         opts = opts.add_root_certificates(ca.clone());
     }
     if let (Some(cert), Some(key)) = (&c.tls.cert_file, &c.tls.key_file) {
-        check_readable(cert).map_err(|m| fail(ConnectFailure::Tls, m))?;
-        check_readable(key).map_err(|m| fail(ConnectFailure::Tls, m))?;
+        readable(cert)?;
+        readable(key)?;
         warn_if_world_readable(key, "the TLS client key");
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
@@ -265,10 +322,10 @@ fn warn_if_world_readable(path: &std::path::Path, what: &str) {
     let _ = (path, what);
 }
 
-fn check_readable(path: &std::path::Path) -> Result<(), String> {
-    std::fs::metadata(path)
-        .map(|_| ())
-        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))
+/// An I/O error with nothing but its kind (`entity not found`, `permission denied`): the
+/// cause kept of a failure to read a secret file, whose full error may quote from it.
+fn only_the_kind(e: &std::io::Error) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(std::io::Error::from(e.kind()))
 }
 
 /// What the server says when a user lacks a permission (`-ERR 'Permissions Violation
@@ -303,6 +360,14 @@ fn log_event(event: Event) {
 /// True when an I/O error is a TLS handshake failure (rustls' errors travel inside
 /// `io::Error`): certificates, alerts, handshakes.
 fn is_tls_failure(e: &async_nats::ConnectError) -> bool {
+    let text = error_chain(e).to_ascii_lowercase();
+    ["certificate", "handshake", "alert", "tls"]
+        .iter()
+        .any(|word| text.contains(word))
+}
+
+/// An error's text and its sources', to look for what rustls said.
+fn error_chain(e: &async_nats::ConnectError) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(inner) = source {
@@ -310,10 +375,7 @@ fn is_tls_failure(e: &async_nats::ConnectError) -> bool {
         text.push_str(&inner.to_string());
         source = inner.source();
     }
-    let text = text.to_ascii_lowercase();
-    ["certificate", "handshake", "alert", "tls"]
-        .iter()
-        .any(|word| text.contains(word))
+    text
 }
 
 /// What to change for the common TLS failures.
@@ -321,16 +383,16 @@ fn tls_hint(error: &str, c: &ConnectionConfig) -> &'static str {
     let has_client_cert = c.tls.cert_file.is_some();
     if error.contains("UnknownIssuer") {
         if c.tls.ca_file.is_some() {
-            "; the server's certificate is not signed by the CA in connection.tls.ca_file"
+            " (the server's certificate is not signed by the CA in connection.tls.ca_file)"
         } else {
-            "; the server's certificate is not signed by a trusted CA: set connection.tls.ca_file"
+            " (the server's certificate is not signed by a trusted CA: set connection.tls.ca_file)"
         }
     } else if error.contains("CertificateRequired")
         || (error.contains("BadCertificate") && !has_client_cert)
     {
-        "; the server requires a client certificate: set connection.tls.cert_file and key_file"
+        " (the server requires a client certificate: set connection.tls.cert_file and key_file)"
     } else if error.contains("BadCertificate") || error.contains("UnknownCA") {
-        "; the server does not accept this client certificate (not signed by a CA it trusts?)"
+        " (the server does not accept this client certificate: not signed by a CA it trusts?)"
     } else {
         ""
     }
@@ -359,22 +421,17 @@ pub async fn connect_with(
     c: &ConnectionConfig,
     opts: ConnectOptions,
 ) -> Result<async_nats::Client, ConnectError> {
-    let auth = AuthMode::of(c);
-    let fail = |kind, message: String| ConnectError {
-        kind,
-        auth,
-        transport: Transport::of(c),
-        servers: redacted_servers(c),
-        message,
-    };
+    let tried = Tried::of(c);
     let addrs = c
         .servers
         .iter()
         .map(|s| {
-            s.without_userinfo().parse::<ServerAddr>().map_err(|_| {
-                fail(
-                    ConnectFailure::BadUrl,
-                    format!("not a server URL: {}", s.redacted()),
+            // Parsed without its userinfo, so the parser's error cannot quote a secret.
+            s.without_userinfo().parse::<ServerAddr>().map_err(|e| {
+                tried.error(
+                    ConnectErrorKind::BadUrl,
+                    format_args!("not a server URL: {}", s.redacted()),
+                    Some(e.into()),
                 )
             })
         })
@@ -386,33 +443,29 @@ pub async fn connect_with(
         Ok(Err(e)) => {
             use async_nats::ConnectErrorKind as K;
             let kind = match e.kind() {
-                K::ServerParse | K::Dns => ConnectFailure::BadUrl,
-                K::Authentication | K::AuthorizationViolation => ConnectFailure::Refused,
-                K::Tls => ConnectFailure::Tls,
+                K::ServerParse | K::Dns => ConnectErrorKind::BadUrl,
+                K::Authentication | K::AuthorizationViolation => ConnectErrorKind::Refused,
+                K::Tls => ConnectErrorKind::Tls,
                 // A failed handshake (untrusted certificate, missing client certificate)
                 // reaches us as an I/O error; retrying cannot fix it.
-                K::Io if is_tls_failure(&e) => ConnectFailure::Tls,
-                K::TimedOut | K::Io | K::MaxReconnects => ConnectFailure::Unreachable,
+                K::Io if is_tls_failure(&e) => ConnectErrorKind::Tls,
+                K::TimedOut | K::Io | K::MaxReconnects => ConnectErrorKind::Unreachable,
             };
-            let detail = match kind {
-                ConnectFailure::Refused if auth == AuthMode::None => format!(
-                    "the server requires credentials and none are configured ({})",
-                    e.kind()
-                ),
-                ConnectFailure::Refused => {
-                    format!("the server refused the credentials ({})", e.kind())
+            let what = match kind {
+                ConnectErrorKind::Refused if tried.auth == AuthMode::None => {
+                    "the server requires credentials and none are configured".to_string()
                 }
-                ConnectFailure::Tls => {
-                    let text = redact_userinfo(&e.to_string());
-                    format!("{text}{}", tls_hint(&text, c))
-                }
-                _ => redact_userinfo(&e.to_string()),
+                ConnectErrorKind::Tls => format!("TLS failed{}", tls_hint(&error_chain(&e), c)),
+                _ => kind.to_string(),
             };
-            Err(fail(kind, detail))
+            // The client was given the addresses without userinfo and the credentials
+            // apart from them: its error names neither.
+            Err(tried.error(kind, what, Some(e.into())))
         }
-        Err(_) => Err(fail(
-            ConnectFailure::Unreachable,
-            format!("no answer within {}", humantime::format_duration(bound)),
+        Err(_) => Err(tried.error(
+            ConnectErrorKind::Unreachable,
+            format_args!("no answer within {}", humantime::format_duration(bound)),
+            None,
         )),
     }
 }

@@ -15,12 +15,14 @@
 //! its size; the original stays at [`STREAM`] / [`SEQUENCE`] unless the stream's
 //! retention removes it).
 
+use std::fmt;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
+use crate::error::Error;
 use crate::outcome::Reason;
 
 /// Subject the original was published to.
@@ -204,14 +206,36 @@ impl DeadLetter {
     }
 }
 
-/// Why a dead-letter publish failed.
-#[derive(Debug, thiserror::Error)]
-#[error("dead-letter publish to {subject} failed: {message}")]
-pub struct PublishFailed {
-    /// The dead-letter subject.
-    pub subject: String,
-    /// What happened.
-    pub message: String,
+/// Why a dead-letter publish failed. Either way the copy is not known to be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterErrorKind {
+    /// The publish or its PubAck failed (the client's error is the source).
+    Publish,
+    /// No PubAck came within the timeout.
+    Timeout,
+}
+
+impl fmt::Display for DeadLetterErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeadLetterErrorKind::Publish => "the dead-letter publish failed",
+            DeadLetterErrorKind::Timeout => "no PubAck for the dead-letter copy in time",
+        })
+    }
+}
+
+/// A dead-letter publish that failed; the message names the dead-letter subject.
+pub type DeadLetterError = Error<DeadLetterErrorKind>;
+
+/// The dead-letter subject a publish was for.
+#[derive(Debug)]
+struct DeadLetterSubject(String);
+
+impl DeadLetterError {
+    /// The dead-letter subject the copy was published to.
+    pub fn subject(&self) -> Option<&str> {
+        self.detail::<DeadLetterSubject>().map(|s| s.0.as_str())
+    }
 }
 
 impl DeadLetter {
@@ -223,7 +247,7 @@ impl DeadLetter {
         subject: &str,
         payload: Bytes,
         timeout: Duration,
-    ) -> Result<jetstream::publish::PublishAck, PublishFailed> {
+    ) -> Result<jetstream::publish::PublishAck, DeadLetterError> {
         publish(js, subject, self, payload, timeout).await
     }
 }
@@ -236,10 +260,18 @@ pub async fn publish(
     letter: &DeadLetter,
     payload: Bytes,
     timeout: Duration,
-) -> Result<jetstream::publish::PublishAck, PublishFailed> {
-    let fail = |message: String| PublishFailed {
-        subject: subject.to_string(),
-        message,
+) -> Result<jetstream::publish::PublishAck, DeadLetterError> {
+    let what = format!("dead-letter publish to {subject} failed");
+    let failed = |error: DeadLetterError, message: String| {
+        error
+            .with_message(message)
+            .with_detail(DeadLetterSubject(subject.to_string()))
+    };
+    let publish_failed = |e: Box<dyn std::error::Error + Send + Sync>| {
+        failed(
+            DeadLetterError::with_source(DeadLetterErrorKind::Publish, e),
+            what.clone(),
+        )
     };
     let max_payload = match js.client().max_payload() {
         0 => usize::MAX,
@@ -257,15 +289,18 @@ pub async fn publish(
     let publish = async {
         js.publish_with_headers(subject.to_string(), headers, payload)
             .await
-            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| publish_failed(e.into()))?
             .await
-            .map_err(|e| fail(e.to_string()))
+            .map_err(|e| publish_failed(e.into()))
     };
     tokio::time::timeout(timeout, publish).await.map_err(|_| {
-        fail(format!(
-            "no PubAck within {}",
-            humantime::format_duration(timeout)
-        ))
+        failed(
+            DeadLetterError::new(DeadLetterErrorKind::Timeout),
+            format!(
+                "{what}: no PubAck within {}",
+                humantime::format_duration(timeout)
+            ),
+        )
     })?
 }
 

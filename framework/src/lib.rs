@@ -28,8 +28,10 @@
 //! # Layout
 //! The path of one message reads top to bottom: `config` -> `provision` -> `app` ->
 //! `consumer` (`pull` -> `delivery`) -> `handler` -> `outcome` -> `dead_letter`.
-//! - `config/`: the `streams.toml` schema, loading with environment overrides, and
-//!   validation that reports every problem at once.
+//! - `error`: [`Error`], the one error shape: a kind to match on, a message, a `source()`
+//!   chain; each module has its kind enum and alias (`ConfigError = Error<ConfigErrorKind>`).
+//! - `config/`: `streams.toml`: the schema (plain data), server URLs and their secrets,
+//!   loading with environment overrides, validation that reports every problem at once.
 //! - `subject`: NATS subject rules and wildcard overlap.
 //! - `provision`: `plan(desired, actual)` (pure) and applying the plan to a server.
 //! - `connect`: the connection config as an async-nats client (every auth mode).
@@ -66,6 +68,7 @@ mod config;
 mod connect;
 mod consumer;
 mod dead_letter;
+mod error;
 mod handler;
 mod ops;
 mod outcome;
@@ -82,39 +85,46 @@ mod trace;
 pub use async_nats;
 pub use tokio_util;
 
-pub use app::{App, RunError, Running};
-pub use codec::{check_msgpack_depth, decode, encode, DecodeError, EncodeError, MAX_MSGPACK_DEPTH};
+pub use error::Error;
+
+pub use app::{App, RunError, RunErrorKind, Running};
+pub use codec::{
+    check_msgpack_depth, decode, encode, DecodeError, DecodeErrorKind, EncodeError,
+    EncodeErrorKind, MAX_MSGPACK_DEPTH,
+};
 pub use config::{
-    redact_userinfo, CodecKind, Config, ConfigError, ConfigProblem, ConnectionConfig,
-    ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig, Retention, ServerUrl, Storage,
-    StreamConfig, TlsConfig, UrlCredentials, WorkerConfig, DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX,
-    DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
+    redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem,
+    ConnectionConfig, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig, Retention, ServerUrl,
+    Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig, DEFAULT_BACKOFF,
+    DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{
-    connect, connect_with, redacted_servers, AuthMode, ConnectError, ConnectFailure, Transport,
+    connect, connect_with, redacted_servers, AuthMode, ConnectError, ConnectErrorKind, Transport,
 };
 pub use consumer::ConsumerStats;
 pub use dead_letter::{
-    message_id as dead_letter_message_id, DeadLetter, PublishFailed as DeadLetterPublishError,
+    message_id as dead_letter_message_id, DeadLetter, DeadLetterError, DeadLetterErrorKind,
 };
 pub use handler::{
     Context, Event, Handler, HandlerError, HandlerErrorKind, HandlerFuture, HandlerOutput,
     ResultExt,
 };
-pub use ops::Health;
+pub use ops::{Health, HealthError, HealthErrorKind, OpsError, OpsErrorKind};
 pub use outcome::{decide, Attempted, Outcome, Reason, RetrySchedule};
 pub use provision::{
     consumer_info, desired, get_stream, plan, provision, Action, Actual, Desired, Plan,
-    ProvisionError, ServerVersion,
+    ProvisionError, ProvisionErrorKind, ServerVersion,
 };
 pub use publisher::{
-    Pipeline, PipelineReport, PublishError, PublishFailure, Publisher, RetryPolicy,
+    Pipeline, PipelineReport, PublishError, PublishErrorKind, Publisher, RetryPolicy,
 };
 pub use safety_net::{
     advisory_stream as safety_net_stream, safety_net_consumer, ADVISORY_STREAM, SAFETY_NET_CONSUMER,
 };
 pub use shutdown::on_signals;
-pub use subject::{overlaps as subjects_overlap, validate_filter, validate_literal, SubjectError};
+pub use subject::{
+    overlaps as subjects_overlap, validate_filter, validate_literal, SubjectError, SubjectErrorKind,
+};
 pub use trace::TraceContext;
 
 /// The names of the headers jetworker puts on dead letters and on replayed messages.

@@ -10,6 +10,7 @@
 //!   handler duration histogram, in-flight, server-side pending and ack pending (lag).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -30,12 +31,70 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::consumer::ConsumerStats;
+use crate::error::Error;
 use crate::outcome::Reason;
 
 /// A consumer loop silent for this long makes `/healthz` fail.
 pub const LOOP_STALL: Duration = Duration::from_secs(90);
 /// How often consumer lag is read from the server.
 pub const LAG_POLL: Duration = Duration::from_secs(5);
+
+/// Why the worker is not live or not ready; the body of a 503 from `/healthz` or
+/// `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthErrorKind {
+    /// A consumer loop has not reported in for longer than `LOOP_STALL` (90s; not live).
+    LoopStalled,
+    /// Shutdown began (not ready).
+    ShuttingDown,
+    /// No connection yet (not ready).
+    NotConnected,
+    /// The connection is down; the client is reconnecting (not ready).
+    Disconnected,
+    /// Provisioning has not succeeded yet (not ready).
+    NotProvisioned,
+    /// A consumer is not pulling (not ready).
+    NotPulling,
+}
+
+impl fmt::Display for HealthErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HealthErrorKind::LoopStalled => "a consumer loop is silent",
+            HealthErrorKind::ShuttingDown => "shutting down",
+            HealthErrorKind::NotConnected => "not connected yet",
+            HealthErrorKind::Disconnected => "disconnected from NATS",
+            HealthErrorKind::NotProvisioned => "not provisioned yet",
+            HealthErrorKind::NotPulling => "a consumer is not pulling",
+        })
+    }
+}
+
+/// Why the worker is not live or not ready; the message names the consumer when one is
+/// the cause.
+pub type HealthError = Error<HealthErrorKind>;
+
+/// Why the ops endpoint could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsErrorKind {
+    /// `worker.ops_listen` is not a socket address.
+    Address,
+    /// The address cannot be listened on (in use, not this host's, not allowed); the
+    /// I/O error is the source.
+    Listen,
+}
+
+impl fmt::Display for OpsErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpsErrorKind::Address => "worker.ops_listen: not an address",
+            OpsErrorKind::Listen => "worker.ops_listen: cannot listen",
+        })
+    }
+}
+
+/// The ops endpoint could not start; the message names the address.
+pub type OpsError = Error<OpsErrorKind>;
 
 /// What the ops endpoint reports on; shared with the run loop.
 #[derive(Debug, Default)]
@@ -87,40 +146,43 @@ impl Health {
     /// Live: every consumer loop reported in recently. Once shutdown began the loops
     /// end on purpose, so silence is no longer a sign of a stuck worker (the shutdown
     /// itself is bounded by the grace period).
-    pub fn live(&self) -> Result<(), String> {
+    pub fn live(&self) -> Result<(), HealthError> {
         if self.is_stopping() {
             return Ok(());
         }
         for (name, stats) in self.consumers() {
             let silent = stats.since_last_tick();
             if silent > LOOP_STALL {
-                return Err(format!(
-                    "consumer {name}: loop silent for {}",
-                    humantime::format_duration(Duration::from_secs(silent.as_secs()))
-                ));
+                return Err(
+                    HealthError::new(HealthErrorKind::LoopStalled).with_message(format!(
+                        "consumer {name}: loop silent for {}",
+                        humantime::format_duration(Duration::from_secs(silent.as_secs()))
+                    )),
+                );
             }
         }
         Ok(())
     }
 
     /// Ready: connected, provisioned, consumers pulling, not stopping.
-    pub fn ready(&self) -> Result<(), String> {
+    pub fn ready(&self) -> Result<(), HealthError> {
         if self.stopping.load(Ordering::SeqCst) {
-            return Err("shutting down".into());
+            return Err(HealthErrorKind::ShuttingDown.into());
         }
         match self.client.get() {
-            None => return Err("not connected yet".into()),
+            None => return Err(HealthErrorKind::NotConnected.into()),
             Some(c) if c.connection_state() != async_nats::connection::State::Connected => {
-                return Err("disconnected from NATS".into())
+                return Err(HealthErrorKind::Disconnected.into())
             }
             Some(_) => {}
         }
         if !self.provisioned.load(Ordering::SeqCst) {
-            return Err("not provisioned yet".into());
+            return Err(HealthErrorKind::NotProvisioned.into());
         }
         for (name, stats) in self.consumers() {
             if !stats.is_pulling() {
-                return Err(format!("consumer {name} is not pulling"));
+                return Err(HealthError::new(HealthErrorKind::NotPulling)
+                    .with_message(format!("consumer {name} is not pulling")));
             }
         }
         Ok(())
@@ -330,13 +392,15 @@ pub async fn serve(
     health: Arc<Health>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
-) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = listen
-        .parse()
-        .map_err(|_| format!("worker.ops_listen: not an address: {listen:?}"))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("worker.ops_listen: cannot listen on {addr}: {e}"))?;
+) -> Result<SocketAddr, OpsError> {
+    let addr: SocketAddr = listen.parse().map_err(|e| {
+        OpsError::with_source(OpsErrorKind::Address, e)
+            .with_message(format!("worker.ops_listen: not an address: {listen:?}"))
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        OpsError::with_source(OpsErrorKind::Listen, e)
+            .with_message(format!("worker.ops_listen: cannot listen on {addr}"))
+    })?;
     let bound = listener.local_addr().unwrap_or(addr);
     let app = Router::new()
         .route("/healthz", get(healthz))

@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 
 use crate::config::{self, Config, ConsumerConfig, StreamConfig};
+use crate::error::Error;
 
 /// The server's default duplicate window.
 const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -653,26 +654,53 @@ fn consumer_action(want: &ConsumerSpec, have: &ConsumerSpec, server: ServerVersi
 }
 
 /// Why provisioning failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ProvisionError {
-    /// A JetStream API request failed (timeout, no JetStream, permissions, ...).
-    #[error("{what}: {message}")]
-    Request {
-        /// What was being done.
-        what: String,
-        /// The server's or client's error.
-        message: String,
-    },
-    /// The plan has conflicts; nothing was applied.
-    #[error("the plan has conflicts; nothing was changed:\n{0}")]
-    Conflicts(Plan),
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProvisionErrorKind {
+    /// A JetStream API request failed (timeout, no JetStream, permissions, ...), or what
+    /// it was about disappeared meanwhile; the client's error, if any, is the source.
+    Request,
+    /// The plan has conflicts; nothing was applied. See [`ProvisionError::plan`].
+    Conflicts,
 }
 
-fn request_error(what: impl Into<String>, err: impl fmt::Display) -> ProvisionError {
-    ProvisionError::Request {
-        what: what.into(),
-        message: err.to_string(),
+impl fmt::Display for ProvisionErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProvisionErrorKind::Request => "a JetStream request failed",
+            ProvisionErrorKind::Conflicts => "the plan has conflicts",
+        })
     }
+}
+
+/// Why provisioning failed; the message says what was being done.
+pub type ProvisionError = Error<ProvisionErrorKind>;
+
+impl ProvisionError {
+    /// The plan, when it has conflicts (nothing was applied).
+    pub fn plan(&self) -> Option<&Plan> {
+        self.detail::<Plan>()
+    }
+
+    fn conflicts(plan: Plan) -> ProvisionError {
+        ProvisionError::new(ProvisionErrorKind::Conflicts)
+            .with_message(format!(
+                "the plan has conflicts; nothing was changed:\n{plan}"
+            ))
+            .with_detail(plan)
+    }
+}
+
+/// A request for `what` failed with the client's error `err`.
+fn request_error(
+    what: impl Into<String>,
+    err: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> ProvisionError {
+    ProvisionError::with_source(ProvisionErrorKind::Request, err).with_message(what)
+}
+
+/// What a request was for is not there any more (`why` says what went).
+fn vanished(what: impl fmt::Display, why: &str) -> ProvisionError {
+    ProvisionError::new(ProvisionErrorKind::Request).with_message(format!("{what}: {why}"))
 }
 
 /// Reads the server's state for every stream and consumer the config names.
@@ -911,7 +939,7 @@ pub async fn apply(
     plan: &Plan,
 ) -> Result<Applied, ProvisionError> {
     if plan.has_conflicts() {
-        return Err(ProvisionError::Conflicts(plan.clone()));
+        return Err(ProvisionError::conflicts(plan.clone()));
     }
     for (want, step) in desired.streams.iter().zip(&plan.streams) {
         match &step.action {
@@ -924,8 +952,8 @@ pub async fn apply(
             }
             Action::Update(_) => {
                 let current = get_stream(js, &want.name).await?.ok_or_else(|| {
-                    request_error(
-                        format!("updating stream {:?}", want.name),
+                    vanished(
+                        format_args!("updating stream {:?}", want.name),
                         "it disappeared while provisioning",
                     )
                 })?;
@@ -976,7 +1004,7 @@ pub async fn apply(
             Action::Update(_) => {
                 let current = get_stream(js, &want.stream_name())
                     .await?
-                    .ok_or_else(|| request_error(what(), "it disappeared while provisioning"))?;
+                    .ok_or_else(|| vanished(what(), "it disappeared while provisioning"))?;
                 let mut c = current.cached_info().config.clone();
                 c.max_messages_per_subject = want.history;
                 c.max_age = want.max_age;
@@ -1003,10 +1031,10 @@ pub async fn apply(
             Action::Update(_) => {
                 let stream = get_stream(js, &want.stream)
                     .await?
-                    .ok_or_else(|| request_error(what(), "its stream disappeared"))?;
+                    .ok_or_else(|| vanished(what(), "its stream disappeared"))?;
                 let mut c = consumer_info(&stream, &want.name)
                     .await?
-                    .ok_or_else(|| request_error(what(), "it disappeared while provisioning"))?
+                    .ok_or_else(|| vanished(what(), "it disappeared while provisioning"))?
                     .config;
                 apply_consumer_spec(want, &mut c);
                 c
@@ -1053,7 +1081,7 @@ pub async fn provision(
     if !dry_run {
         apply(js, &desired, &plan).await?;
     } else if plan.has_conflicts() {
-        return Err(ProvisionError::Conflicts(plan));
+        return Err(ProvisionError::conflicts(plan));
     }
     Ok(plan)
 }

@@ -24,10 +24,11 @@
 //! server's limit, a stream limit refusing it) are returned at once.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::future::IntoFuture;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind as NatsPublishErrorKind};
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, publish::PublishAck};
 use async_nats::HeaderMap;
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::codec::{self, CodecKind};
+use crate::error::Error;
 use crate::trace;
 
 /// How a publish is retried.
@@ -69,7 +71,7 @@ impl Default for RetryPolicy {
 
 /// What kind of publish failure this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublishFailure {
+pub enum PublishErrorKind {
     /// The value could not be encoded.
     Encode,
     /// The server refused it for good (expected sequence, size, limits).
@@ -78,18 +80,58 @@ pub enum PublishFailure {
     DeadlineExceeded,
 }
 
-/// A publish that did not end with a stored message.
-#[derive(Debug, thiserror::Error)]
-#[error("publish to {subject} failed ({kind:?}) after {attempts} attempt(s): {message}")]
-pub struct PublishError {
-    /// Kind, to match on.
-    pub kind: PublishFailure,
-    /// The subject.
-    pub subject: String,
-    /// Attempts made.
-    pub attempts: u32,
-    /// The last error.
-    pub message: String,
+impl fmt::Display for PublishErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PublishErrorKind::Encode => "the value cannot be encoded",
+            PublishErrorKind::Rejected => "the server rejected the message",
+            PublishErrorKind::DeadlineExceeded => "no stored message within the deadline",
+        })
+    }
+}
+
+/// A publish that did not end with a stored message. The message names the subject and
+/// the attempts; the last attempt's error is the source.
+pub type PublishError = Error<PublishErrorKind>;
+
+/// Where a failed publish went, and how often it was tried.
+#[derive(Debug)]
+struct PublishAttempts {
+    subject: String,
+    attempts: u32,
+}
+
+impl PublishError {
+    fn after(
+        kind: PublishErrorKind,
+        subject: &str,
+        attempts: u32,
+        failure: AttemptFailure,
+        note: &str,
+    ) -> PublishError {
+        let error = match failure {
+            AttemptFailure::Client(e) => PublishError::with_source(kind, e),
+            AttemptFailure::NoAck(timeout) => PublishError::with_source(kind, NoPubAck(timeout)),
+        };
+        error
+            .with_message(format!(
+                "publish to {subject} failed ({kind:?}) after {attempts} attempt(s){note}"
+            ))
+            .with_detail(PublishAttempts {
+                subject: subject.to_string(),
+                attempts,
+            })
+    }
+
+    /// The subject published to.
+    pub fn subject(&self) -> Option<&str> {
+        self.detail::<PublishAttempts>().map(|a| a.subject.as_str())
+    }
+
+    /// Attempts made (0 when the value could not be encoded).
+    pub fn attempts(&self) -> u32 {
+        self.detail::<PublishAttempts>().map_or(0, |a| a.attempts)
+    }
 }
 
 /// Whether retrying can help: no PubAck in time, the connection broken, no responders
@@ -100,11 +142,11 @@ pub struct PublishError {
 /// `code` does not tell them apart: a full stream answers 503 too.
 fn is_transient(e: &async_nats::jetstream::context::PublishError) -> bool {
     match e.kind() {
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::StreamNotFound
-        | PublishErrorKind::MaxAckPending => true,
-        PublishErrorKind::Other => std::error::Error::source(e)
+        NatsPublishErrorKind::TimedOut
+        | NatsPublishErrorKind::BrokenPipe
+        | NatsPublishErrorKind::StreamNotFound
+        | NatsPublishErrorKind::MaxAckPending => true,
+        NatsPublishErrorKind::Other => std::error::Error::source(e)
             .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
             .is_some_and(|api| {
                 [
@@ -190,31 +232,34 @@ impl Publisher {
             let result = self
                 .attempt(subject, headers.clone(), payload.clone(), left)
                 .await;
-            let error = match result {
+            let failure = match result {
                 Ok(ack) => return Ok(ack),
-                Err(Failure::Permanent(message)) => {
-                    return Err(PublishError {
-                        kind: PublishFailure::Rejected,
-                        subject: subject.to_string(),
+                Err(failure) if !failure.is_transient() => {
+                    return Err(PublishError::after(
+                        PublishErrorKind::Rejected,
+                        subject,
                         attempts,
-                        message,
-                    })
+                        failure,
+                        "",
+                    ))
                 }
-                Err(Failure::Transient(message)) => message,
+                Err(failure) => failure,
             };
             let wait = backoff.next();
             if started.elapsed() + wait > self.retry.deadline {
-                return Err(PublishError {
-                    kind: PublishFailure::DeadlineExceeded,
-                    subject: subject.to_string(),
+                let note = format!(
+                    ", retried for {}",
+                    humantime::format_duration(round_ms(started.elapsed()))
+                );
+                return Err(PublishError::after(
+                    PublishErrorKind::DeadlineExceeded,
+                    subject,
                     attempts,
-                    message: format!(
-                        "{error} (retried for {})",
-                        humantime::format_duration(round_ms(started.elapsed()))
-                    ),
-                });
+                    failure,
+                    &note,
+                ));
             }
-            tracing::debug!(subject, attempts, error, "publish failed; retrying");
+            tracing::debug!(subject, attempts, error = %failure, "publish failed; retrying");
             tokio::time::sleep(wait).await;
         }
     }
@@ -227,19 +272,19 @@ impl Publisher {
         headers: HeaderMap,
         payload: Bytes,
         left: Duration,
-    ) -> Result<PublishAck, Failure> {
+    ) -> Result<PublishAck, AttemptFailure> {
         let limit = self.retry.ack_timeout.min(left);
         let attempt = async {
             let future = self
                 .js
                 .publish_with_headers(subject.to_string(), headers, payload)
                 .await
-                .map_err(classify)?;
-            future.into_future().await.map_err(classify)
+                .map_err(AttemptFailure::Client)?;
+            future.into_future().await.map_err(AttemptFailure::Client)
         };
         match tokio::time::timeout(limit, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(no_ack_within(limit)),
+            Err(_) => Err(AttemptFailure::NoAck(limit)),
         }
     }
 
@@ -250,11 +295,13 @@ impl Publisher {
     ) -> Result<Bytes, PublishError> {
         codec::encode(self.codec, value)
             .map(Bytes::from)
-            .map_err(|e| PublishError {
-                kind: PublishFailure::Encode,
-                subject: subject.to_string(),
-                attempts: 0,
-                message: e.to_string(),
+            .map_err(|e| {
+                PublishError::with_source(PublishErrorKind::Encode, e)
+                    .with_message(format!("publish to {subject} failed (Encode)"))
+                    .with_detail(PublishAttempts {
+                        subject: subject.to_string(),
+                        attempts: 0,
+                    })
             })
     }
 
@@ -287,33 +334,48 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-enum Failure {
-    Transient(String),
-    Permanent(String),
+/// Why one attempt did not end with a PubAck.
+enum AttemptFailure {
+    /// The client's error: sending failed, or the PubAck said no.
+    Client(async_nats::jetstream::context::PublishError),
+    /// No PubAck within this long.
+    NoAck(Duration),
 }
 
-fn classify(e: async_nats::jetstream::context::PublishError) -> Failure {
-    if is_transient(&e) {
-        Failure::Transient(e.to_string())
-    } else {
-        Failure::Permanent(e.to_string())
+impl AttemptFailure {
+    /// Whether the next attempt could succeed (see [`is_transient`]).
+    fn is_transient(&self) -> bool {
+        match self {
+            AttemptFailure::Client(e) => is_transient(e),
+            AttemptFailure::NoAck(_) => true,
+        }
     }
 }
+
+impl fmt::Display for AttemptFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptFailure::Client(e) => write!(f, "{e}"),
+            AttemptFailure::NoAck(timeout) => write!(f, "{}", NoPubAck(*timeout)),
+        }
+    }
+}
+
+/// No PubAck came in time: the source of a publish that ran out of time.
+#[derive(Debug, thiserror::Error)]
+#[error("no PubAck within {}", humantime::format_duration(round_ms(*.0)))]
+struct NoPubAck(Duration);
 
 /// Waits for a PubAck already on its way, up to `timeout`.
-async fn await_ack(future: PublishAckFuture, timeout: Duration) -> Result<PublishAck, Failure> {
+async fn await_ack(
+    future: PublishAckFuture,
+    timeout: Duration,
+) -> Result<PublishAck, AttemptFailure> {
     match tokio::time::timeout(timeout, future.into_future()).await {
         Ok(Ok(ack)) => Ok(ack),
-        Ok(Err(e)) => Err(classify(e)),
-        Err(_) => Err(no_ack_within(timeout)),
+        Ok(Err(e)) => Err(AttemptFailure::Client(e)),
+        Err(_) => Err(AttemptFailure::NoAck(timeout)),
     }
-}
-
-fn no_ack_within(timeout: Duration) -> Failure {
-    Failure::Transient(format!(
-        "no PubAck within {}",
-        humantime::format_duration(round_ms(timeout))
-    ))
 }
 
 /// Adds the message id and, unless the caller set one, a `traceparent` (continuing the
@@ -434,13 +496,14 @@ impl Pipeline {
                 self.count(&ack);
                 Ok(())
             }
-            Err(Failure::Permanent(message)) => Err(PublishError {
-                kind: PublishFailure::Rejected,
-                subject: p.subject,
-                attempts: 1,
-                message,
-            }),
-            Err(Failure::Transient(_)) => {
+            Err(failure) if !failure.is_transient() => Err(PublishError::after(
+                PublishErrorKind::Rejected,
+                &p.subject,
+                1,
+                failure,
+                "",
+            )),
+            Err(_) => {
                 // Same message id: if the first attempt was stored, this is a duplicate.
                 self.report.retried += 1;
                 let ack = self
@@ -474,6 +537,7 @@ impl Pipeline {
 mod tests {
     use super::*;
     use async_nats::jetstream::context::PublishError as NatsPublishError;
+    use async_nats::jetstream::context::PublishErrorKind;
 
     fn api_error(code: usize, err_code: u64) -> NatsPublishError {
         let api: async_nats::jetstream::Error = serde_json::from_str(&format!(

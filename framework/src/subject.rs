@@ -3,9 +3,11 @@
 //! Used by validation (to reject a bad subject before the server does, naming the key)
 //! and by the loop check (does a consumer's filter capture its own dead-letter subject?).
 
+use crate::error::Error;
+
 /// Why a subject is not valid. The text is meant to follow a key path in an error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubjectError {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectErrorKind {
     /// The subject is empty.
     Empty,
     /// A token between dots is empty (`a..b`, `.a`, `a.`).
@@ -20,42 +22,47 @@ pub enum SubjectError {
     TailWildcardNotLast,
 }
 
-impl std::fmt::Display for SubjectError {
+impl std::fmt::Display for SubjectErrorKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            SubjectError::Empty => "subject is empty",
-            SubjectError::EmptyToken => {
+            SubjectErrorKind::Empty => "subject is empty",
+            SubjectErrorKind::EmptyToken => {
                 "subject has an empty token (two dots in a row, or a leading or trailing dot)"
             }
-            SubjectError::Whitespace => "subject contains whitespace or a control character",
-            SubjectError::WildcardNotAllowed => {
+            SubjectErrorKind::Whitespace => "subject contains whitespace or a control character",
+            SubjectErrorKind::WildcardNotAllowed => {
                 "wildcards (* and >) are not allowed here: this must be a literal subject"
             }
-            SubjectError::PartialWildcard => "a wildcard must be a whole token (`a.*.c`, not `a*`)",
-            SubjectError::TailWildcardNotLast => "`>` must be the last token",
+            SubjectErrorKind::PartialWildcard => {
+                "a wildcard must be a whole token (`a.*.c`, not `a*`)"
+            }
+            SubjectErrorKind::TailWildcardNotLast => "`>` must be the last token",
         })
     }
 }
 
+/// A subject that is not valid; its kind says why.
+pub type SubjectError = Error<SubjectErrorKind>;
+
 /// Checks a subject that may contain wildcards (a stream subject or a consumer filter).
 pub fn validate_filter(subject: &str) -> Result<(), SubjectError> {
     if subject.is_empty() {
-        return Err(SubjectError::Empty);
+        return Err(SubjectErrorKind::Empty.into());
     }
     if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(SubjectError::Whitespace);
+        return Err(SubjectErrorKind::Whitespace.into());
     }
     let tokens: Vec<&str> = subject.split('.').collect();
     let last = tokens.len() - 1;
     for (i, token) in tokens.iter().enumerate() {
         if token.is_empty() {
-            return Err(SubjectError::EmptyToken);
+            return Err(SubjectErrorKind::EmptyToken.into());
         }
         if token.len() > 1 && (token.contains('*') || token.contains('>')) {
-            return Err(SubjectError::PartialWildcard);
+            return Err(SubjectErrorKind::PartialWildcard.into());
         }
         if *token == ">" && i != last {
-            return Err(SubjectError::TailWildcardNotLast);
+            return Err(SubjectErrorKind::TailWildcardNotLast.into());
         }
     }
     Ok(())
@@ -65,7 +72,7 @@ pub fn validate_filter(subject: &str) -> Result<(), SubjectError> {
 pub fn validate_literal(subject: &str) -> Result<(), SubjectError> {
     validate_filter(subject)?;
     if subject.split('.').any(|t| t == "*" || t == ">") {
-        return Err(SubjectError::WildcardNotAllowed);
+        return Err(SubjectErrorKind::WildcardNotAllowed.into());
     }
     Ok(())
 }
@@ -101,30 +108,29 @@ mod tests {
             ("events.>", Ok(())),
             ("events.*.click", Ok(())),
             ("events", Ok(())),
-            ("", Err(SubjectError::Empty)),
-            ("events..click", Err(SubjectError::EmptyToken)),
-            (".events", Err(SubjectError::EmptyToken)),
-            ("events.", Err(SubjectError::EmptyToken)),
-            ("events click", Err(SubjectError::Whitespace)),
-            ("events.cl*", Err(SubjectError::PartialWildcard)),
-            ("events.>.x", Err(SubjectError::TailWildcardNotLast)),
+            ("", Err(SubjectErrorKind::Empty)),
+            ("events..click", Err(SubjectErrorKind::EmptyToken)),
+            (".events", Err(SubjectErrorKind::EmptyToken)),
+            ("events.", Err(SubjectErrorKind::EmptyToken)),
+            ("events click", Err(SubjectErrorKind::Whitespace)),
+            ("events.cl*", Err(SubjectErrorKind::PartialWildcard)),
+            ("events.>.x", Err(SubjectErrorKind::TailWildcardNotLast)),
         ];
         for (subject, expected) in table {
-            assert_eq!(validate_filter(subject), expected, "{subject:?}");
+            assert_eq!(
+                validate_filter(subject).map_err(|e| e.kind()),
+                expected,
+                "{subject:?}"
+            );
         }
     }
 
     #[test]
     fn literals() {
-        assert_eq!(validate_literal("dlq.clicks"), Ok(()));
-        assert_eq!(
-            validate_literal("dlq.*"),
-            Err(SubjectError::WildcardNotAllowed)
-        );
-        assert_eq!(
-            validate_literal("dlq.>"),
-            Err(SubjectError::WildcardNotAllowed)
-        );
+        let literal = |subject| validate_literal(subject).map_err(|e| e.kind());
+        assert_eq!(literal("dlq.clicks"), Ok(()));
+        assert_eq!(literal("dlq.*"), Err(SubjectErrorKind::WildcardNotAllowed));
+        assert_eq!(literal("dlq.>"), Err(SubjectErrorKind::WildcardNotAllowed));
     }
 
     #[test]

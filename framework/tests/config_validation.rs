@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use jetworker::{CodecKind, Config, ConfigError, DeliverPolicy, Storage};
+use jetworker::{CodecKind, Config, ConfigError, ConfigErrorKind, DeliverPolicy, Storage};
 
 /// A valid base config; tests append or replace parts of it.
 const BASE: &str = r#"
@@ -283,6 +283,7 @@ fn validation_rules_name_their_key() {
             Ok(_) => panic!("{name}: expected an error"),
             Err(e) => e,
         };
+        assert_eq!(err.kind(), ConfigErrorKind::Invalid, "{name}: {err}");
         let mut got = keys(&err);
         got.sort();
         let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
@@ -333,6 +334,8 @@ fn wrong_type_names_the_key() {
         "handler = \"track_click\"\nack_wait = \"soon\"",
     );
     let err = parse(&text).expect_err("invalid");
+    assert_eq!(err.kind(), ConfigErrorKind::Parse, "{err}");
+    assert_eq!(err.file(), Some("conf/streams.toml"));
     let text = err.to_string();
     assert!(text.contains("conf/streams.toml"), "{text}");
     assert!(text.contains("consumers[0].ack_wait"), "{text}");
@@ -342,6 +345,11 @@ fn wrong_type_names_the_key() {
 fn missing_file_is_a_clear_error() {
     let err = Config::load_with_env("/nonexistent/streams.toml", std::iter::empty())
         .expect_err("missing");
+    assert_eq!(err.kind(), ConfigErrorKind::Read, "{err}");
+    assert!(
+        std::error::Error::source(&err).is_some_and(|e| e.is::<std::io::Error>()),
+        "the I/O error is the source: {err:?}"
+    );
     assert!(
         err.to_string().contains("/nonexistent/streams.toml"),
         "{err}"

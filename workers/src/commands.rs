@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use clap::{Args, Subcommand};
-use jetworker::{App, Config, ConsumerStats, ProvisionError, Publisher, RunError, Running};
+use jetworker::{App, Config, ConsumerStats, Publisher, RunError, RunErrorKind, Running};
 use jetworker_cli::{
     Cli, GlobalArgs, Invocation, EXIT_CONFLICT, EXIT_FAILURE, EXIT_INVALID_CONFIG,
 };
@@ -524,13 +524,15 @@ async fn run_demo(
     match jetworker::provision(&client, &js, config, false).await {
         Ok(plan) if plan.has_changes() => print!("provisioned:\n{plan}"),
         Ok(_) => println!("streams, consumers and the {BUCKET:?} bucket are up to date"),
-        Err(ProvisionError::Conflicts(plan)) => {
-            return Err(Failure::new(
-                EXIT_CONFLICT,
-                format!("provisioning has conflicts; nothing was changed:\n{plan}"),
-            ))
+        Err(e) => {
+            return Err(match e.plan() {
+                Some(plan) => Failure::new(
+                    EXIT_CONFLICT,
+                    format!("provisioning has conflicts; nothing was changed:\n{plan}"),
+                ),
+                None => Failure::new(EXIT_FAILURE, format!("error: {e}")),
+            })
         }
-        Err(e) => return Err(Failure::new(EXIT_FAILURE, format!("error: {e}"))),
     }
     let kv = open_bucket(&js).await?;
 
@@ -633,7 +635,7 @@ async fn start_workers(
 ) -> Result<Running, Failure> {
     let failed = |e: RunError| Failure::new(EXIT_FAILURE, format!("error: {e}"));
     match app.clone().start(config.clone(), stop.clone()).await {
-        Err(RunError::Ops(why)) => {
+        Err(why) if why.kind() == RunErrorKind::OpsListen => {
             println!(
                 "note: the ops endpoint cannot listen on {} ({why}); using a free port",
                 config.worker.ops_listen

@@ -1,0 +1,462 @@
+//! Validation, separate from parsing: [`Config::problems`] reports every problem at
+//! once, each with the key path it is about, section by section (connection, worker,
+//! streams, key-value buckets, consumers). Pure: no I/O.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use super::schema::{
+    Config, ConnectionConfig, ConsumerConfig, KvBucketConfig, StreamConfig, WorkerConfig,
+};
+use super::server_url::UrlCredentials;
+use crate::subject;
+
+/// One problem in a config: where, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Key path, e.g. `consumers[1].max_deliver`.
+    pub key: String,
+    /// What is wrong and, where useful, what to do.
+    pub message: String,
+}
+
+/// The problems found so far, in the order they are found.
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl Config {
+    /// Every validation problem in this config (empty when valid). Pure: no I/O.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut problems = Problems::default();
+        connection_problems(&self.connection, &mut problems);
+        worker_problems(&self.worker, &mut problems);
+        stream_problems(&self.streams, &mut problems);
+        kv_bucket_problems(&self.kv_buckets, &mut problems);
+        consumer_problems(&self.consumers, &self.streams, &mut problems);
+        problems.0
+    }
+}
+
+/// `[connection]`: servers, one auth mode, TLS files in pairs, the inbox prefix, timeouts.
+fn connection_problems(c: &ConnectionConfig, problems: &mut Problems) {
+    if c.servers.is_empty() {
+        problems.add("connection.servers", "at least one server URL is required");
+    }
+    for (i, url) in c.servers.iter().enumerate() {
+        if url.expose().trim().is_empty() || url.expose().contains(char::is_whitespace) {
+            problems.add(
+                format!("connection.servers[{i}]"),
+                format!("not a server URL: {url}"),
+            );
+        }
+    }
+    // One client, one set of credentials: URLs may not disagree.
+    let mut first_credentials: Option<(usize, UrlCredentials)> = None;
+    for (i, url) in c.servers.iter().enumerate() {
+        let Some(found) = url.credentials() else {
+            continue;
+        };
+        match &first_credentials {
+            None => first_credentials = Some((i, found)),
+            Some((first, known)) if !known.same_as(&found) => problems.add(
+                format!("connection.servers[{i}]"),
+                format!("carries other credentials in its URL than servers[{first}]: one client authenticates one way; set connection.user/password or token instead"),
+            ),
+            Some(_) => {}
+        }
+    }
+    let modes = [
+        c.user.is_some() || c.password.is_some(),
+        c.token.is_some(),
+        c.nkey_seed_file.is_some(),
+        c.creds_file.is_some(),
+    ];
+    if modes.iter().filter(|m| **m).count() > 1 {
+        problems.add(
+            "connection",
+            "more than one auth mode is set (user/password, token, nkey_seed_file, creds_file): keep one",
+        );
+    }
+    if c.user.is_some() != c.password.is_some() {
+        problems.add(
+            if c.user.is_some() {
+                "connection.password"
+            } else {
+                "connection.user"
+            },
+            "user and password go together: set both or neither",
+        );
+    }
+    if c.tls.cert_file.is_some() != c.tls.key_file.is_some() {
+        problems.add(
+            if c.tls.cert_file.is_some() {
+                "connection.tls.key_file"
+            } else {
+                "connection.tls.cert_file"
+            },
+            "a client certificate needs its key (cert_file and key_file go together)",
+        );
+    }
+    if let Some(prefix) = &c.inbox_prefix {
+        if let Err(e) = subject::validate_literal(prefix) {
+            problems.add("connection.inbox_prefix", format!("{e}: {prefix:?}"));
+        } else if prefix.starts_with('$') {
+            problems.add(
+                "connection.inbox_prefix",
+                format!("{prefix:?}: subjects starting with '$' are the server's own"),
+            );
+        }
+    }
+    if c.connect_timeout.is_zero() {
+        problems.add("connection.connect_timeout", "must be more than 0s");
+    }
+    if c.request_timeout.is_zero() {
+        problems.add("connection.request_timeout", "must be more than 0s");
+    }
+    if c.ping_interval < Duration::from_secs(1) {
+        problems.add("connection.ping_interval", "must be at least 1s");
+    }
+}
+
+/// `[worker]`: the ops address.
+fn worker_problems(w: &WorkerConfig, problems: &mut Problems) {
+    if !w.ops_listen.is_empty() && w.ops_listen.parse::<std::net::SocketAddr>().is_err() {
+        problems.add(
+            "worker.ops_listen",
+            format!(
+                "not an address: {:?} (expected e.g. \"127.0.0.1:9090\", or \"\" to disable)",
+                w.ops_listen
+            ),
+        );
+    }
+}
+
+/// `[[streams]]`: each stream's fields, then subjects two streams would both capture.
+fn stream_problems(streams: &[StreamConfig], problems: &mut Problems) {
+    let mut stream_names: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in streams.iter().enumerate() {
+        let key = |field: &str| format!("streams[{i}].{field}");
+        if let Some(why) = name_problem(&s.name) {
+            problems.add(key("name"), why);
+        } else if let Some(first) = stream_names.insert(&s.name, i) {
+            problems.add(
+                key("name"),
+                format!("duplicate stream name {:?} (also streams[{first}])", s.name),
+            );
+        }
+        if s.subjects.is_empty() {
+            problems.add(key("subjects"), "at least one subject is required");
+        }
+        let mut seen = HashSet::new();
+        for (j, subj) in s.subjects.iter().enumerate() {
+            if let Err(e) = subject::validate_filter(subj) {
+                problems.add(
+                    format!("streams[{i}].subjects[{j}]"),
+                    format!("{e}: {subj:?}"),
+                );
+            } else if !seen.insert(subj) {
+                problems.add(
+                    format!("streams[{i}].subjects[{j}]"),
+                    format!("duplicate subject {subj:?}"),
+                );
+            }
+        }
+        if s.replicas == 0 || s.replicas > 5 {
+            problems.add(
+                key("replicas"),
+                format!("must be 1 to 5, got {}", s.replicas),
+            );
+        }
+        for (field, value) in [("max_bytes", s.max_bytes), ("max_msgs", s.max_msgs)] {
+            if matches!(value, Some(v) if v <= 0) {
+                problems.add(key(field), "must be positive (leave it out for unlimited)");
+            }
+        }
+        if matches!(s.max_msg_size, Some(v) if v <= 0) {
+            problems.add(
+                key("max_msg_size"),
+                "must be positive (leave it out for unlimited)",
+            );
+        }
+        if matches!(s.max_age, Some(d) if d.is_zero()) {
+            problems.add(
+                key("max_age"),
+                "must be more than 0s (leave it out for unlimited)",
+            );
+        }
+        if let Some(window) = s.duplicate_window {
+            if window.is_zero() {
+                problems.add(key("duplicate_window"), "must be more than 0s");
+            }
+            if matches!(s.max_age, Some(age) if window > age) {
+                problems.add(key("duplicate_window"), "must not be longer than max_age");
+            }
+        }
+    }
+    // Two streams may not capture the same subjects: the server refuses it.
+    for (i, a) in streams.iter().enumerate() {
+        for b in streams.iter().skip(i + 1) {
+            for sa in &a.subjects {
+                if let Some(sb) = b.subjects.iter().find(|sb| subject::overlaps(sa, sb)) {
+                    problems.add(
+                        format!("streams[{i}].subjects"),
+                        format!("{sa:?} overlaps {sb:?} of stream {:?}: a subject can belong to one stream only", b.name),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `[[kv_buckets]]`: names, history, replicas, max_age.
+fn kv_bucket_problems(buckets: &[KvBucketConfig], problems: &mut Problems) {
+    let mut bucket_names: HashMap<&str, usize> = HashMap::new();
+    for (i, b) in buckets.iter().enumerate() {
+        let key = |field: &str| format!("kv_buckets[{i}].{field}");
+        if b.name.is_empty() {
+            problems.add(key("name"), "required");
+        } else if !b
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            problems.add(
+                key("name"),
+                format!(
+                    "{:?}: bucket names may hold only letters, digits, '_' and '-'",
+                    b.name
+                ),
+            );
+        } else if let Some(first) = bucket_names.insert(&b.name, i) {
+            problems.add(
+                key("name"),
+                format!(
+                    "duplicate bucket name {:?} (also kv_buckets[{first}])",
+                    b.name
+                ),
+            );
+        }
+        if !(1..=64).contains(&b.history) {
+            problems.add(
+                key("history"),
+                format!("must be 1 to 64, got {}", b.history),
+            );
+        }
+        if b.replicas == 0 || b.replicas > 5 {
+            problems.add(
+                key("replicas"),
+                format!("must be 1 to 5, got {}", b.replicas),
+            );
+        }
+        if matches!(b.max_age, Some(d) if d.is_zero()) {
+            problems.add(
+                key("max_age"),
+                "must be more than 0s (leave it out to keep entries)",
+            );
+        }
+    }
+}
+
+/// `[[consumers]]`: each consumer against the streams it names.
+fn consumer_problems(
+    consumers: &[ConsumerConfig],
+    streams: &[StreamConfig],
+    problems: &mut Problems,
+) {
+    let mut consumer_names: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, cons) in consumers.iter().enumerate() {
+        let key = |field: &str| format!("consumers[{i}].{field}");
+        if let Some(why) = name_problem(&cons.name) {
+            problems.add(key("name"), why);
+        } else if let Some(first) = consumer_names.insert((&cons.stream, &cons.name), i) {
+            problems.add(
+                key("name"),
+                format!(
+                    "duplicate consumer {:?} on stream {:?} (also consumers[{first}])",
+                    cons.name, cons.stream
+                ),
+            );
+        }
+        let stream = streams.iter().find(|s| s.name == cons.stream);
+        reading_problems(cons, stream, &key, problems);
+        delivery_problems(cons, &key, problems);
+        dead_letter_problems(cons, streams, &key, problems);
+    }
+}
+
+/// What a consumer reads and runs: its stream, handler, filter and limits.
+fn reading_problems(
+    cons: &ConsumerConfig,
+    stream: Option<&StreamConfig>,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) {
+    if cons.stream.is_empty() {
+        problems.add(key("stream"), "required: the stream this consumer reads");
+    } else if stream.is_none() {
+        problems.add(
+            key("stream"),
+            format!(
+                "unknown stream {:?}: declare it under [[streams]]",
+                cons.stream
+            ),
+        );
+    }
+    if cons.handler.trim().is_empty() {
+        problems.add(
+            key("handler"),
+            "required: the name of the handler function that processes these messages",
+        );
+    }
+    if let Some(filter) = &cons.filter_subject {
+        if let Err(e) = subject::validate_filter(filter) {
+            problems.add(key("filter_subject"), format!("{e}: {filter:?}"));
+        } else if let Some(s) = stream {
+            if !s.subjects.iter().any(|ss| subject::overlaps(ss, filter)) {
+                problems.add(
+                    key("filter_subject"),
+                    format!("{filter:?} matches none of stream {:?}'s subjects", s.name),
+                );
+            }
+        }
+    }
+    if cons.ack_wait < Duration::from_secs(1) {
+        problems.add(key("ack_wait"), "must be at least 1s");
+    }
+}
+
+/// How a consumer retries, and how much it holds and runs at once.
+fn delivery_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, problems: &mut Problems) {
+    if cons.max_deliver < 1 {
+        problems.add(key("max_deliver"), format!("must be at least 1 (unlimited redelivery is not allowed: a poison message would loop forever), got {}", cons.max_deliver));
+    }
+    if let Some(backoff) = &cons.backoff {
+        if backoff.is_empty() {
+            problems.add(
+                key("backoff"),
+                "must list at least one delay (leave it out for the default schedule)",
+            );
+        }
+        if backoff.iter().any(|d| d.is_zero()) {
+            problems.add(key("backoff"), "delays must be more than 0s: an immediate retry burns through max_deliver in milliseconds");
+        }
+        let retries = cons.max_deliver.max(1) - 1;
+        if backoff.len() as i64 > retries {
+            problems.add(key("backoff"), format!(
+                "{} delays but max_deliver {} allows only {retries} retr{}: shorten the schedule or raise max_deliver",
+                backoff.len(), cons.max_deliver, if retries == 1 { "y" } else { "ies" }
+            ));
+        }
+    }
+    if cons.max_ack_pending < 1 {
+        problems.add(key("max_ack_pending"), "must be at least 1");
+    }
+    if cons.concurrency < 1 {
+        problems.add(key("concurrency"), "must be at least 1");
+    } else if cons.concurrency > cons.max_ack_pending && cons.max_ack_pending >= 1 {
+        problems.add(
+            key("concurrency"),
+            format!(
+                "{} is above max_ack_pending {}: the server would never let that many messages out",
+                cons.concurrency, cons.max_ack_pending
+            ),
+        );
+    }
+    if cons.handler_timeout.is_zero() {
+        problems.add(key("handler_timeout"), "must be more than 0s");
+    }
+    if cons.max_payload_bytes < 1 {
+        problems.add(key("max_payload_bytes"), "must be at least 1");
+    }
+}
+
+/// Where a consumer's dead letters go: a literal subject some declared stream keeps,
+/// and not one the consumer reads itself.
+fn dead_letter_problems(
+    cons: &ConsumerConfig,
+    streams: &[StreamConfig],
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) {
+    let dls = &cons.dead_letter_subject;
+    if dls.is_empty() {
+        problems.add(key("dead_letter_subject"), "required: where messages that cannot be processed are kept (a subject captured by a declared stream)");
+    } else if let Err(e) = subject::validate_literal(dls) {
+        problems.add(key("dead_letter_subject"), format!("{e}: {dls:?}"));
+    } else {
+        match streams.iter().find(|s| s.subjects.iter().any(|ss| subject::overlaps(ss, dls))) {
+            None => problems.add(key("dead_letter_subject"), format!("{dls:?} is captured by no declared stream: dead letters would be lost; add it to a stream's subjects")),
+            Some(dl_stream) if dl_stream.name == cons.stream => {
+                let reads_it = match &cons.filter_subject {
+                    Some(filter) => subject::overlaps(filter, dls),
+                    None => true,
+                };
+                if reads_it {
+                    problems.add(key("dead_letter_subject"), format!("{dls:?} would be read by this consumer itself (a dead-letter loop): use a subject outside its filter, in another stream"));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// What is wrong with a stream or consumer name, if anything: the server accepts a
+/// name that fits in a subject token.
+fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("required".into());
+    }
+    if name.len() > 255 {
+        return Some("longer than 255 characters".into());
+    }
+    name.chars()
+        .find(|c| matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace() || c.is_control())
+        .map(|c| {
+            format!(
+                "{name:?} contains {c:?}: names may not contain '.', '*', '>', slashes or whitespace"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerUrl;
+
+    #[test]
+    fn servers_may_not_disagree_on_url_credentials() {
+        let config = Config {
+            connection: ConnectionConfig {
+                servers: vec![
+                    ServerUrl::new("nats://a:pw-first-xyz@h1:4222"),
+                    ServerUrl::new("nats://h2:4222"),
+                    ServerUrl::new("nats://a:pw-second-xyz@h3:4222"),
+                ],
+                inbox_prefix: Some("$BAD".into()),
+                ..ConnectionConfig::default()
+            },
+            ..Config::default()
+        };
+        let problems = config.problems();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["connection.servers[2]", "connection.inbox_prefix"],
+            "{problems:?}"
+        );
+        let shown = format!("{problems:?}");
+        assert!(
+            !shown.contains("pw-first") && !shown.contains("pw-second"),
+            "{shown}"
+        );
+    }
+}
