@@ -1,7 +1,7 @@
 //! `NATS_SERVER_BIN` handling of the test helper. This file holds a single test: it sets
 //! a process-wide environment variable, so it must not share a process with other tests.
 
-use jetworker::testing::server::{server_binary, NatsServer, TestServerError};
+use jetworker::testing::server::{server_binary, NatsServer, TestServerErrorKind};
 
 #[test]
 fn nats_server_bin_pointing_to_a_missing_file_is_a_clear_error() {
@@ -13,7 +13,7 @@ fn nats_server_bin_pointing_to_a_missing_file_is_a_clear_error() {
         Err(error) => error,
     };
     assert!(
-        matches!(error, TestServerError::BinaryNotFound(_)),
+        error.kind() == TestServerErrorKind::BinaryNotFound,
         "{error:?}"
     );
     let text = error.to_string();

@@ -66,11 +66,11 @@ pub use command::{
     EXIT_INVALID_CONFIG, EXIT_USAGE,
 };
 pub use dlq::{
-    dead_letter_streams, decode_payload, list_table, parse_reason, parse_time, DeadLetterSource,
-    DeadLetterStream, Detail, Dlq, DlqError, DlqErrorKind, Filter, Letter, Payload,
-    PayloadEncoding, PurgeReport, ReplayReport, Replayed, Summary,
+    dead_letter_streams, decode_payload, list_table, parse_reason, parse_time, replay_headers,
+    replay_message_id, DeadLetterSource, DeadLetterStream, Detail, Dlq, DlqError, DlqErrorKind,
+    Filter, Letter, Payload, PayloadEncoding, PurgeReport, ReplayReport, Replayed, Summary,
 };
-pub use logging::{init_logging, LogFormat};
+pub use logging::{init_logging, init_logging_with, LogFormat, DEFAULT_LOG_FILTER};
 pub use permissions::{Permissions, Scope};
 pub use status::{
     collect as collect_status, ConsumerStatus, StatusError, StatusErrorKind, StatusReport,

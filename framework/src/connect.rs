@@ -415,7 +415,7 @@ pub async fn connect(c: &ConnectionConfig) -> Result<async_nats::Client, Connect
     connect_with(c, opts).await
 }
 
-/// Connects with options built by [`options`] (and possibly adjusted), with the same
+/// Connects with options built by [`connect_options`](crate::connect_options) (and possibly adjusted), with the same
 /// bounded wait and error reporting as [`connect`].
 pub async fn connect_with(
     c: &ConnectionConfig,

@@ -99,7 +99,8 @@ pub use config::{
     DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{
-    connect, connect_with, redacted_servers, AuthMode, ConnectError, ConnectErrorKind, Transport,
+    connect, connect_with, options as connect_options, redacted_servers, AuthMode, ConnectError,
+    ConnectErrorKind, Transport,
 };
 pub use consumer::ConsumerStats;
 pub use dead_letter::{
@@ -134,8 +135,8 @@ pub use trace::TraceContext;
 /// restores the original headers and adds [`REPLAY_COUNT`](headers::REPLAY_COUNT).
 pub mod headers {
     pub use crate::dead_letter::{
-        ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, ORIGINAL_PREFIX, ORIGINAL_SUBJECT,
-        PAYLOAD_DROPPED, REASON, REPLAY_COUNT, SEQUENCE, STREAM, TIME,
+        ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, MAX_ERROR_LEN, ORIGINAL_PREFIX,
+        ORIGINAL_SUBJECT, PAYLOAD_DROPPED, REASON, REPLAY_COUNT, SEQUENCE, STREAM, TIME,
     };
     pub use crate::safety_net::ORIGINAL_MISSING;
     pub use crate::trace::TRACEPARENT;

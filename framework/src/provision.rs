@@ -345,7 +345,7 @@ fn write_changes(f: &mut fmt::Formatter<'_>, changes: &[FieldChange]) -> fmt::Re
 /// The specs a validated config asks for.
 ///
 /// Besides what the config lists, it holds the safety net's advisory stream and internal
-/// consumer (see [`crate::safety_net`]).
+/// consumer (the safety net's).
 pub fn desired(config: &Config) -> Desired {
     let net_stream = crate::safety_net::advisory_stream(config);
     let net_consumer = crate::safety_net::safety_net_consumer(config);

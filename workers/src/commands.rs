@@ -168,15 +168,7 @@ async fn run(command: Cmd, invocation: Invocation<Analytics>) -> ExitCode {
 /// the per-message ones for the malformed events it sends on purpose (the analytics
 /// count those). `RUST_LOG` overrides, as everywhere.
 fn init_demo_logging(format: jetworker_cli::LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,jetworker::consumer=error"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        jetworker_cli::LogFormat::Human => builder.try_init(),
-        jetworker_cli::LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+    jetworker_cli::init_logging_with(format, "warn,jetworker::consumer=error");
 }
 
 /// A command's failure: the message for stderr and the exit code.

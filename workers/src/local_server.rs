@@ -74,9 +74,11 @@ impl LocalServer {
         };
         let server = tokio::task::spawn_blocking(move || NatsServer::start_with(options))
             .await
-            .map_err(|e| TestServerError::Io {
-                context: format!("starting {}", binary.display()),
-                source: std::io::Error::other(e),
+            .map_err(|e| {
+                TestServerError::io(
+                    format!("starting {}", binary.display()),
+                    std::io::Error::other(e),
+                )
             })??;
         Ok(LocalServer {
             pid: server.pid().unwrap_or_default(),

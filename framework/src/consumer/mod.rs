@@ -13,10 +13,12 @@
 //! - `inline`: whether the pull loop polls a delivery once itself before spawning it.
 //! - `runtime`: [`ConsumerRuntime`], what the loop and its deliveries share.
 //! - `stats`: [`ConsumerStats`], the counters behind `/metrics` and `/readyz`.
+//! - `error`: why a consumer cannot pull right now (logged, then retried).
 //!
 //! Submodules import their siblings and the crate's leaf modules, never this one.
 
 mod delivery;
+mod error;
 mod inline;
 mod pull;
 mod runtime;
@@ -31,6 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::provision;
+use error::{ConsumerError, ConsumerErrorKind};
 use pull::SessionEnd;
 
 /// For the test harness, which runs a handler the way a delivery does.
@@ -104,20 +107,24 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
 
 /// Makes sure the durable consumer exists; recreates it from the config when it was
 /// deleted behind our back.
-async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), String> {
+async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError> {
+    let lookup = |e| ConsumerError::wrap(ConsumerErrorKind::Lookup, e);
     let stream = provision::get_stream(&rt.js, &rt.spec.stream)
         .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("stream {:?} does not exist", rt.spec.stream))?;
+        .map_err(lookup)?
+        .ok_or_else(|| {
+            ConsumerError::new(ConsumerErrorKind::StreamMissing)
+                .with_message(format!("stream {:?} does not exist", rt.spec.stream))
+        })?;
     let exists = provision::consumer_info(&stream, &rt.spec.name)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(lookup)?
         .is_some();
     if !exists {
         tracing::warn!(stream = %rt.spec.stream, consumer = %rt.spec.name, "consumer is missing; recreating it from the config");
         provision::recreate_consumer(&rt.js, &rt.spec)
             .await
-            .map_err(|e| format!("recreating the consumer failed: {e}"))?;
+            .map_err(|e| ConsumerError::with_source(ConsumerErrorKind::Recreate, e))?;
         rt.stats.recreated.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())

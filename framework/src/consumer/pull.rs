@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::delivery::deliver;
+use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
 use super::runtime::ConsumerRuntime;
 
@@ -129,13 +130,13 @@ pub(super) async fn session<S: Send + Sync + 'static>(
     permits: &Arc<Semaphore>,
     done: &Arc<Notify>,
     tasks: &TaskTracker,
-) -> Result<SessionEnd, String> {
+) -> Result<SessionEnd, ConsumerError> {
     let inbox = rt.client.new_inbox();
     let mut sub = rt
         .client
         .subscribe(format!("{inbox}.*"))
         .await
-        .map_err(|e| format!("subscribe: {e}"))?;
+        .map_err(|e| ConsumerError::with_source(ConsumerErrorKind::Subscribe, e))?;
     let next_subject = format!(
         "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
         rt.spec.stream, rt.spec.name

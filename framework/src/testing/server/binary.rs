@@ -64,7 +64,7 @@ fn resolve_server_binary(
         };
         return match candidate {
             Some(path) if is_executable_file(&path) => Ok(path),
-            Some(path) => Err(TestServerError::BinaryNotFound(format!(
+            Some(path) => Err(TestServerError::binary_not_found(format!(
                 "{NATS_SERVER_BIN_ENV}={} points to {}, which {}; fix or unset \
                  {NATS_SERVER_BIN_ENV}, or {INSTALL_HINT}",
                 given.display(),
@@ -75,7 +75,7 @@ fn resolve_server_binary(
                     "does not exist"
                 }
             ))),
-            None => Err(TestServerError::BinaryNotFound(format!(
+            None => Err(TestServerError::binary_not_found(format!(
                 "{NATS_SERVER_BIN_ENV}={} was not found on PATH; fix or unset \
                  {NATS_SERVER_BIN_ENV}, or {INSTALL_HINT}",
                 given.display()
@@ -88,7 +88,7 @@ fn resolve_server_binary(
     if is_executable_file(fallback) {
         return Ok(fallback.to_path_buf());
     }
-    Err(TestServerError::BinaryNotFound(format!(
+    Err(TestServerError::binary_not_found(format!(
         "nats-server not found ({NATS_SERVER_BIN_ENV} is not set, `nats-server` is not on \
          PATH, and {} does not exist): {INSTALL_HINT}",
         fallback.display()
@@ -127,12 +127,12 @@ pub(super) fn binary_version(bin: &Path) -> Result<String, TestServerError> {
         .stdin(Stdio::null())
         .output()
         .map_err(|e| {
-            TestServerError::Version(format!("running {} --version: {e}", bin.display()))
+            TestServerError::version(format!("running {} --version: {e}", bin.display()))
         })?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     let version = parse_version_output(&text).ok_or_else(|| {
-        TestServerError::Version(format!(
+        TestServerError::version(format!(
             "unexpected output of {} --version: {:?}",
             bin.display(),
             text.trim()

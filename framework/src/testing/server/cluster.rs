@@ -30,12 +30,12 @@ impl NatsCluster {
     /// one server and refused here.
     pub fn start_with(n: usize, opts: ServerOptions) -> Result<Self, TestServerError> {
         if n == 0 {
-            return Err(TestServerError::Start(
+            return Err(TestServerError::start(
                 "a cluster needs at least one server".to_owned(),
             ));
         }
         if opts.address.is_some() || opts.dir.is_some() || opts.name.is_some() {
-            return Err(TestServerError::Start(
+            return Err(TestServerError::start(
                 "a cluster chooses its members' addresses, names and directories: leave \
                  ServerOptions::address, dir and name unset"
                     .to_owned(),
@@ -50,7 +50,7 @@ impl NatsCluster {
                 Err(StartFailure::Fatal(e)) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| TestServerError::Start("no start attempt made".to_owned())))
+        Err(last.unwrap_or_else(|| TestServerError::start("no start attempt made".to_owned())))
     }
 
     fn try_start(

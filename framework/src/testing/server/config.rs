@@ -25,7 +25,7 @@ pub(super) fn free_ports(count: usize) -> Result<Vec<u16>, TestServerError> {
     while ports.len() < count {
         tries += 1;
         if tries > count * 50 {
-            return Err(TestServerError::Start(
+            return Err(TestServerError::start(
                 "could not find free loopback ports".to_owned(),
             ));
         }

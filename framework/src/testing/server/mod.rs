@@ -66,7 +66,7 @@ use tempfile::TempDir;
 
 pub use binary::{server_binary, server_version, DEBIAN_SERVER_PATH, NATS_SERVER_BIN_ENV};
 pub use cluster::NatsCluster;
-pub use error::TestServerError;
+pub use error::{TestServerError, TestServerErrorKind};
 pub use probe::{probe, Address, Probe};
 pub use process::Watchdog;
 
@@ -234,7 +234,7 @@ impl NatsServer {
     /// Start a server with `opts`; returns once it is ready.
     pub fn start_with(opts: ServerOptions) -> Result<Self, TestServerError> {
         if let Some(address) = opts.address.as_ref().filter(|a| !a.is_loopback()) {
-            return Err(TestServerError::Start(format!(
+            return Err(TestServerError::start(format!(
                 "the launcher starts servers on this machine's loopback only, not on {address}"
             )));
         }
@@ -263,7 +263,7 @@ impl NatsServer {
                 Err(StartFailure::Fatal(e)) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| TestServerError::Start("no start attempt made".to_owned())))
+        Err(last.unwrap_or_else(|| TestServerError::start("no start attempt made".to_owned())))
     }
 
     /// Create the directory and write the config; does not start the process.
@@ -506,7 +506,7 @@ impl NatsServer {
     fn exited_failure(&mut self, status: ExitStatus) -> StartFailure {
         let tail = self.log_tail();
         self.kill();
-        let error = TestServerError::Start(format!(
+        let error = TestServerError::start(format!(
             "nats-server {} ({}) exited during startup ({status}){}{tail}",
             self.spec.server_name,
             self.bin.display(),
@@ -522,7 +522,7 @@ impl NatsServer {
     fn timeout_error(&mut self, reason: &str) -> TestServerError {
         let tail = self.log_tail();
         self.kill();
-        TestServerError::Start(format!(
+        TestServerError::start(format!(
             "nats-server {} ({}) was not ready after {:?}: {reason}{}{tail}",
             self.spec.server_name,
             self.bin.display(),
