@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::config::ConsumerConfig;
+use crate::connect;
 use crate::connect::ConnectError;
 use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
 use crate::error::Error;
@@ -20,7 +21,8 @@ use crate::handler::{Context, ErasedHandler, Event, Handler, TypedHandler};
 use crate::ops::{self, Health};
 use crate::provision::{self, Plan, ProvisionError, ProvisionErrorKind, ServerVersion};
 use crate::safety_net::{self, MaxDeliveriesAdvisory, SafetyNet};
-use crate::{connect, shutdown, systemd};
+use crate::shutdown;
+use crate::systemd;
 
 /// A worker application: shared state `S` and handlers registered by the names
 /// `streams.toml` gives them. A worker binary hands it to `jetworker_cli::main(app)`,

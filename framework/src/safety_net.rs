@@ -22,8 +22,8 @@ use serde::Deserialize;
 
 use crate::config::{Config, ConsumerConfig, StreamConfig};
 use crate::dead_letter::{self, DeadLetter};
+use crate::handler::HandlerError;
 use crate::outcome::Reason;
-use crate::HandlerError;
 
 /// The stream capturing max-deliveries advisories.
 pub const ADVISORY_STREAM: &str = "JETWORKER_ADVISORIES";

@@ -231,7 +231,7 @@ pub(crate) fn prepare<S>(
 
 /// What a finished (or panicked) handler run means for the decision.
 pub(crate) fn attempted_from(
-    result: Result<Result<(), crate::HandlerError>, Box<dyn std::any::Any + Send>>,
+    result: Result<Result<(), crate::handler::HandlerError>, Box<dyn std::any::Any + Send>>,
 ) -> Attempted {
     match result {
         Ok(Ok(())) => Attempted::Succeeded,

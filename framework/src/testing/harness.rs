@@ -232,8 +232,8 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handler::{Event, HandlerError};
     use crate::outcome::Reason;
-    use crate::{Event, HandlerError};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     #[derive(Serialize, serde::Deserialize)]
