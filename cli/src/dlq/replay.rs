@@ -106,7 +106,8 @@ pub(super) struct Reader {
     pub(super) filter: Option<String>,
 }
 
-/// See [`Dlq::other_readers`]: `streams` are the config's streams with their subjects.
+/// See [`Dlq::other_readers`](super::service::Dlq::other_readers): `streams` are the
+/// config's streams with their subjects.
 pub(super) fn other_readers(
     streams: &[(String, Vec<String>)],
     readers: &[Reader],
