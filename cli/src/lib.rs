@@ -43,7 +43,9 @@
 //! # Layout
 //! - `cli`: [`Cli`], the command line a binary builds: built-in and own commands.
 //! - `command`: the built-in subcommands and what each does ([`execute`]), exit codes.
-//! - `dlq`: the dead-letter service: list / show / replay / purge ([`Dlq`]) and its views.
+//! - `dlq/`: the dead letters: `streams` (which streams hold them) -> `letter` (one
+//!   [`Letter`] and its views) -> `filter` ([`Filter`]) -> `replay` (replay headers,
+//!   reports) -> `service` ([`Dlq`]: list / show / replay / purge over a server); `error`.
 //! - `status`: per consumer its backlog and dead letters, per stream its size.
 //! - `permissions`: the least publish/subscribe permissions a worker's config needs.
 //! - `table`: plain text tables for the commands' output.

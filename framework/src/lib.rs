@@ -33,7 +33,9 @@
 //! - `config/`: `streams.toml`: the schema (plain data), server URLs and their secrets,
 //!   loading with environment overrides, validation that reports every problem at once.
 //! - `subject`: NATS subject rules and wildcard overlap.
-//! - `provision`: `plan(desired, actual)` (pure) and applying the plan to a server.
+//! - `provision/`: `spec` (the config and the server's state as comparable specs) ->
+//!   `plan` (`plan(desired, actual)`, pure) -> `apply` (reading the server, applying the
+//!   plan); `error`, [`ProvisionError`].
 //! - `connect`: the connection config as an async-nats client (every auth mode).
 //! - `handler`: handlers as plain async functions; [`Event`], [`Context`], [`HandlerError`].
 //! - `codec`: MessagePack (default) and JSON payloads, decoded defensively.

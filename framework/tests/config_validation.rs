@@ -56,13 +56,6 @@ fn base_config_is_valid_with_defaults() {
 }
 
 #[test]
-fn the_shipped_streams_toml_is_valid() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../streams.toml");
-    let c = Config::load_with_env(&path, std::iter::empty()).expect("streams.toml is valid");
-    assert!(!c.consumers.is_empty());
-}
-
-#[test]
 fn durations_and_lists_parse() {
     let text = BASE.replace(
         "handler = \"track_click\"",
