@@ -130,9 +130,11 @@ async fn permanent_failures_return_at_once_and_deadlines_are_kept() {
         .expect_err("no stream");
     assert_eq!(err.kind(), PublishErrorKind::DeadlineExceeded, "{err}");
     assert!(err.attempts() > 1);
+    // Retried until the deadline (2 s), not given up when the next jittered wait would
+    // pass it.
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(1000) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
         "{took:?}"
     );
 }

@@ -41,6 +41,9 @@ use crate::codec::{self, CodecKind};
 use crate::error::Error;
 use crate::trace;
 
+/// Less than this left of a publish's deadline: no attempt is worth starting.
+const LAST_ATTEMPT_MIN: Duration = Duration::from_millis(20);
+
 /// How a publish is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -245,8 +248,12 @@ impl Publisher {
                 }
                 Err(failure) => failure,
             };
-            let wait = backoff.next();
-            if started.elapsed() + wait > self.retry.deadline {
+            // Retry until the deadline, not until the next wait would pass it: near the
+            // end the waits shrink to half of what is left, and a last attempt comes
+            // before the deadline rather than none at all.
+            let left = self.retry.deadline.saturating_sub(started.elapsed());
+            let wait = backoff.next().min(left / 2);
+            if left < LAST_ATTEMPT_MIN {
                 let note = format!(
                     ", retried for {}",
                     humantime::format_duration(round_ms(started.elapsed()))
