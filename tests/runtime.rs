@@ -139,7 +139,7 @@ async fn transient_failure_follows_the_schedule_then_dead_letters_with_every_hea
     assert!(header(m, dead_letter::TIME).is_some());
     assert_eq!(
         header(m, "Nats-Msg-Id").as_deref(),
-        Some("jetworker-dl:EVENTS:1")
+        Some("jetworker-dl.EVENTS.1.jobs")
     );
     let original: Job = rmp_serde::from_slice(&m.payload).expect("original payload kept");
     assert_eq!(original.id, 7);

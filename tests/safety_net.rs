@@ -113,7 +113,7 @@ async fn a_killed_last_attempt_is_dead_lettered_as_abandoned_once() {
         let seq = header(m, dead_letter::SEQUENCE).expect("sequence");
         assert_eq!(
             header(m, "Nats-Msg-Id"),
-            Some(format!("jetworker-dl:EVENTS:{seq}")),
+            Some(format!("jetworker-dl.EVENTS.{seq}.jobs")),
             "same id as the normal path"
         );
         let job: Job = rmp_serde::from_slice(&m.payload).expect("original payload");

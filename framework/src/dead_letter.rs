@@ -67,9 +67,14 @@ pub fn wire_len(headers: &HeaderMap) -> usize {
     len
 }
 
-/// The message id of the dead-letter copy of (stream, sequence).
-pub fn message_id(stream: &str, sequence: u64) -> String {
-    format!("jetworker-dl:{stream}:{sequence}")
+/// The message id of the dead-letter copy that `consumer` made of message `sequence` of
+/// `stream`: `jetworker-dl.<stream>.<sequence>.<consumer>`. Per consumer, so that two
+/// consumers of one stream (a fan-out) that give up on the same message leave two dead
+/// letters in a shared dead-letter stream, while a retried or doubled publish of one
+/// consumer's copy (or the safety net's copy of the same delivery) is stored once. The
+/// dots cannot occur in stream or consumer names, so no two triples share an id.
+pub fn message_id(stream: &str, sequence: u64, consumer: &str) -> String {
+    format!("jetworker-dl.{stream}.{sequence}.{consumer}")
 }
 
 /// Everything recorded about a dead letter besides the payload.
@@ -187,7 +192,7 @@ impl DeadLetter {
             .unwrap_or_default();
         out.insert(
             "Nats-Msg-Id",
-            message_id(&self.stream, self.sequence).as_str(),
+            message_id(&self.stream, self.sequence, &self.consumer).as_str(),
         );
         out.insert(ORIGINAL_SUBJECT, header_value(&self.subject, 4096).as_str());
         out.insert(STREAM, self.stream.as_str());
@@ -328,7 +333,7 @@ mod tests {
         let get = |k: &str| h.get(k).map(|v| v.as_str().to_string());
         assert_eq!(
             get("Nats-Msg-Id").as_deref(),
-            Some("jetworker-dl:EVENTS:42")
+            Some("jetworker-dl.EVENTS.42.clicks")
         );
         assert_eq!(
             get("Jetworker-Original-Nats-Msg-Id").as_deref(),

@@ -8,7 +8,7 @@
 //! while workers are down. Every worker runs an internal consumer on it
 //! ([`SAFETY_NET_CONSUMER`]) that fetches the original by sequence and dead-letters it
 //! with reason `abandoned`, under the same message id as the normal path
-//! (`jetworker-dl:<stream>:<seq>`), so a message copied by both is stored once. When the
+//! (`jetworker-dl.<stream>.<seq>.<consumer>`), so a message copied by both is stored once. When the
 //! original is already gone (age or size limits), a dead letter without payload records
 //! that, with `Jetworker-Original-Missing: true`.
 

@@ -678,6 +678,8 @@ pub struct Letter {
     pub stream: String,
     /// `Jetworker-Sequence`.
     pub sequence: u64,
+    /// `Jetworker-Consumer`: the consumer that gave up on it.
+    pub consumer: String,
     /// `Jetworker-Reason`.
     pub reason: String,
     /// `Jetworker-Attempts`.
@@ -736,6 +738,7 @@ pub async fn dead_letters(js: &jetstream::Context) -> Vec<Letter> {
                 .and_then(|id| id.parse().ok()),
             stream: h(dead_letter::STREAM),
             sequence: h(dead_letter::SEQUENCE).parse().unwrap_or(0),
+            consumer: h(dead_letter::CONSUMER),
             reason: h(dead_letter::REASON),
             attempts: h(dead_letter::ATTEMPTS).parse().unwrap_or(0),
             msg_id: h("Nats-Msg-Id"),
@@ -1074,9 +1077,9 @@ pub struct Verdict {
     pub lost: Vec<u64>,
     /// Ids handled successfully more than once.
     pub duplicate_ids: usize,
-    /// (stream, sequence) with more than one dead-letter copy.
-    pub dead_letter_doubles: Vec<(String, u64, usize)>,
-    /// Dead letters whose `Nats-Msg-Id` is not `jetworker-dl:<stream>:<seq>`.
+    /// (stream, sequence, consumer) with more than one dead-letter copy.
+    pub dead_letter_doubles: Vec<(String, u64, String, usize)>,
+    /// Dead letters whose `Nats-Msg-Id` is not `jetworker-dl.<stream>.<seq>.<consumer>`.
     pub bad_letters: Vec<String>,
     /// Dead letters by job id.
     pub letters: BTreeMap<u64, Letter>,
@@ -1088,10 +1091,12 @@ pub struct Verdict {
 impl Verdict {
     fn compute(acked: &[u64], done: &HashMap<u64, u32>, letters: &[Letter]) -> Verdict {
         let mut v = Verdict::default();
-        let mut copies: BTreeMap<(String, u64), usize> = BTreeMap::new();
+        let mut copies: BTreeMap<(String, u64, String), usize> = BTreeMap::new();
         for l in letters {
-            *copies.entry((l.stream.clone(), l.sequence)).or_default() += 1;
-            if l.msg_id != jetworker::dead_letter_message_id(&l.stream, l.sequence) {
+            *copies
+                .entry((l.stream.clone(), l.sequence, l.consumer.clone()))
+                .or_default() += 1;
+            if l.msg_id != jetworker::dead_letter_message_id(&l.stream, l.sequence, &l.consumer) {
                 v.bad_letters.push(format!(
                     "{} seq {} has Nats-Msg-Id {:?}",
                     l.original_subject, l.sequence, l.msg_id
@@ -1104,7 +1109,7 @@ impl Verdict {
         v.dead_letter_doubles = copies
             .into_iter()
             .filter(|(_, n)| *n > 1)
-            .map(|((s, q), n)| (s, q, n))
+            .map(|((s, q, c), n)| (s, q, c, n))
             .collect();
         for id in acked {
             if done.contains_key(id) && v.letters.contains_key(id) {
