@@ -424,3 +424,88 @@ fn secrets_never_show() {
     assert!(!shown.contains("pw-in-table"), "{shown}");
     assert!(shown.contains("connection.password"), "{shown}");
 }
+
+/// `BASE` with `dlq_lines` added to the `DLQ` stream and `events_lines` to `EVENTS`.
+fn with_streams(events_lines: &str, dlq_lines: &str) -> String {
+    BASE.replace(
+        "name = \"EVENTS\"\nsubjects = [\"events.>\"]",
+        &format!("name = \"EVENTS\"\nsubjects = [\"events.>\"]\n{events_lines}"),
+    )
+    .replace(
+        "name = \"DLQ\"\nsubjects = [\"dlq.>\"]",
+        &format!("name = \"DLQ\"\nsubjects = [\"dlq.>\"]\n{dlq_lines}"),
+    )
+}
+
+/// The problem messages reported for any consumer's `dead_letter_subject`.
+fn dead_letter_problems(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => Vec::new(),
+        Err(err) => err
+            .problems()
+            .iter()
+            .filter(|p| p.key.ends_with(".dead_letter_subject"))
+            .map(|p| p.message.clone())
+            .collect(),
+    }
+}
+
+#[test]
+fn a_dead_letter_stream_that_would_not_keep_its_copies_is_refused() {
+    // Each of these acknowledges a dead letter and then drops it, refuses it once full,
+    // or cannot hold a copy of the largest original: the message would be lost or held.
+    let cases = [
+        ("", "retention = \"interest\"", "retention = \"interest\""),
+        (
+            "",
+            "discard = \"new\"\nmax_msgs = 1000",
+            "discard = \"new\"",
+        ),
+        (
+            "",
+            "discard = \"new\"\nmax_bytes = 1000000",
+            "discard = \"new\"",
+        ),
+        (
+            "max_msg_size = 4096",
+            "max_msg_size = 8192",
+            "max_msg_size 8192",
+        ),
+        ("", "max_msg_size = 1048576", "has no max_msg_size"),
+    ];
+    for (events, dlq, says) in cases {
+        let problems = dead_letter_problems(&with_streams(events, dlq));
+        assert_eq!(problems.len(), 1, "{dlq:?}: {problems:?}");
+        assert!(
+            problems[0].contains("\"DLQ\""),
+            "names the stream: {problems:?}"
+        );
+        assert!(problems[0].contains(says), "{dlq:?}: {problems:?}");
+        assert!(
+            problems[0].contains("streams[1]."),
+            "names the key: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn a_dead_letter_stream_that_keeps_its_copies_is_accepted() {
+    let cases = [
+        ("", "retention = \"limits\"\nmax_age = \"7d\""),
+        ("", "discard = \"old\"\nmax_msgs = 1000"),
+        ("", "discard = \"new\"\nmax_age = \"7d\""),
+        ("", "retention = \"workqueue\""),
+        ("max_msg_size = 4096", "max_msg_size = 10240"),
+    ];
+    for (events, dlq) in cases {
+        let text = with_streams(events, dlq);
+        assert_eq!(dead_letter_problems(&text), Vec::<String>::new(), "{dlq:?}");
+        parse(&text).expect("valid");
+    }
+    // Interest retention is fine when a consumer of the config reads the stream.
+    let read = with_streams("", "retention = \"interest\"").replace(
+        "[[consumers]]",
+        "[[consumers]]\nname = \"dlq_reader\"\nstream = \"DLQ\"\nhandler = \"read_dead_letters\"\ndead_letter_subject = \"events.dead\"\n\n[[consumers]]",
+    );
+    assert_eq!(dead_letter_problems(&read), Vec::<String>::new());
+}

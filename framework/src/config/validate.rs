@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::schema::{
-    Config, ConnectionConfig, ConsumerConfig, KvBucketConfig, StreamConfig, WorkerConfig,
+    Config, ConnectionConfig, ConsumerConfig, Discard, KvBucketConfig, Retention, StreamConfig,
+    WorkerConfig,
 };
 use super::server_url::UrlCredentials;
 use crate::subject;
@@ -289,7 +290,7 @@ fn consumer_problems(
         let stream = streams.iter().find(|s| s.name == cons.stream);
         reading_problems(cons, stream, &key, problems);
         delivery_problems(cons, &key, problems);
-        dead_letter_problems(cons, streams, &key, problems);
+        dead_letter_problems(cons, consumers, streams, &key, problems);
     }
 }
 
@@ -383,6 +384,7 @@ fn delivery_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, proble
 /// and not one the consumer reads itself.
 fn dead_letter_problems(
     cons: &ConsumerConfig,
+    consumers: &[ConsumerConfig],
     streams: &[StreamConfig],
     key: &dyn Fn(&str) -> String,
     problems: &mut Problems,
@@ -403,8 +405,69 @@ fn dead_letter_problems(
                 if reads_it {
                     problems.add(key("dead_letter_subject"), format!("{dls:?} would be read by this consumer itself (a dead-letter loop): use a subject outside its filter, in another stream"));
                 }
+                keeping_problems(cons, consumers, streams, dl_stream, key, problems);
             }
-            Some(_) => {}
+            Some(dl_stream) => keeping_problems(cons, consumers, streams, dl_stream, key, problems),
+        }
+    }
+}
+
+/// Room a dead-letter copy needs beyond the original message: the headers jetworker adds
+/// (original subject up to 4 KiB, error up to 1 KiB, stream, sequence, consumer, attempts,
+/// reason, time, message id).
+const DEAD_LETTER_HEADROOM: i64 = 6 * 1024;
+
+/// Whether the dead-letter stream keeps what it acknowledges. A PubAck is the only
+/// proof that a copy is stored before the original is terminated, so a stream that
+/// acknowledges and then drops (interest retention that nobody reads), refuses once full
+/// (discard new with limits), or cannot hold a copy of the largest original
+/// (`max_msg_size`) would lose messages or hold them forever: refused here, before
+/// anything runs.
+fn keeping_problems(
+    cons: &ConsumerConfig,
+    consumers: &[ConsumerConfig],
+    streams: &[StreamConfig],
+    dl_stream: &StreamConfig,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) {
+    let dls = &cons.dead_letter_subject;
+    let at = streams
+        .iter()
+        .position(|s| s.name == dl_stream.name)
+        .map(|j| format!("streams[{j}]"))
+        .unwrap_or_else(|| "streams".to_string());
+    let name = &dl_stream.name;
+    let read = consumers.iter().any(|c| c.stream == dl_stream.name);
+    if dl_stream.retention == Retention::Interest && !read {
+        problems.add(
+            key("dead_letter_subject"),
+            format!("{dls:?} goes to stream {name:?}, which has retention = \"interest\" ({at}.retention) and no consumer reading it: the server would acknowledge every dead letter and keep none; use retention = \"limits\" for a dead-letter stream"),
+        );
+    }
+    let limited = dl_stream.max_msgs.is_some() || dl_stream.max_bytes.is_some();
+    if dl_stream.discard == Discard::New && limited {
+        problems.add(
+            key("dead_letter_subject"),
+            format!("{dls:?} goes to stream {name:?}, which has discard = \"new\" with max_msgs / max_bytes ({at}.discard): once full it refuses every dead letter and the failing messages are held and retried without end; use discard = \"old\", or no count/size limits, for a dead-letter stream"),
+        );
+    }
+    if let Some(dl_max) = dl_stream.max_msg_size {
+        let source_max = streams
+            .iter()
+            .find(|s| s.name == cons.stream)
+            .and_then(|s| s.max_msg_size);
+        match source_max {
+            Some(source_max)
+                if i64::from(dl_max) >= i64::from(source_max) + DEAD_LETTER_HEADROOM => {}
+            Some(source_max) => problems.add(
+                key("dead_letter_subject"),
+                format!("{dls:?} goes to stream {name:?}, whose max_msg_size {dl_max} ({at}.max_msg_size) cannot hold a copy of the largest message of stream {:?} (max_msg_size {source_max}, plus {DEAD_LETTER_HEADROOM} bytes of dead-letter headers): raise it to at least {}, or remove it", cons.stream, i64::from(source_max) + DEAD_LETTER_HEADROOM),
+            ),
+            None => problems.add(
+                key("dead_letter_subject"),
+                format!("{dls:?} goes to stream {name:?}, whose max_msg_size {dl_max} ({at}.max_msg_size) may not hold a copy of a message of stream {:?}, which has no max_msg_size (its messages are as large as the server allows): remove it, or give stream {:?} a max_msg_size at least {DEAD_LETTER_HEADROOM} bytes below it", cons.stream, cons.stream),
+            ),
         }
     }
 }
