@@ -367,6 +367,52 @@ async fn a_replayed_message_that_fails_again_counts_its_replays() {
 }
 
 #[tokio::test]
+async fn a_dead_letter_without_the_original_payload_is_never_replayed_nor_deleted() {
+    let server = NatsServer::start().expect("server");
+    let (_client, js, config) = provisioned(&server.url(), "").await;
+    let dlq = Dlq::new(js.clone(), &config).expect("dlq");
+    // The copies the runtime makes when the original was too large to keep its payload,
+    // and the safety net's record of an original that was gone.
+    for (sequence, header, value) in [
+        (7, dead_letter::PAYLOAD_DROPPED, "1048000"),
+        (8, dead_letter::ORIGINAL_MISSING, "true"),
+    ] {
+        let letter = DeadLetter {
+            subject: format!("jobs.{sequence}"),
+            headers: HeaderMap::new(),
+            stream: "EVENTS".into(),
+            sequence,
+            consumer: "jobs".into(),
+            attempts: 5,
+            reason: Reason::Exhausted,
+            error: "too large".into(),
+        };
+        let mut headers = letter.headers();
+        headers.insert(header, value);
+        js.publish_with_headers("dlq.jobs", headers, Vec::new().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let letters = dlq.list(&Filter::default()).await.expect("list");
+    assert_eq!(letters.len(), 2);
+    for letter in &letters {
+        let err = dlq
+            .replay_one(letter)
+            .await
+            .expect_err("no payload to replay");
+        assert_eq!(err.kind(), DlqErrorKind::PayloadMissing, "{err}");
+    }
+    let report = dlq.replay(&letters).await;
+    assert!(report.replayed.is_empty(), "{report:?}");
+    assert_eq!(report.skipped.len(), 2, "{report:?}");
+    assert!(report.failed.is_none(), "{report:?}");
+    assert_eq!(count(&js, "DLQ").await, 2, "the only records are kept");
+    assert_eq!(count(&js, "EVENTS").await, 0, "nothing was republished");
+}
+
+#[tokio::test]
 async fn an_interrupted_replay_run_again_is_stored_once() {
     let server = NatsServer::start().expect("server");
     let (_client, js, config) = provisioned(&server.url(), "max_deliver = 1").await;

@@ -385,6 +385,7 @@ fn dlq_error(e: &DlqError) -> ExitCode {
         }
         DlqErrorKind::NotFound
         | DlqErrorKind::NotADeadLetter
+        | DlqErrorKind::PayloadMissing
         | DlqErrorKind::Request
         | DlqErrorKind::Publish => ExitCode::from(EXIT_FAILURE),
     }

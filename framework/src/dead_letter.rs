@@ -283,12 +283,19 @@ pub async fn publish(
         n => n,
     };
     let (headers, payload) = letter.copy_within(payload, max_payload);
-    if let Some(dropped) = headers.get(DROPPED_HEADERS) {
+    let dropped_headers = headers.get(DROPPED_HEADERS).map(|d| d.as_str().to_string());
+    if let Some(size) = headers.get(PAYLOAD_DROPPED) {
+        tracing::error!(
+            stream = %letter.stream, seq = letter.sequence, consumer = %letter.consumer,
+            max_payload, payload_bytes = %size.as_str(),
+            dropped_headers = dropped_headers.as_deref().unwrap_or(""),
+            "the dead-letter copy would exceed the server's max payload: the copy holds no payload"
+        );
+    } else if let Some(dropped) = dropped_headers {
         tracing::warn!(
             stream = %letter.stream, seq = letter.sequence, max_payload,
-            dropped_headers = %dropped.as_str(),
-            payload_dropped = headers.get(PAYLOAD_DROPPED).is_some(),
-            "the dead-letter copy would exceed the server's max payload: left out what does not fit"
+            dropped_headers = %dropped,
+            "the dead-letter copy would exceed the server's max payload: left out headers that do not fit"
         );
     }
     let publish = async {

@@ -16,6 +16,9 @@ pub enum DlqErrorKind {
     NotFound,
     /// The message lacks the dead-letter headers (no original subject to replay to).
     NotADeadLetter,
+    /// The dead letter does not hold the original's payload (too large to copy, or the
+    /// original was gone): replaying it would republish something else; it is kept.
+    PayloadMissing,
     /// A JetStream request failed (unreachable, timed out, refused).
     Request,
     /// Republishing a dead letter failed; it was kept in the dead-letter stream.
@@ -29,6 +32,7 @@ impl fmt::Display for DlqErrorKind {
             DlqErrorKind::InvalidSelection => "the selection cannot be used",
             DlqErrorKind::NotFound => "no such dead letter",
             DlqErrorKind::NotADeadLetter => "not a dead letter",
+            DlqErrorKind::PayloadMissing => "the dead letter does not hold the original payload",
             DlqErrorKind::Request => "a JetStream request failed",
             DlqErrorKind::Publish => "republishing the dead letter failed",
         })

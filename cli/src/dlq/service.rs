@@ -342,6 +342,20 @@ impl Dlq {
                 ),
             ));
         }
+        // Never republish what the letter does not have: the original's payload was too
+        // large to copy, or the original was gone when the safety net recorded it.
+        let without_payload = [dead_letter::PAYLOAD_DROPPED, dead_letter::ORIGINAL_MISSING]
+            .into_iter()
+            .find(|name| letter.headers.get(*name).is_some());
+        if let Some(header) = without_payload {
+            return Err(dlq_error(
+                DlqErrorKind::PayloadMissing,
+                format!(
+                    "{} #{} does not hold the original payload ({header}): replaying it would publish an empty message; it was kept",
+                    letter.stream, letter.sequence
+                ),
+            ));
+        }
         let count = letter.replay_count() + 1;
         let message_id = replay_message_id(&letter.stream, letter.sequence, count);
         let headers = replay_headers(&letter.headers, count);
@@ -386,13 +400,18 @@ impl Dlq {
     }
 
     /// Replays `letters` in order, stopping at the first failure. Dead letters with
-    /// nowhere to go are skipped and left in place.
+    /// nowhere to go, or without the original's payload, are skipped and left in place.
     pub async fn replay(&self, letters: &[Letter]) -> ReplayReport {
         let mut report = ReplayReport::default();
         for letter in letters {
             match self.replay_one(letter).await {
                 Ok(r) => report.replayed.push(r),
-                Err(e) if e.kind() == DlqErrorKind::NotADeadLetter => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        DlqErrorKind::NotADeadLetter | DlqErrorKind::PayloadMissing
+                    ) =>
+                {
                     report
                         .skipped
                         .push((letter.stream.clone(), letter.sequence, e.to_string()))
