@@ -57,8 +57,9 @@
 //!   clusters for integration tests, and the demo's local server).
 //!
 //! Modules are private; what a worker, a test or the operator's tools use is re-exported
-//! here. `async_nats` and `tokio_util` are re-exported because their types (the client,
-//! JetStream contexts, cancellation tokens) are part of this API.
+//! here. `async_nats`, `prometheus_client` and `tokio_util` are re-exported because their
+//! types (the client, JetStream contexts, the metrics registry, cancellation tokens) are
+//! part of this API.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod app;
@@ -83,6 +84,7 @@ pub mod testing;
 mod trace;
 
 pub use async_nats;
+pub use prometheus_client;
 pub use tokio_util;
 
 pub use error::Error;
