@@ -312,7 +312,7 @@ impl<S: Send + Sync + 'static> App<S> {
             return Ok(stopped(health));
         };
         health.set_client(client.clone());
-        let js = async_nats::jetstream::new(client.clone());
+        let js = connect::jetstream(client.clone(), &config.connection);
         let version = ServerVersion::parse(&client.server_info().version).unwrap_or_default();
 
         // Provision: a conflict is fatal; an unavailable JetStream is retried.

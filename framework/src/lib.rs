@@ -95,14 +95,15 @@ pub use codec::{
     EncodeErrorKind, MAX_MSGPACK_DEPTH,
 };
 pub use config::{
-    redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem,
-    ConnectionConfig, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig, Retention, ServerUrl,
-    Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig, DEFAULT_BACKOFF,
-    DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
+    redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem, ConfigSource,
+    ConnectionConfig, ConnectionSources, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig,
+    Retention, ServerUrl, Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig,
+    DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH,
+    ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{
-    connect, connect_with, options as connect_options, redacted_servers, AuthMode, ConnectError,
-    ConnectErrorKind, Transport,
+    connect, connect_with, jetstream, options as connect_options, redacted_servers, AuthMode,
+    ConnectError, ConnectErrorKind, Transport,
 };
 pub use consumer::ConsumerStats;
 pub use dead_letter::{
