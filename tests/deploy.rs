@@ -763,3 +763,89 @@ fn the_readme_describes_every_deployment_file() {
         );
     }
 }
+
+/// `promtool`, from Debian's `prometheus` package (scripts/install-deps installs it).
+fn promtool(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(repo().join("deploy/prometheus"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run promtool ({e}): run scripts/install-deps (Debian package prometheus)"
+            )
+        })
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_their_unit_tests() {
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = promtool(&args);
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every alert the rules file defines has a unit test.
+    let rules =
+        std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).expect("rules");
+    let tests =
+        std::fs::read_to_string(repo().join("deploy/prometheus/alerts.test.yml")).expect("tests");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 5, "{alerts:?}");
+    for alert in alerts {
+        assert!(
+            tests.contains(&format!(
+                "alertname: {alert}\n        exp_alerts:\n          - "
+            )),
+            "alerts.test.yml never expects {alert} to fire"
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_is_grafana_json_with_queries() {
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/jetworker.json"))
+        .expect("deploy/grafana/jetworker.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert_eq!(dashboard["uid"], "jetworker");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8);
+    for panel in panels {
+        let targets = panel["targets"]
+            .as_array()
+            .expect("every panel has targets");
+        assert!(!targets.is_empty(), "{panel}");
+        assert!(
+            targets
+                .iter()
+                .all(|t| t["expr"].as_str().is_some_and(|e| !e.is_empty())),
+            "{panel}"
+        );
+    }
+}
+
+#[test]
+fn the_readme_describes_the_dashboard_and_the_alerts() {
+    let readme =
+        std::fs::read_to_string(repo().join("deploy/README.md")).expect("deploy/README.md");
+    for file in [
+        "grafana/jetworker.json",
+        "prometheus/alerts.yml",
+        "prometheus/alerts.test.yml",
+    ] {
+        assert!(
+            readme.contains(file),
+            "deploy/README.md does not mention {file}"
+        );
+    }
+}

@@ -1,7 +1,9 @@
 //! The ops endpoint against a real worker and server: `/metrics` matches known traffic
 //! (outcomes, dead letters by reason, redeliveries, the duration histogram, in-flight
 //! handlers, the server's pending and ack pending), `/readyz` follows the connection and
-//! turns false at shutdown, `/healthz` stays up.
+//! turns false at shutdown, `/healthz` stays up; the application's own metrics, the
+//! process metrics and the build info are served with them, and the Grafana dashboard
+//! and the alert rules in `deploy/` query only metrics a worker serves.
 
 mod common;
 
@@ -291,4 +293,160 @@ async fn a_failed_start_releases_the_ops_port() {
         },
     )
     .await;
+}
+
+/// The metric names of the sample lines of a `/metrics` text (`jetworker_messages_total`,
+/// `jetworker_handler_duration_seconds_bucket`, ...).
+fn served_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The metric names a PromQL expression uses: words starting with one of the prefixes a
+/// worker's metrics have (`jetworker_`, `process_`), and Prometheus's own `up`.
+fn queried_names(expr: &str) -> Vec<String> {
+    let words: Vec<&str> = expr
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .collect();
+    let mut names: Vec<String> = words
+        .iter()
+        .filter(|w| w.starts_with("jetworker_") || w.starts_with("process_"))
+        .map(|w| w.to_string())
+        .collect();
+    if expr.contains("up{") {
+        names.push("up".to_string());
+    }
+    names
+}
+
+/// Every query of the dashboard (panels and variables) and of the alert rules.
+fn deploy_queries() -> Vec<(String, String)> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut queries = Vec::new();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/grafana/jetworker.json"))
+            .expect("the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr").to_string();
+            queries.push((format!("dashboard panel {}", panel["title"]), expr));
+        }
+    }
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+    {
+        if let Some(query) = variable["query"]["query"].as_str() {
+            queries.push((
+                format!("dashboard variable {}", variable["name"]),
+                query.to_string(),
+            ));
+        }
+    }
+    let rules: serde_norway::Value = serde_norway::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml"))
+            .expect("the alert rules"),
+    )
+    .expect("the rules are YAML");
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let name = rule["alert"].as_str().expect("alert name");
+            let expr = rule["expr"].as_str().expect("expr").to_string();
+            queries.push((format!("alert {name}"), expr));
+        }
+    }
+    queries
+}
+
+/// A worker's `/metrics` also serves what the application registered with
+/// `App::metrics`, the process metrics and the build info; and the dashboard and the
+/// alert rules in `deploy/` query only metrics it serves.
+#[tokio::test]
+async fn metrics_include_the_apps_own_the_process_and_what_deploy_queries() {
+    use jetworker::prometheus_client::metrics::counter::Counter;
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let probe = Arc::new(Probe::default());
+    let orders: Counter = Counter::default();
+    let stop = CancellationToken::new();
+    let registered = orders.clone();
+    let running = App::new(probe.clone())
+        .handler("scripted", scripted)
+        .metrics(move |registry| {
+            registry.register("shop_orders", "Orders placed", registered.clone())
+        })
+        .start(ops_config(&server.url()), stop.clone())
+        .await
+        .expect("start");
+    let addr = running.ops_address().expect("ops enabled");
+    let waiter = tokio::spawn(running.wait());
+
+    // One message of each kind of outcome the dashboard shows, so every series exists.
+    publish_jobs(
+        &js,
+        &[
+            Job::ok(1),
+            Job {
+                id: 2,
+                mode: Mode::Permanent,
+                until: 0,
+                sleep_ms: 0,
+            },
+        ],
+    )
+    .await;
+    wait_until(Duration::from_secs(15), "settled", || async {
+        probe.succeeded_ids() == 1 && count(&js, "DLQ").await == 1
+    })
+    .await;
+    orders.inc_by(7);
+
+    let (status, text) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&text, "shop_orders_total"), Some(7.0), "{text}");
+    let version = format!(
+        "jetworker_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(metric(&text, &version), Some(1.0), "{text}");
+    let m = |series: &str| {
+        metric(&text, series).unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
+    };
+    assert!(m("process_resident_memory_bytes") > 1_000_000.0);
+    assert!(m("process_open_fds") >= 3.0);
+    assert!(m("process_cpu_seconds_total") > 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64();
+    let started = m("process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 3600.0,
+        "this test process started within the hour: {started} vs now {now}"
+    );
+
+    let served = served_names(&text);
+    let queries = deploy_queries();
+    assert!(queries.len() >= 20, "{queries:?}");
+    for (place, expr) in &queries {
+        let names = queried_names(expr);
+        assert!(
+            !names.is_empty(),
+            "{place} queries no worker metric: {expr}"
+        );
+        for name in names {
+            assert!(
+                name == "up" || served.contains(&name),
+                "{place} queries {name}, which /metrics does not serve:\n{expr}\nserved: {served:?}"
+            );
+        }
+    }
+
+    stop.cancel();
+    waiter.await.expect("stopped");
 }

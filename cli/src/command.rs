@@ -246,6 +246,7 @@ pub async fn execute<S: Send + Sync + 'static>(
                 config.consumers.len(),
                 plural(config.consumers.len()),
             );
+            print!("{}", connection_sources(&config));
             ExitCode::SUCCESS
         }
         Command::Provision { dry_run } => run_provision(&config, dry_run).await,
@@ -257,6 +258,24 @@ pub async fn execute<S: Send + Sync + 'static>(
             publish,
         } => run_permissions(&config, json, without_provisioning, publish),
     }
+}
+
+/// Where each connection setting came from (file, env NAME, context NAME), one per
+/// line; never a value. Nothing when every setting is a default.
+fn connection_sources(config: &Config) -> String {
+    let sources: Vec<(&str, &jetworker::ConfigSource)> = config.connection.sources.iter().collect();
+    if sources.is_empty() {
+        return String::new();
+    }
+    let width = sources.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + "connection.".len();
+    let mut out = String::from("connection settings from:\n");
+    for (key, source) in sources {
+        out.push_str(&format!(
+            "  {:width$}  {source}\n",
+            format!("connection.{key}")
+        ));
+    }
+    out
 }
 
 fn plural(n: usize) -> &'static str {
@@ -275,7 +294,7 @@ async fn run_provision(config: &Config, dry_run: bool) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let js = async_nats::jetstream::new(client.clone());
+    let js = jetworker::jetstream(client.clone(), &config.connection);
     let result = jetworker::provision(&client, &js, config, dry_run).await;
     let code = match result {
         Ok(plan) => {
@@ -332,7 +351,7 @@ async fn run_status(config: &Config, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let js = async_nats::jetstream::new(client.clone());
+    let js = jetworker::jetstream(client.clone(), &config.connection);
     let code = match status::collect(&js, config).await {
         Ok(report) if json => print_json(&report),
         Ok(report) => {
@@ -481,7 +500,7 @@ async fn run_dlq(config: &Config, command: DlqCommand) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let js = async_nats::jetstream::new(client.clone());
+    let js = jetworker::jetstream(client.clone(), &config.connection);
     let code = match Dlq::new(js, config) {
         Ok(dlq) => run_dlq_command(&dlq, command).await,
         Err(e) => dlq_error(&e),

@@ -49,7 +49,8 @@
 //! - `status`: per consumer its backlog and dead letters, per stream its size.
 //! - `permissions`: the least publish/subscribe permissions a worker's config needs.
 //! - `table`: plain text tables for the commands' output.
-//! - `logging`: `tracing` on stderr, human or JSON ([`init_logging`]).
+//! - `logging`: `tracing` on stderr, human or JSON ([`init_logging`]), with syslog
+//!   priorities when stderr is the journal ([`stderr_is_journal`]).
 //!
 //! Errors have jetworker's one shape, [`jetworker::Error`]: [`DlqError`] is
 //! `Error<DlqErrorKind>`, [`StatusError`] is `Error<StatusErrorKind>`; match on `kind()`.
@@ -72,7 +73,9 @@ pub use dlq::{
     replay_message_id, DeadLetterSource, DeadLetterStream, Detail, Dlq, DlqError, DlqErrorKind,
     Filter, Letter, Payload, PayloadEncoding, PurgeReport, ReplayReport, Replayed, Summary,
 };
-pub use logging::{init_logging, init_logging_with, LogFormat, DEFAULT_LOG_FILTER};
+pub use logging::{
+    init_logging, init_logging_with, stderr_is_journal, LogFormat, DEFAULT_LOG_FILTER,
+};
 pub use permissions::{Permissions, Scope};
 pub use status::{
     collect as collect_status, ConsumerStatus, StatusError, StatusErrorKind, StatusReport,

@@ -46,7 +46,11 @@ use crate::systemd;
 pub struct App<S = ()> {
     state: Arc<S>,
     handlers: HashMap<String, Arc<dyn ErasedHandler<S>>>,
+    metrics: Vec<RegisterMetrics>,
 }
+
+/// A function that registers the application's own metrics (see [`App::metrics`]).
+type RegisterMetrics = Arc<dyn Fn(&mut prometheus_client::registry::Registry) + Send + Sync>;
 
 // Not derived: cloning shares the state and the handlers, whatever `S` is.
 impl<S> Clone for App<S> {
@@ -54,6 +58,7 @@ impl<S> Clone for App<S> {
         App {
             state: Arc::clone(&self.state),
             handlers: self.handlers.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -139,7 +144,57 @@ impl<S: Send + Sync + 'static> App<S> {
         App {
             state: Arc::new(state),
             handlers: HashMap::new(),
+            metrics: Vec::new(),
         }
+    }
+
+    /// Registers the application's own metrics in the registry `/metrics` serves, next
+    /// to jetworker's (`jetworker_*`, `process_*`). `register` is called once per
+    /// [`start`](App::start), before the ops endpoint listens; keep a clone of each
+    /// metric to update it from the handlers (prometheus-client's metrics are cheap
+    /// `Arc` clones). Give your metrics a prefix of your own: a name jetworker uses
+    /// appears twice. Calling it again adds more.
+    ///
+    /// ```no_run
+    /// use jetworker::prometheus_client::metrics::counter::Counter;
+    /// use jetworker::{App, Config, Context, Event, HandlerError};
+    ///
+    /// struct Shop {
+    ///     orders: Counter,
+    /// }
+    ///
+    /// async fn place_order(_order: Event<String>, ctx: Context<Shop>) -> Result<(), HandlerError> {
+    ///     ctx.state().orders.inc();
+    ///     Ok(())
+    /// }
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let orders = Counter::default();
+    /// let app = App::new(Shop { orders: orders.clone() })
+    ///     .handler("place_order", place_order)
+    ///     .metrics(move |registry| {
+    ///         // Served as `shop_orders_total`.
+    ///         registry.register("shop_orders", "Orders placed", orders.clone());
+    ///     });
+    /// app.run(Config::load("streams.toml")?).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn metrics<F>(mut self, register: F) -> Self
+    where
+        F: Fn(&mut prometheus_client::registry::Registry) + Send + Sync + 'static,
+    {
+        self.metrics.push(Arc::new(register));
+        self
+    }
+
+    /// A registry holding the metrics registered with [`App::metrics`].
+    fn user_metrics(&self) -> prometheus_client::registry::Registry {
+        let mut registry = prometheus_client::registry::Registry::default();
+        for register in &self.metrics {
+            register(&mut registry);
+        }
+        registry
     }
 
     /// Registers `handler` under `name` (the `handler` key of a consumer). Registering a
@@ -238,6 +293,7 @@ impl<S: Send + Sync + 'static> App<S> {
                 ops::serve(
                     &config.worker.ops_listen,
                     health.clone(),
+                    self.user_metrics(),
                     &aux,
                     aux_stop.clone(),
                 )
@@ -256,7 +312,7 @@ impl<S: Send + Sync + 'static> App<S> {
             return Ok(stopped(health));
         };
         health.set_client(client.clone());
-        let js = async_nats::jetstream::new(client.clone());
+        let js = connect::jetstream(client.clone(), &config.connection);
         let version = ServerVersion::parse(&client.server_info().version).unwrap_or_default();
 
         // Provision: a conflict is fatal; an unavailable JetStream is retried.

@@ -407,6 +407,21 @@ pub fn redacted_servers(c: &ConnectionConfig) -> String {
         .join(", ")
 }
 
+/// The JetStream context of a connection: in `jetstream_domain` or under
+/// `jetstream_api_prefix` when one is configured (leaf-node setups, imported JetStream),
+/// else the local JetStream. Every JetStream context the worker and the operator tools
+/// use comes from here.
+pub fn jetstream(
+    client: async_nats::Client,
+    c: &ConnectionConfig,
+) -> async_nats::jetstream::Context {
+    match (&c.jetstream_domain, &c.jetstream_api_prefix) {
+        (Some(domain), _) => async_nats::jetstream::with_domain(client, domain),
+        (None, Some(prefix)) => async_nats::jetstream::with_prefix(client, prefix),
+        (None, None) => async_nats::jetstream::new(client),
+    }
+}
+
 /// Connects once: for commands (`provision`, `status`) that should fail fast. The initial
 /// attempt is bounded by `connect_timeout` per server, so a wrong credential or a dead
 /// server is an error, never a hang.

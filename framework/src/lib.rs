@@ -59,8 +59,9 @@
 //!   clusters for integration tests, and the demo's local server).
 //!
 //! Modules are private; what a worker, a test or the operator's tools use is re-exported
-//! here. `async_nats` and `tokio_util` are re-exported because their types (the client,
-//! JetStream contexts, cancellation tokens) are part of this API.
+//! here. `async_nats`, `prometheus_client` and `tokio_util` are re-exported because their
+//! types (the client, JetStream contexts, the metrics registry, cancellation tokens) are
+//! part of this API.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod app;
@@ -85,6 +86,7 @@ pub mod testing;
 mod trace;
 
 pub use async_nats;
+pub use prometheus_client;
 pub use tokio_util;
 
 pub use error::Error;
@@ -95,14 +97,15 @@ pub use codec::{
     EncodeErrorKind, MAX_MSGPACK_DEPTH,
 };
 pub use config::{
-    redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem,
-    ConnectionConfig, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig, Retention, ServerUrl,
-    Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig, DEFAULT_BACKOFF,
-    DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
+    redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem, ConfigSource,
+    ConnectionConfig, ConnectionSources, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig,
+    Retention, ServerUrl, Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig,
+    DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH,
+    ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{
-    connect, connect_with, options as connect_options, redacted_servers, AuthMode, ConnectError,
-    ConnectErrorKind, Transport,
+    connect, connect_with, jetstream, options as connect_options, redacted_servers, AuthMode,
+    ConnectError, ConnectErrorKind, Transport,
 };
 pub use consumer::ConsumerStats;
 pub use dead_letter::{

@@ -7,7 +7,10 @@
 //! - `/readyz`: 200 when connected, provisioned, every consumer pulling, and not shutting
 //!   down; 503 otherwise, with the reason in the body.
 //! - `/metrics`: per consumer, messages by outcome, dead letters by reason, redeliveries,
-//!   handler duration histogram, in-flight, server-side pending and ack pending (lag).
+//!   handler duration histogram, in-flight, server-side pending and ack pending (lag);
+//!   the process (`process_*`, read from `/proc/self` on Linux) and
+//!   `jetworker_build_info{version}`; and whatever the application registered with
+//!   [`App::metrics`](crate::App::metrics), in the same registry.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -350,46 +353,181 @@ impl Collector for StatsCollector {
     }
 }
 
-/// Renders the metrics in the Prometheus text format.
-pub fn render_metrics(health: &Arc<Health>) -> String {
-    let mut registry = Registry::default();
+/// The process's own metrics, read from `/proc/self` at scrape time, named as every
+/// Prometheus client library names them (so the usual dashboards and alerts work). Where
+/// `/proc` is missing (not Linux) the series are left out.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// The unit of the times in `/proc/<pid>/stat`: `USER_HZ`, 100 on every Linux
+/// architecture (`sysconf(_SC_CLK_TCK)`; Prometheus' Go `procfs` assumes the same).
+const USER_HZ: f64 = 100.0;
+
+/// What `/proc/self` says about this process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProcessSample {
+    /// User plus system CPU time, in seconds.
+    cpu_seconds: f64,
+    /// Resident set size, in bytes.
+    resident_bytes: f64,
+    /// Open file descriptors.
+    open_fds: f64,
+    /// Start time, in seconds since the Unix epoch.
+    start_time_seconds: f64,
+}
+
+impl ProcessSample {
+    /// Reads `/proc/self/stat`, `/proc/self/status`, `/proc/self/fd` and `/proc/stat`.
+    fn read() -> Option<ProcessSample> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let system = std::fs::read_to_string("/proc/stat").ok()?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count();
+        ProcessSample::parse(&stat, &status, &system, open_fds)
+    }
+
+    /// The pure part of [`ProcessSample::read`]: `stat` is `/proc/self/stat`, `status`
+    /// `/proc/self/status`, `system` `/proc/stat` (for the boot time).
+    fn parse(stat: &str, status: &str, system: &str, open_fds: usize) -> Option<ProcessSample> {
+        // The command name (field 2) is in parentheses and may hold spaces: the fields
+        // that follow are counted from its closing parenthesis (field 3 is the state).
+        let fields: Vec<&str> = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+        let (utime, stime, start_ticks) = (field(14)?, field(15)?, field(22)?);
+        let resident_kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        let boot_time: f64 = system
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ProcessSample {
+            cpu_seconds: (utime + stime) / USER_HZ,
+            resident_bytes: resident_kib * 1024.0,
+            open_fds: open_fds as f64,
+            start_time_seconds: boot_time + start_ticks / USER_HZ,
+        })
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(sample) = ProcessSample::read() else {
+            return Ok(());
+        };
+        let cpu = encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(sample.cpu_seconds).encode(cpu)?;
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                sample.resident_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                sample.open_fds,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                sample.start_time_seconds,
+            ),
+        ] {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// `jetworker_build_info{version}`, always 1: which jetworker a worker runs, for
+/// dashboards and for spotting replicas left behind by a rollout.
+#[derive(Debug)]
+struct BuildInfo;
+
+impl Collector for BuildInfo {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut info = encoder.encode_descriptor(
+            "jetworker_build_info",
+            "Always 1; the jetworker version this worker was built with",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(1).encode(info.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?)
+    }
+}
+
+/// The registry `/metrics` serves: `registry` (the application's metrics, possibly
+/// none) with jetworker's own, the process's and the build info added.
+pub fn metrics_registry(health: &Arc<Health>, mut registry: Registry) -> Registry {
     registry.register_collector(Box::new(StatsCollector(health.clone())));
+    registry.register_collector(Box::new(ProcessCollector));
+    registry.register_collector(Box::new(BuildInfo));
+    registry
+}
+
+/// Renders a registry in the Prometheus text format (empty if a metric fails to encode).
+pub fn render_metrics(registry: &Registry) -> String {
     let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
         out.clear();
     }
     out
 }
 
-async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+/// What the ops endpoint's handlers read.
+#[derive(Clone)]
+struct OpsState {
+    health: Arc<Health>,
+    registry: Arc<Registry>,
+}
+
+async fn healthz(State(OpsState { health, .. }): State<OpsState>) -> impl IntoResponse {
     match health.live() {
         Ok(()) => (StatusCode::OK, "ok\n".to_string()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+async fn readyz(State(OpsState { health, .. }): State<OpsState>) -> impl IntoResponse {
     match health.ready() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
-async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+async fn metrics(State(OpsState { registry, .. }): State<OpsState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        render_metrics(&health),
+        render_metrics(&registry),
     )
 }
 
-/// Binds `listen` and serves the ops endpoint on a task of `tasks` until `shutdown`.
-/// Fails at once when the address cannot be bound, naming it.
+/// Binds `listen` and serves the ops endpoint on a task of `tasks` until `shutdown`;
+/// `/metrics` serves `registry` (see [`metrics_registry`]). Fails at once when the
+/// address cannot be bound, naming it.
 pub async fn serve(
     listen: &str,
     health: Arc<Health>,
+    registry: Registry,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, OpsError> {
@@ -406,7 +544,10 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(health);
+        .with_state(OpsState {
+            registry: Arc::new(metrics_registry(&health, registry)),
+            health,
+        });
     tasks.spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -444,5 +585,49 @@ pub async fn poll_lag(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(LAG_POLL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_sample_reads_proc_files() {
+        // A command name with spaces and parentheses, as the kernel writes it.
+        let stat = "4242 (my (odd) worker) S 1 4242 4242 0 -1 4194560 900 0 0 0 \
+                    250 50 0 0 20 0 9 0 1234 1000000 512 18446744073709551615";
+        let status = "Name:\tworker\nVmPeak:\t 9000 kB\nVmRSS:\t    2048 kB\nThreads:\t9\n";
+        let system = "cpu  1 2 3\nbtime 1700000000\nprocesses 10\n";
+        let sample = ProcessSample::parse(stat, status, system, 7).expect("parses");
+        assert_eq!(sample.cpu_seconds, 3.0);
+        assert_eq!(sample.resident_bytes, 2048.0 * 1024.0);
+        assert_eq!(sample.open_fds, 7.0);
+        assert!((sample.start_time_seconds - 1_700_000_012.34).abs() < 1e-3);
+        assert_eq!(ProcessSample::parse("garbage", status, system, 1), None);
+    }
+
+    #[test]
+    fn metrics_include_the_process_build_info_and_the_users_own() {
+        let mut registry = Registry::default();
+        let orders = prometheus_client::metrics::counter::Counter::<u64>::default();
+        orders.inc_by(3);
+        registry.register("shop_orders", "Orders placed", orders);
+        let text = render_metrics(&metrics_registry(&Health::new(), registry));
+        for series in [
+            "shop_orders_total 3",
+            "jetworker_connected 0",
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(series), "{series} missing in:\n{text}");
+        }
+        let build = format!(
+            "jetworker_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{build} missing in:\n{text}");
     }
 }

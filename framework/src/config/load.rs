@@ -1,10 +1,12 @@
-//! Loading: the file, then `NATS_URL` and `JETWORKER__...` environment overrides, parsed
-//! with unknown keys collected (serde_ignored) and validated; [`ConfigError`] says why a
-//! config cannot be used.
+//! Loading: the selected `nats` context, the file, the context `NATS_CONTEXT` names,
+//! the NATS variables (`NATS_URL`, `NATS_CREDS`, ...) and `JETWORKER__...` overrides,
+//! parsed with unknown keys collected (serde_ignored) and validated; [`ConfigError`] says
+//! why a config cannot be used, [`ConnectionSources`] where each connection setting
+//! came from.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::schema::Config;
 use super::server_url::scrub_secrets;
@@ -119,30 +121,47 @@ impl Config {
                 .with_detail(ConfigErrorDetail::new(&file, Vec::new()))
         };
 
-        let mut nats_url = None;
-        let mut overrides: HashMap<String, String> = HashMap::new();
-        for (k, v) in env {
-            if k == "NATS_URL" && !v.trim().is_empty() {
-                nats_url = Some(v);
-            } else if k.starts_with(&format!("{ENV_PREFIX}__")) {
-                overrides.insert(k, v);
+        let env: HashMap<String, String> = env.into_iter().collect();
+        let context = nats_context(&env).map_err(&parse_error)?;
+        // Lowest precedence first: the selected context (a user-wide default), the file,
+        // a context chosen with NATS_CONTEXT, the NATS variables, JETWORKER__ variables.
+        let mut below_file = Vec::new();
+        let mut above_file = Vec::new();
+        if let Some(context) = context {
+            if context.chosen_by_env {
+                above_file.push(context.settings());
+            } else {
+                below_file.push(context.settings());
             }
         }
-        let servers_key = format!("{ENV_PREFIX}__CONNECTION__SERVERS");
-        if let Some(url) = nats_url {
-            overrides.entry(servers_key).or_insert(url);
+        above_file.push(nats_variables(&env));
+        above_file.push(jetworker_variables(&env));
+        let source_of = |layer: &[Setting]| {
+            let map: HashMap<String, String> = layer
+                .iter()
+                .map(|s| (s.variable.clone(), s.value.clone()))
+                .collect();
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("connection.servers")
+                .source(Some(map))
+        };
+        let mut builder = config::Config::builder();
+        for layer in &below_file {
+            builder = builder.add_source(source_of(layer));
         }
-        let environment = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("connection.servers")
-            .source(Some(overrides));
+        builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+        for layer in &above_file {
+            builder = builder.add_source(source_of(layer));
+        }
+        let mut layers = below_file;
+        layers.push(file_settings(text));
+        layers.extend(above_file);
 
-        let raw = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .add_source(environment)
+        let raw = builder
             .build()
             .map_err(|e| parse_error(scrub_secrets(&e.to_string())))?;
 
@@ -160,6 +179,7 @@ impl Config {
             parse_error(format!("{key}: {message}"))
         })?;
         config.source = source.to_path_buf();
+        config.connection.sources = settle_sources(&mut config.connection, &layers);
 
         let mut problems: Vec<ConfigProblem> = unknown
             .into_iter()
@@ -197,6 +217,325 @@ fn key_path(dotted: &str) -> String {
 
 /// Keys whose values are never quoted in an error.
 const SECRET_KEYS: [&str; 2] = ["password", "token"];
+
+/// Where a connection setting came from. Never holds the setting's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// The config file.
+    File,
+    /// An environment variable, by name (`NATS_URL`, `JETWORKER__CONNECTION__PASSWORD`).
+    Env(String),
+    /// A `nats` CLI context (ADR-21), by name and file.
+    Context {
+        /// The context's name.
+        name: String,
+        /// Its file (`~/.config/nats/context/NAME.json`).
+        path: PathBuf,
+    },
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File => f.write_str("file"),
+            ConfigSource::Env(name) => write!(f, "env {name}"),
+            ConfigSource::Context { name, path } => {
+                write!(f, "context {name} ({})", path.display())
+            }
+        }
+    }
+}
+
+/// Per connection setting (`servers`, `user`, `tls.ca_file`, `jetstream_domain`, ...),
+/// the source that set it. Settings left at their default are absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionSources(BTreeMap<String, ConfigSource>);
+
+impl ConnectionSources {
+    /// The source of one setting, by its key under `connection.` (`"tls.ca_file"`).
+    pub fn get(&self, key: &str) -> Option<&ConfigSource> {
+        self.0.get(key)
+    }
+
+    /// Every setting that was set, by key, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &ConfigSource)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// One connection setting of one source: its key under `connection.`, the
+/// `JETWORKER__...` variable it is fed to the `config` crate as, its value.
+#[derive(Debug, Clone)]
+struct Setting {
+    key: String,
+    variable: String,
+    value: String,
+    source: ConfigSource,
+}
+
+impl Setting {
+    fn new(key: &str, value: &str, source: ConfigSource) -> Setting {
+        Setting {
+            key: key.to_string(),
+            variable: format!(
+                "{ENV_PREFIX}__CONNECTION__{}",
+                key.replace('.', "__").to_ascii_uppercase()
+            ),
+            value: value.to_string(),
+            source,
+        }
+    }
+}
+
+/// The NATS ecosystem's variables, as the `nats` CLI reads them.
+const NATS_VARIABLES: [(&str, &str); 5] = [
+    ("NATS_URL", "servers"),
+    ("NATS_USER", "user"),
+    ("NATS_PASSWORD", "password"),
+    ("NATS_CREDS", "creds_file"),
+    ("NATS_NKEY", "nkey_seed_file"),
+];
+
+fn nats_variables(env: &HashMap<String, String>) -> Vec<Setting> {
+    NATS_VARIABLES
+        .iter()
+        .filter_map(|(variable, key)| {
+            let value = env.get(*variable).filter(|v| !v.trim().is_empty())?;
+            Some(Setting::new(
+                key,
+                value,
+                ConfigSource::Env(variable.to_string()),
+            ))
+        })
+        .collect()
+}
+
+/// Every `JETWORKER__` override (any section), connection settings with their key.
+fn jetworker_variables(env: &HashMap<String, String>) -> Vec<Setting> {
+    let connection = format!("{ENV_PREFIX}__CONNECTION__");
+    env.iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .map(|(variable, value)| Setting {
+            key: variable
+                .strip_prefix(&connection)
+                .map(|k| k.to_ascii_lowercase().replace("__", "."))
+                .unwrap_or_default(),
+            variable: variable.clone(),
+            value: value.clone(),
+            source: ConfigSource::Env(variable.clone()),
+        })
+        .collect()
+}
+
+/// The connection settings the file sets (values not kept: only the keys matter).
+fn file_settings(text: &str) -> Vec<Setting> {
+    let Ok(file) = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+    else {
+        return Vec::new();
+    };
+    let Ok(connection) = file.get_table("connection") else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    for (key, value) in connection {
+        match value.into_table() {
+            Ok(table) if key == "tls" => {
+                keys.extend(table.into_keys().map(|k| format!("tls.{k}")));
+            }
+            _ => keys.push(key),
+        }
+    }
+    keys.into_iter()
+        .map(|key| Setting::new(&key, "", ConfigSource::File))
+        .collect()
+}
+
+/// The auth mode a credential key belongs to.
+fn auth_mode(key: &str) -> Option<u8> {
+    match key {
+        "user" | "password" => Some(0),
+        "token" => Some(1),
+        "nkey_seed_file" => Some(2),
+        "creds_file" => Some(3),
+        _ => None,
+    }
+}
+
+/// Records the source of each connection setting (the highest layer that set it) and
+/// keeps the credentials of one source: the highest layer that sets credentials
+/// chooses the auth mode, and credentials of another mode from lower layers are
+/// dropped (`NATS_CREDS` in the environment replaces a user and password in the file).
+/// Credentials of one mode combine across layers (a user in the file, its password in
+/// the environment).
+fn settle_sources(
+    connection: &mut super::schema::ConnectionConfig,
+    layers: &[Vec<Setting>],
+) -> ConnectionSources {
+    let mut origin: BTreeMap<String, (usize, ConfigSource)> = BTreeMap::new();
+    for (rank, layer) in layers.iter().enumerate() {
+        for setting in layer.iter().filter(|s| !s.key.is_empty()) {
+            origin.insert(setting.key.clone(), (rank, setting.source.clone()));
+        }
+    }
+    let top = origin
+        .iter()
+        .filter(|(key, _)| auth_mode(key).is_some())
+        .map(|(_, (rank, _))| *rank)
+        .max();
+    if let Some(top) = top {
+        let winners: Vec<u8> = origin
+            .iter()
+            .filter(|(key, (rank, _))| *rank == top && auth_mode(key).is_some())
+            .filter_map(|(key, _)| auth_mode(key))
+            .collect();
+        // One mode at the top; several there is a conflict that validation reports.
+        if winners.windows(2).all(|w| w[0] == w[1]) {
+            let mode = winners.first().copied();
+            let dropped: Vec<String> = origin
+                .iter()
+                .filter(|(key, (rank, _))| {
+                    *rank < top && auth_mode(key).is_some_and(|m| Some(m) != mode)
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in dropped {
+                origin.remove(&key);
+                match key.as_str() {
+                    "user" => connection.user = None,
+                    "password" => connection.password = None,
+                    "token" => connection.token = None,
+                    "nkey_seed_file" => connection.nkey_seed_file = None,
+                    _ => connection.creds_file = None,
+                }
+            }
+        }
+    }
+    ConnectionSources(origin.into_iter().map(|(k, (_, s))| (k, s)).collect())
+}
+
+/// A `nats` CLI context (ADR-21): `~/.config/nats/context/NAME.json`. Every field is
+/// optional; the CLI writes empty strings for unset ones.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct ContextFile {
+    url: String,
+    user: String,
+    password: String,
+    token: String,
+    creds: String,
+    nkey: String,
+    cert: String,
+    key: String,
+    ca: String,
+    jetstream_domain: String,
+    jetstream_api_prefix: String,
+    inbox_prefix: String,
+}
+
+/// The context in use: its settings, and whether `NATS_CONTEXT` chose it (over the
+/// file) or `context.txt` did (under the file).
+struct NatsContext {
+    file: ContextFile,
+    source: ConfigSource,
+    chosen_by_env: bool,
+}
+
+impl NatsContext {
+    fn settings(&self) -> Vec<Setting> {
+        let f = &self.file;
+        [
+            ("servers", &f.url),
+            ("user", &f.user),
+            ("password", &f.password),
+            ("token", &f.token),
+            ("creds_file", &f.creds),
+            ("nkey_seed_file", &f.nkey),
+            ("tls.cert_file", &f.cert),
+            ("tls.key_file", &f.key),
+            ("tls.ca_file", &f.ca),
+            ("jetstream_domain", &f.jetstream_domain),
+            ("jetstream_api_prefix", &f.jetstream_api_prefix),
+            ("inbox_prefix", &f.inbox_prefix),
+        ]
+        .into_iter()
+        .filter(|(_, value)| !value.trim().is_empty())
+        .map(|(key, value)| Setting::new(key, value.trim(), self.source.clone()))
+        .collect()
+    }
+}
+
+/// `$XDG_CONFIG_HOME/nats`, else `$HOME/.config/nats`, from the given environment.
+fn nats_config_dir(env: &HashMap<String, String>) -> Option<PathBuf> {
+    let non_empty = |k: &str| {
+        env.get(k)
+            .filter(|v| !v.trim().is_empty())
+            .map(PathBuf::from)
+    };
+    non_empty("XDG_CONFIG_HOME")
+        .filter(|p| p.is_absolute())
+        .or_else(|| non_empty("HOME").map(|home| home.join(".config")))
+        .map(|dir| dir.join("nats"))
+}
+
+/// The context `NATS_CONTEXT` names, else the one `context.txt` selects, as the `nats`
+/// CLI chooses; `None` when neither names one. A named context that cannot be read is
+/// an error (its text never quoted: it holds secrets).
+fn nats_context(env: &HashMap<String, String>) -> Result<Option<NatsContext>, String> {
+    let dir = nats_config_dir(env);
+    let (name, chosen_by_env) = match env.get("NATS_CONTEXT").map(|n| n.trim()) {
+        Some(name) if !name.is_empty() => (name.to_string(), true),
+        _ => {
+            let Some(selected) = dir
+                .as_ref()
+                .and_then(|d| std::fs::read_to_string(d.join("context.txt")).ok())
+            else {
+                return Ok(None);
+            };
+            let name = selected.trim().to_string();
+            if name.is_empty() {
+                return Ok(None);
+            }
+            (name, false)
+        }
+    };
+    let chooser = if chosen_by_env {
+        "NATS_CONTEXT"
+    } else {
+        "the selected nats context (context.txt)"
+    };
+    if name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(format!("{chooser}: {name:?} is not a context name"));
+    }
+    let Some(dir) = dir else {
+        return Err(format!(
+            "{chooser} names context {name:?}, but neither XDG_CONFIG_HOME nor HOME is set to find it"
+        ));
+    };
+    let path = dir.join("context").join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "{chooser} names context {name:?}: cannot read {}: {}",
+            path.display(),
+            std::io::Error::from(e.kind())
+        )
+    })?;
+    let file: ContextFile = serde_json::from_str(&text).map_err(|e| {
+        // Only the position: serde_json's message can quote a value.
+        format!(
+            "{chooser} names context {name:?}: {} is not a context file (JSON, line {} column {})",
+            path.display(),
+            e.line(),
+            e.column()
+        )
+    })?;
+    Ok(Some(NatsContext {
+        file,
+        source: ConfigSource::Context { name, path },
+        chosen_by_env,
+    }))
+}
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use super::load::ConnectionSources;
 use super::server_url::ServerUrl;
 
 /// The whole of `streams.toml`.
@@ -86,6 +87,18 @@ pub struct ConnectionConfig {
     pub inbox_prefix: Option<String>,
     /// TLS settings.
     pub tls: TlsConfig,
+    /// The JetStream domain to use, in leaf-node setups where JetStream runs in another
+    /// domain than the server connected to (`$JS.<domain>.API`); every JetStream context
+    /// the worker and its operator tools create uses it. Unset: the local JetStream.
+    pub jetstream_domain: Option<String>,
+    /// The JetStream API prefix to use instead of `$JS.API`, for accounts that import
+    /// another account's JetStream under a prefix. Set at most one of this and
+    /// `jetstream_domain`.
+    pub jetstream_api_prefix: Option<String>,
+    /// Where each connection setting came from (file, environment variable, `nats`
+    /// context); filled in by loading, shown by `check`.
+    #[serde(skip)]
+    pub sources: ConnectionSources,
 }
 
 impl ConnectionConfig {
@@ -113,6 +126,9 @@ impl Default for ConnectionConfig {
             creds_file: None,
             inbox_prefix: None,
             tls: TlsConfig::default(),
+            jetstream_domain: None,
+            jetstream_api_prefix: None,
+            sources: ConnectionSources::default(),
         }
     }
 }

@@ -87,6 +87,12 @@ fn connection_problems(c: &ConnectionConfig, problems: &mut Problems) {
             "more than one auth mode is set (user/password, token, nkey_seed_file, creds_file): keep one",
         );
     }
+    if c.jetstream_domain.is_some() && c.jetstream_api_prefix.is_some() {
+        problems.add(
+            "connection.jetstream_api_prefix",
+            "set either jetstream_domain or jetstream_api_prefix (a domain is the prefix $JS.<domain>.API)",
+        );
+    }
     if c.user.is_some() != c.password.is_some() {
         problems.add(
             if c.user.is_some() {
