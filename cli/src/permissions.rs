@@ -159,8 +159,11 @@ impl Permissions {
         for c in &config.consumers {
             b.consumer(c, scope);
         }
-        if let Some(net) = jetworker::safety_net_consumer(config) {
-            b.consumer(&net, scope);
+        let nets = jetworker::safety_net_consumers(config);
+        for net in &nets {
+            b.consumer(net, scope);
+        }
+        if !nets.is_empty() {
             for stream in config
                 .consumers
                 .iter()
@@ -358,8 +361,8 @@ dead_letter_subject = "dlq.all"
             "$JS.ACK.EVENTS.clicks.>",
             "dlq.clicks",
             "dlq.all",
-            "$JS.API.CONSUMER.MSG.NEXT.JETWORKER_ADVISORIES.jetworker_safety_net",
-            "$JS.ACK.JETWORKER_ADVISORIES.jetworker_safety_net.>",
+            "$JS.API.CONSUMER.MSG.NEXT.JETWORKER_ADVISORIES.jetworker_safety_net_6_EVENTS_clicks",
+            "$JS.ACK.JETWORKER_ADVISORIES.jetworker_safety_net_6_EVENTS_clicks.>",
             "$JS.API.STREAM.MSG.GET.EVENTS",
             "$KV.totals.>",
             "$JS.API.DIRECT.GET.KV_totals.>",

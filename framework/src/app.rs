@@ -351,17 +351,15 @@ impl<S: Send + Sync + 'static> App<S> {
         let tracker = TaskTracker::new();
         let mut stats = BTreeMap::new();
         let mut lag = Vec::new();
-        // The user's consumers, then the safety net's internal one.
+        // The user's consumers, then the safety net's internal ones (one per consumer).
         let mut consumers: Vec<(ConsumerConfig, Arc<dyn ErasedHandler<S>>)> = config
             .consumers
             .iter()
             .filter_map(|c| Some((c.clone(), self.handlers.get(&c.handler)?.clone())))
             .collect();
-        if let Some(net_consumer) = safety_net::safety_net_consumer(&config) {
-            consumers.push((
-                net_consumer,
-                safety_net_handler::<S>(SafetyNet::new(&config)),
-            ));
+        let net = SafetyNet::new(&config);
+        for net_consumer in safety_net::safety_net_consumers(&config) {
+            consumers.push((net_consumer, safety_net_handler::<S>(net.clone())));
         }
         for (c, handler) in &consumers {
             let consumer_stats = Arc::new(ConsumerStats::default());

@@ -125,7 +125,8 @@ pub use publisher::{
     Pipeline, PipelineReport, PublishError, PublishErrorKind, Publisher, RetryPolicy,
 };
 pub use safety_net::{
-    advisory_stream as safety_net_stream, safety_net_consumer, ADVISORY_STREAM, SAFETY_NET_CONSUMER,
+    advisory_stream as safety_net_stream, safety_net_consumer_name, safety_net_consumers,
+    ADVISORY_STREAM, ADVISORY_SUBJECTS, SAFETY_NET_CONSUMER, SAFETY_NET_MAX_DELIVER,
 };
 pub use shutdown::on_signals;
 pub use subject::{

@@ -4,10 +4,17 @@
 //! last allowed delivery, the server stops delivering it and publishes a
 //! `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>` advisory. Advisories
 //! are core NATS messages, gone if nobody listens, so jetworker provisions a stream
-//! ([`ADVISORY_STREAM`]) capturing them for every configured consumer: none are lost
-//! while workers are down. Every worker runs an internal consumer on it
-//! ([`SAFETY_NET_CONSUMER`]) that fetches the original by sequence and dead-letters it
-//! with reason `abandoned`, under the same message id as the normal path
+//! ([`ADVISORY_STREAM`]) capturing them: none are lost while workers are down.
+//!
+//! The stream captures the advisories of *every* consumer of the account
+//! ([`ADVISORY_SUBJECTS`]), never a list of this config's: two apps sharing an account,
+//! or a rolling deploy onto a config with one more consumer, each provision the same
+//! stream and none narrows what another relies on. For each configured consumer, every
+//! worker that runs it runs an internal durable on that stream, filtered to that
+//! consumer's advisories ([`safety_net_consumer_name`]): it only ever receives what it
+//! owns, so it never acks away another app's advisory, and the replicas of one app share
+//! it. It fetches the original by sequence and dead-letters it to that consumer's
+//! dead-letter subject with reason `abandoned`, under the same message id as the normal path
 //! (`jetworker-dl.<stream>.<seq>.<consumer>`), so a message copied by both is stored once. When the
 //! original is already gone (age or size limits), a dead letter without payload records
 //! that, with `Jetworker-Original-Missing: true`.
@@ -27,7 +34,9 @@ use crate::outcome::Reason;
 
 /// The stream capturing max-deliveries advisories.
 pub const ADVISORY_STREAM: &str = "JETWORKER_ADVISORIES";
-/// The internal durable consumer reading it.
+/// What the advisory stream captures: the max-deliveries advisories of every consumer.
+pub const ADVISORY_SUBJECTS: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
+/// The prefix of the internal durables reading it (see [`safety_net_consumer_name`]).
 pub const SAFETY_NET_CONSUMER: &str = "jetworker_safety_net";
 /// The internal handler's name.
 pub const HANDLER: &str = "jetworker.safety_net";
@@ -39,6 +48,13 @@ pub fn advisory_subject(stream: &str, consumer: &str) -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
 }
 
+/// The name of the safety net's durable for `consumer` of `stream`:
+/// `jetworker_safety_net_<len>_<stream>_<consumer>`, where `<len>` is the stream name's
+/// length, so that no two (stream, consumer) pairs share a durable.
+pub fn safety_net_consumer_name(stream: &str, consumer: &str) -> String {
+    format!("{SAFETY_NET_CONSUMER}_{}_{stream}_{consumer}", stream.len())
+}
+
 /// The advisory stream jetworker provisions for `config` (none without consumers).
 pub fn advisory_stream(config: &Config) -> Option<StreamConfig> {
     if config.consumers.is_empty() {
@@ -47,15 +63,11 @@ pub fn advisory_stream(config: &Config) -> Option<StreamConfig> {
     let replicas = config.streams.iter().map(|s| s.replicas).max().unwrap_or(1);
     Some(StreamConfig {
         name: ADVISORY_STREAM.to_string(),
-        subjects: config
-            .consumers
-            .iter()
-            .map(|c| advisory_subject(&c.stream, &c.name))
-            .collect(),
+        subjects: vec![ADVISORY_SUBJECTS.to_string()],
         replicas,
         max_age: Some(Duration::from_secs(7 * 24 * 3600)),
         description: Some(
-            "jetworker safety net: max-deliveries advisories of the configured consumers".into(),
+            "jetworker safety net: max-deliveries advisories of the account's consumers".into(),
         ),
         ..StreamConfig::default()
     })
@@ -68,16 +80,29 @@ pub fn advisory_stream(config: &Config) -> Option<StreamConfig> {
 /// one (up to the handler timeout) from being redelivered.
 pub const SAFETY_NET_ACK_WAIT: Duration = Duration::from_secs(10);
 
-/// The internal consumer reading the advisory stream. Its own failures (after many
-/// retries) go to the first consumer's dead-letter subject, where an operator sees them.
-pub fn safety_net_consumer(config: &Config) -> Option<ConsumerConfig> {
-    let first = config.consumers.first()?;
-    Some(ConsumerConfig {
-        name: SAFETY_NET_CONSUMER.to_string(),
+/// Attempts the safety net makes at one advisory: with waits up to 30 s between them,
+/// about a day of retries (the advisory stream keeps a week) before it gives up and
+/// files the advisory itself as the dead letter, so the original's stream and sequence
+/// are still on record.
+pub const SAFETY_NET_MAX_DELIVER: i64 = 3000;
+
+/// The internal consumers reading the advisory stream, one per configured consumer,
+/// each filtered to that consumer's advisories. Their own failures (after
+/// [`SAFETY_NET_MAX_DELIVER`] attempts) go to that consumer's dead-letter subject, where
+/// an operator sees them.
+pub fn safety_net_consumers(config: &Config) -> Vec<ConsumerConfig> {
+    config.consumers.iter().map(safety_net_consumer).collect()
+}
+
+/// The safety net's durable for `watched`.
+fn safety_net_consumer(watched: &ConsumerConfig) -> ConsumerConfig {
+    ConsumerConfig {
+        name: safety_net_consumer_name(&watched.stream, &watched.name),
         stream: ADVISORY_STREAM.to_string(),
+        filter_subject: Some(advisory_subject(&watched.stream, &watched.name)),
         handler: HANDLER.to_string(),
         codec: crate::config::CodecKind::Json,
-        max_deliver: 20,
+        max_deliver: SAFETY_NET_MAX_DELIVER,
         backoff: Some(vec![
             Duration::from_secs(1),
             Duration::from_secs(5),
@@ -88,10 +113,13 @@ pub fn safety_net_consumer(config: &Config) -> Option<ConsumerConfig> {
         max_ack_pending: 100,
         ack_wait: SAFETY_NET_ACK_WAIT,
         handler_timeout: Duration::from_secs(30),
-        dead_letter_subject: first.dead_letter_subject.clone(),
-        description: Some("jetworker safety net".into()),
+        dead_letter_subject: watched.dead_letter_subject.clone(),
+        description: Some(format!(
+            "jetworker safety net of {}/{}",
+            watched.stream, watched.name
+        )),
         ..ConsumerConfig::default()
-    })
+    }
 }
 
 /// The fields of a max-deliveries advisory jetworker uses.
@@ -143,8 +171,12 @@ impl SafetyNet {
     ) -> Result<(), HandlerError> {
         let key = (advisory.stream.clone(), advisory.consumer.clone());
         let Some(subject) = self.dead_letter_subjects.get(&key) else {
-            tracing::warn!(stream = %advisory.stream, consumer = %advisory.consumer, "max-deliveries advisory for a consumer not in this config; ignored");
-            return Ok(());
+            // Unreachable through the filtered durables; never acked away if it happens:
+            // retried, then filed as a dead letter an operator sees.
+            return Err(HandlerError::transient(format!(
+                "max-deliveries advisory for {}/{}, a consumer not in this config",
+                advisory.stream, advisory.consumer
+            )));
         };
         let stream = js
             .get_stream(&advisory.stream)
@@ -244,17 +276,45 @@ dead_letter_subject = "dlq.b"
         )
         .expect("valid");
         let stream = advisory_stream(&config).expect("stream");
+        // Every consumer's advisories, not a list of this config's.
         assert_eq!(
             stream.subjects,
-            [
-                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.EVENTS.a",
-                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.EVENTS.b"
-            ]
+            ["$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"]
         );
         assert_eq!(stream.replicas, 3);
-        let consumer = safety_net_consumer(&config).expect("consumer");
-        assert_eq!(consumer.dead_letter_subject, "dlq.a");
-        assert_eq!(consumer.codec, crate::config::CodecKind::Json);
+        let consumers = safety_net_consumers(&config);
+        let names: Vec<&str> = consumers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "jetworker_safety_net_6_EVENTS_a",
+                "jetworker_safety_net_6_EVENTS_b"
+            ]
+        );
+        let filters: Vec<Option<&str>> = consumers
+            .iter()
+            .map(|c| c.filter_subject.as_deref())
+            .collect();
+        assert_eq!(
+            filters,
+            [
+                Some("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.EVENTS.a"),
+                Some("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.EVENTS.b")
+            ]
+        );
+        let dead_letters: Vec<&str> = consumers
+            .iter()
+            .map(|c| c.dead_letter_subject.as_str())
+            .collect();
+        assert_eq!(dead_letters, ["dlq.a", "dlq.b"], "each its consumer's");
+        assert!(consumers
+            .iter()
+            .all(|c| c.codec == crate::config::CodecKind::Json));
+        // No two (stream, consumer) pairs share a durable.
+        assert_ne!(
+            safety_net_consumer_name("A_B", "C"),
+            safety_net_consumer_name("A", "B_C")
+        );
 
         let advisory: MaxDeliveriesAdvisory = serde_json::from_str(
             r#"{"type":"io.nats.jetstream.advisory.v1.max_deliver","id":"x","timestamp":"2024-01-01T00:00:00Z","stream":"EVENTS","consumer":"a","stream_seq":42,"deliveries":5}"#,

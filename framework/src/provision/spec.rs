@@ -189,11 +189,11 @@ pub struct Actual {
 
 /// The specs a validated config asks for.
 ///
-/// Besides what the config lists, it holds the safety net's advisory stream and internal
-/// consumer (the safety net's).
+/// Besides what the config lists, it holds the safety net's advisory stream and its
+/// internal consumers, one per configured consumer.
 pub fn desired(config: &Config) -> Desired {
     let net_stream = crate::safety_net::advisory_stream(config);
-    let net_consumer = crate::safety_net::safety_net_consumer(config);
+    let net_consumers = crate::safety_net::safety_net_consumers(config);
     Desired {
         streams: config
             .streams
@@ -204,7 +204,7 @@ pub fn desired(config: &Config) -> Desired {
         consumers: config
             .consumers
             .iter()
-            .chain(net_consumer.as_ref())
+            .chain(&net_consumers)
             .map(consumer_spec)
             .collect(),
         kv_buckets: config.kv_buckets.iter().map(kv_spec).collect(),
