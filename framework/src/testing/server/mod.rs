@@ -490,7 +490,7 @@ impl NatsServer {
             match meta_leader(self.spec.http_port, CHECK_TIMEOUT) {
                 Ok(Some(_)) => {}
                 Ok(None) => return Readiness::NotYet("no JetStream meta leader yet".to_owned()),
-                Err(reason) => return Readiness::NotYet(reason),
+                Err(e) => return Readiness::NotYet(format!("/jsz: {e}")),
             }
         }
         match announced {

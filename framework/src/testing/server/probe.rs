@@ -230,13 +230,13 @@ pub(super) fn http_get(port: u16, path: &str, timeout: Duration) -> io::Result<(
 }
 
 /// The JetStream meta leader's name as seen by the server at `http_port`.
-pub(super) fn meta_leader(http_port: u16, timeout: Duration) -> Result<Option<String>, String> {
-    let (status, body) = http_get(http_port, "/jsz", timeout).map_err(|e| format!("/jsz: {e}"))?;
+pub(super) fn meta_leader(http_port: u16, timeout: Duration) -> io::Result<Option<String>> {
+    let (status, body) = http_get(http_port, "/jsz", timeout)?;
     if status != 200 {
-        return Err(format!("/jsz answered {status}"));
+        return Err(io::Error::other(format!("/jsz answered {status}")));
     }
     let jsz: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| format!("/jsz is not JSON: {e}"))?;
+        serde_json::from_str(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(jsz
         .pointer("/meta_cluster/leader")
         .and_then(|l| l.as_str())
