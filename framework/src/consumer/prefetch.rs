@@ -22,6 +22,11 @@ pub(super) const HORIZON_MAX: Duration = Duration::from_millis(200);
 pub(super) const PREFETCH_BYTES: usize = 8 * 1024 * 1024;
 /// The shortest window a pace sample is taken over: shorter ones see bursts, not a pace.
 const SAMPLE_WINDOW: Duration = Duration::from_millis(250);
+/// Finished messages that close a window early (after [`SAMPLE_WINDOW_MIN`]): that many
+/// are a pace, not a burst, and fast handlers get their prefetch within milliseconds.
+const SAMPLE_MESSAGES: u64 = 256;
+/// The shortest window [`SAMPLE_MESSAGES`] close.
+const SAMPLE_WINDOW_MIN: Duration = Duration::from_millis(10);
 /// The size assumed for messages before the first one arrives.
 const INITIAL_MESSAGE_BYTES: f64 = 1024.0;
 
@@ -53,16 +58,18 @@ impl Pace {
     }
 
     /// Records that `finished` messages are done so far (a running total). Each window
-    /// of at least [`SAMPLE_WINDOW`] is averaged with the pace before it, except that a
+    /// of at least [`SAMPLE_WINDOW`] (or of [`SAMPLE_MESSAGES`] finished) is averaged with the pace before it, except that a
     /// window in which nothing finished sets the pace to zero: handlers that are stuck
     /// (a slow dependency) or idle get no prefetch beyond their free slots until they
     /// are measured to finish work again, one window later.
     pub(super) fn observe(&mut self, now: Instant, finished: u64) {
         let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed < SAMPLE_WINDOW {
+        let done = finished.saturating_sub(self.finished_at_start);
+        let enough =
+            elapsed >= SAMPLE_WINDOW || (done >= SAMPLE_MESSAGES && elapsed >= SAMPLE_WINDOW_MIN);
+        if !enough {
             return;
         }
-        let done = finished.saturating_sub(self.finished_at_start);
         let sample = done as f64 / elapsed.as_secs_f64();
         self.per_second = if done == 0 || self.per_second == 0.0 {
             sample
@@ -237,7 +244,7 @@ mod tests {
     fn the_pace_follows_finished_messages_in_windows() {
         let t0 = Instant::now();
         let mut pace = Pace::new(t0, 0);
-        pace.observe(t0 + Duration::from_millis(100), 1000);
+        pace.observe(t0 + Duration::from_millis(5), 300);
         assert_eq!(pace.per_second(), 0.0, "window too short to sample");
         pace.observe(t0 + Duration::from_millis(500), 5000);
         assert!((pace.per_second() - 10_000.0).abs() < 1.0);
@@ -246,6 +253,12 @@ mod tests {
         // Nothing finished for a window: no pace, no prefetch beyond the free slots.
         pace.observe(t0 + Duration::from_millis(1500), 7000);
         assert_eq!(pace.per_second(), 0.0);
+        // Many finished close a window early: a pace within milliseconds.
+        let mut quick = Pace::new(t0, 0);
+        quick.observe(t0 + Duration::from_millis(100), 100);
+        assert_eq!(quick.per_second(), 0.0, "too few and too short: a burst");
+        quick.observe(t0 + Duration::from_millis(200), 400);
+        assert!((quick.per_second() - 2_000.0).abs() < 1.0);
         pace.received(100);
         assert!(pace.mean_bytes() < INITIAL_MESSAGE_BYTES);
     }

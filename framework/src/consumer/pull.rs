@@ -14,15 +14,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::AckKind;
 use async_nats::StatusCode;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::deliver;
+use super::delivery::{deliver, send};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
 use super::prefetch::{Bound, Holding, Pace, PREFETCH_BYTES};
@@ -44,6 +44,9 @@ const HEARTBEAT_GRACE: Duration = Duration::from_secs(6);
 /// At shutdown, open pull requests are listened to until they are fulfilled or nothing
 /// has arrived for this long (see [`wait_out_open_requests`]).
 const STOP_QUIET: Duration = Duration::from_millis(300);
+/// Messages already received that the loop takes in one turn, before it looks at its
+/// pulls, the stop and its timers again.
+const RECEIVE_BATCH: usize = 128;
 /// How often the loop checks deadlines, heartbeats and the connection.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -223,6 +226,11 @@ pub(super) async fn session<S: Send + Sync + 'static>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_connected = true;
     let mut inline = InlinePolling::default();
+    // Made once, not per turn of the loop: each would register (and unregister) a waiter.
+    let stopped = rt.stop.cancelled();
+    tokio::pin!(stopped);
+    let finished_one = done.notified();
+    tokio::pin!(finished_one);
 
     let end = loop {
         // What waits starts first, in order, while slots are free.
@@ -294,41 +302,60 @@ pub(super) async fn session<S: Send + Sync + 'static>(
 
         tokio::select! {
             biased;
-            _ = rt.stop.cancelled() => break SessionEnd::Stopped,
+            _ = &mut stopped => break SessionEnd::Stopped,
             message = sub.next() => {
-                let Some(message) = message else { break SessionEnd::SubscriptionClosed };
                 last_heard = Instant::now();
-                match message.status {
-                    None | Some(StatusCode::OK) => {
-                        requests.delivered();
-                        pace.received(message.length);
-                        if waiting.queue.is_empty() {
-                            if let Ok(permit) = permits.clone().try_acquire_owned() {
-                                start(rt, tasks, done, &mut inline, permit, message);
-                                continue;
+                // This message, and up to RECEIVE_BATCH more that are already here, are
+                // taken in one go: the pull decision and the select run once per batch.
+                let mut next = message;
+                let mut taken = 0;
+                let end = loop {
+                    let Some(message) = next else { break Some(SessionEnd::SubscriptionClosed) };
+                    match message.status {
+                        None | Some(StatusCode::OK) => {
+                            requests.delivered();
+                            pace.received(message.length);
+                            let permit = if waiting.queue.is_empty() {
+                                permits.clone().try_acquire_owned().ok()
+                            } else {
+                                None
+                            };
+                            match permit {
+                                Some(permit) => start(rt, tasks, done, &mut inline, permit, message),
+                                None => waiting.push(message),
                             }
                         }
-                        waiting.push(message);
-                    }
-                    Some(StatusCode::IDLE_HEARTBEAT) => {}
-                    Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
-                        requests.close(request_id(&message.subject));
-                    }
-                    Some(StatusCode::NO_RESPONDERS) => {
-                        requests.close(request_id(&message.subject));
-                        break SessionEnd::NoResponders;
-                    }
-                    Some(status) => {
-                        let description = message.description.clone().unwrap_or_default();
-                        requests.close(request_id(&message.subject));
-                        if description.to_ascii_lowercase().contains("consumer deleted") {
-                            break SessionEnd::ConsumerDeleted;
+                        Some(StatusCode::IDLE_HEARTBEAT) => {}
+                        Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
+                            requests.close(request_id(&message.subject));
                         }
-                        tracing::debug!(status = %status, description, "pull request ended by the server");
+                        Some(StatusCode::NO_RESPONDERS) => {
+                            requests.close(request_id(&message.subject));
+                            break Some(SessionEnd::NoResponders);
+                        }
+                        Some(status) => {
+                            let description = message.description.clone().unwrap_or_default();
+                            requests.close(request_id(&message.subject));
+                            if description.to_ascii_lowercase().contains("consumer deleted") {
+                                break Some(SessionEnd::ConsumerDeleted);
+                            }
+                            tracing::debug!(status = %status, description, "pull request ended by the server");
+                        }
                     }
+                    taken += 1;
+                    if taken == RECEIVE_BATCH {
+                        break None;
+                    }
+                    match sub.next().now_or_never() {
+                        Some(message) => next = message,
+                        None => break None,
+                    }
+                };
+                if let Some(end) = end {
+                    break end;
                 }
             }
-            _ = done.notified() => {}
+            _ = &mut finished_one => finished_one.set(done.notified()),
             _ = tick.tick() => {
                 rt.stats.tick();
                 let now = Instant::now();
@@ -424,11 +451,8 @@ fn request_id(subject: &str) -> u64 {
 
 /// Naks a delivery that never started, without delay: another worker takes it at once.
 async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
-    let message = jetstream::Message {
-        message,
-        context: (*rt.js).clone(),
-    };
-    if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+    let Some(reply) = &message.reply else { return };
+    if send(rt, reply, AckKind::Nak(None)).await.is_ok() {
         rt.stats.released.fetch_add(1, Ordering::Relaxed);
     }
 }
