@@ -6,9 +6,11 @@
 //! path. [`prepare`] and [`attempted_from`] are shared with the test harness, so that a
 //! handler unit-tested there meets the same checks as in production.
 
+use std::future::Future as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
@@ -163,7 +165,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
     trace: TraceContext,
 ) {
     let started = std::time::Instant::now();
-    let ran = trace.scope(run_handler(rt, &delivery)).await;
+    let ran = trace.scope(run_handler(rt, &delivery, started)).await;
     let took = started.elapsed();
     let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
     rt.stats.handler_micros.fetch_add(micros, Ordering::Relaxed);
@@ -196,9 +198,12 @@ fn progress_interval(config: &ConsumerConfig) -> Duration {
     (config.ack_wait / 2).max(Duration::from_millis(500))
 }
 
+/// Runs the handler from `started` (when the delivery began: the handler timeout counts
+/// from there).
 async fn run_handler<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: &Delivery<'_>,
+    started: std::time::Instant,
 ) -> Ran {
     let message = &delivery.message;
     let ctx = Context {
@@ -218,9 +223,19 @@ async fn run_handler<S: Send + Sync + 'static>(
         Err(attempted) => return Ran::Finished(attempted),
     };
     tokio::pin!(guarded);
+    // A handler done at its first poll needs no clock, timer or stop signal: most
+    // deliveries of a fast consumer end here.
+    let first = std::future::poll_fn(|cx| match guarded.as_mut().poll(cx) {
+        Poll::Ready(result) => Poll::Ready(Some(result)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await;
+    if let Some(result) = first {
+        return Ran::Finished(attempted_from(result));
+    }
     // One timer serves both deadlines: the handler timeout, and the next progress ack
     // that keeps the message while the handler works past half the ack wait.
-    let started = Instant::now();
+    let started = Instant::from_std(started);
     let timeout_at = started + rt.config.handler_timeout;
     let every = progress_interval(&rt.config);
     let mut progress_at = started + every;
