@@ -40,7 +40,9 @@
 //! sleep after decoding; jetworker tuned and at its defaults, compared with the plain
 //! tuned loop's decode-only rate); "dead-letter burst" (every handler call fails
 //! permanently: copy published, PubAck awaited, original termed; jetworker at its
-//! defaults; the parent checks every copy is stored); "latency" (events published at a
+//! defaults; the parent checks every copy is stored, so the dead-letter stream's
+//! duplicate window is 1 s: a copy's id is derived from the original's sequence, and
+//! every round dead-letters the same sequences); "latency" (events published at a
 //! steady `BENCH_LATENCY_RATE`, each carrying its send time; p50/p99 of the time to the
 //! handler's start, or for the plain loop to the message's arrival); and "peak RSS 1M"
 //! (jetworker at its defaults drains `BENCH_RSS_MESSAGES`).
@@ -632,6 +634,7 @@ subjects = ["bench.events.>"]
 [[streams]]
 name = "{DLQ_STREAM}"
 subjects = ["bench.dlq.>"]
+duplicate_window = "1s"
 
 [[streams]]
 name = "{LATENCY_STREAM}"
