@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use jetworker::testing::server::NatsServer;
 use jetworker::App;
-use jetworker_suite::{scripted, Job, Mode, Probe};
+use jetworker_suite::{scripted, Job, Probe};
 use tokio_util::sync::CancellationToken;
 
 /// Runs the scripted handler with `consumer_extra` until `jobs` all succeeded, and
@@ -53,12 +53,11 @@ async fn run_until_done(consumer_extra: &str, jobs: &[Job], within: Duration) ->
 /// be redelivered.
 #[tokio::test]
 async fn a_slow_handler_with_a_short_ack_wait_sees_no_redelivery() {
+    // Each succeeds after 300 ms of work, on every attempt.
     let jobs: Vec<Job> = (1..=50)
         .map(|id| Job {
-            id,
-            mode: Mode::Ok,
-            until: 0,
             sleep_ms: 300,
+            ..Job::ok(id)
         })
         .collect();
     let (probe, redelivered) = run_until_done(
