@@ -1,74 +1,95 @@
-//! Throughput of jetworker next to the plain async-nats loop a user writes by hand, on the
+//! Throughput of jetworker next to the plain async-nats loops a user writes by hand, on the
 //! same nats-server, over the same stored data, in the same run.
 //!
 //! # Run
 //! ```text
 //! cargo bench --bench throughput
-//! BENCH_MESSAGES=20000 cargo bench --bench throughput            # a quick run
+//! BENCH_MESSAGES=20000 BENCH_RSS_MESSAGES=0 cargo bench --bench throughput   # a quick run
 //! NATS_SERVER_BIN=.tools/nats-server-2.14.0/nats-server cargo bench --bench throughput
 //! ```
 //! Environment knobs (all optional):
-//! - `BENCH_MESSAGES` (default 200000): events in the stream, and what "decode only" and
-//!   the jetworker side of "1 ms I/O" drain.
-//! - `BENCH_SLOW_SAMPLE` (default 2000): how many events the *sequential* plain loop
-//!   processes in "1 ms I/O" (it runs at < 1000 msg/s; its rate is what is compared).
-//! - `BENCH_CONCURRENCY` (default 1000): jetworker `concurrency`; `max_ack_pending` is
-//!   twice that, so acks on the wire never hold deliveries back.
+//! - `BENCH_MESSAGES` (default 200000): what "decode only" and "1 ms I/O" drain.
+//! - `BENCH_DEAD_LETTERS` (default 50000): what the dead-letter burst drains.
+//! - `BENCH_RSS_MESSAGES` (default 1000000): the backlog jetworker drains at its defaults
+//!   for the peak RSS figure; 0 skips it (filling 1M events takes a while).
+//! - `BENCH_CONCURRENCY` (default 1000): jetworker's tuned `concurrency`; its
+//!   `max_ack_pending` is twice that.
+//! - `BENCH_LATENCY_RATE` (default 5000) and `BENCH_LATENCY_SECS` (default 4): the steady
+//!   publish rate and how long latency is sampled.
 //! - `BENCH_REPEATS` (default 3): measurements per case and side; the median is reported.
 //! - `NATS_SERVER_BIN`: the server binary (see `jetworker::testing::server`).
 //!
 //! # What it measures
 //! One real JetStream server (loopback, temp store) is started and a file stream `BENCH`
-//! is filled with `BENCH_MESSAGES` MessagePack events of ~60 bytes (pipelined publishes,
-//! not timed). Then, for each case and side, a *fresh durable consumer* (deliver all,
-//! explicit ack) reads the whole backlog, so every measurement reads identical data:
+//! is filled with MessagePack events of ~60 bytes (pipelined publishes, not timed). Then,
+//! for each case and side, a *fresh durable consumer* (deliver all, explicit ack) reads
+//! the backlog from its start, so every measurement reads identical data. The sides:
 //!
-//! - **plain async-nats**: `consumer.messages().await`, and for each message
-//!   `rmp_serde::from_slice::<PageView>` -> (case "1 ms I/O": `sleep(1 ms)`) -> `ack()`.
-//!   The clock starts before `messages()` (the consumer already exists) and stops when the
-//!   last message's ack is queued.
-//! - **jetworker**: an [`App`] with one handler taking `Event<PageView>` (decoded by the
-//!   framework) that returns `Ok(())` (case "1 ms I/O": after `sleep(1 ms)`), run with
-//!   `App::start` + `Running::wait` (what `App::run_until` does, with the stats visible
-//!   while it runs). The clock starts when `start` returned (connected, consumer
-//!   provisioned) and stops when the `acked` counter reaches the count (polled every ms).
+//! - **plain naive**: `consumer.messages()`, and for each message
+//!   `rmp_serde::from_slice::<PageView>` -> `ack()`; the consumer at the server's
+//!   defaults (`max_ack_pending` 1000).
+//! - **plain tuned**: the same with `consumer.stream().max_messages_per_batch(2000)` and
+//!   `max_ack_pending` 20000: the reference a framework at its defaults is held to.
+//! - **jetworker defaults**: an [`App`] with one handler taking `Event<PageView>` (decoded
+//!   by the framework) that returns `Ok(())`, the consumer config naming nothing but its
+//!   stream, handler and dead-letter subject.
+//! - **jetworker tuned**: the same with `concurrency = BENCH_CONCURRENCY` and
+//!   `max_ack_pending` twice that.
 //!
-//! Acks are fire-and-forget publishes on both sides, so "acked" means "ack queued on the
-//! connection"; after each run the parent checks through consumer info that the server's
-//! ack floor reached the count and nothing was redelivered.
+//! The cases: "decode only" (all four sides); "1 ms I/O" (the handler awaits a 1 ms
+//! sleep after decoding; jetworker tuned and at its defaults, compared with the plain
+//! tuned loop's decode-only rate); "dead-letter burst" (every handler call fails
+//! permanently: copy published, PubAck awaited, original termed; jetworker at its
+//! defaults; the parent checks every copy is stored, so the dead-letter stream's
+//! duplicate window is 1 s: a copy's id is derived from the original's sequence, and
+//! every round dead-letters the same sequences); "latency" (events published at a
+//! steady `BENCH_LATENCY_RATE`, each carrying its send time; p50/p99 of the time to the
+//! handler's start, or for the plain loop to the message's arrival); and "peak RSS 1M"
+//! (jetworker at its defaults drains `BENCH_RSS_MESSAGES`).
+//!
+//! For plain loops the clock starts before `messages()` (the consumer exists) and stops
+//! when the last message's ack is queued; for jetworker it starts when `App::start`
+//! returned and stops when the `acked` (or dead-letter) counter reaches the count (polled
+//! every ms). Acks are fire-and-forget publishes on both sides; after each run the parent
+//! checks through consumer info that the ack floor reached the count and nothing was
+//! redelivered.
 //!
 //! Every measurement runs in a child process (this bench binary re-executed with
-//! `JETWORKER_BENCH_CHILD` set) that prints its own peak RSS (`VmHWM` from
-//! `/proc/self/status`) right before it exits: that is the "peak RSS" column, the whole
-//! process (runtime, client, buffers) while draining the backlog.
+//! `JETWORKER_BENCH_CHILD` set) that prints its own peak RSS (`VmHWM`) right before it
+//! exits.
 //!
-//! The machine this was written on has 2 cores shared with the server: rates are noisy,
-//! hence the median of `BENCH_REPEATS` fresh consumers.
+//! The machine this was written on has 2 cores shared with the server (and with other
+//! builds): rates are noisy, hence the median of `BENCH_REPEATS` fresh consumers.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use futures::StreamExt;
 use jetworker::testing::server::{self, NatsServer};
-use jetworker::Config;
-use jetworker::{App, Context, Event, HandlerError};
+use jetworker::{App, Config, Context, Event, HandlerError, Reason};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 const STREAM: &str = "BENCH";
 const SUBJECT: &str = "bench.events.view";
-/// Environment variable selecting a child role (`plain` or `jetworker`).
+const DLQ_STREAM: &str = "BENCH_DLQ";
+const LATENCY_STREAM: &str = "BENCH_LATENCY";
+const LATENCY_SUBJECT: &str = "bench.latency.probe";
+/// Environment variable selecting a child role (a [`Side`]).
 const CHILD_ENV: &str = "JETWORKER_BENCH_CHILD";
 /// PubAck futures in flight while filling the stream.
 const PUBLISH_WINDOW: usize = 4096;
 /// A run that makes no progress for this long is a failure, not a slow figure.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
+/// Latency samples before this much of the run are a warm-up and not counted.
+const LATENCY_WARMUP: Duration = Duration::from_millis(500);
 
 /// The event stored in the stream: ~60 bytes as MessagePack with field names.
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,13 +111,30 @@ impl PageView {
     }
 }
 
+/// The latency case's event: when it was sent, in nanoseconds since the Unix epoch.
+#[derive(Debug, Serialize, Deserialize)]
+struct Probe {
+    sent_ns: u64,
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// What the handler does besides decoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Work {
     /// Decode only.
     Decode,
     /// Decode, then await a 1 ms sleep (stands for one I/O call).
     Io,
+    /// Fail permanently: every message is dead-lettered.
+    DeadLetter,
+    /// Record the time from publish to handler start, at a steady publish rate.
+    Latency,
 }
 
 impl Work {
@@ -104,6 +142,8 @@ impl Work {
         match self {
             Work::Decode => "decode",
             Work::Io => "io",
+            Work::DeadLetter => "dead_letter",
+            Work::Latency => "latency",
         }
     }
 
@@ -111,22 +151,50 @@ impl Work {
         match s {
             "decode" => Ok(Work::Decode),
             "io" => Ok(Work::Io),
+            "dead_letter" => Ok(Work::DeadLetter),
+            "latency" => Ok(Work::Latency),
             other => bail!("unknown work {other:?}"),
         }
     }
 }
 
+/// Who consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Side {
-    Plain,
-    Jetworker,
+    PlainNaive,
+    PlainTuned,
+    JetworkerDefaults,
+    JetworkerTuned,
 }
 
 impl Side {
     fn as_str(self) -> &'static str {
         match self {
-            Side::Plain => "plain",
-            Side::Jetworker => "jetworker",
+            Side::PlainNaive => "plain_naive",
+            Side::PlainTuned => "plain_tuned",
+            Side::JetworkerDefaults => "jetworker_defaults",
+            Side::JetworkerTuned => "jetworker_tuned",
+        }
+    }
+
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        [
+            Side::PlainNaive,
+            Side::PlainTuned,
+            Side::JetworkerDefaults,
+            Side::JetworkerTuned,
+        ]
+        .into_iter()
+        .find(|side| side.as_str() == s)
+        .ok_or_else(|| anyhow!("unknown {CHILD_ENV} role {s:?}"))
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Side::PlainNaive => "plain naive",
+            Side::PlainTuned => "plain tuned",
+            Side::JetworkerDefaults => "jetworker defaults",
+            Side::JetworkerTuned => "jetworker tuned",
         }
     }
 }
@@ -135,8 +203,11 @@ impl Side {
 #[derive(Debug, Clone)]
 struct Settings {
     messages: u64,
-    slow_sample: u64,
+    dead_letters: u64,
+    rss_messages: u64,
     concurrency: u64,
+    latency_rate: u64,
+    latency_secs: u64,
     repeats: usize,
 }
 
@@ -144,14 +215,27 @@ impl Settings {
     fn from_env() -> anyhow::Result<Self> {
         let settings = Settings {
             messages: env_u64("BENCH_MESSAGES", 200_000)?,
-            slow_sample: env_u64("BENCH_SLOW_SAMPLE", 2_000)?,
+            dead_letters: env_u64("BENCH_DEAD_LETTERS", 50_000)?,
+            rss_messages: env_u64("BENCH_RSS_MESSAGES", 1_000_000)?,
             concurrency: env_u64("BENCH_CONCURRENCY", 1_000)?,
+            latency_rate: env_u64("BENCH_LATENCY_RATE", 5_000)?,
+            latency_secs: env_u64("BENCH_LATENCY_SECS", 4)?,
             repeats: usize::try_from(env_u64("BENCH_REPEATS", 3)?)?,
         };
-        if settings.messages == 0 || settings.concurrency == 0 || settings.repeats == 0 {
-            bail!("BENCH_MESSAGES, BENCH_CONCURRENCY and BENCH_REPEATS must be positive");
+        if settings.messages == 0
+            || settings.dead_letters == 0
+            || settings.concurrency == 0
+            || settings.latency_rate == 0
+            || settings.repeats == 0
+        {
+            bail!("BENCH_MESSAGES, BENCH_DEAD_LETTERS, BENCH_CONCURRENCY, BENCH_LATENCY_RATE and BENCH_REPEATS must be positive");
         }
         Ok(settings)
+    }
+
+    /// Events the stream is filled with: enough for every case.
+    fn backlog(&self) -> u64 {
+        self.messages.max(self.dead_letters).max(self.rss_messages)
     }
 }
 
@@ -167,7 +251,7 @@ fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
 }
 
 /// What a child reports on its last stdout line.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct RunResult {
     count: u64,
     secs: f64,
@@ -175,6 +259,9 @@ struct RunResult {
     hwm_kb: u64,
     /// CPU time (user + system, all threads) the child used inside the timed window.
     cpu_secs: f64,
+    /// Latency case: median and 99th percentile, in microseconds.
+    p50_us: f64,
+    p99_us: f64,
     extra: String,
 }
 
@@ -185,8 +272,8 @@ impl RunResult {
 
     fn to_line(&self) -> String {
         format!(
-            "RESULT count={} secs={:.6} rss_start_kb={} hwm_kb={} cpu_secs={:.3} extra={}",
-            self.count, self.secs, self.rss_start_kb, self.hwm_kb, self.cpu_secs, self.extra
+            "RESULT count={} secs={:.6} rss_start_kb={} hwm_kb={} cpu_secs={:.3} p50_us={:.1} p99_us={:.1} extra={}",
+            self.count, self.secs, self.rss_start_kb, self.hwm_kb, self.cpu_secs, self.p50_us, self.p99_us, self.extra
         )
     }
 
@@ -212,6 +299,8 @@ impl RunResult {
             rss_start_kb: get("rss_start_kb")?.parse()?,
             hwm_kb: get("hwm_kb")?.parse()?,
             cpu_secs: get("cpu_secs")?.parse()?,
+            p50_us: get("p50_us")?.parse()?,
+            p99_us: get("p99_us")?.parse()?,
             extra: extra.to_owned(),
         })
     }
@@ -225,7 +314,9 @@ fn main() -> anyhow::Result<()> {
     if smoke {
         for (name, value) in [
             ("BENCH_MESSAGES", "2000"),
-            ("BENCH_SLOW_SAMPLE", "100"),
+            ("BENCH_DEAD_LETTERS", "500"),
+            ("BENCH_RSS_MESSAGES", "0"),
+            ("BENCH_LATENCY_SECS", "1"),
             ("BENCH_REPEATS", "1"),
         ] {
             std::env::set_var(name, value);
@@ -234,7 +325,7 @@ fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::from_env()?;
     if let Ok(role) = std::env::var(CHILD_ENV) {
-        return child(&role, &settings);
+        return child(Side::parse(&role)?, &settings);
     }
     parent(&settings)
 }
@@ -243,22 +334,43 @@ fn main() -> anyhow::Result<()> {
 // The parent: server, stream, children, table
 // ---------------------------------------------------------------------------------------
 
-struct Case {
-    label: &'static str,
+/// One measurement: who consumes, doing what, over how many messages.
+#[derive(Debug, Clone, Copy)]
+struct Measurement {
+    side: Side,
     work: Work,
-    /// Messages the plain loop processes.
-    plain_count: u64,
-    /// Messages jetworker processes.
-    jetworker_count: u64,
-    /// jetworker / plain ratio of medians to reach.
-    target: f64,
+    count: u64,
 }
+
+/// The measurements of one round, in the order they run (alternated between rounds).
+fn round(settings: &Settings) -> Vec<Measurement> {
+    let m = |side, work, count| Measurement { side, work, count };
+    let n = settings.messages;
+    vec![
+        m(Side::PlainNaive, Work::Decode, n),
+        m(Side::PlainTuned, Work::Decode, n),
+        m(Side::JetworkerDefaults, Work::Decode, n),
+        m(Side::JetworkerTuned, Work::Decode, n),
+        m(Side::JetworkerTuned, Work::Io, n),
+        // 32 slots of 1 ms: ~30k msg/s, so a quarter of the backlog is plenty.
+        m(Side::JetworkerDefaults, Work::Io, (n / 4).max(1)),
+        m(
+            Side::JetworkerDefaults,
+            Work::DeadLetter,
+            settings.dead_letters,
+        ),
+        m(Side::PlainTuned, Work::Latency, 0),
+        m(Side::JetworkerDefaults, Work::Latency, 0),
+    ]
+}
+
+type Results = BTreeMap<(Work, Side), Vec<RunResult>>;
 
 fn parent(settings: &Settings) -> anyhow::Result<()> {
     let binary = server::server_binary()?;
     let version = server::server_version()?;
     println!(
-        "jetworker throughput bench: nats-server v{version} ({}), {} events, concurrency {}, {} repeats",
+        "jetworker throughput bench: nats-server v{version} ({}), {} events, tuned concurrency {}, {} repeats",
         binary.display(),
         settings.messages,
         settings.concurrency,
@@ -269,132 +381,221 @@ fn parent(settings: &Settings) -> anyhow::Result<()> {
     let url = nats.url();
     let rt = tokio::runtime::Runtime::new()?;
 
-    let (js, fill_secs, bytes) = rt.block_on(fill(&url, settings))?;
+    let (js, fill_secs, bytes) = rt.block_on(fill(&url, settings.backlog()))?;
     let payload_bytes = rmp_serde::to_vec_named(&PageView::sample(settings.messages / 2))?.len();
     println!(
         "filled stream {STREAM}: {} events, {payload_bytes} B MessagePack payload each, {} bytes stored ({:.1} B/event with subject and framing), in {fill_secs:.1}s (not timed)",
-        settings.messages,
+        settings.backlog(),
         bytes,
-        bytes as f64 / settings.messages as f64
+        bytes as f64 / settings.backlog() as f64
     );
 
-    let cases = [
-        Case {
-            label: "decode only",
-            work: Work::Decode,
-            plain_count: settings.messages,
-            jetworker_count: settings.messages,
-            target: 1.0,
-        },
-        Case {
-            label: "1 ms I/O",
-            work: Work::Io,
-            plain_count: settings.slow_sample.min(settings.messages),
-            jetworker_count: settings.messages,
-            target: 50.0,
-        },
-    ];
-
     let exe = std::env::current_exe()?;
-    let mut results: BTreeMap<(usize, Side), Vec<RunResult>> = BTreeMap::new();
+    let mut results: Results = BTreeMap::new();
+    let mut runs = Vec::new();
     for repeat in 0..settings.repeats {
-        for (ci, case) in cases.iter().enumerate() {
-            // Alternate the order so neither side always runs on a warmer server.
-            let sides = if repeat % 2 == 0 {
-                [Side::Plain, Side::Jetworker]
-            } else {
-                [Side::Jetworker, Side::Plain]
-            };
-            for side in sides {
-                let count = match side {
-                    Side::Plain => case.plain_count,
-                    Side::Jetworker => case.jetworker_count,
-                };
-                let consumer = format!("{}_{}_{}", side.as_str(), case.work.as_str(), repeat);
-                let server_cpu_start = server_cpu(&nats);
-                let result = run_child(&exe, side, &url, &consumer, case.work, count)?;
-                let server_cpu_used = server_cpu(&nats) - server_cpu_start;
-                let check = rt.block_on(check_consumer(&js, &consumer, count))?;
-                println!(
-                    "  [{}] {:<12} {:<9} {:>8} msgs in {:>7.3}s = {:>9.0} msg/s  peak RSS {:>6.1} MiB (start {:>5.1} MiB)  CPU/msg: worker {:>5.1} us, server {:>5.1} us  {} {}",
-                    repeat + 1,
-                    case.label,
-                    side.as_str(),
-                    result.count,
-                    result.secs,
-                    result.rate(),
-                    mib(result.hwm_kb),
-                    mib(result.rss_start_kb),
-                    1e6 * result.cpu_secs / result.count as f64,
-                    1e6 * server_cpu_used / result.count as f64,
-                    check,
-                    result.extra
+        let mut order = round(settings);
+        // Alternate the order so no side always runs on a warmer server.
+        if repeat % 2 == 1 {
+            order.reverse();
+        }
+        runs.extend(order.into_iter().map(|m| (repeat, m)));
+    }
+    if settings.rss_messages > 0 {
+        runs.push((
+            0,
+            Measurement {
+                side: Side::JetworkerDefaults,
+                work: Work::Decode,
+                count: settings.rss_messages,
+            },
+        ));
+    }
+    let mut rss_drain = None;
+    for (i, (repeat, m)) in runs.iter().enumerate() {
+        let consumer = format!("{}_{}_{i}", m.side.as_str(), m.work.as_str());
+        let server_cpu_start = server_cpu(&nats);
+        let dead_letters_before = rt.block_on(stored(&js, DLQ_STREAM))?;
+        let result = run_child(&exe, m, &url, &consumer)?;
+        let server_cpu_used = server_cpu(&nats) - server_cpu_start;
+        let checked = match m.work {
+            Work::Latency => rt.block_on(check_consumer(&js, LATENCY_STREAM, &consumer, 0)),
+            _ => rt.block_on(check_consumer(&js, STREAM, &consumer, m.count)),
+        };
+        // jetworker must settle everything exactly once; the plain loops are the
+        // reference, and what they leave unsettled is reported, not fatal.
+        let check = match checked {
+            Ok(check) => check,
+            Err(e) if matches!(m.side, Side::PlainNaive | Side::PlainTuned) => {
+                format!("CHECK FAILED (plain loop): {e}")
+            }
+            Err(e) => return Err(e),
+        };
+        if m.work == Work::DeadLetter {
+            let stored_copies = rt.block_on(stored(&js, DLQ_STREAM))? - dead_letters_before;
+            if stored_copies < m.count {
+                bail!(
+                    "{consumer}: {stored_copies} dead-letter copies stored, expected {}",
+                    m.count
                 );
-                results.entry((ci, side)).or_default().push(result);
             }
         }
+        let latency = if m.work == Work::Latency {
+            format!("p50 {:.0} us p99 {:.0} us  ", result.p50_us, result.p99_us)
+        } else {
+            String::new()
+        };
+        println!(
+            "  [{}] {:<11} {:<18} {:>8} msgs in {:>7.3}s = {:>9.0} msg/s  {latency}peak RSS {:>6.1} MiB (start {:>5.1})  CPU/msg: worker {:>5.1} us, server {:>5.1} us  {} {}",
+            repeat + 1,
+            m.work.as_str(),
+            m.side.label(),
+            result.count,
+            result.secs,
+            result.rate(),
+            mib(result.hwm_kb),
+            mib(result.rss_start_kb),
+            1e6 * result.cpu_secs / result.count.max(1) as f64,
+            1e6 * server_cpu_used / result.count.max(1) as f64,
+            check,
+            result.extra
+        );
+        if settings.rss_messages > 0 && i + 1 == runs.len() {
+            rss_drain = Some(result);
+        } else {
+            results.entry((m.work, m.side)).or_default().push(result);
+        }
     }
+    report(settings, &version, &results, rss_drain.as_ref())?;
+    println!("total time {:.0}s", started.elapsed().as_secs_f64());
+    drop(nats);
+    Ok(())
+}
 
+/// The medians of one case and side.
+struct Medians {
+    rate: f64,
+    hwm_kb: f64,
+    cpu_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    runs: usize,
+}
+
+fn medians(results: &Results, work: Work, side: Side) -> anyhow::Result<Medians> {
+    let runs = results
+        .get(&(work, side))
+        .ok_or_else(|| anyhow!("no results for {} {}", work.as_str(), side.as_str()))?;
+    let of = |f: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(f).collect());
+    Ok(Medians {
+        rate: of(&RunResult::rate),
+        hwm_kb: of(&|r| r.hwm_kb as f64),
+        cpu_us: of(&|r| 1e6 * r.cpu_secs / r.count.max(1) as f64),
+        p50_us: of(&|r| r.p50_us),
+        p99_us: of(&|r| r.p99_us),
+        runs: runs.len(),
+    })
+}
+
+/// The table of medians and the targets.
+fn report(
+    settings: &Settings,
+    version: &str,
+    results: &Results,
+    rss_drain: Option<&RunResult>,
+) -> anyhow::Result<()> {
     println!();
     println!(
-        "nats-server v{version}; {} events of ~60 B in one R1 file stream; median of {} runs, each a fresh durable consumer; jetworker concurrency {}, max_ack_pending {}",
-        settings.messages,
+        "nats-server v{version}; events of ~60 B in one R1 file stream; medians of {} runs, each a fresh durable consumer; tuned: jetworker concurrency {} / max_ack_pending {}, plain batch 2000 / max_ack_pending 20000",
         settings.repeats,
         settings.concurrency,
         2 * settings.concurrency
     );
+    let reference = medians(results, Work::Decode, Side::PlainTuned)?.rate;
     let header = format!(
-        "{:<12} | {:>28} | {:>20} | {:>8} | {:>7} | {:>6} | {:>27}",
-        "case",
-        "plain async-nats msg/s (n)",
-        "jetworker msg/s (n)",
-        "ratio",
-        "target",
-        "met",
-        "peak RSS plain / jetworker"
+        "{:<18} | {:<18} | {:>11} | {:>14} | {:>9} | {:>11}",
+        "case", "consumer", "msg/s", "x plain tuned", "peak RSS", "CPU us/msg"
     );
     println!("{header}");
     println!("{}", "-".repeat(header.len()));
-    let mut all_met = true;
-    for (ci, case) in cases.iter().enumerate() {
-        let plain = results
-            .get(&(ci, Side::Plain))
-            .ok_or_else(|| anyhow!("no plain results"))?;
-        let jw = results
-            .get(&(ci, Side::Jetworker))
-            .ok_or_else(|| anyhow!("no jetworker results"))?;
-        let plain_rate = median(plain.iter().map(RunResult::rate).collect());
-        let jw_rate = median(jw.iter().map(RunResult::rate).collect());
-        let ratio = jw_rate / plain_rate;
-        let met = ratio >= case.target;
-        all_met &= met;
-        let plain_hwm = median(plain.iter().map(|r| r.hwm_kb as f64).collect());
-        let jw_hwm = median(jw.iter().map(|r| r.hwm_kb as f64).collect());
+    let rows = [
+        ("decode only", Work::Decode, Side::PlainNaive),
+        ("decode only", Work::Decode, Side::PlainTuned),
+        ("decode only", Work::Decode, Side::JetworkerDefaults),
+        ("decode only", Work::Decode, Side::JetworkerTuned),
+        ("1 ms I/O", Work::Io, Side::JetworkerDefaults),
+        ("1 ms I/O", Work::Io, Side::JetworkerTuned),
+        (
+            "dead-letter burst",
+            Work::DeadLetter,
+            Side::JetworkerDefaults,
+        ),
+    ];
+    for (label, work, side) in rows {
+        let m = medians(results, work, side)?;
         println!(
-            "{:<12} | {:>28} | {:>20} | {:>7.2}x | {:>6}x | {:>6} | {:>27}",
-            case.label,
-            format!("{plain_rate:.0} ({})", case.plain_count),
-            format!("{jw_rate:.0} ({})", case.jetworker_count),
-            ratio,
-            format!(">={}", case.target),
-            if met { "yes" } else { "NO" },
-            format!(
-                "{:.1} MiB / {:.1} MiB",
-                mib(plain_hwm as u64),
-                mib(jw_hwm as u64)
-            ),
+            "{label:<18} | {:<18} | {:>11.0} | {:>13.2}x | {:>5.1} MiB | {:>11.1}",
+            side.label(),
+            m.rate,
+            m.rate / reference,
+            mib(m.hwm_kb as u64),
+            m.cpu_us
         );
     }
+    for side in [Side::PlainTuned, Side::JetworkerDefaults] {
+        let m = medians(results, Work::Latency, side)?;
+        println!(
+            "latency at {}/s: {:<18} publish to handler start p50 {:.0} us, p99 {:.0} us ({} runs)",
+            settings.latency_rate,
+            side.label(),
+            m.p50_us,
+            m.p99_us,
+            m.runs
+        );
+    }
+    if let Some(r) = rss_drain {
+        println!(
+            "peak RSS draining {} at defaults: {:.1} MiB ({:.0} msg/s)",
+            r.count,
+            mib(r.hwm_kb),
+            r.rate()
+        );
+    }
+
+    let decode = medians(results, Work::Decode, Side::JetworkerDefaults)?.rate / reference;
+    let io = medians(results, Work::Io, Side::JetworkerTuned)?.rate / reference;
+    let dead_letter = medians(results, Work::DeadLetter, Side::JetworkerDefaults)?.rate;
+    let p99 = medians(results, Work::Latency, Side::JetworkerDefaults)?.p99_us;
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
     println!();
+    println!("targets:");
     println!(
-        "(n) = messages processed per measurement; rates are medians, ratio = jetworker median / plain median; peak RSS = median VmHWM of the measuring child process"
+        "  decode only, jetworker defaults >= 1.0x plain tuned: {decode:.2}x {}",
+        verdict(decode >= 1.0)
     );
     println!(
-        "targets {}; total time {:.0}s",
-        if all_met { "met" } else { "NOT all met" },
-        started.elapsed().as_secs_f64()
+        "  1 ms I/O, jetworker concurrency {} >= 0.8x plain tuned decode-only: {io:.2}x {}",
+        settings.concurrency,
+        verdict(io >= 0.8)
     );
-    drop(nats);
+    println!(
+        "  dead-letter burst at defaults >= 20000 msg/s: {dead_letter:.0} msg/s {}",
+        verdict(dead_letter >= 20_000.0)
+    );
+    println!(
+        "  p99 publish to handler start < 2000 us at {}/s: {p99:.0} us {}",
+        settings.latency_rate,
+        verdict(p99 < 2000.0)
+    );
+    match rss_drain {
+        Some(r) => println!(
+            "  peak RSS < 50 MiB draining {}: {:.1} MiB {}",
+            r.count,
+            mib(r.hwm_kb),
+            verdict(mib(r.hwm_kb) < 50.0)
+        ),
+        None => println!("  peak RSS draining a 1M backlog: skipped (BENCH_RSS_MESSAGES=0)"),
+    }
     Ok(())
 }
 
@@ -440,8 +641,13 @@ name = "{STREAM}"
 subjects = ["bench.events.>"]
 
 [[streams]]
-name = "BENCH_DLQ"
+name = "{DLQ_STREAM}"
 subjects = ["bench.dlq.>"]
+duplicate_window = "1s"
+
+[[streams]]
+name = "{LATENCY_STREAM}"
+subjects = ["bench.latency.>"]
 "#
     )
 }
@@ -451,15 +657,15 @@ fn config(text: &str) -> anyhow::Result<Config> {
         .map_err(|e| anyhow!("bench config: {e}"))
 }
 
-/// Creates the streams and publishes the events, many PubAcks in flight at once.
-async fn fill(url: &str, settings: &Settings) -> anyhow::Result<(jetstream::Context, f64, u64)> {
+/// Creates the streams and publishes `count` events, many PubAcks in flight at once.
+async fn fill(url: &str, count: u64) -> anyhow::Result<(jetstream::Context, f64, u64)> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
     jetworker::provision(&client, &js, &config(&streams_toml(url))?, false).await?;
 
     let started = Instant::now();
     let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
-    for i in 0..settings.messages {
+    for i in 0..count {
         let payload = rmp_serde::to_vec_named(&PageView::sample(i))?;
         acks.push(js.publish(SUBJECT, payload.into()).await?);
         if acks.len() == PUBLISH_WINDOW {
@@ -474,31 +680,26 @@ async fn fill(url: &str, settings: &Settings) -> anyhow::Result<(jetstream::Cont
     let fill_secs = started.elapsed().as_secs_f64();
     let mut stream = js.get_stream(STREAM).await?;
     let state = stream.info().await?.state.clone();
-    if state.messages != settings.messages {
-        bail!(
-            "stream holds {} messages, expected {}",
-            state.messages,
-            settings.messages
-        );
+    if state.messages != count {
+        bail!("stream holds {} messages, expected {count}", state.messages);
     }
     Ok((js, fill_secs, state.bytes))
 }
 
+/// Messages stored in `stream` now.
+async fn stored(js: &jetstream::Context, stream: &str) -> anyhow::Result<u64> {
+    let mut stream = js.get_stream(stream).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
 /// Runs one measurement in a child process and returns what it printed.
-fn run_child(
-    exe: &Path,
-    side: Side,
-    url: &str,
-    consumer: &str,
-    work: Work,
-    count: u64,
-) -> anyhow::Result<RunResult> {
+fn run_child(exe: &Path, m: &Measurement, url: &str, consumer: &str) -> anyhow::Result<RunResult> {
     let output = Command::new(exe)
-        .env(CHILD_ENV, side.as_str())
+        .env(CHILD_ENV, m.side.as_str())
         .env("JETWORKER_BENCH_URL", url)
         .env("JETWORKER_BENCH_CONSUMER", consumer)
-        .env("JETWORKER_BENCH_WORK", work.as_str())
-        .env("JETWORKER_BENCH_COUNT", count.to_string())
+        .env("JETWORKER_BENCH_WORK", m.work.as_str())
+        .env("JETWORKER_BENCH_COUNT", m.count.to_string())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -507,7 +708,7 @@ fn run_child(
     if !output.status.success() {
         bail!(
             "{} child for {consumer} failed ({}): {stdout}",
-            side.as_str(),
+            m.side.as_str(),
             output.status
         );
     }
@@ -519,10 +720,15 @@ fn run_child(
     RunResult::parse(line)
 }
 
-/// Checks on the server that the first `count` messages were acked and none redelivered,
-/// then deletes the consumer (each measurement gets a fresh one).
-async fn check_consumer(js: &jetstream::Context, name: &str, count: u64) -> anyhow::Result<String> {
-    let stream = js.get_stream(STREAM).await?;
+/// Checks on the server that the first `count` messages of `stream` were settled and
+/// none redelivered, then deletes the consumer (each measurement gets a fresh one).
+async fn check_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+    count: u64,
+) -> anyhow::Result<String> {
+    let stream = js.get_stream(stream).await?;
     let deadline = Instant::now() + Duration::from_secs(5);
     let info = loop {
         let info = stream.consumer_info(name).await?;
@@ -549,17 +755,22 @@ async fn check_consumer(js: &jetstream::Context, name: &str, count: u64) -> anyh
 // The children: one measurement each
 // ---------------------------------------------------------------------------------------
 
-fn child(role: &str, settings: &Settings) -> anyhow::Result<()> {
+fn child(side: Side, settings: &Settings) -> anyhow::Result<()> {
     let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let url = var("JETWORKER_BENCH_URL")?;
     let consumer = var("JETWORKER_BENCH_CONSUMER")?;
     let work = Work::parse(&var("JETWORKER_BENCH_WORK")?)?;
     let count: u64 = var("JETWORKER_BENCH_COUNT")?.parse()?;
     let rt = tokio::runtime::Runtime::new()?;
-    let mut result = match role {
-        "plain" => rt.block_on(plain_run(&url, &consumer, work, count))?,
-        "jetworker" => rt.block_on(jetworker_run(&url, &consumer, work, count, settings))?,
-        other => bail!("unknown {CHILD_ENV} role {other:?}"),
+    let mut result = match (side, work) {
+        (Side::PlainNaive | Side::PlainTuned, Work::Latency) => {
+            rt.block_on(plain_latency(&url, &consumer, settings))?
+        }
+        (Side::PlainNaive | Side::PlainTuned, _) => {
+            rt.block_on(plain_run(&url, &consumer, side, work, count))?
+        }
+        (_, Work::Latency) => rt.block_on(jetworker_latency(&url, &consumer, side, settings))?,
+        _ => rt.block_on(jetworker_run(&url, &consumer, side, work, count, settings))?,
     };
     drop(rt);
     result.hwm_kb = proc_status_kb("VmHWM")?;
@@ -601,24 +812,59 @@ fn cpu_secs(pid: &str) -> anyhow::Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
-/// The loop a user writes by hand with async-nats.
-async fn plain_run(url: &str, name: &str, work: Work, count: u64) -> anyhow::Result<RunResult> {
-    let client = async_nats::connect(url).await?;
-    let js = jetstream::new(client.clone());
-    let stream = js.get_stream(STREAM).await?;
-    let consumer: jetstream::consumer::PullConsumer = stream
+/// A plain consumer on `stream`: the server's defaults, or `max_ack_pending` 20000 for
+/// the tuned loop.
+async fn plain_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+    side: Side,
+    deliver_policy: DeliverPolicy,
+) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+    let stream = js.get_stream(stream).await?;
+    Ok(stream
         .create_consumer(pull::Config {
             durable_name: Some(name.to_owned()),
             ack_policy: AckPolicy::Explicit,
-            deliver_policy: DeliverPolicy::All,
+            deliver_policy,
+            max_ack_pending: if side == Side::PlainTuned { 20_000 } else { 0 },
             ..Default::default()
         })
-        .await?;
+        .await?)
+}
+
+/// The message stream a user gets: `messages()`, or batches of 2000 when tuned.
+async fn plain_messages(
+    consumer: &jetstream::consumer::PullConsumer,
+    side: Side,
+) -> anyhow::Result<pull::Stream> {
+    Ok(if side == Side::PlainTuned {
+        consumer
+            .stream()
+            .max_messages_per_batch(2000)
+            .messages()
+            .await?
+    } else {
+        consumer.messages().await?
+    })
+}
+
+/// The loop a user writes by hand with async-nats.
+async fn plain_run(
+    url: &str,
+    name: &str,
+    side: Side,
+    work: Work,
+    count: u64,
+) -> anyhow::Result<RunResult> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client.clone());
+    let consumer = plain_consumer(&js, STREAM, name, side, DeliverPolicy::All).await?;
     let rss_start_kb = proc_status_kb("VmRSS")?;
 
     let cpu_start = cpu_secs("self")?;
     let started = Instant::now();
-    let mut messages = consumer.messages().await?;
+    let mut messages = plain_messages(&consumer, side).await?;
     let mut done = 0u64;
     while done < count {
         let message = match tokio::time::timeout(STALL_LIMIT, messages.next()).await {
@@ -644,10 +890,151 @@ async fn plain_run(url: &str, name: &str, work: Work, count: u64) -> anyhow::Res
         count: done,
         secs,
         rss_start_kb,
-        hwm_kb: 0,
         cpu_secs: cpu_used,
-        extra: String::new(),
+        ..Default::default()
     })
+}
+
+/// Latency samples: publish-to-start times, in nanoseconds, of probes sent after the
+/// warm-up.
+#[derive(Debug, Default)]
+struct LatencySamples {
+    count_from_ns: u64,
+    samples: Mutex<Vec<u64>>,
+}
+
+impl LatencySamples {
+    fn record(&self, sent_ns: u64, started_ns: u64) {
+        if sent_ns < self.count_from_ns {
+            return;
+        }
+        if let Ok(mut samples) = self.samples.lock() {
+            samples.push(started_ns.saturating_sub(sent_ns));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.samples.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// The run's result: (p50, p99) in microseconds over `secs` of sampling.
+    fn result(&self, secs: f64, rss_start_kb: u64, cpu_secs: f64) -> RunResult {
+        let mut samples = self.samples.lock().map(|s| s.clone()).unwrap_or_default();
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
+            samples
+                .get(i)
+                .map(|ns| *ns as f64 / 1000.0)
+                .unwrap_or(f64::NAN)
+        };
+        RunResult {
+            count: samples.len() as u64,
+            secs,
+            rss_start_kb,
+            cpu_secs,
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            ..Default::default()
+        }
+    }
+}
+
+/// Publishes probes at a steady `rate` for `warmup + secs`; returns how many.
+fn publish_steadily(
+    client: async_nats::Client,
+    rate: u64,
+    run_for: Duration,
+) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < run_for {
+            let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+            while sent < due {
+                let payload = rmp_serde::to_vec_named(&Probe { sent_ns: unix_ns() })?;
+                client.publish(LATENCY_SUBJECT, payload.into()).await?;
+                sent += 1;
+            }
+            client.flush().await?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(sent)
+    })
+}
+
+/// The latency case's plan: sample after the warm-up for `latency_secs`.
+fn latency_window(settings: &Settings) -> (LatencySamples, Duration) {
+    let samples = LatencySamples {
+        count_from_ns: unix_ns() + u64::try_from(LATENCY_WARMUP.as_nanos()).unwrap_or(0),
+        samples: Mutex::new(Vec::new()),
+    };
+    (
+        samples,
+        LATENCY_WARMUP + Duration::from_secs(settings.latency_secs),
+    )
+}
+
+/// The plain loop (tuned) receiving probes published at a steady rate.
+async fn plain_latency(url: &str, name: &str, settings: &Settings) -> anyhow::Result<RunResult> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client.clone());
+    let consumer = plain_consumer(
+        &js,
+        LATENCY_STREAM,
+        name,
+        Side::PlainTuned,
+        DeliverPolicy::New,
+    )
+    .await?;
+    let mut messages = plain_messages(&consumer, Side::PlainTuned).await?;
+    let rss_start_kb = proc_status_kb("VmRSS")?;
+    let cpu_start = cpu_secs("self")?;
+    let (samples, run_for) = latency_window(settings);
+    let publisher = publish_steadily(
+        async_nats::connect(url).await?,
+        settings.latency_rate,
+        run_for,
+    );
+    let started = Instant::now();
+    let mut received = 0u64;
+    let mut published = None;
+    loop {
+        if publisher.is_finished() && published.is_none() {
+            published = Some(publisher.await??);
+            break;
+        }
+        let Ok(next) = tokio::time::timeout(Duration::from_millis(10), messages.next()).await
+        else {
+            continue;
+        };
+        let message = next
+            .ok_or_else(|| anyhow!("message stream ended"))?
+            .map_err(|e| anyhow!("pull: {e}"))?;
+        let now = unix_ns();
+        let probe: Probe = rmp_serde::from_slice(&message.payload)?;
+        samples.record(probe.sent_ns, now);
+        message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+        received += 1;
+    }
+    let published = published.unwrap_or(0);
+    while received < published {
+        match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+            Ok(Some(Ok(message))) => {
+                let now = unix_ns();
+                let probe: Probe = rmp_serde::from_slice(&message.payload)?;
+                samples.record(probe.sent_ns, now);
+                message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+                received += 1;
+            }
+            _ => bail!("received {received} of {published} probes"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu_used = cpu_secs("self")? - cpu_start;
+    drop(messages);
+    client.flush().await?;
+    Ok(samples.result(secs, rss_start_kb, cpu_used))
 }
 
 async fn decode_only(event: Event<PageView>, _ctx: Context) -> Result<(), HandlerError> {
@@ -661,32 +1048,67 @@ async fn decode_then_io(event: Event<PageView>, _ctx: Context) -> Result<(), Han
     Ok(())
 }
 
-/// The same work as a jetworker app.
+async fn fail_permanently(event: Event<PageView>, _ctx: Context) -> Result<(), HandlerError> {
+    black_box(&event);
+    Err(HandlerError::permanent("bench: every event is invalid"))
+}
+
+async fn record_latency(
+    probe: Event<Probe>,
+    ctx: Context<LatencySamples>,
+) -> Result<(), HandlerError> {
+    let now = unix_ns();
+    ctx.state().record(probe.sent_ns, now);
+    Ok(())
+}
+
+/// The consumer's config: nothing but its stream, handler and dead-letter subject at
+/// the defaults; concurrency and max_ack_pending when tuned; `extra` lines.
+fn jetworker_config(
+    url: &str,
+    name: &str,
+    stream: &str,
+    side: Side,
+    settings: &Settings,
+    extra: &str,
+) -> anyhow::Result<Config> {
+    let tuned = if side == Side::JetworkerTuned {
+        format!(
+            "concurrency = {}\nmax_ack_pending = {}\n",
+            settings.concurrency,
+            2 * settings.concurrency
+        )
+    } else {
+        String::new()
+    };
+    config(&format!(
+        r#"{streams}
+[[consumers]]
+name = "{name}"
+stream = "{stream}"
+handler = "bench"
+dead_letter_subject = "bench.dlq.{name}"
+{tuned}{extra}
+"#,
+        streams = streams_toml(url),
+    ))
+}
+
+/// The same work as a jetworker app, measured until `count` messages are settled (acked,
+/// or dead-lettered in the dead-letter case).
 async fn jetworker_run(
     url: &str,
     name: &str,
+    side: Side,
     work: Work,
     count: u64,
     settings: &Settings,
 ) -> anyhow::Result<RunResult> {
-    let text = format!(
-        r#"{streams}
-[[consumers]]
-name = "{name}"
-stream = "{STREAM}"
-handler = "bench"
-dead_letter_subject = "bench.dlq.{name}"
-concurrency = {concurrency}
-max_ack_pending = {max_ack_pending}
-"#,
-        streams = streams_toml(url),
-        concurrency = settings.concurrency,
-        max_ack_pending = 2 * settings.concurrency,
-    );
-    let config = config(&text)?;
+    let config = jetworker_config(url, name, STREAM, side, settings, "")?;
     let app = match work {
-        Work::Decode => App::new(()).handler("bench", decode_only),
         Work::Io => App::new(()).handler("bench", decode_then_io),
+        Work::DeadLetter => App::new(()).handler("bench", fail_permanently),
+        Work::Decode | Work::Latency => App::new(()).handler("bench", decode_only),
     };
     let stop = CancellationToken::new();
     let rss_start_kb = proc_status_kb("VmRSS")?;
@@ -699,17 +1121,21 @@ max_ack_pending = {max_ack_pending}
         .get(name)
         .cloned()
         .ok_or_else(|| anyhow!("no stats for consumer {name}"))?;
+    let settled = || match work {
+        Work::DeadLetter => stats.dead_letters(Reason::Permanent),
+        _ => stats.acked.load(Ordering::Relaxed),
+    };
     let mut last = (0u64, Instant::now());
     let done = loop {
-        let acked = stats.acked.load(Ordering::Relaxed);
-        if acked >= count {
-            break acked;
+        let settled = settled();
+        if settled >= count {
+            break settled;
         }
-        if acked != last.0 {
-            last = (acked, Instant::now());
+        if settled != last.0 {
+            last = (settled, Instant::now());
         } else if last.1.elapsed() > STALL_LIMIT {
             stop.cancel();
-            bail!("jetworker stalled at {acked} acked: {stats:?}");
+            bail!("jetworker stalled at {settled} settled: {stats:?}");
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
@@ -722,18 +1148,74 @@ max_ack_pending = {max_ack_pending}
         .get(name)
         .ok_or_else(|| anyhow!("no final stats for consumer {name}"))?;
     let extra = format!(
-        "received {} retried {} redelivered {} peak in-flight {}",
+        "received {} retried {} redelivered {} released {} peak in-flight {}",
         stats.received.load(Ordering::Relaxed),
         stats.retried.load(Ordering::Relaxed),
         stats.redelivered.load(Ordering::Relaxed),
+        stats.released.load(Ordering::Relaxed),
         stats.peak_in_flight.load(Ordering::Relaxed),
     );
     Ok(RunResult {
         count: done,
         secs,
         rss_start_kb,
-        hwm_kb: 0,
         cpu_secs: cpu_used,
         extra,
+        ..Default::default()
     })
+}
+
+/// jetworker receiving probes published at a steady rate.
+async fn jetworker_latency(
+    url: &str,
+    name: &str,
+    side: Side,
+    settings: &Settings,
+) -> anyhow::Result<RunResult> {
+    let config = jetworker_config(
+        url,
+        name,
+        LATENCY_STREAM,
+        side,
+        settings,
+        "deliver_policy = \"new\"",
+    )?;
+    let (samples, run_for) = latency_window(settings);
+    let app = App::new(samples).handler("bench", record_latency);
+    let samples: Arc<LatencySamples> = app.state().clone();
+    let stop = CancellationToken::new();
+    let rss_start_kb = proc_status_kb("VmRSS")?;
+    let running = app.start(config, stop.clone()).await?;
+    let cpu_start = cpu_secs("self")?;
+    let started = Instant::now();
+    let published = publish_steadily(
+        async_nats::connect(url).await?,
+        settings.latency_rate,
+        run_for,
+    )
+    .await??;
+    let stats = running
+        .stats()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| anyhow!("no stats for consumer {name}"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.acked.load(Ordering::Relaxed) < published {
+        if Instant::now() > deadline {
+            stop.cancel();
+            bail!(
+                "acked {} of {published} probes",
+                stats.acked.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu_used = cpu_secs("self")? - cpu_start;
+    stop.cancel();
+    running.wait().await;
+    if samples.len() == 0 {
+        bail!("no latency samples");
+    }
+    Ok(samples.result(secs, rss_start_kb, cpu_used))
 }

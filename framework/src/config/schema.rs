@@ -367,7 +367,9 @@ pub struct ConsumerConfig {
     pub backoff: Option<Vec<Duration>>,
     /// Unacknowledged messages the server lets out across all replicas.
     pub max_ack_pending: i64,
-    /// Handlers run at once in this process for this consumer.
+    /// Handlers run at once in this process for this consumer. It bounds concurrency,
+    /// not prefetch: the pull loop also holds what the handlers finish within a tenth of
+    /// `ack_wait` (at most 200 ms) at their measured pace, within `max_ack_pending`.
     pub concurrency: i64,
     /// A handler running longer is cancelled and its message retried.
     #[serde(with = "humantime_serde")]

@@ -6,12 +6,15 @@
 //! path. [`prepare`] and [`attempted_from`] are shared with the test harness, so that a
 //! handler unit-tested there meets the same checks as in production.
 
+use std::future::Future as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::AckKind;
+use async_nats::Subject;
 use bytes::Bytes;
 use futures::FutureExt;
 use tokio::time::Instant;
@@ -35,10 +38,12 @@ const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
 /// One message from the pull with what its reply subject says about it, read once when
 /// it arrives (see [`receive`]) and carried to its settlement.
 pub(super) struct Delivery<'c> {
-    /// The message; its ack, nak or term goes through its JetStream context.
-    message: jetstream::Message,
-    /// The stream that stores it.
-    stream: String,
+    /// The message as the pull brought it.
+    message: async_nats::Message,
+    /// Its `$JS.ACK` reply subject: where its ack, nak or term goes (see [`send`]).
+    reply: Subject,
+    /// The stream that stores it: the consumer's (borrowed, no copy per message).
+    stream: &'c str,
     /// The durable consumer that delivered it (the runtime's name, borrowed: no copy
     /// per message).
     consumer: &'c str,
@@ -85,31 +90,73 @@ fn receive<'c, S>(
     rt: &'c ConsumerRuntime<S>,
     message: async_nats::Message,
 ) -> Option<Delivery<'c>> {
-    let message = jetstream::Message {
-        message,
-        context: (*rt.js).clone(),
+    let parsed = message
+        .reply
+        .as_ref()
+        .and_then(|reply| AckSubject::parse(reply.as_str()).map(|a| (reply.clone(), a)));
+    let Some((reply, ack)) = parsed else {
+        tracing::error!(consumer = %rt.spec.name, subject = %message.subject, "delivery without JetStream metadata ignored");
+        return None;
     };
-    let (stream, sequence, attempt) = match message.info() {
-        Ok(info) => (
-            info.stream.to_string(),
-            info.stream_sequence,
-            u64::try_from(info.delivered).unwrap_or(1).max(1),
-        ),
-        Err(e) => {
-            tracing::error!(consumer = %rt.spec.name, subject = %message.subject, error = %e, "delivery without JetStream metadata ignored");
-            return None;
-        }
-    };
+    let attempt = ack.delivered.max(1);
     if attempt > 1 {
         rt.stats.redelivered.fetch_add(1, Ordering::Relaxed);
     }
     Some(Delivery {
         message,
-        stream,
+        reply,
+        stream: &rt.spec.stream,
         consumer: &rt.spec.name,
-        sequence,
+        sequence: ack.stream_sequence,
         attempt,
     })
+}
+
+/// What a delivery's `$JS.ACK` reply subject says about it, read without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AckSubject {
+    /// The server's delivery count.
+    delivered: u64,
+    /// The message's sequence in its stream.
+    stream_sequence: u64,
+}
+
+impl AckSubject {
+    /// Reads both forms of ADR-15: `$JS.ACK.<stream>.<consumer>.<delivered>.<stream
+    /// seq>.<consumer seq>.<timestamp>.<pending>`, and the form with a domain and an
+    /// account hash before the stream (9 tokens or more after `$JS.ACK.`), as
+    /// async-nats' `Message::info` does.
+    fn parse(reply: &str) -> Option<AckSubject> {
+        let rest = reply.strip_prefix("$JS.ACK.")?;
+        let mut tokens = [""; 9];
+        let mut count = 0;
+        for token in rest.split('.') {
+            if let Some(slot) = tokens.get_mut(count) {
+                *slot = token;
+            }
+            count += 1;
+        }
+        let first = match count {
+            9.. => 2,
+            7 | 8 => 0,
+            _ => return None,
+        };
+        Some(AckSubject {
+            delivered: tokens[first + 2].parse().ok()?,
+            stream_sequence: tokens[first + 3].parse().ok()?,
+        })
+    }
+}
+
+/// Sends an ack, nak, progress or term for a delivery: a plain publish to its reply
+/// subject on the consumer's connection (what `jetstream::Message::ack_with` does,
+/// without a JetStream context cloned per message).
+pub(super) async fn send<S>(
+    rt: &ConsumerRuntime<S>,
+    reply: &Subject,
+    kind: AckKind,
+) -> Result<(), async_nats::PublishError> {
+    rt.client.publish(reply.clone(), kind.into()).await
 }
 
 async fn settle_delivery<S: Send + Sync + 'static>(
@@ -118,7 +165,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
     trace: TraceContext,
 ) {
     let started = std::time::Instant::now();
-    let ran = trace.scope(run_handler(rt, &delivery)).await;
+    let ran = trace.scope(run_handler(rt, &delivery, started)).await;
     let took = started.elapsed();
     let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
     rt.stats.handler_micros.fetch_add(micros, Ordering::Relaxed);
@@ -131,7 +178,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
                 seq = delivery.sequence, attempt = delivery.attempt,
                 "shutdown grace over: handing the message back"
             );
-            let _ = delivery.message.ack_with(AckKind::Nak(None)).await;
+            let _ = send(rt, &delivery.reply, AckKind::Nak(None)).await;
             return;
         }
     };
@@ -151,16 +198,19 @@ fn progress_interval(config: &ConsumerConfig) -> Duration {
     (config.ack_wait / 2).max(Duration::from_millis(500))
 }
 
+/// Runs the handler from `started` (when the delivery began: the handler timeout counts
+/// from there).
 async fn run_handler<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: &Delivery<'_>,
+    started: std::time::Instant,
 ) -> Ran {
     let message = &delivery.message;
     let ctx = Context {
         state: rt.state.clone(),
         subject: message.subject.as_str().to_owned(),
         headers: message.headers.clone().unwrap_or_default(),
-        stream: delivery.stream.clone(),
+        stream: delivery.stream.to_owned(),
         consumer: delivery.consumer.to_owned(),
         stream_sequence: delivery.sequence,
         attempt: delivery.attempt,
@@ -173,9 +223,19 @@ async fn run_handler<S: Send + Sync + 'static>(
         Err(attempted) => return Ran::Finished(attempted),
     };
     tokio::pin!(guarded);
+    // A handler done at its first poll needs no clock, timer or stop signal: most
+    // deliveries of a fast consumer end here.
+    let first = std::future::poll_fn(|cx| match guarded.as_mut().poll(cx) {
+        Poll::Ready(result) => Poll::Ready(Some(result)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await;
+    if let Some(result) = first {
+        return Ran::Finished(attempted_from(result));
+    }
     // One timer serves both deadlines: the handler timeout, and the next progress ack
     // that keeps the message while the handler works past half the ack wait.
-    let started = Instant::now();
+    let started = Instant::from_std(started);
     let timeout_at = started + rt.config.handler_timeout;
     let every = progress_interval(&rt.config);
     let mut progress_at = started + every;
@@ -192,7 +252,7 @@ async fn run_handler<S: Send + Sync + 'static>(
                     return Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout));
                 }
                 if now >= progress_at {
-                    let _ = message.ack_with(AckKind::Progress).await;
+                    let _ = send(rt, &delivery.reply, AckKind::Progress).await;
                     progress_at = now + every;
                 }
                 timer.as_mut().reset(progress_at.min(timeout_at));
@@ -261,22 +321,23 @@ async fn settle<S: Send + Sync + 'static>(
     outcome: Outcome,
 ) {
     let Delivery {
-        message,
+        reply,
         stream,
         consumer,
         sequence: seq,
         attempt,
+        ..
     } = delivery;
     match outcome {
         Outcome::Ack => {
-            if let Err(e) = message.ack().await {
+            if let Err(e) = send(rt, reply, AckKind::Ack).await {
                 tracing::warn!(stream, consumer = %consumer, seq, error = %e, "ack not sent; the message will be redelivered");
             }
             rt.stats.acked.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(stream, consumer = %consumer, seq, attempt, outcome = "ack", "settled");
         }
         Outcome::Nak(delay) => {
-            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            let _ = send(rt, reply, AckKind::Nak(Some(delay))).await;
             rt.stats.retried.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 stream, consumer = %consumer, seq, attempt,
@@ -314,7 +375,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
 ) {
     let message = &delivery.message;
     let (stream, consumer, seq, attempt) = (
-        delivery.stream.as_str(),
+        delivery.stream,
         delivery.consumer,
         delivery.sequence,
         delivery.attempt,
@@ -348,7 +409,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
         .await
         {
             Ok(_) => {
-                term(rt, message, reason).await;
+                term(rt, &delivery.reply, reason).await;
                 rt.stats.count_dead_letter(reason);
                 tracing::warn!(
                     stream, consumer = %consumer, seq, attempt,
@@ -364,7 +425,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 if attempt < rt.policy.max_deliver {
                     // Never term a message whose copy is not stored: it comes back later.
                     let delay = rt.policy.delay_after(attempt);
-                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    let _ = send(rt, &delivery.reply, AckKind::Nak(Some(delay))).await;
                     rt.stats.retried.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(
                         stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
@@ -381,11 +442,11 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     retry_in = %humantime::format_duration(wait),
                     "dead-letter copy not stored on the last delivery; holding the original and retrying"
                 );
-                let _ = message.ack_with(AckKind::Progress).await;
+                let _ = send(rt, &delivery.reply, AckKind::Progress).await;
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = rt.hard_stop.cancelled() => {
-                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                        let _ = send(rt, &delivery.reply, AckKind::Nak(None)).await;
                         return;
                     }
                 }
@@ -395,19 +456,45 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
 }
 
 /// Terminates the original, with the reason where the server supports it (2.10.4+).
-async fn term<S>(rt: &ConsumerRuntime<S>, message: &jetstream::Message, reason: Reason) {
-    let sent = match (&message.reply, rt.server_version.at_least(2, 10, 4)) {
-        (Some(reply), true) => rt
-            .client
+async fn term<S>(rt: &ConsumerRuntime<S>, reply: &Subject, reason: Reason) {
+    let sent = if rt.server_version.at_least(2, 10, 4) {
+        rt.client
             .publish(reply.clone(), Bytes::from(format!("+TERM {reason}")))
             .await
-            .map_err(|e| e.to_string()),
-        _ => message
-            .ack_with(AckKind::Term)
-            .await
-            .map_err(|e| e.to_string()),
+    } else {
+        send(rt, reply, AckKind::Term).await
     };
     if let Err(e) = sent {
         tracing::warn!(consumer = %rt.spec.name, error = %e, "term not sent; the message will be redelivered and its copy deduplicated");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_subjects_parse_in_both_forms() {
+        let table = [
+            (
+                "$JS.ACK.EVENTS.jobs.3.1042.7.1700000000000000000.12",
+                Some((3, 1042)),
+            ),
+            (
+                "$JS.ACK._.ACCHASH.EVENTS.jobs.1.7.7.1700000000000000000.0.TOKEN",
+                Some((1, 7)),
+            ),
+            (
+                "$JS.ACK.hub.ACCHASH.EVENTS.jobs.2.9.8.1700000000000000000.0",
+                Some((2, 9)),
+            ),
+            ("$JS.ACK.EVENTS.jobs.x.1.7.1.0", None),
+            ("$JS.ACK.EVENTS.jobs.1", None),
+            ("_INBOX.abc.1", None),
+        ];
+        for (reply, expected) in table {
+            let parsed = AckSubject::parse(reply).map(|a| (a.delivered, a.stream_sequence));
+            assert_eq!(parsed, expected, "{reply}");
+        }
     }
 }

@@ -4,9 +4,11 @@
 //!   (recreating it from the config when it was deleted), runs pull sessions, and starts
 //!   a new one when heartbeats stop, the client reconnects or the server says the
 //!   consumer is gone; failures wait a jittered [`Backoff`] before the next try.
-//! - `pull`: one pull session: `MSG.NEXT` requests sized to free handler slots, idle
+//! - `pull`: one pull session: `MSG.NEXT` requests sized by the prefetch bound, idle
 //!   heartbeats, the hand-back at shutdown of what never started; each message takes a
-//!   slot and goes to `delivery`.
+//!   free slot and goes to `delivery`, or waits in order for one.
+//! - `prefetch`: the bound on what the loop holds unstarted (below), and the pace it is
+//!   measured from.
 //! - `delivery`: the path of one [`Delivery`](delivery::Delivery): size check -> decode
 //!   -> handler (timeout, panic caught, progress acks while it runs) -> [`decide`](crate::decide)
 //!   -> ack | nak(delay) | dead letter (publish, await PubAck, then term).
@@ -15,11 +17,26 @@
 //! - `stats`: [`ConsumerStats`], the counters behind `/metrics` and `/readyz`.
 //! - `error`: why a consumer cannot pull right now (logged, then retried).
 //!
+//! # What the pull loop holds
+//! Handler slots (`concurrency`) bound how many handlers run at once, not how many
+//! messages the client holds. Besides the messages its free slots take at once, the
+//! loop holds (waiting for a slot, or asked for and on their way) at most what its
+//! handlers finish within a tenth of `ack_wait`, capped at 200 ms, at the pace they were
+//! measured to finish work over the last quarter second or more; and never more than
+//! 8 MiB of them, nor more than `max_ack_pending` counting the running handlers. Handlers
+//! that finish nothing (idle, or stuck on a slow dependency) get no prefetch beyond their
+//! free slots, and pulls sized to a pace expire after 250 ms, so none lingers once the
+//! pace is gone. A message that waits in the client longer than a third of `ack_wait`
+//! anyway gets a progress ack, so no buffered message is redelivered meanwhile. At
+//! shutdown no pull is sent once the stop is signalled, and what was held but never
+//! started (at most that 200 ms of work, beyond the free slots) is handed back.
+//!
 //! Submodules import their siblings and the crate's leaf modules, never this one.
 
 mod delivery;
 mod error;
 mod inline;
+mod prefetch;
 mod pull;
 mod runtime;
 mod stats;

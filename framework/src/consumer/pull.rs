@@ -1,11 +1,12 @@
 //! The pull protocol, spoken directly: one inbox subscription per session, `MSG.NEXT`
-//! requests sized to free handler slots, idle heartbeats, and at the end of a session
+//! requests sized by the prefetch bound, idle heartbeats, and at the end of a session
 //! the hand-back of what arrived and never started.
 //!
-//! jetworker asks for exactly as many messages as it has free handler slots, so a
-//! message never waits in a client buffer while its ack timer runs. Each arriving
-//! message takes a slot and starts (see [`start`]) on its way through
-//! [`deliver`].
+//! The loop holds its free handler slots' worth of messages plus what the handlers
+//! finish within a short horizon at their measured pace (see `prefetch`), so a fast
+//! consumer makes a few large pulls and a slow one never holds a message long enough
+//! for its ack wait to matter. Each arriving message takes a free slot and starts (see
+//! [`start`]) on its way through [`deliver`], or waits, in order, for the next slot.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -13,22 +14,28 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::AckKind;
 use async_nats::StatusCode;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::deliver;
+use super::delivery::{deliver, send};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
+use super::prefetch::{Bound, Holding, Pace, PREFETCH_BYTES};
 use super::runtime::ConsumerRuntime;
 
 /// How long one pull request waits on the server for messages. Short, so that a
 /// request lost with a connection is replaced soon.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// While the handlers are measured to finish work (a pace, so the pull may ask for more
+/// than the free slots), pull requests expire this soon and carry no heartbeat: a pull
+/// sized to a pace that has since dropped (handlers slowed down, the backlog ran out)
+/// stops bringing messages after this instead of lingering for [`PULL_EXPIRES`].
+const PACED_PULL_EXPIRES: Duration = Duration::from_millis(250);
 /// Idle heartbeat asked of the server while a pull request waits.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Pull requests whose server we have not heard from for this long are presumed lost
@@ -37,6 +44,9 @@ const HEARTBEAT_GRACE: Duration = Duration::from_secs(6);
 /// At shutdown, open pull requests are listened to until they are fulfilled or nothing
 /// has arrived for this long (see [`wait_out_open_requests`]).
 const STOP_QUIET: Duration = Duration::from_millis(300);
+/// Messages already received that the loop takes in one turn, before it looks at its
+/// pulls, the stop and its timers again.
+const RECEIVE_BATCH: usize = 128;
 /// How often the loop checks deadlines, heartbeats and the connection.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -123,8 +133,66 @@ pub(super) async fn revive_connection<S>(rt: &ConsumerRuntime<S>) {
     }
 }
 
-/// One pull session: a fresh inbox, requests sized to free capacity, until something
-/// needs a restart or the worker stops.
+/// Deliveries that arrived and wait for a handler slot, oldest first, with their bytes.
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<Arrived>,
+    bytes: usize,
+}
+
+/// A delivery waiting for a slot, and since when its ack timer runs on the server (its
+/// arrival, or the last progress ack sent for it).
+struct Arrived {
+    message: async_nats::Message,
+    since: Instant,
+}
+
+impl Waiting {
+    fn push(&mut self, message: async_nats::Message) {
+        self.bytes += message.length;
+        self.queue.push_back(Arrived {
+            message,
+            since: Instant::now(),
+        });
+    }
+
+    fn pop(&mut self) -> Option<async_nats::Message> {
+        let arrived = self.queue.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(arrived.message.length);
+        Some(arrived.message)
+    }
+
+    /// Sends a progress ack for every delivery that has waited a third of the ack wait
+    /// (the handlers slowed down after it was pulled), so none is redelivered while it
+    /// waits here.
+    async fn keep_alive<S>(&mut self, rt: &ConsumerRuntime<S>, now: Instant) {
+        let limit = rt.config.ack_wait / 3;
+        for arrived in self.queue.iter_mut() {
+            if now.saturating_duration_since(arrived.since) < limit {
+                // Oldest first: the rest waited less.
+                break;
+            }
+            if let Some(reply) = &arrived.message.reply {
+                let _ = rt
+                    .client
+                    .publish(reply.clone(), Bytes::from_static(b"+WPI"))
+                    .await;
+            }
+            arrived.since = now;
+        }
+    }
+}
+
+/// Messages this consumer has finished so far (received and no longer in flight).
+fn finished<S>(rt: &ConsumerRuntime<S>) -> u64 {
+    let received = rt.stats.received.load(Ordering::Relaxed);
+    let in_flight = rt.stats.in_flight.load(Ordering::Relaxed) as u64;
+    received.saturating_sub(in_flight)
+}
+
+/// One pull session: a fresh inbox, requests sized by [`Bound::pull_size`] (free slots
+/// plus the measured pace's worth of prefetch), until something needs a restart or the
+/// worker stops.
 pub(super) async fn session<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     permits: &Arc<Semaphore>,
@@ -142,7 +210,15 @@ pub(super) async fn session<S: Send + Sync + 'static>(
         rt.spec.stream, rt.spec.name
     );
     let concurrency = rt.config.concurrency_limit();
-    let threshold = (concurrency / 4).max(1);
+    let bound = Bound {
+        ack_wait: rt.config.ack_wait,
+        max_ack_pending: usize::try_from(rt.config.max_ack_pending)
+            .unwrap_or(1)
+            .max(1),
+        bytes: PREFETCH_BYTES,
+    };
+    let mut pace = Pace::new(Instant::now(), finished(rt));
+    let mut waiting = Waiting::default();
     let mut requests = OpenRequests::default();
     let mut next_id: u64 = 0;
     let mut last_heard = Instant::now();
@@ -150,20 +226,57 @@ pub(super) async fn session<S: Send + Sync + 'static>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_connected = true;
     let mut inline = InlinePolling::default();
+    // Made once, not per turn of the loop: each would register (and unregister) a waiter.
+    let stopped = rt.stop.cancelled();
+    tokio::pin!(stopped);
+    let finished_one = done.notified();
+    tokio::pin!(finished_one);
 
     let end = loop {
-        // Ask for as many messages as there are free handler slots not yet asked for.
+        // What waits starts first, in order, while slots are free.
+        while !waiting.queue.is_empty() {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            if let Some(message) = waiting.pop() {
+                start(rt, tasks, done, &mut inline, permit, message);
+            }
+        }
+        // Ask for what the bound allows and is not yet held or asked for; nothing more
+        // once the stop is signalled.
+        let now = Instant::now();
+        pace.observe(now, finished(rt));
         let connected = rt.client.connection_state() == async_nats::connection::State::Connected;
-        let free = permits
-            .available_permits()
-            .saturating_sub(requests.requested());
-        if connected && free > 0 && (free >= threshold || requests.open.is_empty()) {
+        let free_slots = permits.available_permits();
+        let holding = Holding {
+            free_slots,
+            running: concurrency.saturating_sub(free_slots),
+            waiting: waiting.queue.len(),
+            waiting_bytes: waiting.bytes,
+            requested: requests.requested(),
+        };
+        let batch = bound.pull_size(
+            &holding,
+            pace.per_second(),
+            pace.mean_bytes(),
+            requests.open.is_empty(),
+        );
+        if connected && batch > 0 && !rt.stop.is_cancelled() {
             next_id += 1;
-            let body = format!(
-                "{{\"batch\":{free},\"expires\":{},\"idle_heartbeat\":{}}}",
-                PULL_EXPIRES.as_nanos(),
-                PULL_HEARTBEAT.as_nanos()
-            );
+            let (body, expires) = if pace.per_second() > 0.0 {
+                let body = format!(
+                    "{{\"batch\":{batch},\"expires\":{}}}",
+                    PACED_PULL_EXPIRES.as_nanos()
+                );
+                (body, 2 * PACED_PULL_EXPIRES)
+            } else {
+                let body = format!(
+                    "{{\"batch\":{batch},\"expires\":{},\"idle_heartbeat\":{}}}",
+                    PULL_EXPIRES.as_nanos(),
+                    PULL_HEARTBEAT.as_nanos()
+                );
+                (body, PULL_EXPIRES + PULL_HEARTBEAT)
+            };
             match rt
                 .client
                 .publish_with_reply(
@@ -175,12 +288,12 @@ pub(super) async fn session<S: Send + Sync + 'static>(
             {
                 Ok(()) => {
                     if requests.open.is_empty() {
-                        last_heard = Instant::now();
+                        last_heard = now;
                     }
                     requests.open.push_back(OpenRequest {
                         id: next_id,
-                        remaining: free,
-                        deadline: Instant::now() + PULL_EXPIRES + PULL_HEARTBEAT,
+                        remaining: batch,
+                        deadline: now + expires,
                     });
                 }
                 Err(e) => tracing::debug!(error = %e, "pull request not sent"),
@@ -189,52 +302,65 @@ pub(super) async fn session<S: Send + Sync + 'static>(
 
         tokio::select! {
             biased;
-            _ = rt.stop.cancelled() => break SessionEnd::Stopped,
+            _ = &mut stopped => break SessionEnd::Stopped,
             message = sub.next() => {
-                let Some(message) = message else { break SessionEnd::SubscriptionClosed };
                 last_heard = Instant::now();
-                match message.status {
-                    None | Some(StatusCode::OK) => {
-                        requests.delivered();
-                        let permit = match permits.clone().try_acquire_owned() {
-                            Ok(p) => p,
-                            // Only after a reset: a late delivery for a request we gave up on.
-                            Err(_) => tokio::select! {
-                                p = permits.clone().acquire_owned() => match p {
-                                    Ok(p) => p,
-                                    Err(_) => break SessionEnd::Stopped,
-                                },
-                                _ = rt.stop.cancelled() => {
-                                    release(rt, message).await;
-                                    break SessionEnd::Stopped;
-                                }
-                            },
-                        };
-                        start(rt, tasks, done, &mut inline, permit, message);
-                    }
-                    Some(StatusCode::IDLE_HEARTBEAT) => {}
-                    Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
-                        requests.close(request_id(&message.subject));
-                    }
-                    Some(StatusCode::NO_RESPONDERS) => {
-                        requests.close(request_id(&message.subject));
-                        break SessionEnd::NoResponders;
-                    }
-                    Some(status) => {
-                        let description = message.description.clone().unwrap_or_default();
-                        requests.close(request_id(&message.subject));
-                        if description.to_ascii_lowercase().contains("consumer deleted") {
-                            break SessionEnd::ConsumerDeleted;
+                // This message, and up to RECEIVE_BATCH more that are already here, are
+                // taken in one go: the pull decision and the select run once per batch.
+                let mut next = message;
+                let mut taken = 0;
+                let end = loop {
+                    let Some(message) = next else { break Some(SessionEnd::SubscriptionClosed) };
+                    match message.status {
+                        None | Some(StatusCode::OK) => {
+                            requests.delivered();
+                            pace.received(message.length);
+                            let permit = if waiting.queue.is_empty() {
+                                permits.clone().try_acquire_owned().ok()
+                            } else {
+                                None
+                            };
+                            match permit {
+                                Some(permit) => start(rt, tasks, done, &mut inline, permit, message),
+                                None => waiting.push(message),
+                            }
                         }
-                        tracing::debug!(status = %status, description, "pull request ended by the server");
+                        Some(StatusCode::IDLE_HEARTBEAT) => {}
+                        Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
+                            requests.close(request_id(&message.subject));
+                        }
+                        Some(StatusCode::NO_RESPONDERS) => {
+                            requests.close(request_id(&message.subject));
+                            break Some(SessionEnd::NoResponders);
+                        }
+                        Some(status) => {
+                            let description = message.description.clone().unwrap_or_default();
+                            requests.close(request_id(&message.subject));
+                            if description.to_ascii_lowercase().contains("consumer deleted") {
+                                break Some(SessionEnd::ConsumerDeleted);
+                            }
+                            tracing::debug!(status = %status, description, "pull request ended by the server");
+                        }
                     }
+                    taken += 1;
+                    if taken == RECEIVE_BATCH {
+                        break None;
+                    }
+                    match sub.next().now_or_never() {
+                        Some(message) => next = message,
+                        None => break None,
+                    }
+                };
+                if let Some(end) = end {
+                    break end;
                 }
             }
-            _ = done.notified() => {}
+            _ = &mut finished_one => finished_one.set(done.notified()),
             _ = tick.tick() => {
                 rt.stats.tick();
                 let now = Instant::now();
                 requests.expire(now);
+                waiting.keep_alive(rt, now).await;
                 let connected_now = rt.client.connection_state() == async_nats::connection::State::Connected;
                 if connected_now && !was_connected {
                     break SessionEnd::Reconnected;
@@ -247,8 +373,12 @@ pub(super) async fn session<S: Send + Sync + 'static>(
         }
     };
 
-    // Deliveries that arrive from now on never start: they are handed back below.
-    let mut unstarted = Vec::new();
+    // Deliveries that waited for a slot, and those that arrive from now on, never
+    // start: they are handed back below.
+    let mut unstarted = Vec::with_capacity(waiting.queue.len());
+    while let Some(message) = waiting.pop() {
+        unstarted.push(message);
+    }
     if matches!(end, SessionEnd::Stopped) {
         // What the server already sent to our open pull requests is still on its way:
         // collect it before removing our interest (see `wait_out_open_requests`).
@@ -321,11 +451,8 @@ fn request_id(subject: &str) -> u64 {
 
 /// Naks a delivery that never started, without delay: another worker takes it at once.
 async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
-    let message = jetstream::Message {
-        message,
-        context: (*rt.js).clone(),
-    };
-    if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+    let Some(reply) = &message.reply else { return };
+    if send(rt, reply, AckKind::Nak(None)).await.is_ok() {
         rt.stats.released.fetch_add(1, Ordering::Relaxed);
     }
 }
