@@ -449,6 +449,9 @@ async fn a_deleted_consumer_is_recreated_and_work_goes_on() {
         probe.succeeded_ids() == 50
     })
     .await;
+    // Let the worker see the consumer's ack floor once more (its lag poll runs every
+    // 5 s), as a worker that has run for a while has.
+    tokio::time::sleep(jetworker_lag_poll() + Duration::from_secs(1)).await;
 
     // nats-server 2.9 can answer "directory not empty" when a consumer is deleted while
     // acks are being written: retry until it is gone.
@@ -470,4 +473,18 @@ async fn a_deleted_consumer_is_recreated_and_work_goes_on() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
     );
+    // The recreated consumer resumed after the old one's ack floor: what was processed
+    // before the deletion was not delivered again (deliver_policy "all" would have).
+    let again: Vec<u64> = (1..=50)
+        .filter(|id| probe.attempts(*id).len() > 1)
+        .collect();
+    assert!(
+        again.is_empty(),
+        "processed again after the recreation: {again:?}"
+    );
+}
+
+/// How often the worker polls its consumers' server-side state.
+fn jetworker_lag_poll() -> Duration {
+    Duration::from_secs(5)
 }

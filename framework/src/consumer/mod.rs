@@ -122,8 +122,8 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     tasks.wait().await;
 }
 
-/// Makes sure the durable consumer exists; recreates it from the config when it was
-/// deleted behind our back.
+/// Makes sure the durable consumer exists, noting its ack floor; recreates it from the
+/// config when it was deleted behind our back, resuming after the last ack floor noted.
 async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError> {
     let lookup = |e| ConsumerError::wrap(ConsumerErrorKind::Lookup, e);
     let stream = provision::get_stream(&rt.js, &rt.spec.stream)
@@ -133,16 +133,32 @@ async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError
             ConsumerError::new(ConsumerErrorKind::StreamMissing)
                 .with_message(format!("stream {:?} does not exist", rt.spec.stream))
         })?;
-    let exists = provision::consumer_info(&stream, &rt.spec.name)
+    let info = provision::consumer_info(&stream, &rt.spec.name)
         .await
-        .map_err(lookup)?
-        .is_some();
-    if !exists {
-        tracing::warn!(stream = %rt.spec.stream, consumer = %rt.spec.name, "consumer is missing; recreating it from the config");
-        provision::recreate_consumer(&rt.js, &rt.spec)
-            .await
-            .map_err(|e| ConsumerError::with_source(ConsumerErrorKind::Recreate, e))?;
-        rt.stats.recreated.fetch_add(1, Ordering::Relaxed);
+        .map_err(lookup)?;
+    match info {
+        Some(info) => {
+            rt.stats
+                .server_ack_floor
+                .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
+        }
+        None => {
+            // Resume after the last ack floor seen (at the session start or by the lag
+            // poll): what was acknowledged since then, and what was in flight, is
+            // delivered again; nothing before it is.
+            let floor = rt.stats.server_ack_floor.load(Ordering::Relaxed);
+            tracing::warn!(
+                stream = %rt.spec.stream, consumer = %rt.spec.name, resume_after = floor,
+                "consumer is missing; recreating it from the config, resuming after its last known ack floor"
+            );
+            let info = provision::recreate_consumer(&rt.js, &rt.spec, Some(floor))
+                .await
+                .map_err(|e| ConsumerError::with_source(ConsumerErrorKind::Recreate, e))?;
+            rt.stats
+                .server_ack_floor
+                .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
+            rt.stats.recreated.fetch_add(1, Ordering::Relaxed);
+        }
     }
     Ok(())
 }

@@ -45,6 +45,10 @@ pub struct ConsumerStats {
     pub server_pending: AtomicU64,
     /// Server-side: messages delivered and not acknowledged (polled).
     pub server_ack_pending: AtomicU64,
+    /// Server-side: the consumer's ack floor, the stream sequence up to which every
+    /// message it delivers is acknowledged (polled; it only grows). A consumer deleted
+    /// behind the worker's back is recreated to resume after it.
+    pub server_ack_floor: AtomicU64,
     /// True while a pull session is running.
     pulling: AtomicBool,
     /// When the loop last reported in, as milliseconds since `born`.
@@ -72,6 +76,7 @@ impl Default for ConsumerStats {
             handler_seconds: Histogram::new(exponential_buckets(0.0005, 2.5, 14)),
             server_pending: AtomicU64::new(0),
             server_ack_pending: AtomicU64::new(0),
+            server_ack_floor: AtomicU64::new(0),
             pulling: AtomicBool::new(false),
             last_tick_ms: AtomicU64::new(0),
             born: std::time::Instant::now(),

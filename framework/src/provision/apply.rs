@@ -202,11 +202,23 @@ pub async fn ensure_consumer(
 
 /// Creates one consumer from its spec when it is missing (used by the runtime when a
 /// consumer was deleted behind its back). Returns its info.
+///
+/// With `resume_after` (the old consumer's last known ack floor, a stream sequence), the
+/// new one starts at the next sequence instead of at its `deliver_policy`: what the old
+/// one had acknowledged is not delivered again. (A deliver policy differs from the
+/// config's then, which provisioning does not count as a change.)
 pub async fn recreate_consumer(
     js: &jetstream::Context,
     spec: &ConsumerSpec,
+    resume_after: Option<u64>,
 ) -> Result<consumer::Info, async_nats::Error> {
-    ensure_consumer(js, &spec.stream, new_consumer_config(spec)).await
+    let mut config = new_consumer_config(spec);
+    if let Some(floor) = resume_after.filter(|floor| *floor > 0) {
+        config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: floor.saturating_add(1),
+        };
+    }
+    ensure_consumer(js, &spec.stream, config).await
 }
 
 /// Reads the server, plans, and (unless `dry_run`) applies. Returns the plan.
