@@ -305,6 +305,12 @@ impl Collector for StatsCollector {
         )?;
         counter(
             &mut encoder,
+            "jetworker_settle_failures",
+            "Acks, naks, terms and progress acks that could not be sent (redelivered after the ack wait)",
+            &per(&|s| s.settle_failures.load(Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
             "jetworker_consumer_recreated",
             "Times a deleted consumer was recreated from the config",
             &per(&|s| s.recreated.load(Relaxed)),

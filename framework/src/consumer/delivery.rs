@@ -159,6 +159,41 @@ pub(super) async fn send<S>(
     rt.client.publish(reply.clone(), kind.into()).await
 }
 
+/// [`send`], and when it fails: counted in `settle_failures` and logged with what it
+/// means for the message. True when sent.
+pub(super) async fn send_or_note<S>(
+    rt: &ConsumerRuntime<S>,
+    reply: &Subject,
+    kind: AckKind,
+    seq: Option<u64>,
+) -> bool {
+    let what = match kind {
+        AckKind::Ack => "ack",
+        AckKind::Nak(_) => "nak",
+        AckKind::Progress => "progress ack",
+        AckKind::Term => "term",
+        _ => "reply",
+    };
+    match send(rt, reply, kind).await {
+        Ok(()) => true,
+        Err(e) => {
+            rt.stats.settle_failures.fetch_add(1, Ordering::Relaxed);
+            let (stream, consumer) = (&rt.spec.stream, &rt.spec.name);
+            match seq {
+                Some(seq) => tracing::warn!(
+                    stream, consumer, seq, error = %e,
+                    "{what} not sent; the server redelivers the message after its ack wait"
+                ),
+                None => tracing::warn!(
+                    stream, consumer, error = %e,
+                    "{what} not sent; the server redelivers the message after its ack wait"
+                ),
+            }
+            false
+        }
+    }
+}
+
 async fn settle_delivery<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: Delivery<'_>,
@@ -178,7 +213,13 @@ async fn settle_delivery<S: Send + Sync + 'static>(
                 seq = delivery.sequence, attempt = delivery.attempt,
                 "shutdown grace over: handing the message back"
             );
-            let _ = send(rt, &delivery.reply, AckKind::Nak(None)).await;
+            send_or_note(
+                rt,
+                &delivery.reply,
+                AckKind::Nak(None),
+                Some(delivery.sequence),
+            )
+            .await;
             return;
         }
     };
@@ -252,7 +293,7 @@ async fn run_handler<S: Send + Sync + 'static>(
                     return Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout));
                 }
                 if now >= progress_at {
-                    let _ = send(rt, &delivery.reply, AckKind::Progress).await;
+                    send_or_note(rt, &delivery.reply, AckKind::Progress, Some(delivery.sequence)).await;
                     progress_at = now + every;
                 }
                 timer.as_mut().reset(progress_at.min(timeout_at));
@@ -330,14 +371,13 @@ async fn settle<S: Send + Sync + 'static>(
     } = delivery;
     match outcome {
         Outcome::Ack => {
-            if let Err(e) = send(rt, reply, AckKind::Ack).await {
-                tracing::warn!(stream, consumer = %consumer, seq, error = %e, "ack not sent; the message will be redelivered");
+            if send_or_note(rt, reply, AckKind::Ack, Some(*seq)).await {
+                rt.stats.acked.fetch_add(1, Ordering::Relaxed);
             }
-            rt.stats.acked.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(stream, consumer = %consumer, seq, attempt, outcome = "ack", "settled");
         }
         Outcome::Nak(delay) => {
-            let _ = send(rt, reply, AckKind::Nak(Some(delay))).await;
+            send_or_note(rt, reply, AckKind::Nak(Some(delay)), Some(*seq)).await;
             rt.stats.retried.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 stream, consumer = %consumer, seq, attempt,
@@ -425,7 +465,13 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 if attempt < rt.policy.max_deliver {
                     // Never term a message whose copy is not stored: it comes back later.
                     let delay = rt.policy.delay_after(attempt);
-                    let _ = send(rt, &delivery.reply, AckKind::Nak(Some(delay))).await;
+                    send_or_note(
+                        rt,
+                        &delivery.reply,
+                        AckKind::Nak(Some(delay)),
+                        Some(delivery.sequence),
+                    )
+                    .await;
                     rt.stats.retried.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(
                         stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
@@ -442,11 +488,17 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     retry_in = %humantime::format_duration(wait),
                     "dead-letter copy not stored on the last delivery; holding the original and retrying"
                 );
-                let _ = send(rt, &delivery.reply, AckKind::Progress).await;
+                send_or_note(
+                    rt,
+                    &delivery.reply,
+                    AckKind::Progress,
+                    Some(delivery.sequence),
+                )
+                .await;
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = rt.hard_stop.cancelled() => {
-                        let _ = send(rt, &delivery.reply, AckKind::Nak(None)).await;
+                        send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(delivery.sequence)).await;
                         return;
                     }
                 }

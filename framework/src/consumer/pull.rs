@@ -22,7 +22,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::{deliver, send};
+use super::delivery::{deliver, send_or_note};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
 use super::prefetch::{Bound, Holding, Pace, PREFETCH_BYTES};
@@ -173,10 +173,7 @@ impl Waiting {
                 break;
             }
             if let Some(reply) = &arrived.message.reply {
-                let _ = rt
-                    .client
-                    .publish(reply.clone(), Bytes::from_static(b"+WPI"))
-                    .await;
+                send_or_note(rt, reply, AckKind::Progress, None).await;
             }
             arrived.since = now;
         }
@@ -452,7 +449,7 @@ fn request_id(subject: &str) -> u64 {
 /// Naks a delivery that never started, without delay: another worker takes it at once.
 async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
     let Some(reply) = &message.reply else { return };
-    if send(rt, reply, AckKind::Nak(None)).await.is_ok() {
+    if send_or_note(rt, reply, AckKind::Nak(None), None).await {
         rt.stats.released.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -25,6 +25,10 @@ pub struct ConsumerStats {
     pub timeouts: AtomicU64,
     /// Dead-letter publishes that failed (the original was kept).
     pub dead_letter_failures: AtomicU64,
+    /// Acks, naks, terms and progress acks that could not be sent (the connection was
+    /// gone): the server redelivers the message after its ack wait. A failed ack is
+    /// counted here, not in `acked`.
+    pub settle_failures: AtomicU64,
     /// Deliveries that never started (shutdown) and were handed back at once.
     pub released: AtomicU64,
     /// Deliveries with attempt > 1.
@@ -66,6 +70,7 @@ impl Default for ConsumerStats {
             panics: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             dead_letter_failures: AtomicU64::new(0),
+            settle_failures: AtomicU64::new(0),
             released: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
