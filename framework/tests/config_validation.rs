@@ -509,3 +509,29 @@ fn a_dead_letter_stream_that_keeps_its_copies_is_accepted() {
     );
     assert_eq!(dead_letter_problems(&read), Vec::<String>::new());
 }
+
+#[test]
+fn environment_values_stay_the_strings_they_are() {
+    use secrecy::ExposeSecret;
+    // A password of digits with a leading zero, or one that reads like a boolean, is that
+    // password, from JETWORKER__ and NATS_ variables alike.
+    for password in ["0123", "TRUE", "1e5", "-0"] {
+        for variable in ["JETWORKER__CONNECTION__PASSWORD", "NATS_PASSWORD"] {
+            let c = parse_env(
+                BASE,
+                &[(variable, password), ("JETWORKER__CONNECTION__USER", "007")],
+            )
+            .unwrap_or_else(|e| panic!("{variable}={password:?}: {e}"));
+            let got = c
+                .connection
+                .password
+                .as_ref()
+                .map(|p| p.expose_secret().to_string());
+            assert_eq!(got.as_deref(), Some(password), "{variable}");
+            assert_eq!(c.connection.user.as_deref(), Some("007"));
+        }
+    }
+    // Keys that want a boolean still read one from the text.
+    let c = parse_env(BASE, &[("JETWORKER__CONNECTION__TLS__REQUIRED", "true")]).expect("valid");
+    assert!(c.connection.tls.required);
+}

@@ -136,26 +136,44 @@ impl Config {
         }
         above_file.push(nats_variables(&env));
         above_file.push(jetworker_variables(&env));
-        let source_of = |layer: &[Setting]| {
-            let map: HashMap<String, String> = layer
+        // Values stay the strings they are (a password "0123" or "TRUE" is that password);
+        // numbers and booleans are read from them when the key asks for one. Only the
+        // server list is split, at commas.
+        let sources_of = |layer: &[Setting]| {
+            let (lists, values): (Vec<&Setting>, Vec<&Setting>) = layer
                 .iter()
-                .map(|s| (s.variable.clone(), s.value.clone()))
-                .collect();
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("connection.servers")
-                .source(Some(map))
+                .partition(|s| LIST_KEYS.contains(&s.key.as_str()));
+            let map = |settings: Vec<&Setting>| -> HashMap<String, String> {
+                settings
+                    .into_iter()
+                    .map(|s| (s.variable.clone(), s.value.clone()))
+                    .collect()
+            };
+            let environment = || {
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+            };
+            let mut list_source = environment().try_parsing(true).list_separator(",");
+            for key in LIST_KEYS {
+                list_source = list_source.with_list_parse_key(&format!("connection.{key}"));
+            }
+            [
+                environment().try_parsing(false).source(Some(map(values))),
+                list_source.source(Some(map(lists))),
+            ]
         };
         let mut builder = config::Config::builder();
         for layer in &below_file {
-            builder = builder.add_source(source_of(layer));
+            for source in sources_of(layer) {
+                builder = builder.add_source(source);
+            }
         }
         builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         for layer in &above_file {
-            builder = builder.add_source(source_of(layer));
+            for source in sources_of(layer) {
+                builder = builder.add_source(source);
+            }
         }
         let mut layers = below_file;
         layers.push(file_settings(text));
@@ -286,6 +304,9 @@ impl Setting {
         }
     }
 }
+
+/// Connection keys whose override is a comma-separated list.
+const LIST_KEYS: [&str; 1] = ["servers"];
 
 /// The NATS ecosystem's variables, as the `nats` CLI reads them.
 const NATS_VARIABLES: [(&str, &str); 5] = [
