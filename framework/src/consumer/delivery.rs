@@ -324,9 +324,16 @@ pub(crate) fn prepare<S>(
     if size > limit {
         return Err(Attempted::TooLarge { size, limit });
     }
-    match handler.prepare(payload, config.codec, ctx) {
-        Ok(future) => Ok(AssertUnwindSafe(future).catch_unwind()),
-        Err(e) => Err(Attempted::Undecodable(e.to_string())),
+    // Decoding runs the payload type's `Deserialize`, and a handler that is not an
+    // `async fn` runs code before its future exists: a panic there is caught too, or it
+    // would unwind through the pull loop that polls deliveries inline.
+    let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        handler.prepare(payload, config.codec, ctx)
+    }));
+    match prepared {
+        Ok(Ok(future)) => Ok(AssertUnwindSafe(future).catch_unwind()),
+        Ok(Err(e)) => Err(Attempted::Undecodable(e.to_string())),
+        Err(panic) => Err(Attempted::Panicked(panic_message(&panic))),
     }
 }
 
