@@ -26,7 +26,7 @@ impl<'de> Deserialize<'de> for Touchy {
     }
 }
 
-async fn count(touchy: Event<Touchy>, ctx: Context<Arc<AtomicU64>>) -> Result<(), HandlerError> {
+async fn add(touchy: Event<Touchy>, ctx: Context<Arc<AtomicU64>>) -> Result<(), HandlerError> {
     ctx.state().fetch_add(touchy.0 as u64, Ordering::SeqCst);
     Ok(())
 }
@@ -42,12 +42,12 @@ async fn a_panic_while_decoding_is_caught_and_the_consumer_goes_on() {
         .consumer(
             "jobs",
             "EVENTS",
-            "count",
+            "add",
             "codec = \"json\"\nmax_deliver = 2\nbackoff = [\"100ms\"]",
         )
         .load();
     let total = Arc::new(AtomicU64::new(0));
-    let worker = InProcessWorker::start(config, App::new(total.clone()).handler("count", count));
+    let worker = InProcessWorker::start(config, App::new(total.clone()).handler("add", add));
     wait_until(Duration::from_secs(10), "provisioned", || async {
         js.get_stream("EVENTS").await.is_ok()
     })
@@ -63,7 +63,7 @@ async fn a_panic_while_decoding_is_caught_and_the_consumer_goes_on() {
     wait_until(
         Duration::from_secs(20),
         "good ones counted, bad ones dead-lettered",
-        || async { total.load(Ordering::SeqCst) == 6 && count_messages(&js).await == 2 },
+        || async { total.load(Ordering::SeqCst) == 6 && count(&js, "DLQ").await == 2 },
     )
     .await;
     worker.stop().await;
@@ -77,8 +77,4 @@ async fn a_panic_while_decoding_is_caught_and_the_consumer_goes_on() {
         let error = header(&letter, dead_letter::ERROR).unwrap_or_default();
         assert!(error.contains("a negative number"), "{error}");
     }
-}
-
-async fn count_messages(js: &jetworker::async_nats::jetstream::Context) -> u64 {
-    common::count(js, "DLQ").await
 }

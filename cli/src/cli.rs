@@ -212,10 +212,7 @@ impl<S: Send + Sync + 'static, E: Subcommand + Send + 'static> Cli<S, E> {
         }
         let matches = match self.command().try_get_matches_from(args) {
             Ok(m) => m,
-            Err(e) => {
-                let _ = e.print();
-                return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_FAILURE));
-            }
+            Err(e) => return usage_error(&e),
         };
         let parsed = GlobalArgs::from_arg_matches(&matches).and_then(|global| {
             let builtin = matches
@@ -230,10 +227,7 @@ impl<S: Send + Sync + 'static, E: Subcommand + Send + 'static> Cli<S, E> {
         });
         let (global, which) = match parsed {
             Ok(p) => p,
-            Err(e) => {
-                let _ = e.print();
-                return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_FAILURE));
-            }
+            Err(e) => return usage_error(&e),
         };
         match (self.logging, &which) {
             (Some(init), Which::Own(own)) => init(global.log_format, Some(own)),
@@ -262,6 +256,12 @@ impl<S: Send + Sync + 'static, E: Subcommand + Send + 'static> Cli<S, E> {
 enum Which<E> {
     Builtin(Command),
     Own(E),
+}
+
+/// Prints clap's message (usage error, `--help`, `--version`); its exit code.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_FAILURE))
 }
 
 /// The first of `E`'s subcommand names that is also a built-in one.

@@ -136,12 +136,8 @@ async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError
     let info = provision::consumer_info(&stream, &rt.spec.name)
         .await
         .map_err(lookup)?;
-    match info {
-        Some(info) => {
-            rt.stats
-                .server_ack_floor
-                .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
-        }
+    let info = match info {
+        Some(info) => info,
         None => {
             // Resume after the last ack floor seen (at the session start or by the lag
             // poll): what was acknowledged since then, and what was in flight, is
@@ -154,11 +150,12 @@ async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError
             let info = provision::recreate_consumer(&rt.js, &rt.spec, Some(floor))
                 .await
                 .map_err(|e| ConsumerError::with_source(ConsumerErrorKind::Recreate, e))?;
-            rt.stats
-                .server_ack_floor
-                .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
             rt.stats.recreated.fetch_add(1, Ordering::Relaxed);
+            info
         }
-    }
+    };
+    rt.stats
+        .server_ack_floor
+        .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
     Ok(())
 }
