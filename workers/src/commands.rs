@@ -644,8 +644,14 @@ fn dead_lettered(stats: &ConsumerStats) -> u64 {
     stats.dead_lettered.iter().map(|d| d.load(Relaxed)).sum()
 }
 
+/// The platform's consumers (not the safety net's internal ones, which show in
+/// `/metrics` and `status`).
 fn print_consumers(running: &Running) {
-    for (name, s) in running.stats() {
+    let own = running
+        .stats()
+        .iter()
+        .filter(|(name, _)| !name.starts_with(jetworker::SAFETY_NET_CONSUMER));
+    for (name, s) in own {
         println!(
             "  consumer {name:<20} received {:>7}  acked {:>7}  retried {:>4}  dead-lettered {:>4}",
             s.received.load(Relaxed),
