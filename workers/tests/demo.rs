@@ -3,7 +3,8 @@
 //! stopped with a terminal's Ctrl-C (SIGINT to the whole group) or a SIGTERM to its pid.
 //!
 //! - Fresh machine: nothing answers at the configured URL, so the demo starts its own
-//!   `nats-server -js` with data in the given folder, prints live analytics, and on
+//!   `nats-server -js` with data in the given folder, prints live analytics (and the
+//!   address of its live dashboard, which answers), and on
 //!   Ctrl-C stops everything: exit 0, the server gone, no process left. A second run on
 //!   the same folder continues from the stored data and stops on SIGTERM.
 //! - Existing server: the demo uses it and leaves it running.
@@ -217,6 +218,32 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// The address in "dashboard: http://ADDR/ ...".
+fn dashboard_address(output: &str) -> String {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("dashboard: http://")?.split('/').next())
+        .unwrap_or_else(|| panic!("the demo prints the dashboard's address:\n{output}"))
+        .to_string()
+}
+
+/// `GET path` from the dashboard at `address`: the whole response.
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(address).expect("the dashboard answers");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
 fn answers(port: u16) -> bool {
     TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
@@ -247,6 +274,15 @@ fn on_a_fresh_machine_it_starts_its_own_server_and_ctrl_c_stops_everything() {
     assert!(alive(server), "the local server runs");
     assert!(data.join("jetstream").is_dir(), "data in the given folder");
     assert!(out.contains("provisioned:") && out.contains("kv bucket analytics: create"));
+    let dashboard = dashboard_address(&out);
+    let summary = http_get(&dashboard, "/api/summary");
+    assert!(summary.starts_with("HTTP/1.1 200"), "{summary}");
+    let summary: serde_json::Value =
+        serde_json::from_str(summary.split("\r\n\r\n").nth(1).unwrap_or("")).expect("JSON");
+    assert!(
+        summary["totals"]["events"].as_u64() > Some(0),
+        "the demo's dashboard shows its numbers: {summary}"
+    );
 
     demo.ctrl_c();
     let status = demo.wait_exit(Duration::from_secs(60));
