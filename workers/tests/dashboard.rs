@@ -10,8 +10,8 @@
 //! host (DNS rebinding) is refused.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +29,8 @@ use workers::events::{AnyEvent, Click, Login, Purchase};
 use workers::handlers::{self, Analytics, BUCKET};
 use workers::publish::now_ms;
 use workers::report::money;
+
+mod http;
 
 /// A product name that is markup: shown as text, it must never become an element.
 const HOSTILE_PRODUCT: &str = r#"<img src=x onerror="window.__pwned='product'">"#;
@@ -215,38 +217,6 @@ impl Drop for DashboardProcess {
     }
 }
 
-/// One HTTP/1.1 request; the status, the headers (lowercase names) and the body.
-fn http(
-    address: SocketAddr,
-    method: &str,
-    host: &str,
-    path: &str,
-) -> (u16, BTreeMap<String, String>, String) {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a head");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("a status");
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
-        .collect();
-    (status, headers, body.to_string())
-}
-
 async fn js_value(browser: &Browser, script: &str) -> Value {
     browser
         .client()
@@ -420,35 +390,41 @@ async fn the_dashboard_shows_what_stats_prints_keeps_names_inert_and_updates_liv
     let host = dashboard.address.to_string();
 
     // The HTTP side: security headers everywhere, GET only, loopback names only.
-    let (status, headers, body) = http(dashboard.address, "GET", &host, "/");
-    assert_eq!(status, 200);
-    assert_headers(&headers, "GET /");
-    assert!(body.contains(r#"<script src="/dashboard.js""#), "{body}");
-    let (status, headers, body) = http(dashboard.address, "GET", &host, "/api/summary");
-    assert_eq!(status, 200, "{body}");
-    assert_headers(&headers, "GET /api/summary");
+    let page = http::get(dashboard.address, "/");
+    assert_eq!(page.status, 200);
+    assert_headers(&page.headers, "GET /");
+    assert!(
+        page.body.contains(r#"<script src="/dashboard.js""#),
+        "{page:?}"
+    );
+    let api = http::get(dashboard.address, "/api/summary");
+    assert_eq!(api.status, 200, "{api:?}");
+    assert_headers(&api.headers, "GET /api/summary");
     assert_eq!(
-        headers.get("content-type").map(String::as_str),
+        api.headers.get("content-type").map(String::as_str),
         Some("application/json")
     );
     assert_eq!(
-        headers.get("cache-control").map(String::as_str),
+        api.headers.get("cache-control").map(String::as_str),
         Some("no-store")
     );
-    let summary: Value = serde_json::from_str(&body).expect("JSON");
+    let summary: Value = serde_json::from_str(&api.body).expect("JSON");
     assert_eq!(summary["totals"]["events"], expected.totals.events());
     for (method, path) in [("POST", "/api/summary"), ("DELETE", "/"), ("PUT", "/")] {
-        let (status, headers, _) = http(dashboard.address, method, &host, path);
-        assert_eq!(status, 405, "{method} {path} is refused: read-only");
-        assert_headers(&headers, method);
+        let refused = http::request(dashboard.address, method, &host, path);
+        assert_eq!(refused.status, 405, "{method} {path} is refused: read-only");
+        assert_headers(&refused.headers, method);
     }
-    let (status, headers, _) = http(dashboard.address, "GET", &host, "/nowhere");
-    assert_eq!(status, 404);
-    assert_headers(&headers, "an unknown path");
+    let unknown = http::get(dashboard.address, "/nowhere");
+    assert_eq!(unknown.status, 404);
+    assert_headers(&unknown.headers, "an unknown path");
     let rebound = format!("attacker.example:{}", dashboard.address.port());
-    let (status, _, body) = http(dashboard.address, "GET", &rebound, "/api/summary");
-    assert_eq!(status, 421, "another host's page cannot read it: {body}");
-    assert!(!body.contains("totals"), "{body}");
+    let rebound = http::request(dashboard.address, "GET", &rebound, "/api/summary");
+    assert_eq!(
+        rebound.status, 421,
+        "another host's page cannot read it: {rebound:?}"
+    );
+    assert!(!rebound.body.contains("totals"), "{rebound:?}");
 
     // The page: the numbers `stats` prints.
     let browser = Browser::start().await.expect("headless Chromium");

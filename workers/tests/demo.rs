@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use jetworker::testing::server::{NatsServer, ServerOptions};
 
+mod http;
+
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo")
 }
@@ -219,29 +221,17 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 }
 
 /// The address in "dashboard: http://ADDR/ ...".
-fn dashboard_address(output: &str) -> String {
+fn dashboard_address(output: &str) -> std::net::SocketAddr {
     output
         .lines()
-        .find_map(|l| l.strip_prefix("dashboard: http://")?.split('/').next())
+        .find_map(|l| {
+            l.strip_prefix("dashboard: http://")?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("the demo prints the dashboard's address:\n{output}"))
-        .to_string()
-}
-
-/// `GET path` from the dashboard at `address`: the whole response.
-fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect(address).expect("the dashboard answers");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
 }
 
 fn answers(port: u16) -> bool {
@@ -274,11 +264,9 @@ fn on_a_fresh_machine_it_starts_its_own_server_and_ctrl_c_stops_everything() {
     assert!(alive(server), "the local server runs");
     assert!(data.join("jetstream").is_dir(), "data in the given folder");
     assert!(out.contains("provisioned:") && out.contains("kv bucket analytics: create"));
-    let dashboard = dashboard_address(&out);
-    let summary = http_get(&dashboard, "/api/summary");
-    assert!(summary.starts_with("HTTP/1.1 200"), "{summary}");
-    let summary: serde_json::Value =
-        serde_json::from_str(summary.split("\r\n\r\n").nth(1).unwrap_or("")).expect("JSON");
+    let summary = http::get(dashboard_address(&out), "/api/summary");
+    assert_eq!(summary.status, 200, "{summary:?}");
+    let summary: serde_json::Value = serde_json::from_str(&summary.body).expect("JSON");
     assert!(
         summary["totals"]["events"].as_u64() > Some(0),
         "the demo's dashboard shows its numbers: {summary}"

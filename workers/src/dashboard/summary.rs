@@ -227,6 +227,13 @@ mod tests {
         events
     }
 
+    fn snapshot(pending: u64) -> Snapshot {
+        Snapshot {
+            aggregates: Aggregates::from_events(&events(), 3),
+            pending,
+        }
+    }
+
     fn options() -> SummaryOptions {
         SummaryOptions {
             top: 5,
@@ -237,10 +244,7 @@ mod tests {
 
     #[test]
     fn every_minute_of_the_window_is_a_row_and_the_texts_are_the_reports() {
-        let snapshot = Snapshot {
-            aggregates: Aggregates::from_events(&events(), 3),
-            pending: 1,
-        };
+        let snapshot = snapshot(1);
         let s = Summary::new(&snapshot, 9..=12, 42, &options());
         let minutes: Vec<(u64, &str, u64, u64)> = s
             .minutes
@@ -297,11 +301,7 @@ mod tests {
 
     #[test]
     fn the_json_has_flat_counts() {
-        let snapshot = Snapshot {
-            aggregates: Aggregates::from_events(&events(), 3),
-            pending: 0,
-        };
-        let s = Summary::new(&snapshot, 12..=12, 0, &options());
+        let s = Summary::new(&snapshot(0), 12..=12, 0, &options());
         let json = serde_json::to_value(&s).expect("serialize");
         assert_eq!(json["totals"]["clicks"], 1);
         assert_eq!(json["totals"]["revenue_cents"], 123_956);
