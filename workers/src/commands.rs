@@ -321,6 +321,9 @@ async fn stats_command(global: &GlobalArgs, args: &StatsArgs) -> Result<(), Fail
 
 async fn dashboard_command(global: &GlobalArgs, args: &DashboardArgs) -> Result<(), Failure> {
     let config = load(global)?;
+    // A refused address fails before anything connects.
+    dashboard::listen_address(&args.listen, args.allow_remote)
+        .map_err(|e| Failure::new(EXIT_FAILURE, format!("error: {e}")))?;
     let stop = CancellationToken::new();
     jetworker::on_signals(stop.clone());
     let (client, js) = connect(&config).await?;

@@ -253,6 +253,7 @@ async fn page_numbers(browser: &Browser) -> Value {
                 revenue_cents: value('revenue'),
             },
             revenue: document.getElementById('revenue').textContent,
+            window_revenue: document.getElementById('revenue-window').textContent,
             minutes: minutes,
             top_products: rows('top-products'),
             failing_users: rows('failing-users'),
@@ -302,6 +303,12 @@ fn expected_page(stats: &Value) -> Value {
             (minute.clone(), m)
         })
         .collect();
+    let window_cents = stats["minutes"]
+        .as_object()
+        .expect("minutes")
+        .values()
+        .map(|m| m["revenue_cents"].as_u64().expect("cents"))
+        .sum();
     json!({
         "totals": {
             "clicks": totals["clicks"], "purchases": totals["purchases"],
@@ -309,6 +316,7 @@ fn expected_page(stats: &Value) -> Value {
             "revenue_cents": totals["revenue_cents"],
         },
         "revenue": money(totals["revenue_cents"].as_u64().expect("cents")),
+        "window_revenue": money(window_cents),
         "minutes": minutes,
         "top_products": products.iter().map(|(name, n, cents)| json!([name, n.to_string(), money(*cents)])).collect::<Vec<_>>(),
         "failing_users": failing.iter().map(|(user, n)| json!([
@@ -510,4 +518,22 @@ async fn the_dashboard_shows_what_stats_prints_keeps_names_inert_and_updates_liv
     stop.cancel();
     running.wait().await;
     let _ = client.drain().await;
+}
+
+#[test]
+fn a_non_loopback_address_is_refused_unless_allowed() {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_workers"))
+        .arg("--config")
+        .arg(streams_toml())
+        .args(["dashboard", "--listen", "0.0.0.0:0"])
+        // Nothing listens there: the address is refused before any connection.
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .env_remove("JETWORKER_CONFIG")
+        .output()
+        .expect("workers dashboard runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--allow-remote"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
 }

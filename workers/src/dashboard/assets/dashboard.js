@@ -126,7 +126,7 @@
     revenue.textContent = t.revenue;
     revenue.dataset.value = String(t.revenue_cents);
     byId("revenue-window").textContent = s.window_revenue;
-    byId("window-minutes").textContent = String(s.minutes.length);
+    for (const el of document.querySelectorAll(".window-minutes")) el.textContent = String(s.minutes.length);
     byId("flag-threshold").textContent = String(s.flag_threshold);
 
     drawBars(byId("events-chart"), s.minutes, KINDS);
