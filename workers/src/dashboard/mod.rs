@@ -111,7 +111,7 @@ pub fn listen_address(listen: &str, allow_remote: bool) -> Result<SocketAddr, Da
     })?;
     if !address.ip().is_loopback() && !allow_remote {
         return Err(DashboardError::new(DashboardErrorKind::NotLoopback).with_message(format!(
-            "dashboard: {address} is reachable from other machines and the page shows user ids; listen on 127.0.0.1, or pass --allow-remote"
+            "dashboard: {address} is reachable from other machines and the page shows user ids; listen on 127.0.0.1, or serve it with `workers dashboard --allow-remote`"
         )));
     }
     Ok(address)
