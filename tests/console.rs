@@ -731,6 +731,36 @@ async fn without_a_token_only_loopback_and_with_one_nothing_without_it() {
     )
     .await;
     assert_eq!(status, 401);
+    // In the browser: the page asks for the token, refuses a wrong one, then shows it all.
+    let browser = Browser::start().await.expect("browser");
+    browser.client().goto(&console.url()).await.expect("goto");
+    wait_js(&browser, "return !document.getElementById('login').hidden;").await;
+    assert_eq!(
+        js_value(
+            &browser,
+            "return document.getElementById('view-overview').hidden;"
+        )
+        .await,
+        true
+    );
+    screenshot(&browser, "console-login").await;
+    let field = browser
+        .client()
+        .find(Locator::Id("login-token"))
+        .await
+        .expect("token field");
+    field.send_keys("guess").await.expect("type");
+    click(&browser, "#login-submit").await;
+    wait_js(
+        &browser,
+        "return document.getElementById('login-error').textContent === 'wrong token';",
+    )
+    .await;
+    field.clear().await.expect("clear");
+    field.send_keys(token).await.expect("type");
+    click(&browser, "#login-submit").await;
+    wait_js(&browser, "return document.getElementById('login').hidden && document.querySelectorAll('#streams tbody tr').length === 2;").await;
+    browser.close().await.expect("close");
     assert!(!console.log().contains(token), "the token is never logged");
     drop(console);
 }

@@ -381,6 +381,54 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_count_per_stream_consumer_and_reason() {
+        use jetworker::headers as dead_letter;
+        let letter = |stream: &str, consumer: Option<&str>, reason: &str| {
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(consumer) = consumer {
+                headers.insert(dead_letter::CONSUMER, consumer);
+            }
+            headers.insert(dead_letter::REASON, reason);
+            Letter {
+                stream: stream.into(),
+                sequence: 1,
+                subject: "dlq.x".into(),
+                time: time::OffsetDateTime::UNIX_EPOCH,
+                headers,
+                payload: bytes::Bytes::new(),
+            }
+        };
+        let letters = [
+            letter("DLQ", Some("jobs"), "permanent"),
+            letter("DLQ", Some("jobs"), "decode"),
+            letter("DLQ", Some("jobs"), "permanent"),
+            letter("DLQ2", Some("jobs"), "permanent"),
+            letter("DLQ", None, "abandoned"),
+        ];
+        let got = reason_counts(&letters);
+        let got: Vec<(&str, &str, &str, u64)> = got
+            .iter()
+            .map(|r| {
+                (
+                    r.stream.as_str(),
+                    r.consumer.as_str(),
+                    r.reason.as_str(),
+                    r.count,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("DLQ", "-", "abandoned", 1),
+                ("DLQ", "jobs", "decode", 1),
+                ("DLQ", "jobs", "permanent", 2),
+                ("DLQ2", "jobs", "permanent", 1),
+            ]
+        );
+    }
+
+    #[test]
     fn history_keeps_the_newest_samples() {
         let mut history = History::new(2);
         history.error = Some("was down".into());
