@@ -28,12 +28,11 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A job the scripted handler refuses for good: a `permanent` dead letter.
 fn permanent(id: u64) -> Job {
     Job {
-        id,
         mode: Mode::Permanent,
-        until: 0,
-        sleep_ms: 0,
+        ..Job::ok(id)
     }
 }
 
@@ -167,6 +166,17 @@ fn start_console(config: &Path, args: &[&str], env: &[(&str, &str)]) -> ConsoleP
     }
 }
 
+/// A browser on the console's page, at `fragment` (`#letters`, or "" for the overview).
+async fn open_page(console: &ConsoleProcess, fragment: &str) -> Browser {
+    let browser = Browser::start().await.expect("browser");
+    browser
+        .client()
+        .goto(&format!("{}{fragment}", console.url()))
+        .await
+        .expect("goto");
+    browser
+}
+
 /// `status --json` of the test worker binary.
 fn status_json(config: &Path) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_test_worker"))
@@ -198,6 +208,40 @@ async fn wait_js(browser: &Browser, script: &str) {
         .wait_until_js(script, WAIT)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The `textContent` of the element with this id.
+async fn text_of(browser: &Browser, id: &str) -> String {
+    let script = "return document.getElementById(arguments[0]).textContent;";
+    let value = browser
+        .client()
+        .execute(script, vec![Value::from(id)])
+        .await
+        .unwrap_or_else(|e| panic!("#{id}: {e}"));
+    value.as_str().unwrap_or_default().to_string()
+}
+
+/// Waits until the element with this id says exactly `text`.
+async fn wait_text(browser: &Browser, id: &str, text: &str) {
+    let script = format!(
+        "return document.getElementById({}).textContent === {};",
+        Value::from(id),
+        Value::from(text)
+    );
+    wait_js(browser, &script).await;
+}
+
+/// Waits until table `id` has `n` rows.
+async fn wait_rows(browser: &Browser, id: &str, n: usize) {
+    let script = format!("return document.querySelectorAll('#{id} tbody tr').length === {n};");
+    wait_js(browser, &script).await;
+}
+
+/// Clicks `button` and returns what the confirmation dialog it opens asks.
+async fn ask(browser: &Browser, button: &str) -> String {
+    click(browser, button).await;
+    wait_js(browser, "return document.getElementById('confirm').open;").await;
+    text_of(browser, "confirm-text").await
 }
 
 async fn click(browser: &Browser, css: &str) {
@@ -235,47 +279,41 @@ async fn rows(browser: &Browser, table: &str) -> Vec<Value> {
 /// The differences between the page's tables and a `status --json` report.
 fn differences(status: &Value, streams: &[Value], consumers: &[Value]) -> Vec<String> {
     let mut out = Vec::new();
-    let text = |v: &Value| match v {
-        Value::Null => "missing".to_string(),
-        other => other.to_string(),
+    let mut compare = |what: String, row: Option<&Value>, entry: &Value, fields: &[&str]| {
+        for field in fields {
+            let shown = row.map(|r| r[*field].clone()).unwrap_or(Value::Null);
+            let want = match &entry[*field] {
+                Value::Null => "missing".to_string(),
+                value => value.to_string(),
+            };
+            if shown != want {
+                out.push(format!("{what} {field}: page {shown}, status {want}"));
+            }
+        }
     };
     for s in status["streams"].as_array().into_iter().flatten() {
         let row = streams.iter().find(|r| r["stream"] == s["name"]);
-        for field in [
+        let fields = [
             "messages",
             "bytes",
             "first_sequence",
             "last_sequence",
             "consumer_count",
-        ] {
-            let shown = row.map(|r| r[field].clone()).unwrap_or(Value::Null);
-            if shown != text(&s[field]) {
-                out.push(format!(
-                    "stream {} {field}: page {shown}, status {}",
-                    s["name"], s[field]
-                ));
-            }
-        }
+        ];
+        compare(format!("stream {}", s["name"]), row, s, &fields);
     }
     for c in status["consumers"].as_array().into_iter().flatten() {
         let row = consumers
             .iter()
             .find(|r| r["consumer"] == c["name"] && r["stream"] == c["stream"]);
-        for field in [
+        let fields = [
             "pending",
             "ack_pending",
             "redelivered",
             "waiting",
             "dead_letters",
-        ] {
-            let shown = row.map(|r| r[field].clone()).unwrap_or(Value::Null);
-            if shown != text(&c[field]) {
-                out.push(format!(
-                    "consumer {} {field}: page {shown}, status {}",
-                    c["name"], c[field]
-                ));
-            }
-        }
+        ];
+        compare(format!("consumer {}", c["name"]), row, c, &fields);
     }
     out
 }
@@ -286,13 +324,8 @@ async fn the_page_shows_status_figures_and_a_replay_from_it_republishes() {
     jobs.extend((11..=13).map(permanent));
     let setup = setup(&jobs, &[], 3).await;
     let console = start_console(&setup.config, &[], &[]);
-    let browser = Browser::start().await.expect("browser");
-    browser.client().goto(&console.url()).await.expect("goto");
-    wait_js(
-        &browser,
-        "return document.querySelectorAll('#consumers tbody tr').length === 1;",
-    )
-    .await;
+    let browser = open_page(&console, "").await;
+    wait_rows(&browser, "consumers", 1).await;
 
     // The figures are status --json's (read again until the page has caught up).
     let mut last = Vec::new();
@@ -333,11 +366,7 @@ async fn the_page_shows_status_figures_and_a_replay_from_it_republishes() {
 
     // The dead letters, as `dlq list` lists them.
     click(&browser, "#nav-letters").await;
-    wait_js(
-        &browser,
-        "return document.querySelectorAll('#letters tbody tr').length === 3;",
-    )
-    .await;
+    wait_rows(&browser, "letters", 3).await;
     let letters = rows(&browser, "letters").await;
     assert!(letters
         .iter()
@@ -352,11 +381,7 @@ async fn the_page_shows_status_figures_and_a_replay_from_it_republishes() {
     click(&browser, "#letters tbody tr:first-child a.open").await;
     wait_js(&browser, r#"return document.getElementById('letter-payload').textContent.includes('"mode": "permanent"');"#).await;
     assert_eq!(
-        js_value(
-            &browser,
-            "return document.getElementById('payload-title').textContent;"
-        )
-        .await,
+        text_of(&browser, "payload-title").await,
         "Payload (msgpack)"
     );
     assert_eq!(
@@ -371,8 +396,11 @@ async fn the_page_shows_status_figures_and_a_replay_from_it_republishes() {
 
     // Replay it: confirm, and it is republished to its original subject and gone.
     let events_before = count(&setup.js, "EVENTS").await;
-    click(&browser, "#replay-one").await;
-    wait_js(&browser, "return document.getElementById('confirm').open;").await;
+    let question = ask(&browser, "#replay-one").await;
+    assert!(
+        question.starts_with("Replay dead letter DLQ #"),
+        "{question}"
+    );
     screenshot(&browser, "console-replay-confirm").await;
     click(&browser, "#confirm-ok").await;
     wait_js(&browser, "return location.hash === '#letters' && document.querySelectorAll('#letters tbody tr').length === 2;").await;
@@ -394,17 +422,8 @@ async fn the_page_shows_status_figures_and_a_replay_from_it_republishes() {
         .get_raw_message(seq)
         .await;
     assert!(gone.is_err(), "the replayed letter is deleted");
-    let notice = js_value(
-        &browser,
-        "return document.getElementById('notice').textContent;",
-    )
-    .await;
-    assert!(
-        notice
-            .as_str()
-            .is_some_and(|n| n.starts_with("replayed 1 of 1")),
-        "{notice}"
-    );
+    let notice = text_of(&browser, "notice").await;
+    assert!(notice.starts_with("replayed 1 of 1"), "{notice}");
     // The page follows: one dead letter fewer, one message more pending.
     wait_js(&browser, "return document.querySelector('#consumers [data-field=dead_letters]').textContent === '2';").await;
     screenshot(&browser, "console-after-replay").await;
@@ -416,31 +435,14 @@ async fn the_page_shows_status_figures_and_a_replay_from_it_republishes() {
 async fn a_purge_needs_the_confirmation() {
     let setup = setup(&(21..=23).map(permanent).collect::<Vec<_>>(), &[], 3).await;
     let console = start_console(&setup.config, &[], &[]);
-    let browser = Browser::start().await.expect("browser");
-    browser
-        .client()
-        .goto(&format!("{}#letters", console.url()))
-        .await
-        .expect("goto");
-    wait_js(
-        &browser,
-        "return document.querySelectorAll('#letters tbody tr').length === 3;",
-    )
-    .await;
+    let browser = open_page(&console, "#letters").await;
+    wait_rows(&browser, "letters", 3).await;
 
     // Cancel keeps it.
     click(&browser, "#letters tbody tr:first-child input.pick").await;
-    click(&browser, "#purge-selected").await;
-    wait_js(&browser, "return document.getElementById('confirm').open;").await;
-    let question = js_value(
-        &browser,
-        "return document.getElementById('confirm-text').textContent;",
-    )
-    .await;
+    let question = ask(&browser, "#purge-selected").await;
     assert!(
-        question
-            .as_str()
-            .is_some_and(|q| q.starts_with("Delete 1 selected dead letter for good?")),
+        question.starts_with("Delete 1 selected dead letter for good?"),
         "{question}"
     );
     screenshot(&browser, "console-purge-confirm").await;
@@ -454,28 +456,17 @@ async fn a_purge_needs_the_confirmation() {
     assert_eq!(count(&setup.js, "DLQ").await, 3);
 
     // Confirm removes it.
-    wait_js(
-        &browser,
-        "return document.querySelectorAll('#letters tbody tr').length === 3;",
-    )
-    .await;
+    wait_rows(&browser, "letters", 3).await;
     click(&browser, "#letters tbody tr:first-child input.pick").await;
-    click(&browser, "#purge-selected").await;
-    wait_js(&browser, "return document.getElementById('confirm').open;").await;
+    assert!(ask(&browser, "#purge-selected")
+        .await
+        .starts_with("Delete 1 selected"));
     click(&browser, "#confirm-ok").await;
-    wait_js(
-        &browser,
-        "return document.getElementById('notice').textContent === 'purged 1 dead letter';",
-    )
-    .await;
+    wait_text(&browser, "notice", "purged 1 dead letter").await;
     assert_eq!(count(&setup.js, "DLQ").await, 2);
 
     // A filter: every `permanent` one of consumer jobs.
-    wait_js(
-        &browser,
-        "return document.querySelectorAll('#letters tbody tr').length === 2;",
-    )
-    .await;
+    wait_rows(&browser, "letters", 2).await;
     browser
         .client()
         .find(Locator::Id("filter-reason"))
@@ -485,31 +476,12 @@ async fn a_purge_needs_the_confirmation() {
         .await
         .expect("type");
     click(&browser, "#filter-apply").await;
-    click(&browser, "#purge-matching").await;
-    wait_js(&browser, "return document.getElementById('confirm').open;").await;
-    let question = js_value(
-        &browser,
-        "return document.getElementById('confirm-text').textContent;",
-    )
-    .await;
-    assert!(
-        question
-            .as_str()
-            .is_some_and(|q| q.contains("matching reason permanent")),
-        "{question}"
-    );
+    let question = ask(&browser, "#purge-matching").await;
+    assert!(question.contains("matching reason permanent"), "{question}");
     click(&browser, "#confirm-ok").await;
-    wait_js(
-        &browser,
-        "return document.getElementById('notice').textContent === 'purged 2 dead letters';",
-    )
-    .await;
+    wait_text(&browser, "notice", "purged 2 dead letters").await;
     assert_eq!(count(&setup.js, "DLQ").await, 0);
-    wait_js(
-        &browser,
-        "return document.getElementById('letters-count').textContent === '0 dead letters';",
-    )
-    .await;
+    wait_text(&browser, "letters-count", "0 dead letters").await;
     screenshot(&browser, "console-after-purge").await;
     browser.close().await.expect("close");
     drop(console);
@@ -530,17 +502,8 @@ async fn a_hostile_dead_letter_stays_text() {
     )];
     let setup = setup(&[], &raw, 1).await;
     let console = start_console(&setup.config, &[], &[]);
-    let browser = Browser::start().await.expect("browser");
-    browser
-        .client()
-        .goto(&format!("{}#letters", console.url()))
-        .await
-        .expect("goto");
-    wait_js(
-        &browser,
-        "return document.querySelectorAll('#letters tbody tr').length === 1;",
-    )
-    .await;
+    let browser = open_page(&console, "#letters").await;
+    wait_rows(&browser, "letters", 1).await;
     let listed = &rows(&browser, "letters").await[0];
     assert_eq!(listed["original_subject"], HOSTILE_SUBJECT);
     assert_eq!(listed["reason"], "decode");
@@ -551,11 +514,7 @@ async fn a_hostile_dead_letter_stays_text() {
         "return document.getElementById('letter-payload').textContent.length > 0;",
     )
     .await;
-    let payload = js_value(
-        &browser,
-        "return document.getElementById('letter-payload').textContent;",
-    )
-    .await;
+    let payload = text_of(&browser, "letter-payload").await;
     assert_eq!(payload, String::from_utf8_lossy(HOSTILE_PAYLOAD).as_ref());
     let note = js_value(
         &browser,
@@ -629,16 +588,20 @@ async fn http(
     (status, head.to_string(), body.to_string())
 }
 
+/// The `name=value` of the session cookie a response's `head` sets.
+fn session_cookie(head: &str) -> String {
+    head.lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_string()
+}
+
 /// A session of the console at `addr`: (its cookie, its CSRF token).
 async fn open_session(addr: SocketAddr, headers: &[(&str, &str)]) -> (String, String) {
     let (status, head, body) = http(addr, "GET", "/api/session", headers, "").await;
     assert_eq!(status, 200, "{head}\n{body}");
-    let cookie = head
-        .lines()
-        .find_map(|l| l.strip_prefix("set-cookie: "))
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_string();
+    let cookie = session_cookie(&head);
     let session: Value = serde_json::from_str(&body).expect("session JSON");
     (cookie, session["csrf"].as_str().expect("csrf").to_string())
 }
@@ -707,12 +670,7 @@ async fn without_a_token_only_loopback_and_with_one_nothing_without_it() {
     )
     .await;
     assert_eq!(status, 200, "{head}");
-    let cookie = head
-        .lines()
-        .find_map(|l| l.strip_prefix("set-cookie: "))
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_string();
+    let cookie = session_cookie(&head);
     let (status, _, _) = http(
         console.addr,
         "GET",
@@ -732,8 +690,7 @@ async fn without_a_token_only_loopback_and_with_one_nothing_without_it() {
     .await;
     assert_eq!(status, 401);
     // In the browser: the page asks for the token, refuses a wrong one, then shows it all.
-    let browser = Browser::start().await.expect("browser");
-    browser.client().goto(&console.url()).await.expect("goto");
+    let browser = open_page(&console, "").await;
     wait_js(&browser, "return !document.getElementById('login').hidden;").await;
     assert_eq!(
         js_value(
@@ -751,11 +708,7 @@ async fn without_a_token_only_loopback_and_with_one_nothing_without_it() {
         .expect("token field");
     field.send_keys("guess").await.expect("type");
     click(&browser, "#login-submit").await;
-    wait_js(
-        &browser,
-        "return document.getElementById('login-error').textContent === 'wrong token';",
-    )
-    .await;
+    wait_text(&browser, "login-error", "wrong token").await;
     field.clear().await.expect("clear");
     field.send_keys(token).await.expect("type");
     click(&browser, "#login-submit").await;
@@ -868,17 +821,8 @@ async fn changes_need_the_csrf_token_the_same_origin_and_a_writable_console() {
         serde_json::from_str::<Value>(&body).expect("JSON")["total"],
         1
     );
-    let browser = Browser::start().await.expect("browser");
-    browser
-        .client()
-        .goto(&format!("{}#letters", console.url()))
-        .await
-        .expect("goto");
-    wait_js(
-        &browser,
-        "return document.querySelectorAll('#letters tbody tr').length === 1;",
-    )
-    .await;
+    let browser = open_page(&console, "#letters").await;
+    wait_rows(&browser, "letters", 1).await;
     assert_eq!(
         js_value(&browser, "return document.getElementById('mode').hidden;").await,
         false

@@ -162,14 +162,14 @@ impl Console {
         let capacity = (CHART_WINDOW.as_millis() / every.as_millis()).clamp(10, 5000) as usize;
         let history = Arc::new(RwLock::new(History::new(capacity)));
         let wake = Arc::new(Notify::new());
-        let sampler = Sampler::new(
+        let sampler = Sampler {
             js,
-            config.clone(),
-            dlq.as_ref().ok().cloned(),
-            history.clone(),
-            wake.clone(),
+            config: config.clone(),
+            dlq: dlq.as_ref().ok().cloned(),
+            history: history.clone(),
+            wake: wake.clone(),
             every,
-        );
+        };
         let state = Arc::new(ConsoleState {
             dlq,
             read_only: settings.read_only,

@@ -170,6 +170,15 @@ fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&s
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// What the request's headers say about where it comes from.
+fn request_origin(headers: &HeaderMap) -> RequestOrigin<'_> {
+    RequestOrigin {
+        host: header_str(headers, header::HOST),
+        origin: header_str(headers, header::ORIGIN),
+        fetch_site: header_str(headers, "sec-fetch-site"),
+    }
+}
+
 /// True for a `Host` naming a loopback address or `localhost`, with or without a port.
 fn loopback_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
@@ -239,12 +248,7 @@ impl ConsoleState {
     /// CSRF token, and not a read-only console.
     fn check_change(&self, headers: &HeaderMap) -> Result<(), Failure> {
         self.check_read(headers)?;
-        let origin = RequestOrigin {
-            host: header_str(headers, header::HOST),
-            origin: header_str(headers, header::ORIGIN),
-            fetch_site: header_str(headers, "sec-fetch-site"),
-        };
-        check_same_origin(origin).map_err(forbidden)?;
+        check_same_origin(request_origin(headers)).map_err(forbidden)?;
         let session = cookie(header_str(headers, header::COOKIE), &self.cookie_name);
         let sessions = self.lock_sessions();
         let expected = session.and_then(|id| sessions.csrf(id, Instant::now()));
@@ -342,12 +346,7 @@ async fn login(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Failure> {
-    let origin = RequestOrigin {
-        host: header_str(&headers, header::HOST),
-        origin: header_str(&headers, header::ORIGIN),
-        fetch_site: header_str(&headers, "sec-fetch-site"),
-    };
-    check_same_origin(origin).map_err(forbidden)?;
+    check_same_origin(request_origin(&headers)).map_err(forbidden)?;
     let Some(token) = &state.token else {
         return Ok(state.session_response(&headers));
     };

@@ -214,34 +214,21 @@ pub(super) fn charts(samples: &[Sample]) -> Vec<Chart> {
 
 /// Reads the server every `every` (or at once when woken) into a shared [`History`].
 pub(super) struct Sampler {
-    js: jetstream::Context,
-    config: Config,
-    dlq: Option<Dlq>,
-    history: Arc<RwLock<History>>,
-    wake: Arc<Notify>,
-    every: Duration,
+    /// Where to read.
+    pub(super) js: jetstream::Context,
+    /// Whose streams and consumers.
+    pub(super) config: Config,
+    /// To count the dead letters by reason (none when the config has no dead-letter stream).
+    pub(super) dlq: Option<Dlq>,
+    /// Where the samples go.
+    pub(super) history: Arc<RwLock<History>>,
+    /// Notified to sample at once (after a replay or purge).
+    pub(super) wake: Arc<Notify>,
+    /// The time between samples.
+    pub(super) every: Duration,
 }
 
 impl Sampler {
-    /// A sampler of `config`'s streams and consumers into `history`.
-    pub(super) fn new(
-        js: jetstream::Context,
-        config: Config,
-        dlq: Option<Dlq>,
-        history: Arc<RwLock<History>>,
-        wake: Arc<Notify>,
-        every: Duration,
-    ) -> Sampler {
-        Sampler {
-            js,
-            config,
-            dlq,
-            history,
-            wake,
-            every,
-        }
-    }
-
     /// Samples until `stop` is cancelled.
     pub(super) async fn run(self, stop: CancellationToken) {
         loop {

@@ -7,6 +7,9 @@
 const POLL_MS = 2000;
 const COLORS = ["#2456a6", "#c0453f", "#2e8b57", "#b8860b", "#6a3d9a", "#17becf"];
 const SVG_NS = "http://www.w3.org/2000/svg";
+// The figures of `status --json` shown per stream and per consumer, in column order.
+const STREAM_FIELDS = ["messages", "bytes", "first_sequence", "last_sequence", "consumer_count"];
+const CONSUMER_FIELDS = ["pending", "ack_pending", "redelivered", "waiting"];
 
 const session = { csrf: null, readOnly: false };
 let lastOverview = null;
@@ -143,13 +146,9 @@ function renderOverview(data) {
     if (!s.exists) row.className = "missing";
     row.appendChild(el("td", s.dead_letters ? s.name + " (dead letters)" : s.name, { "data-field": "name" }));
     if (s.exists) {
-      numberCell(row, "messages", s.messages);
-      numberCell(row, "bytes", s.bytes);
-      numberCell(row, "first_sequence", s.first_sequence);
-      numberCell(row, "last_sequence", s.last_sequence);
-      numberCell(row, "consumer_count", s.consumer_count);
+      for (const field of STREAM_FIELDS) numberCell(row, field, s[field]);
     } else {
-      row.appendChild(el("td", "missing: provision creates it", { colspan: 5 }));
+      row.appendChild(el("td", "missing: provision creates it", { colspan: STREAM_FIELDS.length }));
     }
     streams.appendChild(row);
   }
@@ -159,12 +158,9 @@ function renderOverview(data) {
     row.appendChild(el("td", c.name, { "data-field": "name" }));
     row.appendChild(el("td", c.stream, { "data-field": "stream" }));
     if (c.exists) {
-      numberCell(row, "pending", c.pending);
-      numberCell(row, "ack_pending", c.ack_pending);
-      numberCell(row, "redelivered", c.redelivered);
-      numberCell(row, "waiting", c.waiting);
+      for (const field of CONSUMER_FIELDS) numberCell(row, field, c[field]);
     } else {
-      row.appendChild(el("td", "missing", { colspan: 4 }));
+      row.appendChild(el("td", "missing", { colspan: CONSUMER_FIELDS.length }));
     }
     const shared = c.dead_letter_subject_shared_with || [];
     const dead = c.dead_letters === null ? "missing" : String(c.dead_letters) + (shared.length ? "*" : "");
