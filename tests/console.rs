@@ -95,7 +95,7 @@ async fn setup(jobs: &[Job], raw: &[RawMessage], dead_letters: u64) -> Setup {
 
 /// The test worker's `console`, until dropped.
 struct ConsoleProcess {
-    _process: WorkerProcess,
+    process: WorkerProcess,
     addr: SocketAddr,
     stderr: PathBuf,
 }
@@ -160,7 +160,7 @@ fn start_console(config: &Path, args: &[&str], env: &[(&str, &str)]) -> ConsoleP
             )
         });
     ConsoleProcess {
-        _process: process,
+        process,
         addr,
         stderr,
     }
@@ -716,6 +716,30 @@ async fn without_a_token_only_loopback_and_with_one_nothing_without_it() {
     browser.close().await.expect("close");
     assert!(!console.log().contains(token), "the token is never logged");
     drop(console);
+
+    // The token from the environment works the same way.
+    let console = start_console(
+        &setup.config,
+        &[],
+        &[(jetworker_cli::CONSOLE_TOKEN_ENV, token)],
+    );
+    let (status, _, _) = http(console.addr, "GET", "/api/overview", &[], "").await;
+    assert_eq!(status, 401);
+    let (status, _, _) = http(
+        console.addr,
+        "GET",
+        "/api/overview",
+        &[("Authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    // SIGTERM ends it: the sampler stops, the requests in flight finish, exit 0.
+    let mut console = console;
+    console.process.signal("TERM");
+    let exit = console.process.wait_exit(Duration::from_secs(15));
+    assert!(exit.success(), "{exit:?}: {}", console.log());
+    assert!(!console.log().contains(token), "the token is never logged");
 }
 
 #[tokio::test]
