@@ -47,7 +47,7 @@
 //! needs a token from `JETWORKER_CONSOLE_TOKEN` or `--token-file`) showing what
 //! `status` reports, charts of the last minutes, and the dead letters with the `dlq`
 //! filters, replay and purge (refused with `--read-only`). Programs embed it with
-//! [`Console`]; its module docs there say what keeps it safe.
+//! [`Console`], whose docs say what keeps it safe.
 //!
 //! # Layout
 //! - `cli`: [`Cli`], the command line a binary builds: built-in and own commands.

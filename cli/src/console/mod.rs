@@ -1,43 +1,5 @@
-//! `console`: a web page over the server, for the operator who would rather look than
-//! type: per stream and consumer what `status` prints, charts of the last minutes, and
-//! the dead letters as `dlq` handles them (list with its filters, show one decoded,
-//! replay and purge of one, a selection or a filter, after a confirmation).
-//!
-//! # What it reads
-//! The same as the commands, through their code: the sampler calls
-//! [`collect_status`](crate::collect_status) every `--sample-every` and keeps the last
-//! minutes of reports for the charts (rates are differences between samples, so every
-//! replica's work shows); the dead letters go through [`Dlq`](crate::Dlq), so a replay
-//! from the page is the CLI's replay (republish, await the PubAck, then delete; letters
-//! without their payload are skipped and kept).
-//!
-//! # Safe by default
-//! - It listens on `127.0.0.1:8222` unless told otherwise. Any non-loopback address
-//!   needs a token, from `--token-file` or `JETWORKER_CONSOLE_TOKEN` (never the config
-//!   text, never a log line); without one the console refuses to start. With a token,
-//!   every API request carries it (`Authorization: Bearer`) or a session opened by
-//!   logging in with it on the page (an `HttpOnly`, `SameSite=Strict` cookie); otherwise
-//!   it gets 401. The page itself holds no data.
-//! - Without a token, only requests addressed to a loopback name are answered (a DNS
-//!   rebinding page gets nothing).
-//! - Replay and purge are POSTs that must come from the console's own page: `Origin`
-//!   and `Sec-Fetch-Site`, when sent, must say same-origin, and the request must carry
-//!   its session's CSRF token (`X-Jetworker-Csrf`). `--read-only` refuses them outright.
-//! - What the server holds (subjects, headers, payloads, error texts) is only ever put
-//!   into the page as text, and a strict Content-Security-Policy lets the page run its
-//!   own script alone: a dead letter holding `<script>` or markup shows as text.
-//! - The page, its script and its style are built into the binary: no CDN, it works
-//!   offline.
-//!
-//! ```no_run
-//! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker_cli::ConsoleError> {
-//! use jetworker_cli::{Console, ConsoleSettings};
-//!
-//! let console = Console::bind(js, &config, ConsoleSettings::default()).await?;
-//! println!("console on http://{}/", console.local_addr());
-//! console.serve(async { let _ = tokio::signal::ctrl_c().await; }).await?;
-//! # Ok(()) }
-//! ```
+//! `console`: the web console ([`Console`]): a page over what `status` reports and the
+//! dead letters as `dlq` handles them, with charts of the last minutes.
 //!
 //! # Layout
 //! - `access`: the token ([`ConsoleToken`]) and the listen rule, sessions, the
@@ -123,7 +85,48 @@ impl Default for ConsoleSettings {
     }
 }
 
-/// A console bound to its address, ready to [`serve`](Console::serve).
+/// The `console` subcommand's server: a web page for the operator who would rather look
+/// than type: per stream and consumer what `status` prints, charts of the last minutes, and
+/// the dead letters as `dlq` handles them (list with its filters, show one decoded,
+/// replay and purge of one, a selection or a filter, after a confirmation).
+///
+/// # What it reads
+/// The same as the commands, through their code: the sampler calls
+/// [`collect_status`](crate::collect_status) every `--sample-every` and keeps the last
+/// minutes of reports for the charts (rates are differences between samples, so every
+/// replica's work shows); the dead letters go through [`Dlq`](crate::Dlq), so a replay
+/// from the page is the CLI's replay (republish, await the PubAck, then delete; letters
+/// without their payload are skipped and kept).
+///
+/// # Safe by default
+/// - It listens on `127.0.0.1:8222` unless told otherwise. Any non-loopback address
+///   needs a token, from `--token-file` or `JETWORKER_CONSOLE_TOKEN` (never the config
+///   text, never a log line); without one the console refuses to start. With a token,
+///   every API request carries it (`Authorization: Bearer`) or a session opened by
+///   logging in with it on the page (an `HttpOnly`, `SameSite=Strict` cookie); otherwise
+///   it gets 401. The page itself holds no data.
+/// - Without a token, only requests addressed to a loopback name are answered (a DNS
+///   rebinding page gets nothing).
+/// - Replay and purge are POSTs that must come from the console's own page: `Origin`
+///   and `Sec-Fetch-Site`, when sent, must say same-origin, and the request must carry
+///   its session's CSRF token (`X-Jetworker-Csrf`). `--read-only` refuses them outright.
+/// - What the server holds (subjects, headers, payloads, error texts) is only ever put
+///   into the page as text, and a strict Content-Security-Policy lets the page run its
+///   own script alone: a dead letter holding `<script>` or markup shows as text.
+/// - The page, its script and its style are built into the binary: no CDN, it works
+///   offline.
+///
+/// ```no_run
+/// # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker_cli::ConsoleError> {
+/// use jetworker_cli::{Console, ConsoleSettings};
+///
+/// let console = Console::bind(js, &config, ConsoleSettings::default()).await?;
+/// println!("console on http://{}/", console.local_addr());
+/// console.serve(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// # Ok(()) }
+/// ```
+///
+/// A `Console` is bound to its address, ready to [`serve`](Console::serve).
 pub struct Console {
     listener: tokio::net::TcpListener,
     state: Arc<ConsoleState>,
