@@ -597,6 +597,11 @@ fn session_cookie(head: &str) -> String {
         .to_string()
 }
 
+/// The status of a GET of `path` with `headers`.
+async fn get_status(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> u16 {
+    http(addr, "GET", path, headers, "").await.0
+}
+
 /// A session of the console at `addr`: (its cookie, its CSRF token).
 async fn open_session(addr: SocketAddr, headers: &[(&str, &str)]) -> (String, String) {
     let (status, head, body) = http(addr, "GET", "/api/session", headers, "").await;
@@ -671,14 +676,7 @@ async fn without_a_token_only_loopback_and_with_one_nothing_without_it() {
     .await;
     assert_eq!(status, 200, "{head}");
     let cookie = session_cookie(&head);
-    let (status, _, _) = http(
-        console.addr,
-        "GET",
-        "/api/overview",
-        &[("Cookie", &cookie)],
-        "",
-    )
-    .await;
+    let status = get_status(console.addr, "/api/overview", &[("Cookie", &cookie)]).await;
     assert_eq!(status, 200);
     let (status, _, _) = http(
         console.addr,
@@ -723,16 +721,9 @@ async fn without_a_token_only_loopback_and_with_one_nothing_without_it() {
         &[],
         &[(jetworker_cli::CONSOLE_TOKEN_ENV, token)],
     );
-    let (status, _, _) = http(console.addr, "GET", "/api/overview", &[], "").await;
+    let status = get_status(console.addr, "/api/overview", &[]).await;
     assert_eq!(status, 401);
-    let (status, _, _) = http(
-        console.addr,
-        "GET",
-        "/api/overview",
-        &[("Authorization", &bearer)],
-        "",
-    )
-    .await;
+    let status = get_status(console.addr, "/api/overview", &[("Authorization", &bearer)]).await;
     assert_eq!(status, 200);
     // SIGTERM ends it: the sampler stops, the requests in flight finish, exit 0.
     let mut console = console;
