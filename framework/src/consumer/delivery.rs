@@ -380,6 +380,7 @@ async fn settle<S: Send + Sync + 'static>(
         Outcome::Ack => {
             if send_or_note(rt, reply, AckKind::Ack, Some(*seq)).await {
                 rt.stats.acked.fetch_add(1, Ordering::Relaxed);
+                rt.stats.observe_attempts(true, *attempt);
             }
             tracing::debug!(stream, consumer = %consumer, seq, attempt, outcome = "ack", "settled");
         }
@@ -458,6 +459,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
             Ok(_) => {
                 term(rt, &delivery.reply, reason).await;
                 rt.stats.count_dead_letter(reason);
+                rt.stats.observe_attempts(false, attempt);
                 tracing::warn!(
                     stream, consumer = %consumer, seq, attempt,
                     outcome = "dead_letter", reason = %reason, error = %letter.error,
