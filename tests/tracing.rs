@@ -84,6 +84,79 @@ async fn traceparent_continues_through_the_handler() {
     worker.await.expect("join").expect("ran");
 }
 
+/// `tracestate` travels with the trace: onto what the handler publishes, and onto the
+/// dead-letter copy, which keeps the original's `traceparent`. The copy of a
+/// JSON payload the MessagePack consumer could not decode says which codec to set.
+#[tokio::test]
+async fn tracestate_and_the_trace_reach_follow_ups_and_dead_letters() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "FOLLOWUP".into(),
+        subjects: vec!["followup.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let mut cfg = config(&server.url(), "");
+    cfg.consumers[0].handler = "forward".into();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        App::new(())
+            .handler("forward", forward)
+            .run_until(cfg, stop.clone()),
+    );
+    wait_until(Duration::from_secs(10), "provisioned", || async {
+        js.get_stream("EVENTS").await.is_ok()
+    })
+    .await;
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let bad = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    for (subject, traceparent, payload) in [
+        (
+            "jobs.1",
+            good,
+            rmp_serde::to_vec_named(&Job::ok(1)).expect("encode"),
+        ),
+        ("jobs.2", bad, br#"{"id": 2, "mode": "Ok"}"#.to_vec()),
+    ] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", traceparent);
+        headers.insert("tracestate", "vendor=abc");
+        js.publish_with_headers(subject, headers, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "follow-up and dead letter",
+        || async { count(&js, "FOLLOWUP").await == 1 && count(&js, "DLQ").await == 1 },
+    )
+    .await;
+    stop.cancel();
+    worker.await.expect("join").expect("ran");
+
+    let traced = |m: &jetstream::message::StreamMessage| {
+        let parent =
+            TraceContext::parse(&header(m, "traceparent").expect("traceparent")).expect("valid");
+        (parent, header(m, "tracestate"))
+    };
+    let (followup, state) = traced(&messages(&js, "FOLLOWUP").await[0]);
+    assert_eq!(followup.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(state.as_deref(), Some("vendor=abc"));
+    let letter = &messages(&js, "DLQ").await[0];
+    let (copy, state) = traced(letter);
+    assert_eq!(copy.to_string(), bad, "the original's, for replays too");
+    assert_eq!(state.as_deref(), Some("vendor=abc"));
+    let error = header(letter, jetworker::headers::ERROR).expect("error header");
+    assert!(
+        error.contains("looks like JSON") && error.contains("codec = \"json\""),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn json_logs_carry_the_message_span() {
     let server = NatsServer::start().expect("server");
