@@ -1,25 +1,25 @@
 //! OpenTelemetry export (jetworker's `otel` feature) against an OTLP/HTTP receiver this
 //! test runs on loopback: the delivery's span is exported inside the sender's trace
-//! (`traceparent` and `tracestate`), and what the handler publishes and the dead-letter
-//! copies name the exported spans as their parents.
+//! (`traceparent` and `tracestate`), what the handler publishes names the exported span
+//! as its parent, and so does the dead-letter copy of a message that came untraced.
 //!
 //! Run with: cargo test -p jetworker-suite --features otel --test otel
 
 mod common;
+mod trace_kit;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use common::*;
 use jetworker::testing::server::NatsServer;
-use jetworker::{App, Context, Event, HandlerError, OtlpExporter, Publisher, TraceContext};
+use jetworker::{OtlpExporter, TraceContext};
 use jetworker_suite::Job;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio_util::sync::CancellationToken;
+use trace_kit::{publish_traced, ForwardingWorker};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -131,20 +131,6 @@ async fn start_receiver() -> (String, Arc<Mutex<Vec<ExportedSpan>>>) {
     (url, spans)
 }
 
-/// Publishes a follow-up for every job, through the `Publisher`.
-async fn forward(job: Event<Job>, ctx: Context) -> Result<(), HandlerError> {
-    let js = ctx.jetstream().ok_or("no jetstream")?.clone();
-    Publisher::new(js)
-        .publish(
-            &format!("followup.{}", job.id),
-            &format!("f-{}", job.id),
-            &job.payload,
-        )
-        .await
-        .map_err(HandlerError::transient)?;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_inside_the_senders_trace() {
     let (url, spans) = start_receiver().await;
@@ -155,63 +141,27 @@ async fn spans_are_exported_inside_the_senders_trace() {
         .expect("the only subscriber of this test binary");
 
     let server = NatsServer::start().expect("server");
-    let (_c, js) = connect(&server.url()).await;
-    js.create_stream(jetstream::stream::Config {
-        name: "FOLLOWUP".into(),
-        subjects: vec!["followup.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
-    let mut cfg = config(&server.url(), "");
-    cfg.consumers[0].handler = "forward".into();
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(
-        App::new(())
-            .handler("forward", forward)
-            .run_until(cfg, stop.clone()),
-    );
-    wait_until(Duration::from_secs(10), "provisioned", || async {
-        match js.get_stream("EVENTS").await {
-            Ok(s) => s.consumer_info("jobs").await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
+    let worker = ForwardingWorker::start(&server).await;
+    let js = worker.js.clone();
 
     // One job that is handled and one JSON payload the MessagePack consumer dead-letters,
     // each in a trace of the sender's with vendor data in the tracestate; and one more
     // JSON payload sent outside any trace.
     let sender = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let sender_of_bad = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    for (subject, traceparent, payload) in [
-        (
-            "jobs.1",
-            Some(sender),
-            rmp_serde::to_vec_named(&Job::ok(1)).expect("encode"),
-        ),
-        ("jobs.2", Some(sender_of_bad), br#"{"id": 2}"#.to_vec()),
-        ("jobs.3", None, br#"{"id": 3}"#.to_vec()),
-    ] {
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(traceparent) = traceparent {
-            headers.insert("traceparent", traceparent);
-            headers.insert("tracestate", "vendor=abc,other=1");
-        }
-        js.publish_with_headers(subject, headers, payload.into())
-            .await
-            .expect("publish")
-            .await
-            .expect("ack");
-    }
+    let state = "vendor=abc,other=1";
+    let job = rmp_serde::to_vec_named(&Job::ok(1)).expect("encode");
+    publish_traced(&js, "jobs.1", Some((sender, state)), job).await;
+    let json = br#"{"id": 2}"#.to_vec();
+    publish_traced(&js, "jobs.2", Some((sender_of_bad, state)), json).await;
+    publish_traced(&js, "jobs.3", None, br#"{"id": 3}"#.to_vec()).await;
     wait_until(
         Duration::from_secs(10),
         "follow-up and dead letters",
         || async { count(&js, "FOLLOWUP").await == 1 && count(&js, "DLQ").await == 2 },
     )
     .await;
-    stop.cancel();
-    worker.await.expect("join").expect("ran");
+    worker.stop().await;
     let flushed = tokio::task::spawn_blocking(move || exporter.shutdown())
         .await
         .expect("join");
