@@ -77,9 +77,16 @@ pub type OtelError = Error<OtelErrorKind>;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
 pub struct OtlpExporter {
     provider: SdkTracerProvider,
+}
+
+impl fmt::Debug for OtlpExporter {
+    // Not the provider's own: its exporter's settings may hold the collector's auth
+    // headers (`OTEL_EXPORTER_OTLP_HEADERS`), and secrets never reach a Debug output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtlpExporter").finish_non_exhaustive()
+    }
 }
 
 impl OtlpExporter {
@@ -131,7 +138,8 @@ impl OtlpExporter {
         tracing_opentelemetry::layer().with_tracer(self.provider.tracer("jetworker"))
     }
 
-    /// Sends the spans finished so far, waiting for the collector's answer.
+    /// Sends the spans finished so far, blocking the calling thread until the collector
+    /// answered (each request is bounded by the 10 s export timeout).
     pub fn flush(&self) -> Result<(), OtelError> {
         self.provider.force_flush().map_err(|e| {
             OtelError::with_source(OtelErrorKind::Flush, e)
@@ -139,7 +147,8 @@ impl OtlpExporter {
         })
     }
 
-    /// Sends what is left and stops the exporter's thread.
+    /// Sends what is left and stops the exporter's thread. It blocks the calling thread
+    /// until the collector answered, at most 5 s (a `Flush` error after that).
     pub fn shutdown(self) -> Result<(), OtelError> {
         self.provider.shutdown().map_err(|e| {
             OtelError::with_source(OtelErrorKind::Flush, e)

@@ -220,7 +220,15 @@ impl Config {
                         }
                         _ => format!("expected {kind}"),
                     },
-                    _ => scrub_secrets(&failed.into_inner().to_string()),
+                    _ => {
+                        let message = failed.into_inner().to_string();
+                        // The config crate names the key again, mangled
+                        // (`consumers[0]ack_wait`): the problem names it already.
+                        let message = message
+                            .split_once(" for key `")
+                            .map_or(message.as_str(), |(reason, _)| reason);
+                        scrub_secrets(message)
+                    }
                 }
             };
             unparsed.push(ConfigProblem { key, message });
