@@ -141,6 +141,11 @@ impl<T> BatchMessage<T> {
         }
     }
 
+    /// Its place in the batch, from 0 (see [`BatchFailures::error_of`]).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// The subject the message was published to.
     pub fn subject(&self) -> &str {
         self.subject.as_str()

@@ -1,0 +1,384 @@
+//! Batch handlers against a real nats-server: per-message outcomes, an `Err` for the
+//! whole batch, panics, timeouts, decode failures, the last attempt's dead letters,
+//! progress acks on a batch longer than the ack wait, shutdown mid-batch, nothing lost.
+//! Each test starts its own server.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use jetworker::headers as dead_letter;
+use jetworker::testing::server::NatsServer;
+use jetworker::{App, Batch, BatchContext, BatchFailures, BatchResult, Config, HandlerError};
+use jetworker_suite::{Job, Mode};
+
+/// What the batch handler saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The size of every batch, in the order they ran.
+    sizes: Mutex<Vec<usize>>,
+    /// Attempt numbers per job id.
+    attempts: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Jobs whose batch completed with them not marked failed, with how often.
+    succeeded: Mutex<HashMap<u64, u64>>,
+    /// Batches still to fail as a whole with an `Err`.
+    failing_batches: AtomicU64,
+}
+
+impl Seen {
+    fn attempts(&self, id: u64) -> Vec<u64> {
+        self.attempts
+            .lock()
+            .map(|m| m.get(&id).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn succeeded_ids(&self) -> usize {
+        self.succeeded.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        self.sizes.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// Each job says what happens to it (see [`Mode`]): `Fail` marks it failed (transient)
+/// while its attempt is at most `until`, `Permanent` marks it failed permanently; a
+/// `Panic` job panics the batch, a `Sleep` job makes the batch work `sleep_ms` first.
+/// The batch fails as a whole while `failing_batches` is above zero.
+async fn store_jobs(jobs: Batch<Job>, ctx: BatchContext<Arc<Seen>>) -> BatchResult {
+    let seen = ctx.state();
+    if let Ok(mut sizes) = seen.sizes.lock() {
+        sizes.push(jobs.len());
+    }
+    if let Ok(mut attempts) = seen.attempts.lock() {
+        for job in &jobs {
+            attempts.entry(job.id).or_default().push(job.attempt());
+        }
+    }
+    let whole_batch_fails = seen
+        .failing_batches
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if whole_batch_fails {
+        return Err("the database is down".into());
+    }
+    // The batch works as long as its longest sleeper says, once.
+    let work = jobs
+        .iter()
+        .filter(|job| job.mode == Mode::Sleep && job.attempt() <= job.until)
+        .map(|job| job.sleep_ms)
+        .max();
+    if let Some(ms) = work {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let mut failures = BatchFailures::new();
+    for job in &jobs {
+        let misbehave = job.attempt() <= job.until;
+        match job.mode {
+            Mode::Fail if misbehave => failures.fail(job, format!("job {} failed", job.id)),
+            Mode::Permanent => failures.fail(job, HandlerError::permanent("invalid job")),
+            Mode::Panic if misbehave => panic!("job {} panicked", job.id),
+            _ => {}
+        }
+    }
+    if let Ok(mut succeeded) = seen.succeeded.lock() {
+        for job in &jobs {
+            if failures.error_of(job.index()).is_none() {
+                *succeeded.entry(job.id).or_default() += 1;
+            }
+        }
+    }
+    Ok(failures)
+}
+
+fn job(id: u64, mode: Mode, until: u64, sleep_ms: u64) -> Job {
+    Job {
+        id,
+        mode,
+        until,
+        sleep_ms,
+    }
+}
+
+/// Stream `EVENTS` (`jobs.>`), stream `DLQ` (`dlq.>`), consumer `jobs` for the batch
+/// handler `store_jobs`, with `lines` added to the consumer.
+fn batch_config(url: &str, grace: &str, lines: &str) -> Config {
+    ConfigText::new(url)
+        .connection(r#"request_timeout = "2s""#)
+        .worker(&format!("shutdown_grace = \"{grace}\""))
+        .stream("EVENTS", &["jobs.>"], "")
+        .stream("DLQ", &["dlq.>"], "")
+        .consumer("jobs", "EVENTS", "store_jobs", lines)
+        .load()
+}
+
+fn start(config: Config, seen: &Arc<Seen>) -> InProcessWorker {
+    InProcessWorker::start(
+        config,
+        App::new(seen.clone()).batch_handler("store_jobs", store_jobs),
+    )
+}
+
+async fn provisioned(js: &async_nats::jetstream::Context) {
+    wait_until(Duration::from_secs(10), "stream provisioned", || async {
+        js.get_stream("EVENTS").await.is_ok()
+    })
+    .await;
+}
+
+/// Waits until the consumer has nothing pending or unacknowledged.
+async fn all_settled(js: &async_nats::jetstream::Context) {
+    wait_until(Duration::from_secs(20), "every message settled", || async {
+        let info = consumer_info(js, "EVENTS", "jobs").await;
+        info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+}
+
+/// Dead letters by original subject: (reason, attempts).
+async fn dead_letters(js: &async_nats::jetstream::Context) -> BTreeMap<String, (String, String)> {
+    messages(js, "DLQ")
+        .await
+        .iter()
+        .map(|m| {
+            (
+                header(m, dead_letter::ORIGINAL_SUBJECT).unwrap_or_default(),
+                (
+                    header(m, dead_letter::REASON).unwrap_or_default(),
+                    header(m, dead_letter::ATTEMPTS).unwrap_or_default(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn each_message_of_a_batch_is_settled_on_its_own() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let seen = Arc::new(Seen::default());
+    let config = batch_config(
+        &server.url(),
+        "10s",
+        "max_batch = 10\nmax_batch_wait = \"500ms\"\nmax_deliver = 3\nbackoff = [\"1s\"]",
+    );
+    // Published before the worker starts: the backlog fills whole batches.
+    let worker_config = config.clone();
+    let worker = start(worker_config, &seen);
+    provisioned(&js).await;
+    let jobs: Vec<Job> = (1..=30)
+        .map(|id| match id % 10 {
+            3 => job(id, Mode::Permanent, 0, 0),
+            7 => job(id, Mode::Fail, 1, 0),
+            _ => Job::ok(id),
+        })
+        .chain([job(31, Mode::Fail, 99, 0)])
+        .collect();
+    publish_jobs(&js, &jobs).await;
+    js.publish("jobs.garbage", b"\xc1 not msgpack".as_ref().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    wait_until(
+        Duration::from_secs(20),
+        "every good job succeeded",
+        || async { seen.succeeded_ids() == 27 },
+    )
+    .await;
+    wait_until(Duration::from_secs(20), "five dead letters", || async {
+        count(&js, "DLQ").await == 5
+    })
+    .await;
+    all_settled(&js).await;
+    let sizes = seen.sizes();
+    assert!(sizes.iter().all(|size| *size <= 10), "{sizes:?}");
+    assert!(
+        sizes.iter().any(|size| *size > 1),
+        "messages came in batches: {sizes:?}"
+    );
+    for id in [7, 17, 27] {
+        assert_eq!(
+            seen.attempts(id),
+            [1, 2],
+            "job {id}: marked failed once, retried once"
+        );
+    }
+    for id in [1, 2, 4, 10, 30] {
+        assert_eq!(seen.attempts(id), [1], "job {id}: acked with its batch");
+    }
+    let letters = dead_letters(&js).await;
+    assert_eq!(letters.len(), 5, "{letters:?}");
+    // Marked failed on every attempt: the last one dead-letters it.
+    assert_eq!(letters["jobs.31"], ("exhausted".into(), "3".into()));
+    assert_eq!(seen.attempts(31), [1, 2, 3]);
+    for id in [3, 13, 23] {
+        assert_eq!(
+            letters[&format!("jobs.{id}")],
+            ("permanent".into(), "1".into())
+        );
+        assert_eq!(seen.attempts(id), [1], "no retry of a permanent failure");
+    }
+    assert_eq!(letters["jobs.garbage"], ("decode".into(), "1".into()));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_err_for_the_whole_batch_retries_every_message() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let seen = Arc::new(Seen::default());
+    seen.failing_batches.store(1, Ordering::SeqCst);
+    let config = batch_config(
+        &server.url(),
+        "10s",
+        "max_batch = 50\nmax_batch_wait = \"1s\"\nmax_deliver = 3\nbackoff = [\"1s\"]",
+    );
+    let worker = start(config, &seen);
+    provisioned(&js).await;
+    let jobs: Vec<Job> = (1..=5).map(Job::ok).collect();
+    publish_jobs(&js, &jobs).await;
+    wait_until(Duration::from_secs(20), "every job succeeded", || async {
+        seen.succeeded_ids() == 5
+    })
+    .await;
+    all_settled(&js).await;
+    assert_eq!(
+        seen.sizes()[0],
+        5,
+        "one batch of all five: {:?}",
+        seen.sizes()
+    );
+    for id in 1..=5 {
+        assert_eq!(seen.attempts(id), [1, 2], "job {id}");
+    }
+    assert_eq!(count(&js, "DLQ").await, 0);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_panicking_batch_is_retried_then_dead_lettered_as_panic() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let seen = Arc::new(Seen::default());
+    let config = batch_config(
+        &server.url(),
+        "10s",
+        "max_batch = 50\nmax_batch_wait = \"1s\"\nmax_deliver = 2\nbackoff = [\"1s\"]",
+    );
+    let worker = start(config, &seen);
+    provisioned(&js).await;
+    publish_jobs(&js, &[Job::ok(1), job(2, Mode::Panic, 99, 0)]).await;
+    wait_until(Duration::from_secs(20), "two dead letters", || async {
+        count(&js, "DLQ").await == 2
+    })
+    .await;
+    all_settled(&js).await;
+    let letters = dead_letters(&js).await;
+    assert_eq!(letters["jobs.1"], ("panic".into(), "2".into()));
+    assert_eq!(letters["jobs.2"], ("panic".into(), "2".into()));
+    assert_eq!(seen.attempts(1), [1, 2]);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_past_its_timeout_is_retried_then_dead_lettered_as_timeout() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let seen = Arc::new(Seen::default());
+    let config = batch_config(
+        &server.url(),
+        "10s",
+        "max_batch = 50\nmax_batch_wait = \"200ms\"\nmax_deliver = 2\nbackoff = [\"1s\"]\nhandler_timeout = \"500ms\"",
+    );
+    let worker = start(config, &seen);
+    provisioned(&js).await;
+    publish_jobs(&js, &[job(1, Mode::Sleep, 99, 5000), Job::ok(2)]).await;
+    wait_until(Duration::from_secs(20), "two dead letters", || async {
+        count(&js, "DLQ").await == 2
+    })
+    .await;
+    all_settled(&js).await;
+    let letters = dead_letters(&js).await;
+    assert_eq!(letters["jobs.1"], ("timeout".into(), "2".into()));
+    assert_eq!(letters["jobs.2"], ("timeout".into(), "2".into()));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn progress_acks_keep_a_batch_longer_than_the_ack_wait() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let seen = Arc::new(Seen::default());
+    let config = batch_config(
+        &server.url(),
+        "10s",
+        "ack_wait = \"1s\"\nhandler_timeout = \"30s\"\nmax_batch = 20\nmax_batch_wait = \"200ms\"",
+    );
+    let worker = start(config, &seen);
+    provisioned(&js).await;
+    let mut jobs: Vec<Job> = (1..=10).map(Job::ok).collect();
+    jobs.push(job(11, Mode::Sleep, 1, 3500));
+    publish_jobs(&js, &jobs).await;
+    wait_until(
+        Duration::from_secs(20),
+        "the slow batch succeeded",
+        || async { seen.succeeded_ids() == 11 },
+    )
+    .await;
+    all_settled(&js).await;
+    for id in 1..=11 {
+        assert_eq!(seen.attempts(id), [1], "job {id} was not redelivered");
+    }
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    assert_eq!(info.num_redelivered, 0);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_started_batch_finish_and_loses_nothing() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let seen = Arc::new(Seen::default());
+    let config = batch_config(
+        &server.url(),
+        "10s",
+        "max_batch = 25\nmax_batch_wait = \"100ms\"\nconcurrency = 2",
+    );
+    let worker = start(config.clone(), &seen);
+    provisioned(&js).await;
+    // Every job sleeps 2 s on its first attempt: batches of 25 run two at a time.
+    let jobs: Vec<Job> = (1..=200).map(|id| job(id, Mode::Sleep, 1, 2000)).collect();
+    publish_jobs(&js, &jobs).await;
+    wait_until(Duration::from_secs(10), "batches running", || async {
+        !seen.sizes().is_empty()
+    })
+    .await;
+    let started: usize = seen.sizes().iter().sum();
+    worker.stop().await;
+    // The batches that had started finished (acked on their first attempt).
+    assert!(
+        seen.succeeded_ids() >= started,
+        "{} of {started}",
+        seen.succeeded_ids()
+    );
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "nothing left unsettled by the stop"
+    );
+    // A second worker takes the rest: every job succeeds, none is dead-lettered.
+    let worker = start(config, &seen);
+    wait_until(Duration::from_secs(30), "every job succeeded", || async {
+        seen.succeeded_ids() == 200
+    })
+    .await;
+    all_settled(&js).await;
+    assert_eq!(count(&js, "DLQ").await, 0);
+    worker.stop().await;
+}
