@@ -323,3 +323,18 @@ async fn shutdown_lets_a_started_batch_finish_and_loses_nothing() {
     scene.settled(200, 0).await;
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn max_batch_bytes_bounds_a_batch() {
+    // A job as received (payload, subject, reply subject) is over 40 bytes and under 100:
+    // 200 bytes hold two to four of them, never the 40 that arrive at once.
+    let lines = "max_batch = 100\nmax_batch_bytes = 200\nmax_batch_wait = \"500ms\"";
+    let (scene, worker) = Scene::start(Seen::default(), lines).await;
+    let jobs: Vec<Job> = (1..=40).map(Job::ok).collect();
+    publish_jobs(&scene.js, &jobs).await;
+    scene.settled(40, 0).await;
+    let sizes = scene.seen.sizes();
+    assert!(sizes.iter().all(|size| (1..=5).contains(size)), "{sizes:?}");
+    assert!(sizes.iter().any(|size| *size > 1), "{sizes:?}");
+    worker.stop().await;
+}
