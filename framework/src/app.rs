@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
+use crate::batch::{BatchHandler, ErasedBatchHandler, TypedBatchHandler};
 use crate::config::Config;
 use crate::config::ConsumerConfig;
 use crate::connect;
@@ -46,6 +47,9 @@ use crate::systemd;
 pub struct App<S = ()> {
     state: Arc<S>,
     handlers: HashMap<String, Arc<dyn ErasedHandler<S>>>,
+    /// The handlers registered with [`App::batch_handler`] (also in `handlers`, as
+    /// handlers of a batch of one).
+    batch_handlers: HashMap<String, Arc<dyn ErasedBatchHandler<S>>>,
     metrics: Vec<RegisterMetrics>,
 }
 
@@ -58,6 +62,7 @@ impl<S> Clone for App<S> {
         App {
             state: Arc::clone(&self.state),
             handlers: self.handlers.clone(),
+            batch_handlers: self.batch_handlers.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -85,6 +90,10 @@ pub enum RunErrorKind {
     Conflicts,
     /// Provisioning failed; the [`ProvisionError`] is the source.
     Provision,
+    /// A consumer sets batch keys (`max_batch`, `max_batch_bytes`, `max_batch_wait`) but
+    /// its handler takes one message at a time; see [`RunError::missing_handlers`] for
+    /// the lines.
+    NotABatchHandler,
 }
 
 impl fmt::Display for RunErrorKind {
@@ -95,6 +104,9 @@ impl fmt::Display for RunErrorKind {
             RunErrorKind::OpsListen => "the ops endpoint cannot listen",
             RunErrorKind::Conflicts => "the provisioning plan has conflicts",
             RunErrorKind::Provision => "provisioning failed",
+            RunErrorKind::NotABatchHandler => {
+                "consumers set batch keys for handlers that take one message"
+            }
         })
     }
 }
@@ -108,8 +120,9 @@ pub type RunError = Error<RunErrorKind>;
 struct MissingHandlers(Vec<String>);
 
 impl RunError {
-    /// One line per consumer whose handler is not registered, naming the file, the key
-    /// and what is registered (empty for other kinds).
+    /// One line per consumer whose handler is not registered (or, for
+    /// [`RunErrorKind::NotABatchHandler`], does not take batches), naming the file, the
+    /// key and what is registered (empty for other kinds).
     pub fn missing_handlers(&self) -> &[String] {
         self.detail::<MissingHandlers>()
             .map(|m| m.0.as_slice())
@@ -144,6 +157,7 @@ impl<S: Send + Sync + 'static> App<S> {
         App {
             state: Arc::new(state),
             handlers: HashMap::new(),
+            batch_handlers: HashMap::new(),
             metrics: Vec::new(),
         }
     }
@@ -204,8 +218,39 @@ impl<S: Send + Sync + 'static> App<S> {
         H: Handler<T, S>,
         T: DeserializeOwned + Send + 'static,
     {
+        self.batch_handlers.remove(name);
         self.handlers
             .insert(name.to_string(), Arc::new(TypedHandler::new(handler)));
+        self
+    }
+
+    /// Registers a batch handler under `name` (the `handler` key of a consumer): it gets
+    /// the consumer's messages in batches of up to `max_batch` messages and
+    /// `max_batch_bytes`, waiting up to `max_batch_wait` for one to fill; `concurrency`
+    /// counts batches. Each message is still settled on its own (see [`crate::Batch`]).
+    /// Registering a name twice keeps the last one.
+    ///
+    /// ```no_run
+    /// use jetworker::{App, Batch, BatchContext, BatchResult, BatchFailures, Config};
+    /// # #[derive(serde::Deserialize)] struct Click { page: String }
+    /// async fn count_clicks(clicks: Batch<Click>, _ctx: BatchContext) -> BatchResult {
+    ///     println!("{} clicks", clicks.len());
+    ///     Ok(BatchFailures::new())
+    /// }
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// App::new(()).batch_handler("count_clicks", count_clicks).run(Config::load("streams.toml")?).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn batch_handler<T, H>(mut self, name: &str, handler: H) -> Self
+    where
+        H: BatchHandler<T, S>,
+        T: DeserializeOwned + Send + 'static,
+    {
+        let handler = Arc::new(TypedBatchHandler::new(handler));
+        self.handlers.insert(name.to_string(), handler.clone());
+        self.batch_handlers.insert(name.to_string(), handler);
         self
     }
 
@@ -239,12 +284,33 @@ impl<S: Send + Sync + 'static> App<S> {
                 )
             })
             .collect();
-        if missing.is_empty() {
+        if !missing.is_empty() {
+            return Err(RunError::new(RunErrorKind::MissingHandlers)
+                .with_message(missing.join("\n"))
+                .with_detail(MissingHandlers(missing)));
+        }
+        // Batch keys on a handler of one message would be silently ignored.
+        let not_batch: Vec<String> = config
+            .consumers
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !self.batch_handlers.contains_key(&c.handler))
+            .flat_map(|(i, c)| {
+                let file = &file;
+                c.batch_keys_set().into_iter().map(move |key| {
+                    format!(
+                        "{file}: consumers[{i}].{key}: handler {:?} takes one message at a time; {key} applies to batch handlers: remove it, or register the handler with App::batch_handler(\"{}\", ...)",
+                        c.handler, c.handler
+                    )
+                })
+            })
+            .collect();
+        if not_batch.is_empty() {
             Ok(())
         } else {
-            Err(RunError::new(RunErrorKind::MissingHandlers)
-                .with_message(missing.join("\n"))
-                .with_detail(MissingHandlers(missing)))
+            Err(RunError::new(RunErrorKind::NotABatchHandler)
+                .with_message(not_batch.join("\n"))
+                .with_detail(MissingHandlers(not_batch)))
         }
     }
 
@@ -371,6 +437,7 @@ impl<S: Send + Sync + 'static> App<S> {
                 spec: provision::consumer_spec(c),
                 policy: c.retry_schedule(),
                 handler: handler.clone(),
+                batch: self.batch_handlers.get(&c.handler).cloned(),
                 state: self.state.clone(),
                 client: client.clone(),
                 js: Arc::new(js.clone()),
@@ -648,5 +715,39 @@ mod tests {
         assert_eq!(err.missing_handlers().len(), 1);
         assert!(err.missing_handlers()[0].contains("consumers[0].handler"));
         assert_eq!(err.to_string(), err.missing_handlers()[0]);
+    }
+
+    #[test]
+    fn batch_keys_need_a_batch_handler() {
+        async fn one(_e: Event<u32>, _ctx: Context) -> Result<(), crate::HandlerError> {
+            Ok(())
+        }
+        async fn many(_b: crate::Batch<u32>, _ctx: crate::BatchContext) -> crate::BatchResult {
+            Ok(crate::BatchFailures::new())
+        }
+        let config = Config {
+            consumers: vec![ConsumerConfig {
+                handler: "one".into(),
+                max_batch: Some(10),
+                ..ConsumerConfig::default()
+            }],
+            ..Config::default()
+        };
+        let err = App::new(())
+            .handler("one", one)
+            .check(&config)
+            .expect_err("batch key on a single handler");
+        assert_eq!(err.kind(), RunErrorKind::NotABatchHandler);
+        assert!(
+            err.missing_handlers()[0].contains("consumers[0].max_batch"),
+            "{err}"
+        );
+        App::new(())
+            .batch_handler("one", many)
+            .check(&config)
+            .expect("a batch handler takes batch keys");
+        // Registered again as a single handler: the batch one is replaced.
+        let replaced = App::new(()).batch_handler("one", many).handler("one", one);
+        assert!(replaced.check(&config).is_err());
     }
 }

@@ -38,6 +38,8 @@
 //!   plan); `error`, [`ProvisionError`].
 //! - `connect`: the connection config as an async-nats client (every auth mode).
 //! - `handler`: handlers as plain async functions; [`Event`], [`Context`], [`HandlerError`].
+//! - `batch`: batch handlers, async functions of many messages at once; [`Batch`],
+//!   [`BatchContext`], [`BatchFailures`].
 //! - `codec`: MessagePack (default) and JSON payloads, decoded defensively.
 //! - `outcome`: `decide(attempted, attempt, schedule) -> Outcome`, the pure decision table.
 //! - `consumer/`: one durable consumer at work: `pull` (the pull protocol: requests
@@ -68,6 +70,7 @@
 
 mod app;
 mod backoff;
+mod batch;
 mod codec;
 mod config;
 mod connect;
@@ -96,6 +99,10 @@ pub use tokio_util;
 pub use error::Error;
 
 pub use app::{App, RunError, RunErrorKind, Running};
+pub use batch::{
+    Batch, BatchContext, BatchFailures, BatchFuture, BatchHandler, BatchMessage, BatchOutput,
+    BatchResult,
+};
 pub use codec::{
     check_msgpack_depth, decode, encode, DecodeError, DecodeErrorKind, EncodeError,
     EncodeErrorKind, MAX_MSGPACK_DEPTH,
@@ -104,8 +111,8 @@ pub use config::{
     redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem, ConfigSource,
     ConnectionConfig, ConnectionSources, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig,
     Retention, ServerUrl, Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig,
-    DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH,
-    ENV_PREFIX as CONFIG_ENV_PREFIX,
+    DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX, DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_WAIT, DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{
     connect, connect_with, jetstream, options as connect_options, redacted_servers, AuthMode,

@@ -54,5 +54,6 @@ pub use schema::{
     Retention, Storage, StreamConfig, TlsConfig, WorkerConfig, DEFAULT_BACKOFF,
     DEFAULT_INBOX_PREFIX,
 };
+pub use schema::{DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_WAIT};
 pub use server_url::{redact_userinfo, ServerUrl, UrlCredentials};
 pub use validate::ConfigProblem;

@@ -385,7 +385,25 @@ pub struct ConsumerConfig {
     pub deliver_policy: DeliverPolicy,
     /// Free text shown by `nats consumer info`.
     pub description: Option<String>,
+    /// Batch handlers only: the most messages in one batch (default
+    /// [`DEFAULT_MAX_BATCH`]). `concurrency` counts batches for a batch handler.
+    pub max_batch: Option<i64>,
+    /// Batch handlers only: the most bytes (payloads and headers) in one batch (default
+    /// [`DEFAULT_MAX_BATCH_BYTES`]); a larger message makes a batch of its own.
+    pub max_batch_bytes: Option<i64>,
+    /// Batch handlers only: how long a batch that is not full waits for more messages
+    /// before it runs (default [`DEFAULT_MAX_BATCH_WAIT`]). Short: its messages' ack
+    /// wait runs meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub max_batch_wait: Option<Duration>,
 }
+
+/// Messages in one batch when `max_batch` is not set.
+pub const DEFAULT_MAX_BATCH: usize = 100;
+/// Bytes in one batch when `max_batch_bytes` is not set.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// How long a batch waits to fill when `max_batch_wait` is not set.
+pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(50);
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
@@ -405,6 +423,9 @@ impl Default for ConsumerConfig {
             dead_letter_subject: String::new(),
             deliver_policy: DeliverPolicy::All,
             description: None,
+            max_batch: None,
+            max_batch_bytes: None,
+            max_batch_wait: None,
         }
     }
 }
@@ -429,6 +450,38 @@ impl ConsumerConfig {
     /// `concurrency` as the count it is once validated.
     pub fn concurrency_limit(&self) -> usize {
         usize::try_from(self.concurrency).unwrap_or(1).max(1)
+    }
+
+    /// `max_batch` (or its default) as the count it is once validated.
+    pub fn batch_size_limit(&self) -> usize {
+        self.max_batch.map_or(DEFAULT_MAX_BATCH, |n| {
+            usize::try_from(n).unwrap_or(1).max(1)
+        })
+    }
+
+    /// `max_batch_bytes` (or its default) as the count it is once validated.
+    pub fn batch_bytes_limit(&self) -> usize {
+        self.max_batch_bytes.map_or(DEFAULT_MAX_BATCH_BYTES, |n| {
+            usize::try_from(n).unwrap_or(1).max(1)
+        })
+    }
+
+    /// `max_batch_wait`, or its default.
+    pub fn batch_wait(&self) -> Duration {
+        self.max_batch_wait.unwrap_or(DEFAULT_MAX_BATCH_WAIT)
+    }
+
+    /// The batch keys this consumer sets (`max_batch`, `max_batch_bytes`,
+    /// `max_batch_wait`): they mean something only to a batch handler.
+    pub fn batch_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("max_batch", self.max_batch.is_some()),
+            ("max_batch_bytes", self.max_batch_bytes.is_some()),
+            ("max_batch_wait", self.max_batch_wait.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
     }
 }
 

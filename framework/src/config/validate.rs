@@ -296,6 +296,7 @@ fn consumer_problems(
         let stream = streams.iter().find(|s| s.name == cons.stream);
         reading_problems(cons, stream, &key, problems);
         delivery_problems(cons, &key, problems);
+        batch_problems(cons, &key, problems);
         dead_letter_problems(cons, consumers, streams, &key, problems);
     }
 }
@@ -383,6 +384,41 @@ fn delivery_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, proble
     }
     if cons.max_payload_bytes < 1 {
         problems.add(key("max_payload_bytes"), "must be at least 1");
+    }
+}
+
+/// The batch keys: positive sizes, a batch the server can let out whole, and a wait to
+/// fill that ends well before the ack wait.
+fn batch_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, problems: &mut Problems) {
+    if let Some(max_batch) = cons.max_batch {
+        if max_batch < 1 {
+            problems.add(key("max_batch"), "must be at least 1");
+        } else if max_batch > cons.max_ack_pending && cons.max_ack_pending >= 1 {
+            problems.add(
+                key("max_batch"),
+                format!(
+                    "{max_batch} is above max_ack_pending {}: the server would never let a full batch out",
+                    cons.max_ack_pending
+                ),
+            );
+        }
+    }
+    if matches!(cons.max_batch_bytes, Some(bytes) if bytes < 1) {
+        problems.add(key("max_batch_bytes"), "must be at least 1");
+    }
+    if let Some(wait) = cons.max_batch_wait {
+        if wait.is_zero() {
+            problems.add(key("max_batch_wait"), "must be more than 0s");
+        } else if wait >= cons.ack_wait / 2 {
+            problems.add(
+                key("max_batch_wait"),
+                format!(
+                    "{} is not below half the ack_wait {}: messages waiting for their batch to fill would be redelivered",
+                    humantime::format_duration(wait),
+                    humantime::format_duration(cons.ack_wait)
+                ),
+            );
+        }
     }
 }
 
@@ -526,6 +562,44 @@ mod tests {
         assert!(
             !shown.contains("pw-first") && !shown.contains("pw-second"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn batch_keys_are_checked() {
+        let consumer = |max_batch, max_batch_bytes, max_batch_wait| ConsumerConfig {
+            max_batch,
+            max_batch_bytes,
+            max_batch_wait,
+            ..ConsumerConfig::default()
+        };
+        let keys = |c: &ConsumerConfig| {
+            let mut problems = Problems::default();
+            batch_problems(c, &|field| format!("consumers[0].{field}"), &mut problems);
+            problems.0.into_iter().map(|p| p.key).collect::<Vec<_>>()
+        };
+        assert!(
+            keys(&consumer(None, None, None)).is_empty(),
+            "defaults are valid"
+        );
+        assert!(keys(&consumer(
+            Some(500),
+            Some(1),
+            Some(Duration::from_millis(200))
+        ))
+        .is_empty());
+        assert_eq!(
+            keys(&consumer(Some(0), Some(0), Some(Duration::ZERO))),
+            [
+                "consumers[0].max_batch",
+                "consumers[0].max_batch_bytes",
+                "consumers[0].max_batch_wait"
+            ]
+        );
+        // Above max_ack_pending (1000), and a wait of half the ack wait (30s).
+        assert_eq!(
+            keys(&consumer(Some(1001), None, Some(Duration::from_secs(15)))),
+            ["consumers[0].max_batch", "consumers[0].max_batch_wait"]
         );
     }
 }

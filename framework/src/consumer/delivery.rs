@@ -39,19 +39,19 @@ const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
 /// it arrives (see [`receive`]) and carried to its settlement.
 pub(super) struct Delivery<'c> {
     /// The message as the pull brought it.
-    message: async_nats::Message,
+    pub(super) message: async_nats::Message,
     /// Its `$JS.ACK` reply subject: where its ack, nak or term goes (see [`send`]).
-    reply: Subject,
+    pub(super) reply: Subject,
     /// The stream that stores it: the consumer's (borrowed, no copy per message).
     stream: &'c str,
     /// The durable consumer that delivered it (the runtime's name, borrowed: no copy
     /// per message).
     consumer: &'c str,
     /// Its sequence in `stream`.
-    sequence: u64,
+    pub(super) sequence: u64,
     /// The server's delivery count (1 on the first delivery), never a local counter:
     /// redeliveries can land on another replica.
-    attempt: u64,
+    pub(super) attempt: u64,
 }
 
 /// How a handler run ended.
@@ -86,7 +86,7 @@ pub(super) async fn deliver<S: Send + Sync + 'static>(
 
 /// The delivery of `message`, or `None` (logged) when it carries no JetStream metadata:
 /// without an ack subject nothing can settle it.
-fn receive<'c, S>(
+pub(super) fn receive<'c, S>(
     rt: &'c ConsumerRuntime<S>,
     message: async_nats::Message,
 ) -> Option<Delivery<'c>> {
@@ -235,7 +235,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
 
 /// How often a message whose handler (or dead-letter publish) is still at work gets a
 /// progress ack: twice per ack wait, so the server never redelivers it meanwhile.
-fn progress_interval(config: &ConsumerConfig) -> Duration {
+pub(super) fn progress_interval(config: &ConsumerConfig) -> Duration {
     (config.ack_wait / 2).max(Duration::from_millis(500))
 }
 
@@ -314,16 +314,7 @@ pub(crate) fn prepare<S>(
     config: &ConsumerConfig,
     ctx: Context<S>,
 ) -> Result<GuardedFuture, Attempted> {
-    let limit = usize::try_from(config.max_payload_bytes).unwrap_or(usize::MAX);
-    // Headers count: they come from the sender too, and the handler gets them.
-    let size = if ctx.headers.is_empty() {
-        payload.len()
-    } else {
-        payload.len() + dead_letter::wire_len(&ctx.headers)
-    };
-    if size > limit {
-        return Err(Attempted::TooLarge { size, limit });
-    }
+    check_size(payload, &ctx.headers, config)?;
     // Decoding runs the payload type's `Deserialize`, and a handler that is not an
     // `async fn` runs code before its future exists: a panic there is caught too, or it
     // would unwind through the pull loop that polls deliveries inline.
@@ -337,22 +328,48 @@ pub(crate) fn prepare<S>(
     }
 }
 
+/// The size check: a message larger than the consumer's `max_payload_bytes` (payload
+/// plus headers) never reaches a handler.
+pub(crate) fn check_size(
+    payload: &[u8],
+    headers: &async_nats::HeaderMap,
+    config: &ConsumerConfig,
+) -> Result<(), Attempted> {
+    let limit = usize::try_from(config.max_payload_bytes).unwrap_or(usize::MAX);
+    // Headers count: they come from the sender too, and the handler gets them.
+    let size = if headers.is_empty() {
+        payload.len()
+    } else {
+        payload.len() + dead_letter::wire_len(headers)
+    };
+    if size > limit {
+        return Err(Attempted::TooLarge { size, limit });
+    }
+    Ok(())
+}
+
 /// What a finished (or panicked) handler run means for the decision.
 pub(crate) fn attempted_from(
     result: Result<Result<(), crate::handler::HandlerError>, Box<dyn std::any::Any + Send>>,
 ) -> Attempted {
     match result {
         Ok(Ok(())) => Attempted::Succeeded,
-        Ok(Err(e)) => match e.kind() {
-            HandlerErrorKind::Transient => Attempted::Transient(e.message()),
-            HandlerErrorKind::RetryAfter(d) => Attempted::RetryAfter(d, e.message()),
-            HandlerErrorKind::Permanent => Attempted::Permanent(e.message()),
-        },
+        Ok(Err(e)) => attempted_from_error(&e),
         Err(panic) => Attempted::Panicked(panic_message(&panic)),
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+/// What a handler's error means for the decision.
+pub(crate) fn attempted_from_error(e: &crate::handler::HandlerError) -> Attempted {
+    match e.kind() {
+        HandlerErrorKind::Transient => Attempted::Transient(e.message()),
+        HandlerErrorKind::RetryAfter(d) => Attempted::RetryAfter(d, e.message()),
+        HandlerErrorKind::Permanent => Attempted::Permanent(e.message()),
+    }
+}
+
+/// A panic's message, for logs and the dead-letter error text.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {
@@ -362,7 +379,9 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-async fn settle<S: Send + Sync + 'static>(
+/// Settles a delivery as `outcome` says (ack, nak with delay, or dead letter then term),
+/// counted and logged; callable for each message of a batch.
+pub(super) async fn settle<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: &Delivery<'_>,
     attempted: &Attempted,

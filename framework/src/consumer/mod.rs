@@ -12,6 +12,8 @@
 //! - `delivery`: the path of one [`Delivery`](delivery::Delivery): size check -> decode
 //!   -> handler (timeout, panic caught, progress acks while it runs) -> [`decide`](crate::decide)
 //!   -> ack | nak(delay) | dead letter (publish, await PubAck, then term).
+//! - `batch`: a batch handler's consumer: the started deliveries collected into batches,
+//!   each run once and settled message by message through `delivery`.
 //! - `inline`: whether the pull loop polls a delivery once itself before spawning it.
 //! - `runtime`: [`ConsumerRuntime`], what the loop and its deliveries share.
 //! - `stats`: [`ConsumerStats`], the counters behind `/metrics` and `/readyz`.
@@ -33,6 +35,7 @@
 //!
 //! Submodules import their siblings and the crate's leaf modules, never this one.
 
+mod batch;
 mod delivery;
 mod error;
 mod inline;
@@ -55,6 +58,10 @@ use pull::SessionEnd;
 
 /// For the test harness, which runs a handler the way a delivery does.
 #[cfg(feature = "testing")]
+#[cfg(feature = "testing")]
+pub(crate) use batch::{batch_attempts, stage, BatchRan};
+pub(crate) use delivery::panic_message;
+#[cfg(feature = "testing")]
 pub(crate) use delivery::{attempted_from, prepare};
 pub(crate) use runtime::ConsumerRuntime;
 pub use stats::ConsumerStats;
@@ -67,10 +74,10 @@ const RESTORE_MAX: Duration = Duration::from_secs(30);
 /// Runs the consumer until `stop`, then waits for its handlers (the caller bounds that
 /// with the grace period through `hard_stop`).
 pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
-    let concurrency = rt.config.concurrency_limit();
-    let permits = Arc::new(Semaphore::new(concurrency));
+    let permits = Arc::new(Semaphore::new(rt.slots()));
     let done = Arc::new(Notify::new());
     let tasks = TaskTracker::new();
+    let batches = batch::Batches::start(&rt, &done, &tasks);
     let mut retry = Backoff::new(RESTORE_FIRST, RESTORE_MAX);
 
     loop {
@@ -91,7 +98,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
         }
         rt.stats.sessions.fetch_add(1, Ordering::Relaxed);
         rt.stats.set_pulling(true);
-        let end = pull::session(&rt, &permits, &done, &tasks).await;
+        let end = pull::session(&rt, &permits, &done, &tasks, batches.as_ref()).await;
         rt.stats.set_pulling(false);
         let wait = match end {
             Ok(SessionEnd::Stopped) => break,
@@ -118,6 +125,8 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
             _ = tokio::time::sleep(wait) => {}
         }
     }
+    // The batch collector runs what it still holds and ends.
+    drop(batches);
     tasks.close();
     tasks.wait().await;
 }

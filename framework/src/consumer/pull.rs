@@ -22,6 +22,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use super::batch::Batches;
 use super::delivery::{deliver, send_or_note};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
@@ -195,6 +196,7 @@ pub(super) async fn session<S: Send + Sync + 'static>(
     permits: &Arc<Semaphore>,
     done: &Arc<Notify>,
     tasks: &TaskTracker,
+    batches: Option<&Batches>,
 ) -> Result<SessionEnd, ConsumerError> {
     let inbox = rt.client.new_inbox();
     let mut sub = rt
@@ -206,7 +208,7 @@ pub(super) async fn session<S: Send + Sync + 'static>(
         "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
         rt.spec.stream, rt.spec.name
     );
-    let concurrency = rt.config.concurrency_limit();
+    let concurrency = rt.slots();
     let bound = Bound {
         ack_wait: rt.config.ack_wait,
         max_ack_pending: usize::try_from(rt.config.max_ack_pending)
@@ -236,7 +238,7 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                 break;
             };
             if let Some(message) = waiting.pop() {
-                start(rt, tasks, done, &mut inline, permit, message);
+                start(rt, tasks, done, &mut inline, batches, permit, message);
             }
         }
         // Ask for what the bound allows and is not yet held or asked for; nothing more
@@ -318,7 +320,7 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                                 None
                             };
                             match permit {
-                                Some(permit) => start(rt, tasks, done, &mut inline, permit, message),
+                                Some(permit) => start(rt, tasks, done, &mut inline, batches, permit, message),
                                 None => waiting.push(message),
                             }
                         }
@@ -447,7 +449,7 @@ fn request_id(subject: &str) -> u64 {
 }
 
 /// Naks a delivery that never started, without delay: another worker takes it at once.
-async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
+pub(super) async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
     let Some(reply) = &message.reply else { return };
     if send_or_note(rt, reply, AckKind::Nak(None), None).await {
         rt.stats.released.fetch_add(1, Ordering::Relaxed);
@@ -460,12 +462,14 @@ async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Message) {
 /// continues as its own task, so slow handlers run concurrently up to `concurrency`.
 /// Handlers whose first poll is itself long (CPU-heavy work before their first await)
 /// are spawned straight away, so they run in parallel on the runtime's threads instead
-/// of holding up the pull loop.
+/// of holding up the pull loop. A batch consumer's delivery joins the batch being
+/// collected instead (see `batch`).
 fn start<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     tasks: &TaskTracker,
     done: &Arc<Notify>,
     inline: &mut InlinePolling,
+    batches: Option<&Batches>,
     permit: OwnedSemaphorePermit,
     message: async_nats::Message,
 ) {
@@ -474,6 +478,10 @@ fn start<S: Send + Sync + 'static>(
     rt.stats
         .peak_in_flight
         .fetch_max(running, Ordering::Relaxed);
+    if let Some(batches) = batches {
+        batches.add(rt, permit, message);
+        return;
+    }
     let delivery_rt = rt.clone();
     let mut delivery = Box::pin(async move {
         deliver(&delivery_rt, message).await;

@@ -7,6 +7,7 @@ use async_nats::{jetstream, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::stats::ConsumerStats;
+use crate::batch::ErasedBatchHandler;
 use crate::config::ConsumerConfig;
 use crate::handler::ErasedHandler;
 use crate::outcome::RetrySchedule;
@@ -18,6 +19,9 @@ pub(crate) struct ConsumerRuntime<S> {
     pub spec: ConsumerSpec,
     pub policy: RetrySchedule,
     pub handler: Arc<dyn ErasedHandler<S>>,
+    /// The batch handler, for a consumer whose handler takes batches: then the pull
+    /// loop hands its messages to `batch` instead of running `handler` on each.
+    pub batch: Option<Arc<dyn ErasedBatchHandler<S>>>,
     pub state: Arc<S>,
     pub client: Client,
     /// Shared with every handler's [`Context`](crate::Context): one reference count per
@@ -30,4 +34,16 @@ pub(crate) struct ConsumerRuntime<S> {
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: abandon what still runs.
     pub hard_stop: CancellationToken,
+}
+
+impl<S> ConsumerRuntime<S> {
+    /// Messages the consumer's handlers may hold at once: `concurrency` for a handler of
+    /// one message, `concurrency` batches of `max_batch` for a batch handler.
+    pub fn slots(&self) -> usize {
+        let concurrency = self.config.concurrency_limit();
+        match self.batch {
+            Some(_) => concurrency.saturating_mul(self.config.batch_size_limit()),
+            None => concurrency,
+        }
+    }
 }

@@ -15,6 +15,9 @@
 //! - [`HandlerHarness::with_jetstream`]: for handlers that use key-value buckets or
 //!   publish, a JetStream context on a real test server ([`crate::testing::server`]).
 //!
+//! - [`BatchHarness`]: the same for a batch handler ([`crate::Batch`]): a list of
+//!   deliveries in, the outcome of each message out.
+//!
 //! `examples/testing_a_handler.rs` shows it in a user's tests.
 //!
 //! ```
@@ -45,9 +48,10 @@ use async_nats::HeaderMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::batch::{BatchContext, BatchHandler, ErasedBatchHandler, Incoming, TypedBatchHandler};
 use crate::codec::{self, CodecKind};
 use crate::config::ConsumerConfig;
-use crate::consumer::{attempted_from, prepare};
+use crate::consumer::{attempted_from, batch_attempts, prepare, stage, BatchRan};
 use crate::handler::{Context, ErasedHandler, Handler, TypedHandler};
 use crate::outcome::{decide, Attempted, Outcome};
 
@@ -119,9 +123,14 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
         H: Handler<T, S>,
         T: DeserializeOwned + Send + 'static,
     {
+        HandlerHarness::with_erased(state, Arc::new(TypedHandler::new(handler)))
+    }
+
+    /// A harness of a handler whose payload type is erased, at the default settings.
+    fn with_erased(state: S, handler: Arc<dyn ErasedHandler<S>>) -> Self {
         HandlerHarness {
             state: Arc::new(state),
-            handler: Arc::new(TypedHandler::new(handler)),
+            handler,
             consumer: ConsumerConfig {
                 name: "test".to_string(),
                 ..ConsumerConfig::default()
@@ -226,6 +235,136 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
             },
         };
         decide(&attempted, delivery.attempt, &policy)
+    }
+}
+
+/// A batch handler with the consumer settings that shape its outcomes: each call runs
+/// one batch the way the runtime does (size check and decode per message, the handler
+/// once with its timeout and panics caught, then the decision per message).
+///
+/// ```
+/// use jetworker::testing::harness::BatchHarness;
+/// use jetworker::{Batch, BatchContext, BatchFailures, BatchResult, HandlerError, Outcome, Reason};
+///
+/// async fn store(numbers: Batch<i64>, _ctx: BatchContext) -> BatchResult {
+///     let mut failures = BatchFailures::new();
+///     for n in &numbers {
+///         if **n < 0 {
+///             failures.fail(n, HandlerError::permanent("negative"));
+///         }
+///     }
+///     Ok(failures)
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let outcomes = BatchHarness::new((), store).call(&[5, -1]).await;
+/// assert_eq!(outcomes[0], Outcome::Ack);
+/// assert!(matches!(outcomes[1], Outcome::DeadLetter { reason: Reason::Permanent, .. }));
+/// # }
+/// ```
+pub struct BatchHarness<S> {
+    /// The settings (and a harness of the handler for one message: a batch of one).
+    settings: HandlerHarness<S>,
+    handler: Arc<dyn ErasedBatchHandler<S>>,
+}
+
+impl<S: Send + Sync + 'static> BatchHarness<S> {
+    /// Wraps `handler` with shared `state` and the default consumer settings (as
+    /// [`HandlerHarness::new`]).
+    pub fn new<T, H>(state: S, handler: H) -> Self
+    where
+        H: BatchHandler<T, S>,
+        T: DeserializeOwned + Send + 'static,
+    {
+        let handler = Arc::new(TypedBatchHandler::new(handler));
+        BatchHarness {
+            settings: HandlerHarness::with_erased(state, handler.clone()),
+            handler,
+        }
+    }
+
+    /// Changes the settings with [`HandlerHarness`]'s builders (`with_consumer`,
+    /// `max_deliver`, `backoff`, `handler_timeout`, `codec`, `with_jetstream`, ...):
+    /// `BatchHarness::new((), store).configure(|h| h.max_deliver(3))`.
+    pub fn configure(
+        mut self,
+        change: impl FnOnce(HandlerHarness<S>) -> HandlerHarness<S>,
+    ) -> Self {
+        self.settings = change(self.settings);
+        self
+    }
+
+    /// The shared state, to inspect what the handler did.
+    pub fn state(&self) -> &S {
+        &self.settings.state
+    }
+
+    /// Encodes each value with the codec and runs them as one batch of first deliveries
+    /// (sequences 1, 2, ...). The outcomes are in the values' order.
+    ///
+    /// # Panics
+    /// When a value cannot be encoded with the consumer's codec: the test itself is wrong.
+    pub async fn call<T: Serialize>(&self, values: &[T]) -> Vec<Outcome> {
+        let codec = self.settings.consumer.codec;
+        let deliveries = values
+            .iter()
+            .zip(1..)
+            .map(|(value, sequence)| match codec::encode(codec, value) {
+                Ok(payload) => Delivery::new(payload).sequence(sequence),
+                Err(e) => panic!("the test value does not encode: {e}"),
+            })
+            .collect();
+        self.deliver(deliveries).await
+    }
+
+    /// Runs raw deliveries (payload bytes, headers, attempt each) as one batch. The
+    /// outcomes are in the deliveries' order.
+    pub async fn deliver(&self, deliveries: Vec<Delivery>) -> Vec<Outcome> {
+        let HandlerHarness {
+            state,
+            consumer,
+            jetstream,
+            ..
+        } = &self.settings;
+        let policy = consumer.retry_schedule();
+        let mut ctx = BatchContext::new(state.clone()).with_origin("TEST", &consumer.name);
+        if let Some(js) = jetstream {
+            ctx = ctx.with_jetstream(js.clone());
+        }
+        let incoming = deliveries
+            .iter()
+            .map(|d| Incoming {
+                payload: &d.payload,
+                subject: d.subject.as_str().into(),
+                headers: d.headers.clone(),
+                stream_sequence: d.sequence,
+                attempt: d.attempt,
+                max_deliver: policy.max_deliver,
+            })
+            .collect();
+        let staged = stage(self.handler.as_ref(), incoming, consumer, ctx);
+        let mut attempts = staged.rejected;
+        if let Some(future) = staged.future {
+            let ran = match tokio::time::timeout(consumer.handler_timeout, future).await {
+                Ok(result) => BatchRan::Finished(result),
+                Err(_) => BatchRan::TimedOut(consumer.handler_timeout),
+            };
+            let ran = batch_attempts(ran, staged.accepted.len());
+            for (at, attempted) in staged.accepted.into_iter().zip(ran) {
+                if let Some(slot) = attempts.get_mut(at) {
+                    *slot = Some(attempted);
+                }
+            }
+        }
+        deliveries
+            .iter()
+            .zip(attempts)
+            .map(|(delivery, attempted)| {
+                // Every message is either rejected or in the batch.
+                let attempted = attempted.unwrap_or(Attempted::Succeeded);
+                decide(&attempted, delivery.attempt, &policy)
+            })
+            .collect()
     }
 }
 
@@ -341,5 +480,92 @@ mod tests {
             Outcome::Ack
         );
         assert_eq!(h.state().load(Ordering::SeqCst), 0, "never called");
+    }
+
+    /// Jobs as a batch: "ok" succeeds, "bad" fails permanently, "later" asks for a
+    /// delay; "down" fails the whole batch, "panic" panics, "slow" outlasts the timeout.
+    async fn jobs(
+        batch: crate::batch::Batch<Job>,
+        ctx: BatchContext<AtomicU64>,
+    ) -> crate::batch::BatchResult {
+        ctx.state().fetch_add(batch.len() as u64, Ordering::SeqCst);
+        let mut failures = crate::batch::BatchFailures::new();
+        for job in &batch {
+            match job.kind.as_str() {
+                "bad" => failures.fail(job, HandlerError::permanent("invalid job")),
+                "later" => failures.fail(
+                    job,
+                    HandlerError::retry_after(Duration::from_secs(9), "rate limited"),
+                ),
+                "down" => return Err("database down".into()),
+                "panic" => panic!("unknown kind"),
+                "slow" => tokio::time::sleep(Duration::from_secs(60)).await,
+                _ => {}
+            }
+        }
+        Ok(failures)
+    }
+
+    fn batch_harness() -> BatchHarness<AtomicU64> {
+        BatchHarness::new(AtomicU64::new(0), jobs).configure(|h| {
+            h.max_deliver(3)
+                .backoff(vec![Duration::from_secs(1), Duration::from_secs(4)])
+                .handler_timeout(Duration::from_millis(50))
+                .max_payload_bytes(40)
+        })
+    }
+
+    fn is_dead(outcome: &Outcome, want: Reason) -> bool {
+        matches!(outcome, Outcome::DeadLetter { reason, .. } if *reason == want)
+    }
+
+    #[tokio::test]
+    async fn a_batch_settles_each_message_on_its_own() {
+        let h = batch_harness();
+        let outcomes = h.call(&[j("ok"), j("bad"), j("later"), j("ok")]).await;
+        assert_eq!(outcomes[0], Outcome::Ack);
+        assert!(is_dead(&outcomes[1], Reason::Permanent), "{outcomes:?}");
+        assert_eq!(outcomes[2], Outcome::Nak(Duration::from_secs(9)));
+        assert_eq!(outcomes[3], Outcome::Ack);
+        // Undecodable and too large never reach the batch; the rest still runs.
+        let too_large = codec::encode(CodecKind::Msgpack, &j(&"x".repeat(64))).expect("encodes");
+        let outcomes = h
+            .deliver(vec![
+                Delivery::new(b"\xc1".to_vec()),
+                Delivery::new(codec::encode(CodecKind::Msgpack, &j("ok")).expect("encodes")),
+                Delivery::new(too_large),
+            ])
+            .await;
+        assert!(is_dead(&outcomes[0], Reason::Decode), "{outcomes:?}");
+        assert_eq!(outcomes[1], Outcome::Ack);
+        assert!(is_dead(&outcomes[2], Reason::TooLarge), "{outcomes:?}");
+        assert_eq!(
+            h.state().load(Ordering::SeqCst),
+            5,
+            "only decoded messages reach the handler"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_panic_or_timeout_applies_to_the_whole_batch() {
+        let h = batch_harness();
+        let down = h.call(&[j("ok"), j("down")]).await;
+        assert_eq!(down, vec![Outcome::Nak(Duration::from_secs(1)); 2]);
+        let panicked = h.call(&[j("panic"), j("ok")]).await;
+        assert_eq!(panicked, vec![Outcome::Nak(Duration::from_secs(1)); 2]);
+        // Each message is decided at its own attempt: the last one is dead-lettered.
+        let enc = |kind: &str| codec::encode(CodecKind::Msgpack, &j(kind)).expect("encodes");
+        let slow = h
+            .deliver(vec![
+                Delivery::new(enc("slow")).attempt(2),
+                Delivery::new(enc("ok")).attempt(3),
+            ])
+            .await;
+        assert_eq!(slow[0], Outcome::Nak(Duration::from_secs(4)));
+        assert!(is_dead(&slow[1], Reason::Timeout), "{slow:?}");
+        let last = h
+            .deliver(vec![Delivery::new(enc("panic")).attempt(3)])
+            .await;
+        assert!(is_dead(&last[0], Reason::Panic), "{last:?}");
     }
 }
