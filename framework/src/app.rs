@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::config::ConsumerConfig;
 use crate::connect;
 use crate::connect::ConnectError;
-use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
+use crate::consumer::{self, ConsumerRuntime, ConsumerStats, KeyFn, KeyOf};
 use crate::error::Error;
 use crate::handler::{Context, ErasedHandler, Event, Handler, TypedHandler};
 use crate::ops::{self, Health};
@@ -46,6 +46,8 @@ use crate::systemd;
 pub struct App<S = ()> {
     state: Arc<S>,
     handlers: HashMap<String, Arc<dyn ErasedHandler<S>>>,
+    /// Key functions of ordered consumers (`ordered_by = { function = "..." }`), by name.
+    keys: HashMap<String, KeyFn>,
     metrics: Vec<RegisterMetrics>,
 }
 
@@ -58,6 +60,7 @@ impl<S> Clone for App<S> {
         App {
             state: Arc::clone(&self.state),
             handlers: self.handlers.clone(),
+            keys: self.keys.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -144,6 +147,7 @@ impl<S: Send + Sync + 'static> App<S> {
         App {
             state: Arc::new(state),
             handlers: HashMap::new(),
+            keys: HashMap::new(),
             metrics: Vec::new(),
         }
     }
@@ -209,6 +213,39 @@ impl<S: Send + Sync + 'static> App<S> {
         self
     }
 
+    /// Registers `key` under `name`, for consumers ordered by a key computed in code
+    /// (`ordered_by = { function = "name" }`): messages for which it returns the same key
+    /// run one at a time in stream order; `None` means a message has no key and waits
+    /// for no other. It runs in the pull loop for every message: keep it cheap.
+    /// Registering a name twice keeps the last one.
+    ///
+    /// ```no_run
+    /// use jetworker::{App, Config, Context, Event, HandlerError};
+    /// # #[derive(serde::Deserialize)] struct Order { id: u64 }
+    /// async fn apply_order(_order: Event<Order>, _ctx: Context) -> Result<(), HandlerError> {
+    ///     Ok(())
+    /// }
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// // In streams.toml: ordered_by = { function = "customer" }
+    /// let app = App::new(())
+    ///     .handler("apply_order", apply_order)
+    ///     .key("customer", |m: &jetworker::async_nats::Message| {
+    ///         let customer = m.headers.as_ref()?.get("Customer")?;
+    ///         Some(customer.as_str().to_lowercase())
+    ///     });
+    /// app.run(Config::load("streams.toml")?).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn key<F>(mut self, name: &str, key: F) -> Self
+    where
+        F: Fn(&async_nats::Message) -> Option<String> + Send + Sync + 'static,
+    {
+        self.keys.insert(name.to_string(), Arc::new(key));
+        self
+    }
+
     /// The shared state.
     pub fn state(&self) -> &Arc<S> {
         &self.state
@@ -225,7 +262,7 @@ impl<S: Send + Sync + 'static> App<S> {
     /// the key and what is registered.
     pub fn check(&self, config: &Config) -> Result<(), RunError> {
         let file = config.source.display();
-        let missing: Vec<String> = config
+        let mut missing: Vec<String> = config
             .consumers
             .iter()
             .enumerate()
@@ -239,6 +276,14 @@ impl<S: Send + Sync + 'static> App<S> {
                 )
             })
             .collect();
+        for (i, c) in config.consumers.iter().enumerate() {
+            let function = c.ordered_by.as_ref().and_then(|by| by.function.as_ref());
+            if let Some(name) = function.filter(|name| !self.keys.contains_key(*name)) {
+                missing.push(format!(
+                    "{file}: consumers[{i}].ordered_by.function: no key function named {name:?} is registered; register it with App::key(\"{name}\", ...)"
+                ));
+            }
+        }
         if missing.is_empty() {
             Ok(())
         } else {
@@ -379,6 +424,10 @@ impl<S: Send + Sync + 'static> App<S> {
                 stats: consumer_stats,
                 stop: stop.clone(),
                 hard_stop: hard_stop.clone(),
+                ordered_by: c
+                    .ordered_by
+                    .as_ref()
+                    .and_then(|by| KeyOf::from_config(by, &self.keys)),
             });
             tracker.spawn(consumer::run(rt));
         }

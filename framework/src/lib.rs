@@ -99,8 +99,8 @@ pub use codec::{
 pub use config::{
     redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem, ConfigSource,
     ConnectionConfig, ConnectionSources, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig,
-    Retention, ServerUrl, Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig,
-    DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH,
+    OrderedBy, Retention, ServerUrl, Storage, StreamConfig, TlsConfig, UrlCredentials,
+    WorkerConfig, DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX, DEFAULT_PATH as DEFAULT_CONFIG_PATH,
     ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{

@@ -44,7 +44,7 @@ pub use load::{
 };
 pub use schema::{
     CodecKind, Config, ConnectionConfig, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig,
-    Retention, Storage, StreamConfig, TlsConfig, WorkerConfig, DEFAULT_BACKOFF,
+    OrderedBy, Retention, Storage, StreamConfig, TlsConfig, WorkerConfig, DEFAULT_BACKOFF,
     DEFAULT_INBOX_PREFIX,
 };
 pub use server_url::{redact_userinfo, ServerUrl, UrlCredentials};

@@ -385,6 +385,25 @@ pub struct ConsumerConfig {
     pub deliver_policy: DeliverPolicy,
     /// Free text shown by `nats consumer info`.
     pub description: Option<String>,
+    /// Where a message's ordering key is (`ordered_by = { subject_token = 1 }`, `{ header
+    /// = "Order-Id" }` or `{ function = "order_id" }`). Set, messages of one key run one
+    /// at a time in stream order, different keys concurrently up to `concurrency`; unset,
+    /// messages run in any order.
+    pub ordered_by: Option<OrderedBy>,
+}
+
+/// Where an ordered consumer finds a message's key: exactly one of the three. A message
+/// that has no key there (a shorter subject, no such header, the function says `None`)
+/// runs without waiting for any other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct OrderedBy {
+    /// The subject token at this index (0-based: in `orders.eu.42`, token 2 is `42`).
+    pub subject_token: Option<usize>,
+    /// The value of this header.
+    pub header: Option<String>,
+    /// A function registered with `App::key` under this name.
+    pub function: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -405,6 +424,7 @@ impl Default for ConsumerConfig {
             dead_letter_subject: String::new(),
             deliver_policy: DeliverPolicy::All,
             description: None,
+            ordered_by: None,
         }
     }
 }

@@ -296,6 +296,7 @@ fn consumer_problems(
         let stream = streams.iter().find(|s| s.name == cons.stream);
         reading_problems(cons, stream, &key, problems);
         delivery_problems(cons, &key, problems);
+        ordering_problems(cons, &key, problems);
         dead_letter_problems(cons, consumers, streams, &key, problems);
     }
 }
@@ -383,6 +384,32 @@ fn delivery_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, proble
     }
     if cons.max_payload_bytes < 1 {
         problems.add(key("max_payload_bytes"), "must be at least 1");
+    }
+}
+
+/// `ordered_by`: exactly one place to find the key, and a header or function name that
+/// is not empty.
+fn ordering_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, problems: &mut Problems) {
+    let Some(by) = &cons.ordered_by else { return };
+    let set = [
+        by.subject_token.is_some(),
+        by.header.is_some(),
+        by.function.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        problems.add(
+            key("ordered_by"),
+            "set exactly one of subject_token, header and function: where a message's key is",
+        );
+    }
+    if by.header.as_deref().is_some_and(|h| h.trim().is_empty()) {
+        problems.add(key("ordered_by.header"), "must name a header");
+    }
+    if by.function.as_deref().is_some_and(|f| f.trim().is_empty()) {
+        problems.add(
+            key("ordered_by.function"),
+            "must name a key function registered with App::key",
+        );
     }
 }
 
@@ -527,5 +554,35 @@ mod tests {
             !shown.contains("pw-first") && !shown.contains("pw-second"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn ordered_by_names_exactly_one_place() {
+        use crate::config::OrderedBy;
+        let with = |by: OrderedBy| {
+            let consumer = ConsumerConfig {
+                ordered_by: Some(by),
+                ..ConsumerConfig::default()
+            };
+            let mut problems = Problems::default();
+            ordering_problems(&consumer, &|f| format!("consumers[0].{f}"), &mut problems);
+            problems.0.into_iter().map(|p| p.key).collect::<Vec<_>>()
+        };
+        let token = OrderedBy {
+            subject_token: Some(1),
+            ..OrderedBy::default()
+        };
+        assert!(with(token.clone()).is_empty());
+        assert_eq!(with(OrderedBy::default()), ["consumers[0].ordered_by"]);
+        let two = OrderedBy {
+            header: Some("Order-Id".into()),
+            ..token
+        };
+        assert_eq!(with(two), ["consumers[0].ordered_by"]);
+        let blank = OrderedBy {
+            function: Some(" ".into()),
+            ..OrderedBy::default()
+        };
+        assert_eq!(with(blank), ["consumers[0].ordered_by.function"]);
     }
 }

@@ -13,6 +13,8 @@
 //!   -> handler (timeout, panic caught, progress acks while it runs) -> [`decide`](crate::decide)
 //!   -> ack | nak(delay) | dead letter (publish, await PubAck, then term).
 //! - `inline`: whether the pull loop polls a delivery once itself before spawning it.
+//! - `lanes`: an ordered consumer's key lanes: one message of a key at a time, in
+//!   stream order, a retried one holding its key back.
 //! - `runtime`: [`ConsumerRuntime`], what the loop and its deliveries share.
 //! - `stats`: [`ConsumerStats`], the counters behind `/metrics` and `/readyz`.
 //! - `error`: why a consumer cannot pull right now (logged, then retried).
@@ -36,6 +38,7 @@
 mod delivery;
 mod error;
 mod inline;
+mod lanes;
 mod prefetch;
 mod pull;
 mod runtime;
@@ -56,6 +59,7 @@ use pull::SessionEnd;
 /// For the test harness, which runs a handler the way a delivery does.
 #[cfg(feature = "testing")]
 pub(crate) use delivery::{attempted_from, prepare};
+pub(crate) use lanes::{KeyFn, KeyOf};
 pub(crate) use runtime::ConsumerRuntime;
 pub use stats::ConsumerStats;
 
@@ -72,6 +76,11 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     let done = Arc::new(Notify::new());
     let tasks = TaskTracker::new();
     let mut retry = Backoff::new(RESTORE_FIRST, RESTORE_MAX);
+    // An ordered consumer's lanes outlive its pull sessions (see `lanes`).
+    let mut lanes = rt
+        .ordered_by
+        .clone()
+        .map(|key_of| lanes::Lanes::new(key_of, rt.config.ack_wait));
 
     loop {
         rt.stats.tick();
@@ -91,7 +100,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
         }
         rt.stats.sessions.fetch_add(1, Ordering::Relaxed);
         rt.stats.set_pulling(true);
-        let end = pull::session(&rt, &permits, &done, &tasks).await;
+        let end = pull::session(&rt, &permits, &done, &tasks, &mut lanes).await;
         rt.stats.set_pulling(false);
         let wait = match end {
             Ok(SessionEnd::Stopped) => break,

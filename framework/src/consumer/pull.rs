@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use super::delivery::{deliver, send_or_note};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
+use super::lanes::{LaneTicket, Lanes};
 use super::prefetch::{Bound, Holding, Pace, PREFETCH_BYTES};
 use super::runtime::ConsumerRuntime;
 
@@ -195,6 +196,7 @@ pub(super) async fn session<S: Send + Sync + 'static>(
     permits: &Arc<Semaphore>,
     done: &Arc<Notify>,
     tasks: &TaskTracker,
+    lanes: &mut Option<Lanes>,
 ) -> Result<SessionEnd, ConsumerError> {
     let inbox = rt.client.new_inbox();
     let mut sub = rt
@@ -236,8 +238,12 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                 break;
             };
             if let Some(message) = waiting.pop() {
-                start(rt, tasks, done, &mut inline, permit, message);
+                start(rt, tasks, done, &mut inline, permit, message, None);
             }
+        }
+        // An ordered consumer's messages start as their lanes release them.
+        if let Some(lanes) = lanes.as_mut() {
+            start_released(rt, tasks, done, &mut inline, permits, lanes);
         }
         // Ask for what the bound allows and is not yet held or asked for; nothing more
         // once the stop is signalled.
@@ -245,19 +251,29 @@ pub(super) async fn session<S: Send + Sync + 'static>(
         pace.observe(now, finished(rt));
         let connected = rt.client.connection_state() == async_nats::connection::State::Connected;
         let free_slots = permits.available_permits();
+        let (in_lanes, in_lanes_bytes) = lanes
+            .as_ref()
+            .map_or((0, 0), |l| (l.unstarted(), l.unstarted_bytes()));
         let holding = Holding {
             free_slots,
             running: concurrency.saturating_sub(free_slots),
-            waiting: waiting.queue.len(),
-            waiting_bytes: waiting.bytes,
+            waiting: waiting.queue.len() + in_lanes,
+            waiting_bytes: waiting.bytes + in_lanes_bytes,
             requested: requests.requested(),
         };
-        let batch = bound.pull_size(
+        let mut batch = bound.pull_size(
             &holding,
             pace.per_second(),
             pace.mean_bytes(),
             requests.open.is_empty(),
         );
+        // Only a pull brings back what a key lane awaits, whatever the bound says.
+        if batch == 0
+            && requests.open.is_empty()
+            && lanes.as_ref().is_some_and(Lanes::awaits_redelivery)
+        {
+            batch = 1;
+        }
         if connected && batch > 0 && !rt.stop.is_cancelled() {
             next_id += 1;
             let (body, expires) = if pace.per_second() > 0.0 {
@@ -312,14 +328,18 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                         None | Some(StatusCode::OK) => {
                             requests.delivered();
                             pace.received(message.length);
-                            let permit = if waiting.queue.is_empty() {
-                                permits.clone().try_acquire_owned().ok()
+                            if let Some(lanes) = lanes.as_mut() {
+                                lanes.admit(message, last_heard);
                             } else {
-                                None
-                            };
-                            match permit {
-                                Some(permit) => start(rt, tasks, done, &mut inline, permit, message),
-                                None => waiting.push(message),
+                                let permit = if waiting.queue.is_empty() {
+                                    permits.clone().try_acquire_owned().ok()
+                                } else {
+                                    None
+                                };
+                                match permit {
+                                    Some(permit) => start(rt, tasks, done, &mut inline, permit, message, None),
+                                    None => waiting.push(message),
+                                }
                             }
                         }
                         Some(StatusCode::IDLE_HEARTBEAT) => {}
@@ -358,6 +378,10 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                 let now = Instant::now();
                 requests.expire(now);
                 waiting.keep_alive(rt, now).await;
+                if let Some(lanes) = lanes.as_mut() {
+                    lanes.give_up_overdue(&rt.spec.name, now);
+                    lanes.keep_alive(rt, now).await;
+                }
                 let connected_now = rt.client.connection_state() == async_nats::connection::State::Connected;
                 if connected_now && !was_connected {
                     break SessionEnd::Reconnected;
@@ -380,6 +404,9 @@ pub(super) async fn session<S: Send + Sync + 'static>(
         // What the server already sent to our open pull requests is still on its way:
         // collect it before removing our interest (see `wait_out_open_requests`).
         wait_out_open_requests(rt, &mut sub, &mut requests, &mut unstarted).await;
+        if let Some(lanes) = lanes.as_mut() {
+            unstarted.extend(lanes.hand_back());
+        }
     }
     // `drain` removes the server's interest (it then drops our open pull requests and
     // sends them nothing more) and still delivers what arrives before it completes.
@@ -389,11 +416,45 @@ pub(super) async fn session<S: Send + Sync + 'static>(
             unstarted.push(message);
         }
     }
+    // An ordered consumer that goes on keeps them in its lanes: handed back, they could
+    // return after later messages of their key.
+    if let (Some(lanes), false) = (lanes.as_mut(), matches!(end, SessionEnd::Stopped)) {
+        let now = Instant::now();
+        for message in unstarted {
+            lanes.admit(message, now);
+        }
+        return Ok(end);
+    }
     // Hand back whatever arrived and never started, so another worker gets it now.
     for message in unstarted {
         release(rt, message).await;
     }
     Ok(end)
+}
+
+/// Starts what the key lanes released, while slots are free. A delivery that settles
+/// in its first poll reports back at once, so its key's next message starts in the
+/// same turn.
+fn start_released<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    tasks: &TaskTracker,
+    done: &Arc<Notify>,
+    inline: &mut InlinePolling,
+    permits: &Arc<Semaphore>,
+    lanes: &mut Lanes,
+) {
+    loop {
+        lanes.take_finished(Instant::now());
+        if !lanes.has_ready() {
+            return;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            return;
+        };
+        if let Some((message, ticket)) = lanes.pop_ready() {
+            start(rt, tasks, done, inline, permit, message, ticket);
+        }
+    }
 }
 
 /// At shutdown: receives until every open pull request is fulfilled, or nothing has
@@ -468,6 +529,7 @@ fn start<S: Send + Sync + 'static>(
     inline: &mut InlinePolling,
     permit: OwnedSemaphorePermit,
     message: async_nats::Message,
+    ticket: Option<LaneTicket>,
 ) {
     rt.stats.received.fetch_add(1, Ordering::Relaxed);
     let running = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
@@ -476,7 +538,10 @@ fn start<S: Send + Sync + 'static>(
         .fetch_max(running, Ordering::Relaxed);
     let delivery_rt = rt.clone();
     let mut delivery = Box::pin(async move {
-        deliver(&delivery_rt, message).await;
+        let settled = deliver(&delivery_rt, message).await;
+        if let Some(ticket) = ticket {
+            ticket.finished(settled);
+        }
         delivery_rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
     });

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::{jetstream, Client};
 use tokio_util::sync::CancellationToken;
 
+use super::lanes::KeyOf;
 use super::stats::ConsumerStats;
 use crate::config::ConsumerConfig;
 use crate::handler::ErasedHandler;
@@ -30,4 +31,7 @@ pub(crate) struct ConsumerRuntime<S> {
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: abandon what still runs.
     pub hard_stop: CancellationToken,
+    /// Where an ordered consumer (`ordered_by`) finds a message's key; `None` for the
+    /// others.
+    pub ordered_by: Option<KeyOf>,
 }

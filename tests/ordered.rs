@@ -1,0 +1,280 @@
+//! Ordered by key against real nats-server processes: key lanes in one process (one
+//! message of a key at a time, in stream order, keys side by side; a retry holds its key
+//! back; a dead letter moves it on).
+//!
+//! Every handler run writes its start and end to the stream `RECORD` (PubAck awaited,
+//! see `jetworker_suite::recorded`), which orders the events of every worker; the
+//! checks read it back.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::*;
+use jetworker::testing::server::NatsServer;
+use jetworker::App;
+use jetworker_suite::{recorded, Job, Mode, Probe, RECORD_PREFIX};
+
+/// The stream the ordered consumer reads: `orders.<key>.<id>`.
+const ORDERS: &str = "ORDERS";
+
+/// A config with streams `ORDERS` (`orders.>`), `RECORD` and `DLQ`, and the consumer
+/// `ordered` of handler `recorded`, ordered by the key token, with `lines` added.
+fn ordered_config(url: &str, lines: &str) -> ConfigText {
+    ConfigText::new(url)
+        .connection(r#"request_timeout = "2s""#)
+        .worker(r#"shutdown_grace = "5s""#)
+        .stream(ORDERS, &["orders.>"], "")
+        .stream("RECORD", &[&format!("{RECORD_PREFIX}.>")], "")
+        .stream("DLQ", &["dlq.>"], "")
+        .consumer(
+            "ordered",
+            ORDERS,
+            "recorded",
+            &format!("ordered_by = {{ subject_token = 1 }}\n{lines}"),
+        )
+}
+
+/// Publishes each `(key, job)` to `orders.<key>.<id>`, in order, waiting for each PubAck.
+async fn publish_keyed(js: &jetstream::Context, jobs: &[(String, Job)]) {
+    for (key, job) in jobs {
+        let payload = rmp_serde::to_vec_named(job).expect("encode");
+        js.publish(format!("orders.{key}.{}", job.id), payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("puback");
+    }
+}
+
+/// One line of the record stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Record {
+    Start { key: String, seq: u64, attempt: u64 },
+    End { key: String, seq: u64, how: String },
+}
+
+/// The record stream's events, in its order.
+async fn records(js: &jetstream::Context) -> Vec<Record> {
+    messages(js, "RECORD")
+        .await
+        .into_iter()
+        .map(|m| {
+            let text = String::from_utf8(m.payload.to_vec()).expect("text");
+            let words: Vec<&str> = text.split(' ').collect();
+            let key = words[1].split('.').nth(1).expect("a key token").to_owned();
+            let seq = words[2].parse().expect("seq");
+            match words[0] {
+                "start" => Record::Start {
+                    key,
+                    seq,
+                    attempt: words[3].parse().expect("attempt"),
+                },
+                _ => Record::End {
+                    key,
+                    seq,
+                    how: words[4].to_owned(),
+                },
+            }
+        })
+        .collect()
+}
+
+/// Checks order per key over `records` and returns, per key, the sequences that ended
+/// for good (`ok` or `final`), in the order they did:
+/// - no message of a key starts while another of that key runs (a start is followed by
+///   its own end, or, when its worker died, by a start of the same message again);
+/// - a message that ended for good is followed only by later messages of its key, and
+///   one that ended with a retry (or never ended) only by itself again.
+fn check_order(records: &[Record]) -> BTreeMap<String, Vec<u64>> {
+    // Per key: the message that runs (sequence, ended?), and the earliest sequence the
+    // next start may have, and whether it must be exactly that one.
+    #[derive(Default)]
+    struct KeyState {
+        running: Option<u64>,
+        next_at_least: u64,
+        must_repeat: Option<u64>,
+        done: Vec<u64>,
+    }
+    let mut keys: BTreeMap<String, KeyState> = BTreeMap::new();
+    for (i, record) in records.iter().enumerate() {
+        match record {
+            Record::Start { key, seq, attempt } => {
+                let state = keys.entry(key.clone()).or_default();
+                if let Some(running) = state.running {
+                    // Its worker died mid-run: only its redelivery may start now.
+                    assert_eq!(
+                        *seq, running,
+                        "record {i}: key {key}: seq {seq} (attempt {attempt}) started while seq {running} had not ended"
+                    );
+                }
+                if let Some(repeat) = state.must_repeat {
+                    assert_eq!(
+                        *seq, repeat,
+                        "record {i}: key {key}: seq {seq} started before the retry of seq {repeat}"
+                    );
+                }
+                assert!(
+                    *seq >= state.next_at_least,
+                    "record {i}: key {key}: seq {seq} started after seq {} had ended",
+                    state.next_at_least
+                );
+                state.running = Some(*seq);
+                state.must_repeat = None;
+            }
+            Record::End { key, seq, how } => {
+                let state = keys.entry(key.clone()).or_default();
+                assert_eq!(
+                    state.running,
+                    Some(*seq),
+                    "record {i}: key {key}: seq {seq} ended without starting"
+                );
+                state.running = None;
+                if how == "retry" {
+                    state.must_repeat = Some(*seq);
+                } else {
+                    state.next_at_least = seq + 1;
+                    state.done.push(*seq);
+                }
+            }
+        }
+    }
+    keys.into_iter().map(|(k, s)| (k, s.done)).collect()
+}
+
+/// Runs the ordered consumer in this process with `lines` over `jobs` until the record
+/// stream shows `ended` messages ended for good; returns the records and the probe.
+async fn run_in_process(
+    lines: &str,
+    jobs: &[(String, Job)],
+    ended: usize,
+    within: Duration,
+) -> (Vec<Record>, Arc<Probe>) {
+    let server = NatsServer::start().expect("server");
+    let (client, js) = connect(&server.url()).await;
+    let config = ordered_config(&server.url(), lines).load();
+    jetworker::provision(&client, &js, &config, false)
+        .await
+        .expect("provision");
+    publish_keyed(&js, jobs).await;
+    let probe = Arc::new(Probe::default());
+    let app = App::new(probe.clone()).handler("recorded", recorded);
+    let worker = InProcessWorker::start(config, app);
+    wait_until(within, "every message ended for good", || async {
+        let done: usize = check_order(&records(&js).await)
+            .values()
+            .map(Vec::len)
+            .sum();
+        done >= ended
+    })
+    .await;
+    worker.stop().await;
+    (records(&js).await, probe)
+}
+
+/// 20 keys of 8 messages each, published key by key, the earlier ones of a key slower
+/// (40 ms down to 5 ms of work), 8 slots: every key runs in stream order, one message
+/// at a time (unordered, a key's messages would run side by side and finish in reverse),
+/// and different keys run side by side.
+#[tokio::test]
+async fn messages_of_one_key_run_in_order_while_keys_run_side_by_side() {
+    let mut jobs = Vec::new();
+    for key in 0..20u64 {
+        for n in 0..8u64 {
+            jobs.push((
+                format!("k{key}"),
+                Job {
+                    sleep_ms: 5 + (7 - n) * 5,
+                    ..Job::ok(key * 8 + n + 1)
+                },
+            ));
+        }
+    }
+    let (records, probe) = run_in_process(
+        "concurrency = 8",
+        &jobs,
+        jobs.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let done = check_order(&records);
+    assert_eq!(done.len(), 20, "every key ran");
+    for (key, seqs) in &done {
+        assert_eq!(seqs.len(), 8, "key {key}: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {key} in stream order: {seqs:?}"
+        );
+    }
+    let peak = probe.peak_in_flight();
+    assert!(
+        peak > 1 && peak <= 8,
+        "keys ran side by side within the slots: peak {peak}"
+    );
+}
+
+/// Key `a`: its first message fails once (retried after 1 s), its third is permanent
+/// (dead-lettered). Its second waits for the retry of the first; its fourth runs after
+/// the dead letter. Key `b` is not held back by `a`'s retry.
+#[tokio::test]
+async fn a_retry_holds_its_key_back_and_a_dead_letter_moves_it_on() {
+    let job = |id, mode, until| Job {
+        id,
+        mode,
+        until,
+        sleep_ms: 0,
+    };
+    let jobs = vec![
+        ("a".to_owned(), job(1, Mode::Fail, 1)),
+        ("a".to_owned(), job(2, Mode::Ok, 0)),
+        ("b".to_owned(), job(3, Mode::Ok, 0)),
+        ("a".to_owned(), job(4, Mode::Permanent, 0)),
+        ("b".to_owned(), job(5, Mode::Ok, 0)),
+        ("a".to_owned(), job(6, Mode::Ok, 0)),
+    ];
+    let (records, _probe) = run_in_process(
+        "backoff = [\"1s\"]\nmax_deliver = 3",
+        &jobs,
+        jobs.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let done = check_order(&records);
+    // Sequences are the ids: one message per publish, in order.
+    assert_eq!(done["a"], [1, 2, 4, 6], "{records:?}");
+    assert_eq!(done["b"], [3, 5]);
+    let starts_of_a: Vec<(u64, u64)> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Start { key, seq, attempt } if key == "a" => Some((*seq, *attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts_of_a, [(1, 1), (1, 2), (2, 1), (4, 1), (6, 1)]);
+    let position = |wanted: &Record| records.iter().position(|r| r == wanted).expect("there");
+    let b_done = position(&Record::End {
+        key: "b".into(),
+        seq: 5,
+        how: "ok".into(),
+    });
+    let a_retried = position(&Record::Start {
+        key: "a".into(),
+        seq: 1,
+        attempt: 2,
+    });
+    assert!(
+        b_done < a_retried,
+        "key b ran while key a waited for its retry"
+    );
+    let ends: BTreeSet<&str> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::End { seq: 4, how, .. } => Some(how.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends, BTreeSet::from(["final"]), "seq 4 was dead-lettered");
+}
