@@ -153,9 +153,10 @@ pub async fn scripted(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), H
 pub const RECORD_PREFIX: &str = "record";
 
 /// The [`scripted`] handler, with every start and end written (PubAck awaited) to a
-/// stream before it goes on, as `start <subject> <seq> <attempt>` and `end <subject>
-/// <seq> <attempt> <ok|retry|final>` (`final`: the message is dead-lettered). The stream
-/// orders the events of every process that runs it: what order-per-key tests check.
+/// stream before it goes on, as `start <subject> <seq> <attempt> <pid>` and `end
+/// <subject> <seq> <attempt> <ok|retry|final> <pid>` (`final`: the message is
+/// dead-lettered; `pid`: the worker process). The stream orders the events of every
+/// process that runs it: what order-per-key tests check.
 pub async fn recorded(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), HandlerError> {
     let (subject, seq, attempt) = (
         ctx.subject().to_owned(),
@@ -175,7 +176,8 @@ pub async fn recorded(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), H
             Ok::<(), HandlerError>(())
         }
     };
-    record(format!("start {subject} {seq} {attempt}")).await?;
+    let pid = std::process::id();
+    record(format!("start {subject} {seq} {attempt} {pid}")).await?;
     let last = ctx.is_last_attempt();
     let result = scripted(job, ctx).await;
     let end = match &result {
@@ -183,6 +185,6 @@ pub async fn recorded(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), H
         Err(e) if last || e.kind() == jetworker::HandlerErrorKind::Permanent => "final",
         Err(_) => "retry",
     };
-    record(format!("end {subject} {seq} {attempt} {end}")).await?;
+    record(format!("end {subject} {seq} {attempt} {end} {pid}")).await?;
     result
 }

@@ -1,6 +1,7 @@
 //! Ordered by key against real nats-server processes: key lanes in one process (one
 //! message of a key at a time, in stream order, keys side by side; a retry holds its key
-//! back; a dead letter moves it on).
+//! back; a dead letter moves it on); and partitions across two and three replica
+//! processes, one of them killed (`kill -9`) mid-run.
 //!
 //! Every handler run writes its start and end to the stream `RECORD` (PubAck awaited,
 //! see `jetworker_suite::recorded`), which orders the events of every worker; the
@@ -38,11 +39,11 @@ fn ordered_config(url: &str, lines: &str) -> ConfigText {
         )
 }
 
-/// Publishes each `(key, job)` to `orders.<key>.<id>`, in order, waiting for each PubAck.
+/// Publishes each `(key, job)` to `orders.<key>`, in order, waiting for each PubAck.
 async fn publish_keyed(js: &jetstream::Context, jobs: &[(String, Job)]) {
     for (key, job) in jobs {
         let payload = rmp_serde::to_vec_named(job).expect("encode");
-        js.publish(format!("orders.{key}.{}", job.id), payload.into())
+        js.publish(format!("orders.{key}"), payload.into())
             .await
             .expect("publish")
             .await
@@ -50,11 +51,20 @@ async fn publish_keyed(js: &jetstream::Context, jobs: &[(String, Job)]) {
     }
 }
 
-/// One line of the record stream.
+/// One line of the record stream; the key is the message's subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Record {
-    Start { key: String, seq: u64, attempt: u64 },
-    End { key: String, seq: u64, how: String },
+    Start {
+        key: String,
+        seq: u64,
+        attempt: u64,
+        pid: u32,
+    },
+    End {
+        key: String,
+        seq: u64,
+        how: String,
+    },
 }
 
 /// The record stream's events, in its order.
@@ -65,13 +75,14 @@ async fn records(js: &jetstream::Context) -> Vec<Record> {
         .map(|m| {
             let text = String::from_utf8(m.payload.to_vec()).expect("text");
             let words: Vec<&str> = text.split(' ').collect();
-            let key = words[1].split('.').nth(1).expect("a key token").to_owned();
+            let key = words[1].to_owned();
             let seq = words[2].parse().expect("seq");
             match words[0] {
                 "start" => Record::Start {
                     key,
                     seq,
                     attempt: words[3].parse().expect("attempt"),
+                    pid: words[4].parse().expect("pid"),
                 },
                 _ => Record::End {
                     key,
@@ -87,8 +98,9 @@ async fn records(js: &jetstream::Context) -> Vec<Record> {
 /// for good (`ok` or `final`), in the order they did:
 /// - no message of a key starts while another of that key runs (a start is followed by
 ///   its own end, or, when its worker died, by a start of the same message again);
-/// - a message that ended for good is followed only by later messages of its key, and
-///   one that ended with a retry (or never ended) only by itself again.
+/// - a message that ended for good is followed only by later messages of its key (or
+///   by itself again, when its ack was lost with its worker), and one that ended with a
+///   retry (or never ended) only by itself again.
 fn check_order(records: &[Record]) -> BTreeMap<String, Vec<u64>> {
     // Per key: the message that runs (sequence, ended?), and the earliest sequence the
     // next start may have, and whether it must be exactly that one.
@@ -102,7 +114,9 @@ fn check_order(records: &[Record]) -> BTreeMap<String, Vec<u64>> {
     let mut keys: BTreeMap<String, KeyState> = BTreeMap::new();
     for (i, record) in records.iter().enumerate() {
         match record {
-            Record::Start { key, seq, attempt } => {
+            Record::Start {
+                key, seq, attempt, ..
+            } => {
                 let state = keys.entry(key.clone()).or_default();
                 if let Some(running) = state.running {
                     // Its worker died mid-run: only its redelivery may start now.
@@ -117,10 +131,14 @@ fn check_order(records: &[Record]) -> BTreeMap<String, Vec<u64>> {
                         "record {i}: key {key}: seq {seq} started before the retry of seq {repeat}"
                     );
                 }
+                // A message that ended but whose ack never reached the server (its
+                // worker was killed right after) runs again: a redelivery, not a
+                // message out of order.
+                let again = state.done.last() == Some(seq);
                 assert!(
-                    *seq >= state.next_at_least,
+                    *seq >= state.next_at_least || again,
                     "record {i}: key {key}: seq {seq} started after seq {} had ended",
-                    state.next_at_least
+                    state.next_at_least - 1
                 );
                 state.running = Some(*seq);
                 state.must_repeat = None;
@@ -135,7 +153,7 @@ fn check_order(records: &[Record]) -> BTreeMap<String, Vec<u64>> {
                 state.running = None;
                 if how == "retry" {
                     state.must_repeat = Some(*seq);
-                } else {
+                } else if state.done.last() != Some(seq) {
                     state.next_at_least = seq + 1;
                     state.done.push(*seq);
                 }
@@ -244,27 +262,35 @@ async fn a_retry_holds_its_key_back_and_a_dead_letter_moves_it_on() {
     .await;
     let done = check_order(&records);
     // Sequences are the ids: one message per publish, in order.
-    assert_eq!(done["a"], [1, 2, 4, 6], "{records:?}");
-    assert_eq!(done["b"], [3, 5]);
+    assert_eq!(done["orders.a"], [1, 2, 4, 6], "{records:?}");
+    assert_eq!(done["orders.b"], [3, 5]);
     let starts_of_a: Vec<(u64, u64)> = records
         .iter()
         .filter_map(|r| match r {
-            Record::Start { key, seq, attempt } if key == "a" => Some((*seq, *attempt)),
+            Record::Start {
+                key, seq, attempt, ..
+            } if key == "orders.a" => Some((*seq, *attempt)),
             _ => None,
         })
         .collect();
     assert_eq!(starts_of_a, [(1, 1), (1, 2), (2, 1), (4, 1), (6, 1)]);
-    let position = |wanted: &Record| records.iter().position(|r| r == wanted).expect("there");
-    let b_done = position(&Record::End {
-        key: "b".into(),
-        seq: 5,
-        how: "ok".into(),
-    });
-    let a_retried = position(&Record::Start {
-        key: "a".into(),
-        seq: 1,
-        attempt: 2,
-    });
+    let b_done = records
+        .iter()
+        .position(|r| matches!(r, Record::End { seq: 5, how, .. } if how == "ok"))
+        .expect("seq 5 ended");
+    let a_retried = records
+        .iter()
+        .position(|r| {
+            matches!(
+                r,
+                Record::Start {
+                    seq: 1,
+                    attempt: 2,
+                    ..
+                }
+            )
+        })
+        .expect("seq 1 retried");
     assert!(
         b_done < a_retried,
         "key b ran while key a waited for its retry"
@@ -277,4 +303,148 @@ async fn a_retry_holds_its_key_back_and_a_dead_letter_moves_it_on() {
         })
         .collect();
     assert_eq!(ends, BTreeSet::from(["final"]), "seq 4 was dead-lettered");
+}
+
+/// The partitioned consumer's config: 4 partitions of `orders.<partition>.<key>` (as
+/// `Publisher::publish_keyed` writes them), 2 s leases, a 2 s ack wait and 1 s retries.
+fn partitioned_config(url: &str) -> ConfigText {
+    ConfigText::new(url)
+        .connection(r#"request_timeout = "2s""#)
+        .worker(r#"shutdown_grace = "5s""#)
+        .stream(ORDERS, &["orders.>"], "")
+        .stream("RECORD", &[&format!("{RECORD_PREFIX}.>")], "")
+        .stream("DLQ", &["dlq.>"], "")
+        .consumer(
+            "ordered",
+            ORDERS,
+            "recorded",
+            r#"filter_subject = "orders.*.>"
+ordered_by = { subject_token = 2 }
+partitions = { count = 4, subject_token = 1, lease = "2s" }
+ack_wait = "2s"
+backoff = ["1s"]
+max_deliver = 5
+concurrency = 4"#,
+        )
+}
+
+/// `replicas` worker processes on 4 partitions of 12 keys x 12 messages (80 ms of work
+/// each, every 7th failing once); the replica that started a message last is killed
+/// (`kill -9`) once a third of the messages ended. Then every message ends for good, and per key no message
+/// starts before the one before it ended (or, for one that was running in the killed
+/// replica, before its redelivery), in stream order.
+async fn replicas_keep_order_per_key_through_a_kill(replicas: usize) {
+    let server = NatsServer::start().expect("server");
+    let (client, js) = connect(&server.url()).await;
+    let text = partitioned_config(&server.url());
+    let config = text.load();
+    jetworker::provision(&client, &js, &config, false)
+        .await
+        .expect("provision");
+    let publisher = jetworker::Publisher::new(js.clone());
+    let mut total = 0;
+    for round in 0..12u64 {
+        for key in 0..12u64 {
+            let id = round * 12 + key + 1;
+            let job = Job {
+                mode: if id % 7 == 0 { Mode::Fail } else { Mode::Ok },
+                until: 1,
+                sleep_ms: 80,
+                ..Job::ok(id)
+            };
+            publisher
+                .publish_keyed("orders", &format!("k{key}"), 4, &format!("job-{id}"), &job)
+                .await
+                .expect("publish");
+            total += 1;
+        }
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = text.write(dir.path());
+    let spawn = || {
+        WorkerProcess::spawn(
+            std::process::Command::new(env!("CARGO_BIN_EXE_test_worker"))
+                .args(["--config", &path.display().to_string(), "run"])
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit()),
+        )
+    };
+    let mut workers: Vec<WorkerProcess> = (0..replicas).map(|_| spawn()).collect();
+    let ended = |records: &[Record]| -> usize { check_order(records).values().map(Vec::len).sum() };
+    wait_until(
+        Duration::from_secs(60),
+        "a third of the messages ended",
+        || async { ended(&records(&js).await) >= total / 3 },
+    )
+    .await;
+    // The replica that started a message last: one at work right now.
+    let killed = records(&js)
+        .await
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            Record::Start { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .expect("a start");
+    let victim = workers
+        .iter()
+        .position(|w| w.pid() == killed)
+        .expect("one of ours");
+    workers[victim].signal("KILL");
+    let _ = workers[victim].wait_exit(Duration::from_secs(5));
+    let mut workers: Vec<WorkerProcess> = workers
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, w)| (i != victim).then_some(w))
+        .collect();
+    wait_until(
+        Duration::from_secs(90),
+        "every message ended for good",
+        || async { ended(&records(&js).await) >= total },
+    )
+    .await;
+    for worker in &workers {
+        worker.signal("TERM");
+    }
+    for worker in &mut workers {
+        assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    }
+    let records = records(&js).await;
+    let done = check_order(&records);
+    assert_eq!(done.len(), 12, "every key ran");
+    for (key, seqs) in &done {
+        assert_eq!(
+            seqs.len(),
+            12,
+            "key {key}: every message ended once: {seqs:?}"
+        );
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key {key}: {seqs:?}");
+    }
+    let pids: BTreeSet<u32> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Start { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        pids.contains(&killed),
+        "the killed replica had work: {pids:?}"
+    );
+    assert!(
+        pids.len() >= 2,
+        "the partitions moved to other replicas: {pids:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_replicas_keep_order_per_key_through_a_kill() {
+    replicas_keep_order_per_key_through_a_kill(2).await;
+}
+
+#[tokio::test]
+async fn three_replicas_keep_order_per_key_through_a_kill() {
+    replicas_keep_order_per_key_through_a_kill(3).await;
 }

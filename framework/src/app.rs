@@ -19,6 +19,7 @@ use crate::consumer::{self, ConsumerRuntime, ConsumerStats, KeyFn, KeyOf};
 use crate::error::Error;
 use crate::handler::{Context, ErasedHandler, Event, Handler, TypedHandler};
 use crate::ops::{self, Health};
+use crate::partition::{self, LeaseGroup};
 use crate::provision::{self, Plan, ProvisionError, ProvisionErrorKind, ServerVersion};
 use crate::safety_net::{self, MaxDeliveriesAdvisory, SafetyNet};
 use crate::shutdown;
@@ -320,6 +321,8 @@ impl<S: Send + Sync + 'static> App<S> {
     /// follow (when `WatchdogSec=` asks for them) while the consumer loops are alive.
     pub async fn start(self, config: Config, stop: CancellationToken) -> Result<Running, RunError> {
         self.check(&config)?;
+        // A partitioned consumer runs as one consumer per partition (see `partition`).
+        let (config, partitions) = partition::expand(&config);
         let hard_stop = CancellationToken::new();
         let grace = config.worker.shutdown_grace;
         let health = Health::new();
@@ -406,6 +409,8 @@ impl<S: Send + Sync + 'static> App<S> {
         for net_consumer in safety_net::safety_net_consumers(&config) {
             consumers.push((net_consumer, safety_net_handler::<S>(net.clone())));
         }
+        let replica = LeaseGroup::replica_id();
+        let mut lease_groups: HashMap<String, Arc<LeaseGroup>> = HashMap::new();
         for (c, handler) in &consumers {
             let consumer_stats = Arc::new(ConsumerStats::default());
             stats.insert(c.name.clone(), consumer_stats.clone());
@@ -429,7 +434,19 @@ impl<S: Send + Sync + 'static> App<S> {
                     .as_ref()
                     .and_then(|by| KeyOf::from_config(by, &self.keys)),
             });
-            tracker.spawn(consumer::run(rt));
+            match partitions.get(&c.name) {
+                Some(of) => {
+                    let group = lease_groups.entry(of.bucket.clone()).or_insert_with(|| {
+                        let group = Arc::new(LeaseGroup::new(js.clone(), of, &replica));
+                        tracker.spawn(group.clone().keep_membership(stop.clone()));
+                        group
+                    });
+                    tracker.spawn(partition::run_partition(rt, of.clone(), group.clone()));
+                }
+                None => {
+                    tracker.spawn(consumer::run(rt));
+                }
+            }
         }
         tracker.close();
         aux.spawn(ops::poll_lag(js.clone(), lag, aux_stop.clone()));

@@ -44,8 +44,8 @@ pub use load::{
 };
 pub use schema::{
     CodecKind, Config, ConnectionConfig, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig,
-    OrderedBy, Retention, Storage, StreamConfig, TlsConfig, WorkerConfig, DEFAULT_BACKOFF,
-    DEFAULT_INBOX_PREFIX,
+    OrderedBy, PartitionsConfig, Retention, Storage, StreamConfig, TlsConfig, WorkerConfig,
+    DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX,
 };
 pub use server_url::{redact_userinfo, ServerUrl, UrlCredentials};
 pub use validate::ConfigProblem;

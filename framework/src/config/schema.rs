@@ -390,6 +390,36 @@ pub struct ConsumerConfig {
     /// at a time in stream order, different keys concurrently up to `concurrency`; unset,
     /// messages run in any order.
     pub ordered_by: Option<OrderedBy>,
+    /// Order per key across replicas (with `ordered_by`): the consumer stands for
+    /// `count` durable consumers `<name>-0` .. `<name>-<count-1>`, one per partition of
+    /// the subject, each pulled by one replica at a time (see `Publisher::publish_keyed`
+    /// for the publishing side).
+    pub partitions: Option<PartitionsConfig>,
+}
+
+/// How an ordered consumer is split into partitions pulled by one replica each.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct PartitionsConfig {
+    /// How many partitions (1 to 1024). Publishers must use the same count.
+    pub count: u32,
+    /// The 0-based index of the partition token in the subject; `filter_subject` has a
+    /// `*` there (`orders.*.>` with `subject_token = 1`).
+    pub subject_token: usize,
+    /// How long a replica that stopped renewing keeps its partitions: after a crash,
+    /// its partitions move to other replicas this much later.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for PartitionsConfig {
+    fn default() -> Self {
+        PartitionsConfig {
+            count: 1,
+            subject_token: 1,
+            lease: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Where an ordered consumer finds a message's key: exactly one of the three. A message
@@ -425,6 +455,7 @@ impl Default for ConsumerConfig {
             deliver_policy: DeliverPolicy::All,
             description: None,
             ordered_by: None,
+            partitions: None,
         }
     }
 }

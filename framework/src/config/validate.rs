@@ -297,6 +297,7 @@ fn consumer_problems(
         reading_problems(cons, stream, &key, problems);
         delivery_problems(cons, &key, problems);
         ordering_problems(cons, &key, problems);
+        partition_problems(cons, &key, problems);
         dead_letter_problems(cons, consumers, streams, &key, problems);
     }
 }
@@ -409,6 +410,41 @@ fn ordering_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, proble
         problems.add(
             key("ordered_by.function"),
             "must name a key function registered with App::key",
+        );
+    }
+}
+
+/// `partitions`: only with `ordered_by`, a count in range, a lease, and a filter with a
+/// `*` at the partition token.
+fn partition_problems(
+    cons: &ConsumerConfig,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) {
+    let Some(p) = &cons.partitions else { return };
+    if cons.ordered_by.is_none() {
+        problems.add(
+            key("partitions"),
+            "needs ordered_by: partitions keep the order of a key across replicas",
+        );
+    }
+    if !(1..=1024).contains(&p.count) {
+        problems.add(key("partitions.count"), "must be 1 to 1024");
+    }
+    if p.lease < Duration::from_secs(1) {
+        problems.add(key("partitions.lease"), "must be at least 1s");
+    }
+    let token = cons
+        .filter_subject
+        .as_deref()
+        .and_then(|f| f.split('.').nth(p.subject_token));
+    if token != Some("*") {
+        problems.add(
+            key("partitions.subject_token"),
+            format!(
+                "filter_subject needs a `*` at token {} (the partition number), e.g. \"orders.*.>\"",
+                p.subject_token
+            ),
         );
     }
 }

@@ -28,6 +28,18 @@
 //! its delay plus twice `ack_wait` (it was removed from the stream, or another process
 //! settled it) is given up on, logged, and its key moves on.
 //!
+//! # The gate, when messages are pending elsewhere
+//! A consumer that starts (a worker restarted, a replica took over a partition, see
+//! `partition`) may find messages pending at the server that were in flight at a
+//! process that died or were nak'ed there for a retry. They must run before every later
+//! message of their key, and they come back only after their ack wait or retry delay.
+//! So the lanes start with their gate closed when the server reports pending messages:
+//! they take in what the pulls bring and start nothing keyed, until the consumer's
+//! `num_ack_pending` (polled each tick) is no more than what they hold: every pending
+//! message is then in hand, in stream order in its lane, or settled. Should that never
+//! happen, the gate opens at a deadline: the longest of the ack wait and the retry
+//! delays, plus an ack wait and a margin.
+//!
 //! Lanes live as long as the consumer, across pull sessions: a session that restarts
 //! (a reconnect) keeps what it holds, and a message that arrived as the session ended
 //! joins its lane instead of going back to the server. At shutdown what is held is
@@ -45,6 +57,7 @@ use tokio::time::Instant;
 use super::delivery::{send_or_note, AckSubject, Settled};
 use super::runtime::ConsumerRuntime;
 use crate::config::OrderedBy;
+use crate::provision;
 
 /// A key function registered with [`App::key`](crate::App::key): a message's key, or
 /// `None` for a message that has none (it runs without waiting for any other).
@@ -187,6 +200,8 @@ pub(super) struct Lanes {
     awaiting: usize,
     finished_tx: mpsc::UnboundedSender<Finished>,
     finished_rx: mpsc::UnboundedReceiver<Finished>,
+    /// While closed: when it opens at the latest (see the module docs).
+    gate: Option<Instant>,
 }
 
 impl Lanes {
@@ -203,6 +218,44 @@ impl Lanes {
             awaiting: 0,
             finished_tx,
             finished_rx,
+            gate: None,
+        }
+    }
+
+    /// Closes the gate until every message pending at the server is in hand or
+    /// settled, or `until` at the latest.
+    pub(super) fn close_gate(&mut self, until: Instant) {
+        self.gate = Some(until);
+    }
+
+    /// While the gate is closed: asks the server how many messages of the consumer are
+    /// pending, and opens the gate once they are all in hand (or at its deadline).
+    pub(super) async fn check_gate<S>(&mut self, rt: &ConsumerRuntime<S>, now: Instant) {
+        let Some(until) = self.gate else { return };
+        let pending = match provision::get_stream(&rt.js, &rt.spec.stream).await {
+            Ok(Some(stream)) => match provision::consumer_info(&stream, &rt.spec.name).await {
+                Ok(Some(info)) => Some(info.num_ack_pending),
+                _ => None,
+            },
+            _ => None,
+        };
+        let in_hand = self.unstarted();
+        let all_in_hand = pending.is_some_and(|p| p <= in_hand);
+        if all_in_hand || now >= until {
+            tracing::info!(
+                consumer = %rt.spec.name, pending, in_hand, all_in_hand,
+                "the messages pending elsewhere are in hand or settled; ordered lanes start"
+            );
+            self.open_gate();
+        }
+    }
+
+    /// Opens the gate: every lane releases its first message.
+    fn open_gate(&mut self) {
+        self.gate = None;
+        let lanes: Vec<u64> = self.lanes.keys().copied().collect();
+        for lane_id in lanes {
+            self.release(lane_id);
         }
     }
 
@@ -216,10 +269,11 @@ impl Lanes {
         self.bytes
     }
 
-    /// Whether some lane waits for a message to come back from the server: the pull
-    /// loop then keeps a pull request open whatever its bound says.
+    /// Whether some lane waits for a message to come back from the server, or the gate
+    /// for the pending ones: the pull loop then keeps a pull request open whatever its
+    /// bound says.
     pub(super) fn awaits_redelivery(&self) -> bool {
-        self.awaiting > 0
+        self.awaiting > 0 || self.gate.is_some()
     }
 
     /// Whether a message may start as soon as a slot is free.
@@ -243,7 +297,22 @@ impl Lanes {
             self.ready.push_back(Ready { held, ticket: None });
             return;
         };
-        let lane = self.lanes.entry(lane_id).or_default();
+        let lane = match self.lanes.entry(lane_id) {
+            // The key is free: the message starts as soon as a slot is (most messages
+            // of a consumer with many keys take this way, with no hold at all).
+            std::collections::hash_map::Entry::Vacant(free) if self.gate.is_none() => {
+                free.insert(Lane {
+                    dispatched: Some(sequence),
+                    ..Lane::default()
+                });
+                self.ready.push_back(Ready {
+                    held,
+                    ticket: Some((lane_id, sequence)),
+                });
+                return;
+            }
+            entry => entry.or_default(),
+        };
         if lane.awaiting.remove(&sequence).is_some() {
             self.awaiting -= 1;
         }
@@ -258,6 +327,9 @@ impl Lanes {
     /// Moves the lane's next message, if it may start, to the ready ones; forgets an
     /// idle lane.
     fn release(&mut self, lane_id: u64) {
+        if self.gate.is_some() {
+            return;
+        }
         let Some(lane) = self.lanes.get_mut(&lane_id) else {
             return;
         };
@@ -410,6 +482,15 @@ mod tests {
         out
     }
 
+    /// The subjects ready to start, keyed or not, taking them.
+    fn started_any(lanes: &mut Lanes) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some((message, _)) = lanes.pop_ready() {
+            out.push(message.subject.to_string());
+        }
+        out
+    }
+
     fn seqs(started: &[(String, u64, LaneTicket)]) -> Vec<u64> {
         started.iter().map(|s| s.1).collect()
     }
@@ -538,5 +619,22 @@ mod tests {
         let f: KeyFn = Arc::new(|m| m.subject.split('.').nth(1).map(str::to_owned));
         let by_region = KeyOf::Function(f);
         assert_ne!(by_region.lane_of(&m), by_region.lane_of(&other));
+    }
+
+    #[test]
+    fn a_closed_gate_holds_keyed_messages_and_opens_in_stream_order() {
+        let now = Instant::now();
+        let mut l = lanes();
+        l.close_gate(now + Duration::from_secs(60));
+        assert!(l.awaits_redelivery(), "a closed gate keeps a pull open");
+        l.admit(delivery("orders.a", 7), now);
+        // A redelivery of an earlier message arrives after a later one.
+        l.admit(delivery("orders.a", 4), now);
+        l.admit(delivery("orders", 9), now);
+        let keyless = started_any(&mut l);
+        assert_eq!(keyless, ["orders"], "only what has no key runs");
+        assert_eq!(l.unstarted(), 2);
+        l.open_gate();
+        assert_eq!(seqs(&started(&mut l)), [4], "the earlier one first");
     }
 }

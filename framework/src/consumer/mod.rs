@@ -49,6 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
@@ -81,23 +82,37 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
         .ordered_by
         .clone()
         .map(|key_of| lanes::Lanes::new(key_of, rt.config.ack_wait));
+    let mut first_session = true;
 
     loop {
         rt.stats.tick();
         if rt.stop.is_cancelled() {
             break;
         }
-        if let Err(e) = ensure_consumer(&rt).await {
-            let wait = retry.next();
-            tracing::warn!(
-                stream = %rt.spec.stream, consumer = %rt.spec.name, error = %e,
-                retry_in = %humantime::format_duration(wait), "consumer unavailable"
-            );
-            tokio::select! {
-                _ = rt.stop.cancelled() => break,
-                _ = tokio::time::sleep(wait) => continue,
+        let pending = match ensure_consumer(&rt).await {
+            Ok(pending) => pending,
+            Err(e) => {
+                let wait = retry.next();
+                tracing::warn!(
+                    stream = %rt.spec.stream, consumer = %rt.spec.name, error = %e,
+                    retry_in = %humantime::format_duration(wait), "consumer unavailable"
+                );
+                tokio::select! {
+                    _ = rt.stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
             }
+        };
+        // Messages pending elsewhere when an ordered consumer starts: its lanes wait for
+        // them (see `lanes`, "The gate").
+        if let Some(lanes) = lanes.as_mut().filter(|_| first_session && pending > 0) {
+            lanes.close_gate(Instant::now() + gate_deadline(&rt));
+            tracing::info!(
+                stream = %rt.spec.stream, consumer = %rt.spec.name, pending,
+                "messages of this ordered consumer are pending elsewhere; holding its keys until they are in hand"
+            );
         }
+        first_session = false;
         rt.stats.sessions.fetch_add(1, Ordering::Relaxed);
         rt.stats.set_pulling(true);
         let end = pull::session(&rt, &permits, &done, &tasks, &mut lanes).await;
@@ -131,9 +146,20 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     tasks.wait().await;
 }
 
+/// When the lanes' gate opens at the latest: pending messages come back within the
+/// longest of the ack wait and the retry delays; one ack wait and a margin more.
+fn gate_deadline<S>(rt: &ConsumerRuntime<S>) -> Duration {
+    let longest_delay = rt.policy.schedule.iter().max().copied().unwrap_or_default();
+    rt.config.ack_wait.max(longest_delay) + rt.config.ack_wait + GATE_MARGIN
+}
+
+/// What [`gate_deadline`] adds to the longest wait for a pending message.
+const GATE_MARGIN: Duration = Duration::from_secs(5);
+
 /// Makes sure the durable consumer exists, noting its ack floor; recreates it from the
 /// config when it was deleted behind our back, resuming after the last ack floor noted.
-async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError> {
+/// Returns how many of its messages are pending (delivered and not yet acked).
+async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<usize, ConsumerError> {
     let lookup = |e| ConsumerError::wrap(ConsumerErrorKind::Lookup, e);
     let stream = provision::get_stream(&rt.js, &rt.spec.stream)
         .await
@@ -166,5 +192,5 @@ async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError
     rt.stats
         .server_ack_floor
         .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
-    Ok(())
+    Ok(info.num_ack_pending)
 }

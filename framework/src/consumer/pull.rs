@@ -379,6 +379,7 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                 requests.expire(now);
                 waiting.keep_alive(rt, now).await;
                 if let Some(lanes) = lanes.as_mut() {
+                    lanes.check_gate(rt, now).await;
                     lanes.give_up_overdue(&rt.spec.name, now);
                     lanes.keep_alive(rt, now).await;
                 }

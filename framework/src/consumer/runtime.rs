@@ -35,3 +35,25 @@ pub(crate) struct ConsumerRuntime<S> {
     /// others.
     pub ordered_by: Option<KeyOf>,
 }
+
+impl<S> ConsumerRuntime<S> {
+    /// The same consumer for one term of a partition's ownership: `stop` ends the term
+    /// (the worker stops, or the partition moves to another replica).
+    pub(crate) fn for_term(&self, stop: CancellationToken) -> ConsumerRuntime<S> {
+        ConsumerRuntime {
+            config: self.config.clone(),
+            spec: self.spec.clone(),
+            policy: self.policy.clone(),
+            handler: self.handler.clone(),
+            state: self.state.clone(),
+            client: self.client.clone(),
+            js: self.js.clone(),
+            server_version: self.server_version,
+            request_timeout: self.request_timeout,
+            stats: self.stats.clone(),
+            stop,
+            hard_stop: self.hard_stop.clone(),
+            ordered_by: self.ordered_by.clone(),
+        }
+    }
+}
