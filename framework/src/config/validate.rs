@@ -621,4 +621,43 @@ mod tests {
         };
         assert_eq!(with(blank), ["consumers[0].ordered_by.function"]);
     }
+
+    #[test]
+    fn partitions_need_an_order_a_count_a_lease_and_a_partition_token() {
+        use crate::config::{OrderedBy, PartitionsConfig};
+        let with = |consumer: ConsumerConfig| {
+            let mut problems = Problems::default();
+            partition_problems(&consumer, &|f| f.to_owned(), &mut problems);
+            problems.0.into_iter().map(|p| p.key).collect::<Vec<_>>()
+        };
+        let good = ConsumerConfig {
+            filter_subject: Some("orders.*.>".into()),
+            ordered_by: Some(OrderedBy {
+                subject_token: Some(2),
+                ..OrderedBy::default()
+            }),
+            partitions: Some(PartitionsConfig::default()),
+            ..ConsumerConfig::default()
+        };
+        assert!(with(good.clone()).is_empty());
+        let bad = ConsumerConfig {
+            filter_subject: Some("orders.eu.>".into()),
+            ordered_by: None,
+            partitions: Some(PartitionsConfig {
+                count: 0,
+                lease: Duration::from_millis(10),
+                ..PartitionsConfig::default()
+            }),
+            ..good
+        };
+        assert_eq!(
+            with(bad),
+            [
+                "partitions",
+                "partitions.count",
+                "partitions.lease",
+                "partitions.subject_token"
+            ]
+        );
+    }
 }

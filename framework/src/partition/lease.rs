@@ -178,6 +178,9 @@ pub(crate) async fn run_partition<S: Send + Sync + 'static>(
     let mut retry = Backoff::new(group.every(), group.every());
     let mut store = None;
     while !rt.stop.is_cancelled() {
+        // Alive, and not pulling on purpose until the partition is taken.
+        rt.stats.tick();
+        rt.stats.set_standby(true);
         if store.is_none() {
             store = group.store().await;
         }
@@ -210,6 +213,7 @@ pub(crate) async fn run_partition<S: Send + Sync + 'static>(
             stream = %rt.spec.stream, consumer = %rt.spec.name, partition = of.index,
             replica = %group.replica, "partition taken"
         );
+        rt.stats.set_standby(false);
         let end = own(&rt, &kv, &key, revision, &group).await;
         tracing::info!(
             stream = %rt.spec.stream, consumer = %rt.spec.name, partition = of.index,
