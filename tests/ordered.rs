@@ -23,20 +23,23 @@ use jetworker_suite::{recorded, Job, Mode, Probe, RECORD_PREFIX};
 const ORDERS: &str = "ORDERS";
 
 /// A config with streams `ORDERS` (`orders.>`), `RECORD` and `DLQ`, and the consumer
-/// `ordered` of handler `recorded`, ordered by the key token, with `lines` added.
-fn ordered_config(url: &str, lines: &str) -> ConfigText {
+/// `ordered` of handler `recorded` with `lines`.
+fn orders_config(url: &str, lines: &str) -> ConfigText {
     ConfigText::new(url)
         .connection(r#"request_timeout = "2s""#)
         .worker(r#"shutdown_grace = "5s""#)
         .stream(ORDERS, &["orders.>"], "")
         .stream("RECORD", &[&format!("{RECORD_PREFIX}.>")], "")
         .stream("DLQ", &["dlq.>"], "")
-        .consumer(
-            "ordered",
-            ORDERS,
-            "recorded",
-            &format!("ordered_by = {{ subject_token = 1 }}\n{lines}"),
-        )
+        .consumer("ordered", ORDERS, "recorded", lines)
+}
+
+/// [`orders_config`] ordered by the key token of `orders.<key>`, with `lines` added.
+fn ordered_config(url: &str, lines: &str) -> ConfigText {
+    orders_config(
+        url,
+        &format!("ordered_by = {{ subject_token = 1 }}\n{lines}"),
+    )
 }
 
 /// Publishes each `(key, job)` to `orders.<key>`, in order, waiting for each PubAck.
@@ -308,24 +311,16 @@ async fn a_retry_holds_its_key_back_and_a_dead_letter_moves_it_on() {
 /// The partitioned consumer's config: 4 partitions of `orders.<partition>.<key>` (as
 /// `Publisher::publish_keyed` writes them), 2 s leases, a 2 s ack wait and 1 s retries.
 fn partitioned_config(url: &str) -> ConfigText {
-    ConfigText::new(url)
-        .connection(r#"request_timeout = "2s""#)
-        .worker(r#"shutdown_grace = "5s""#)
-        .stream(ORDERS, &["orders.>"], "")
-        .stream("RECORD", &[&format!("{RECORD_PREFIX}.>")], "")
-        .stream("DLQ", &["dlq.>"], "")
-        .consumer(
-            "ordered",
-            ORDERS,
-            "recorded",
-            r#"filter_subject = "orders.*.>"
+    orders_config(
+        url,
+        r#"filter_subject = "orders.*.>"
 ordered_by = { subject_token = 2 }
 partitions = { count = 4, subject_token = 1, lease = "2s" }
 ack_wait = "2s"
 backoff = ["1s"]
 max_deliver = 5
 concurrency = 4"#,
-        )
+    )
 }
 
 /// `replicas` worker processes on 4 partitions of 12 keys x 12 messages (80 ms of work

@@ -506,29 +506,19 @@ mod tests {
         assert_eq!(seqs(&first), [1, 3], "one of each key");
         assert_eq!(l.unstarted(), 3);
         assert_eq!(l.unstarted_bytes(), 30);
-        for (_, _, ticket) in first {
-            ticket.finished(Settled::Gone);
-        }
-        l.take_finished(now);
+        finish_all(&mut l, first, now);
         let second = started(&mut l);
         assert_eq!(seqs(&second), [2, 5]);
-        for (_, _, ticket) in second {
-            ticket.finished(Settled::Gone);
-        }
-        l.take_finished(now);
+        finish_all(&mut l, second, now);
         let third = started(&mut l);
         assert_eq!(seqs(&third), [4]);
-        third
-            .into_iter()
-            .for_each(|(_, _, t)| t.finished(Settled::Gone));
-        l.take_finished(now);
+        finish_all(&mut l, third, now);
         assert!(l.lanes.is_empty(), "idle lanes are forgotten");
         assert_eq!(l.unstarted(), 0);
     }
 
-    #[test]
-    fn a_retry_holds_its_key_until_it_comes_back() {
-        let now = Instant::now();
+    /// Lanes holding seq 2 of key `a` while seq 1, retried in 1 s, is out at the server.
+    fn first_of_two_retried(now: Instant) -> Lanes {
         let mut l = lanes();
         l.admit(delivery("orders.a", 1), now);
         l.admit(delivery("orders.a", 2), now);
@@ -537,6 +527,21 @@ mod tests {
             after: Duration::from_secs(1),
         });
         l.take_finished(now);
+        l
+    }
+
+    /// Settles every started message as gone for good.
+    fn finish_all(l: &mut Lanes, started: Vec<(String, u64, LaneTicket)>, now: Instant) {
+        for (_, _, ticket) in started {
+            ticket.finished(Settled::Gone);
+        }
+        l.take_finished(now);
+    }
+
+    #[test]
+    fn a_retry_holds_its_key_until_it_comes_back() {
+        let now = Instant::now();
+        let mut l = first_of_two_retried(now);
         assert!(l.awaits_redelivery());
         assert!(started(&mut l).is_empty(), "seq 2 waits for seq 1");
         l.admit(delivery("orders.a", 3), now);
@@ -546,24 +551,14 @@ mod tests {
         assert!(!l.awaits_redelivery());
         let again = started(&mut l);
         assert_eq!(seqs(&again), [1]);
-        again
-            .into_iter()
-            .for_each(|(_, _, t)| t.finished(Settled::Gone));
-        l.take_finished(now);
+        finish_all(&mut l, again, now);
         assert_eq!(seqs(&started(&mut l)), [2]);
     }
 
     #[test]
     fn an_awaited_message_not_back_in_time_is_given_up() {
         let now = Instant::now();
-        let mut l = lanes();
-        l.admit(delivery("orders.a", 1), now);
-        l.admit(delivery("orders.a", 2), now);
-        let (_, _, ticket) = started(&mut l).pop().expect("seq 1 runs");
-        ticket.finished(Settled::Returns {
-            after: Duration::from_secs(1),
-        });
-        l.take_finished(now);
+        let mut l = first_of_two_retried(now);
         l.give_up_overdue("c", now + Duration::from_secs(60));
         assert!(started(&mut l).is_empty(), "within delay + 2 ack waits");
         l.give_up_overdue("c", now + Duration::from_secs(67));

@@ -329,7 +329,12 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                             requests.delivered();
                             pace.received(message.length);
                             if let Some(lanes) = lanes.as_mut() {
+                                // Started as they arrive, as unordered ones are: a turn
+                                // that received a batch first would start it with the
+                                // task's cooperative budget spent, and every delivery
+                                // would wait for its ack's send in a task of its own.
                                 lanes.admit(message, last_heard);
+                                start_released(rt, tasks, done, &mut inline, permits, lanes);
                             } else {
                                 let permit = if waiting.queue.is_empty() {
                                     permits.clone().try_acquire_owned().ok()
