@@ -443,3 +443,39 @@ async fn two_replicas_keep_order_per_key_through_a_kill() {
 async fn three_replicas_keep_order_per_key_through_a_kill() {
     replicas_keep_order_per_key_through_a_kill(3).await;
 }
+
+/// One key of 14 messages of 250 ms each (3.5 s of work behind one another) with a 2 s
+/// ack wait, next to quick keys: the messages held behind their key get progress acks,
+/// so the server redelivers none of them, and the key still runs in order.
+#[tokio::test]
+async fn messages_held_behind_a_slow_key_are_kept_alive() {
+    let mut jobs = Vec::new();
+    for n in 0..14u64 {
+        jobs.push((
+            "slow".to_owned(),
+            Job {
+                sleep_ms: 250,
+                ..Job::ok(2 * n + 1)
+            },
+        ));
+        jobs.push(("quick".to_owned(), Job::ok(2 * n + 2)));
+    }
+    let (records, _probe) = run_in_process(
+        "ack_wait = \"2s\"",
+        &jobs,
+        jobs.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let done = check_order(&records);
+    assert_eq!(done["orders.slow"].len(), 14);
+    assert_eq!(done["orders.quick"].len(), 14);
+    let redelivered: Vec<&Record> = records
+        .iter()
+        .filter(|r| matches!(r, Record::Start { attempt, .. } if *attempt > 1))
+        .collect();
+    assert!(
+        redelivered.is_empty(),
+        "nothing held aged into its ack wait: {redelivered:?}"
+    );
+}
