@@ -5,7 +5,7 @@
 //! shutdown or when its share shrinks; one [`LeaseGroup::keep_membership`] task per
 //! bucket keeps this replica's member key and counts the live replicas.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ use crate::consumer::{self, ConsumerRuntime};
 
 /// The prefix of member keys (`member-<replica id>`).
 const MEMBER_PREFIX: &str = "member-";
+/// How often a partition task looks whether the replicas were counted yet.
+const COUNTED_POLL: Duration = Duration::from_millis(20);
 
 /// This replica's view of one lease bucket: its id, how many of the bucket's partitions
 /// it holds, and how many replicas are alive.
@@ -35,6 +37,8 @@ pub(crate) struct LeaseGroup {
     held: AtomicUsize,
     /// Live replicas, at least 1 (this one).
     members: AtomicUsize,
+    /// Whether the live replicas were counted at least once.
+    counted: AtomicBool,
 }
 
 impl LeaseGroup {
@@ -48,6 +52,20 @@ impl LeaseGroup {
             replica: replica.to_owned(),
             held: AtomicUsize::new(0),
             members: AtomicUsize::new(1),
+            counted: AtomicBool::new(false),
+        }
+    }
+
+    /// Waits until the live replicas were counted once (a lease at most, or `stop`), so a
+    /// replica that starts next to others does not take every partition and then give
+    /// most of them back.
+    async fn wait_counted(&self, stop: &tokio_util::sync::CancellationToken) {
+        let deadline = Instant::now() + self.lease;
+        while !self.counted.load(Ordering::Relaxed) && Instant::now() < deadline {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(COUNTED_POLL) => {}
+            }
         }
     }
 
@@ -133,6 +151,7 @@ impl LeaseGroup {
             }
             if let Ok(Ok(members)) = tokio::time::timeout(self.every(), count_members(kv)).await {
                 let before = self.members.swap(members.max(1), Ordering::Relaxed);
+                self.counted.store(true, Ordering::Relaxed);
                 if before != members.max(1) {
                     tracing::info!(bucket = %self.bucket, replicas = members, share = self.share(), "replicas of a partitioned consumer changed");
                 }
@@ -177,6 +196,8 @@ pub(crate) async fn run_partition<S: Send + Sync + 'static>(
     let key = of.key();
     let mut retry = Backoff::new(group.every(), group.every());
     let mut store = None;
+    rt.stats.set_standby(true);
+    group.wait_counted(&rt.stop).await;
     while !rt.stop.is_cancelled() {
         // Alive, and not pulling on purpose until the partition is taken.
         rt.stats.tick();

@@ -47,8 +47,9 @@
 //! Each replica also keeps a member key (`member-<replica id>`) in the bucket, renewed
 //! with its leases, so every replica knows how many are alive. A replica takes a free
 //! partition only while it holds fewer than its share (the partition count divided by
-//! the live replicas, rounded up), and gives back (gracefully, as at shutdown) the
-//! partitions it holds beyond that share. A replica that dies: its partitions are free
+//! the live replicas, rounded up; counted once before it takes any, or for a lease at
+//! most), and gives back (gracefully, as at shutdown) the partitions it holds beyond that
+//! share. A replica that dies: its partitions are free
 //! one lease later and the survivors take them, up to their new shares. A replica that
 //! joins: the others see one more member, each gives back what exceeds its smaller
 //! share, and the newcomer takes those after the takeover gate.
