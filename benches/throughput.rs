@@ -50,6 +50,11 @@
 //! handler's start, or for the plain loop to the message's arrival); and "peak RSS 1M"
 //! (jetworker at its defaults drains `BENCH_RSS_MESSAGES`).
 //!
+//! The ordered cases ("decode, ordered" and "1 ms I/O, ordered") run the tuned sides'
+//! work on a consumer with `ordered_by = { function = ... }` whose key is the stream
+//! sequence modulo 1000: 1000 keys, each key's messages 1000 apart, one at a time per key;
+//! they are compared with the unordered tuned side at the same concurrency.
+//!
 //! For plain loops the clock starts before `messages()` (the consumer exists) and stops
 //! when the last message's ack is queued; for jetworker it starts when `App::start`
 //! returned and stops when the `acked` (or dead-letter) counter reaches the count (polled
@@ -141,7 +146,15 @@ enum Work {
     DeadLetter,
     /// Record the time from publish to handler start, at a steady publish rate.
     Latency,
+    /// [`Work::Decode`] on a consumer ordered by a key with [`ORDERED_KEYS`] values.
+    OrderedDecode,
+    /// [`Work::Io`] on a consumer ordered by a key with [`ORDERED_KEYS`] values.
+    OrderedIo,
 }
+
+/// Keys of the ordered cases: the key function gives message `seq` the key
+/// `seq % ORDERED_KEYS`, so a key's messages are that far apart in the stream.
+const ORDERED_KEYS: u64 = 1000;
 
 impl Work {
     fn as_str(self) -> &'static str {
@@ -150,6 +163,8 @@ impl Work {
             Work::Io => "io",
             Work::DeadLetter => "dead_letter",
             Work::Latency => "latency",
+            Work::OrderedDecode => "ordered_decode",
+            Work::OrderedIo => "ordered_io",
         }
     }
 
@@ -159,6 +174,8 @@ impl Work {
             "io" => Ok(Work::Io),
             "dead_letter" => Ok(Work::DeadLetter),
             "latency" => Ok(Work::Latency),
+            "ordered_decode" => Ok(Work::OrderedDecode),
+            "ordered_io" => Ok(Work::OrderedIo),
             other => bail!("unknown work {other:?}"),
         }
     }
@@ -363,6 +380,8 @@ fn round(settings: &Settings) -> Vec<Measurement> {
         m(Side::JetworkerTuned, Work::Decode, n),
         m(Side::JetworkerBatch, Work::Decode, n),
         m(Side::JetworkerTuned, Work::Io, n),
+        m(Side::JetworkerTuned, Work::OrderedDecode, n),
+        m(Side::JetworkerTuned, Work::OrderedIo, n),
         // 32 slots of 1 ms: ~30k msg/s, so a quarter of the backlog is plenty.
         m(Side::JetworkerDefaults, Work::Io, (n / 4).max(1)),
         m(
@@ -537,6 +556,8 @@ fn report(
         ("decode only", Work::Decode, Side::JetworkerBatch),
         ("1 ms I/O", Work::Io, Side::JetworkerDefaults),
         ("1 ms I/O", Work::Io, Side::JetworkerTuned),
+        ("decode, ordered", Work::OrderedDecode, Side::JetworkerTuned),
+        ("1 ms I/O, ordered", Work::OrderedIo, Side::JetworkerTuned),
         (
             "dead-letter burst",
             Work::DeadLetter,
@@ -577,6 +598,12 @@ fn report(
     let decode = medians(results, Work::Decode, Side::JetworkerDefaults)?.rate / reference;
     let batch = medians(results, Work::Decode, Side::JetworkerBatch)?.rate / reference;
     let io = medians(results, Work::Io, Side::JetworkerTuned)?.rate / reference;
+    let ordered = |work, unordered| -> anyhow::Result<f64> {
+        Ok(medians(results, work, Side::JetworkerTuned)?.rate
+            / medians(results, unordered, Side::JetworkerTuned)?.rate)
+    };
+    let ordered_decode = ordered(Work::OrderedDecode, Work::Decode)?;
+    let ordered_io = ordered(Work::OrderedIo, Work::Io)?;
     let dead_letter = medians(results, Work::DeadLetter, Side::JetworkerDefaults)?.rate;
     let p99 = medians(results, Work::Latency, Side::JetworkerDefaults)?.p99_us;
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
@@ -594,6 +621,12 @@ fn report(
         "  1 ms I/O, jetworker concurrency {} >= 0.8x plain tuned decode-only: {io:.2}x {}",
         settings.concurrency,
         verdict(io >= 0.8)
+    );
+    println!(
+        "  ordered lanes, {ORDERED_KEYS} keys, >= 0.8x unordered at concurrency {}: decode only {ordered_decode:.2}x {}, 1 ms I/O {ordered_io:.2}x {}",
+        settings.concurrency,
+        verdict(ordered_decode >= 0.8),
+        verdict(ordered_io >= 0.8)
     );
     println!(
         "  dead-letter burst at defaults >= 20000 msg/s: {dead_letter:.0} msg/s {}",
@@ -1064,6 +1097,13 @@ async fn decode_batch(events: Batch<PageView>, _ctx: BatchContext) -> BatchResul
     Ok(BatchFailures::new())
 }
 
+/// The ordered cases' key: the stream sequence (from the ack subject,
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`) modulo [`ORDERED_KEYS`].
+fn sequence_key(message: &async_nats::Message) -> Option<String> {
+    let sequence: u64 = message.reply.as_ref()?.split('.').nth(5)?.parse().ok()?;
+    Some((sequence % ORDERED_KEYS).to_string())
+}
+
 async fn decode_then_io(event: Event<PageView>, _ctx: Context) -> Result<(), HandlerError> {
     black_box(&event);
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1126,15 +1166,22 @@ async fn jetworker_run(
     count: u64,
     settings: &Settings,
 ) -> anyhow::Result<RunResult> {
-    let config = jetworker_config(url, name, STREAM, side, settings, "")?;
+    let ordered_by = match work {
+        Work::OrderedDecode | Work::OrderedIo => "ordered_by = { function = \"bench_key\" }",
+        _ => "",
+    };
+    let config = jetworker_config(url, name, STREAM, side, settings, ordered_by)?;
     let app = match work {
         Work::Decode if side == Side::JetworkerBatch => {
             App::new(()).batch_handler("bench", decode_batch)
         }
-        Work::Io => App::new(()).handler("bench", decode_then_io),
+        Work::Io | Work::OrderedIo => App::new(()).handler("bench", decode_then_io),
         Work::DeadLetter => App::new(()).handler("bench", fail_permanently),
-        Work::Decode | Work::Latency => App::new(()).handler("bench", decode_only),
+        Work::Decode | Work::Latency | Work::OrderedDecode => {
+            App::new(()).handler("bench", decode_only)
+        }
     };
+    let app = app.key("bench_key", sequence_key);
     let stop = CancellationToken::new();
     let rss_start_kb = proc_status_kb("VmRSS")?;
 

@@ -147,3 +147,44 @@ pub async fn scripted(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), H
     }
     Ok(())
 }
+
+/// Where the [`recorded`] handler writes its log: `<RECORD_PREFIX>.<job id>`, one message
+/// per event; a test declares a stream on `record.>` and reads it in stream order.
+pub const RECORD_PREFIX: &str = "record";
+
+/// The [`scripted`] handler, with every start and end written (PubAck awaited) to a
+/// stream before it goes on, as `start <subject> <seq> <attempt> <pid>` and `end
+/// <subject> <seq> <attempt> <ok|retry|final> <pid>` (`final`: the message is
+/// dead-lettered; `pid`: the worker process). The stream orders the events of every
+/// process that runs it: what order-per-key tests check.
+pub async fn recorded(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), HandlerError> {
+    let (subject, seq, attempt) = (
+        ctx.subject().to_owned(),
+        ctx.stream_sequence(),
+        ctx.attempt(),
+    );
+    let js = ctx.jetstream().ok_or("no JetStream context")?.clone();
+    let subject_of_record = format!("{RECORD_PREFIX}.{}", job.id);
+    let record = |text: String| {
+        let (js, subject_of_record) = (js.clone(), subject_of_record.clone());
+        async move {
+            js.publish(subject_of_record, text.into())
+                .await
+                .map_err(HandlerError::transient)?
+                .await
+                .map_err(HandlerError::transient)?;
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let pid = std::process::id();
+    record(format!("start {subject} {seq} {attempt} {pid}")).await?;
+    let last = ctx.is_last_attempt();
+    let result = scripted(job, ctx).await;
+    let end = match &result {
+        Ok(()) => "ok",
+        Err(e) if last || e.kind() == jetworker::HandlerErrorKind::Permanent => "final",
+        Err(_) => "retry",
+    };
+    record(format!("end {subject} {seq} {attempt} {end} {pid}")).await?;
+    result
+}

@@ -224,7 +224,7 @@ pub async fn execute<S: Send + Sync + 'static>(
         Command::Run => match app.run(config).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => match (e.kind(), e.plan()) {
-                (RunErrorKind::MissingHandlers | RunErrorKind::NotABatchHandler, _) => {
+                (RunErrorKind::MissingHandlers | RunErrorKind::HandlerMismatch, _) => {
                     eprintln!("{e}");
                     ExitCode::from(EXIT_INVALID_CONFIG)
                 }

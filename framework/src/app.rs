@@ -16,10 +16,11 @@ use crate::config::Config;
 use crate::config::ConsumerConfig;
 use crate::connect;
 use crate::connect::ConnectError;
-use crate::consumer::{self, ConsumerRuntime, ConsumerStats};
+use crate::consumer::{self, ConsumerRuntime, ConsumerStats, KeyFn, KeyOf};
 use crate::error::Error;
 use crate::handler::{Context, ErasedHandler, Event, Handler, TypedHandler};
 use crate::ops::{self, Health};
+use crate::partition::{self, LeaseGroup};
 use crate::provision::{self, Plan, ProvisionError, ProvisionErrorKind, ServerVersion};
 use crate::safety_net::{self, MaxDeliveriesAdvisory, SafetyNet};
 use crate::shutdown;
@@ -50,6 +51,8 @@ pub struct App<S = ()> {
     /// The handlers registered with [`App::batch_handler`] (also in `handlers`, as
     /// handlers of a batch of one).
     batch_handlers: HashMap<String, Arc<dyn ErasedBatchHandler<S>>>,
+    /// Key functions of ordered consumers (`ordered_by = { function = "..." }`), by name.
+    keys: HashMap<String, KeyFn>,
     metrics: Vec<RegisterMetrics>,
 }
 
@@ -63,6 +66,7 @@ impl<S> Clone for App<S> {
             state: Arc::clone(&self.state),
             handlers: self.handlers.clone(),
             batch_handlers: self.batch_handlers.clone(),
+            keys: self.keys.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -90,10 +94,10 @@ pub enum RunErrorKind {
     Conflicts,
     /// Provisioning failed; the [`ProvisionError`] is the source.
     Provision,
-    /// A consumer sets batch keys (`max_batch`, `max_batch_bytes`, `max_batch_wait`) but
-    /// its handler takes one message at a time; see [`RunError::missing_handlers`] for
-    /// the lines.
-    NotABatchHandler,
+    /// A consumer's settings do not fit its handler: batch keys (`max_batch`,
+    /// `max_batch_bytes`, `max_batch_wait`) on a handler that takes one message at a time,
+    /// or `ordered_by` on a batch handler; see [`RunError::missing_handlers`] for the lines.
+    HandlerMismatch,
 }
 
 impl fmt::Display for RunErrorKind {
@@ -104,8 +108,8 @@ impl fmt::Display for RunErrorKind {
             RunErrorKind::OpsListen => "the ops endpoint cannot listen",
             RunErrorKind::Conflicts => "the provisioning plan has conflicts",
             RunErrorKind::Provision => "provisioning failed",
-            RunErrorKind::NotABatchHandler => {
-                "consumers set batch keys for handlers that take one message"
+            RunErrorKind::HandlerMismatch => {
+                "consumers' settings do not fit their handlers (batch keys on a handler of one message, or ordered_by on a batch handler)"
             }
         })
     }
@@ -121,7 +125,7 @@ struct MissingHandlers(Vec<String>);
 
 impl RunError {
     /// One line per consumer whose handler is not registered (or, for
-    /// [`RunErrorKind::NotABatchHandler`], does not take batches), naming the file, the
+    /// [`RunErrorKind::HandlerMismatch`], does not take batches), naming the file, the
     /// key and what is registered (empty for other kinds).
     pub fn missing_handlers(&self) -> &[String] {
         self.detail::<MissingHandlers>()
@@ -158,6 +162,7 @@ impl<S: Send + Sync + 'static> App<S> {
             state: Arc::new(state),
             handlers: HashMap::new(),
             batch_handlers: HashMap::new(),
+            keys: HashMap::new(),
             metrics: Vec::new(),
         }
     }
@@ -254,6 +259,39 @@ impl<S: Send + Sync + 'static> App<S> {
         self
     }
 
+    /// Registers `key` under `name`, for consumers ordered by a key computed in code
+    /// (`ordered_by = { function = "name" }`): messages for which it returns the same key
+    /// run one at a time in stream order; `None` means a message has no key and waits
+    /// for no other. It runs in the pull loop for every message: keep it cheap.
+    /// Registering a name twice keeps the last one.
+    ///
+    /// ```no_run
+    /// use jetworker::{App, Config, Context, Event, HandlerError};
+    /// # #[derive(serde::Deserialize)] struct Order { id: u64 }
+    /// async fn apply_order(_order: Event<Order>, _ctx: Context) -> Result<(), HandlerError> {
+    ///     Ok(())
+    /// }
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// // In streams.toml: ordered_by = { function = "customer" }
+    /// let app = App::new(())
+    ///     .handler("apply_order", apply_order)
+    ///     .key("customer", |m: &jetworker::async_nats::Message| {
+    ///         let customer = m.headers.as_ref()?.get("Customer")?;
+    ///         Some(customer.as_str().to_lowercase())
+    ///     });
+    /// app.run(Config::load("streams.toml")?).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn key<F>(mut self, name: &str, key: F) -> Self
+    where
+        F: Fn(&async_nats::Message) -> Option<String> + Send + Sync + 'static,
+    {
+        self.keys.insert(name.to_string(), Arc::new(key));
+        self
+    }
+
     /// The shared state.
     pub fn state(&self) -> &Arc<S> {
         &self.state
@@ -270,7 +308,7 @@ impl<S: Send + Sync + 'static> App<S> {
     /// the key and what is registered.
     pub fn check(&self, config: &Config) -> Result<(), RunError> {
         let file = config.source.display();
-        let missing: Vec<String> = config
+        let mut missing: Vec<String> = config
             .consumers
             .iter()
             .enumerate()
@@ -284,13 +322,21 @@ impl<S: Send + Sync + 'static> App<S> {
                 )
             })
             .collect();
+        for (i, c) in config.consumers.iter().enumerate() {
+            let function = c.ordered_by.as_ref().and_then(|by| by.function.as_ref());
+            if let Some(name) = function.filter(|name| !self.keys.contains_key(*name)) {
+                missing.push(format!(
+                    "{file}: consumers[{i}].ordered_by.function: no key function named {name:?} is registered; register it with App::key(\"{name}\", ...)"
+                ));
+            }
+        }
         if !missing.is_empty() {
             return Err(RunError::new(RunErrorKind::MissingHandlers)
                 .with_message(missing.join("\n"))
                 .with_detail(MissingHandlers(missing)));
         }
         // Batch keys on a handler of one message would be silently ignored.
-        let not_batch: Vec<String> = config
+        let mut not_batch: Vec<String> = config
             .consumers
             .iter()
             .enumerate()
@@ -305,10 +351,19 @@ impl<S: Send + Sync + 'static> App<S> {
                 })
             })
             .collect();
+        // An ordered consumer runs one message of a key at a time: a batch would mix keys.
+        for (i, c) in config.consumers.iter().enumerate() {
+            if c.ordered_by.is_some() && self.batch_handlers.contains_key(&c.handler) {
+                not_batch.push(format!(
+                    "{file}: consumers[{i}].ordered_by: handler {:?} takes batches; an ordered consumer runs one message of a key at a time: register a handler of one message with App::handler(\"{}\", ...), or remove ordered_by",
+                    c.handler, c.handler
+                ));
+            }
+        }
         if not_batch.is_empty() {
             Ok(())
         } else {
-            Err(RunError::new(RunErrorKind::NotABatchHandler)
+            Err(RunError::new(RunErrorKind::HandlerMismatch)
                 .with_message(not_batch.join("\n"))
                 .with_detail(MissingHandlers(not_batch)))
         }
@@ -341,6 +396,8 @@ impl<S: Send + Sync + 'static> App<S> {
     /// follow (when `WatchdogSec=` asks for them) while the consumer loops are alive.
     pub async fn start(self, config: Config, stop: CancellationToken) -> Result<Running, RunError> {
         self.check(&config)?;
+        // A partitioned consumer runs as one consumer per partition (see `partition`).
+        let (config, partitions) = partition::expand(&config);
         let hard_stop = CancellationToken::new();
         let grace = config.worker.shutdown_grace;
         let health = Health::new();
@@ -427,6 +484,8 @@ impl<S: Send + Sync + 'static> App<S> {
         for net_consumer in safety_net::safety_net_consumers(&config) {
             consumers.push((net_consumer, safety_net_handler::<S>(net.clone())));
         }
+        let replica = LeaseGroup::replica_id();
+        let mut lease_groups: HashMap<String, Arc<LeaseGroup>> = HashMap::new();
         for (c, handler) in &consumers {
             let consumer_stats = Arc::new(ConsumerStats::default());
             stats.insert(c.name.clone(), consumer_stats.clone());
@@ -446,8 +505,24 @@ impl<S: Send + Sync + 'static> App<S> {
                 stats: consumer_stats,
                 stop: stop.clone(),
                 hard_stop: hard_stop.clone(),
+                ordered_by: c
+                    .ordered_by
+                    .as_ref()
+                    .and_then(|by| KeyOf::from_config(by, &self.keys)),
             });
-            tracker.spawn(consumer::run(rt));
+            match partitions.get(&c.name) {
+                Some(of) => {
+                    let group = lease_groups.entry(of.bucket.clone()).or_insert_with(|| {
+                        let group = Arc::new(LeaseGroup::new(js.clone(), of, &replica));
+                        tracker.spawn(group.clone().keep_membership(stop.clone()));
+                        group
+                    });
+                    tracker.spawn(partition::run_partition(rt, of.clone(), group.clone()));
+                }
+                None => {
+                    tracker.spawn(consumer::run(rt));
+                }
+            }
         }
         tracker.close();
         aux.spawn(ops::poll_lag(js.clone(), lag, aux_stop.clone()));
@@ -737,7 +812,7 @@ mod tests {
             .handler("one", one)
             .check(&config)
             .expect_err("batch key on a single handler");
-        assert_eq!(err.kind(), RunErrorKind::NotABatchHandler);
+        assert_eq!(err.kind(), RunErrorKind::HandlerMismatch);
         assert!(
             err.missing_handlers()[0].contains("consumers[0].max_batch"),
             "{err}"

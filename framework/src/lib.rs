@@ -45,6 +45,9 @@
 //! - `consumer/`: one durable consumer at work: `pull` (the pull protocol: requests
 //!   sized to free slots, heartbeats, hand-back at shutdown) -> `delivery` (one `Delivery`
 //!   from size check to ack / nak / dead letter); `inline`, `runtime`, [`ConsumerStats`].
+//! - `partition/`: order per key across replicas: one durable consumer per partition
+//!   of the subject ([`partition_of`]), each pulled by one replica at a time (`lease`:
+//!   leases in a key-value bucket, takeover, shares when replicas die or join).
 //! - `dead_letter`: the dead-letter copy, its headers and its publish.
 //! - `safety_net`: dead letters for messages whose last delivery never settled.
 //! - `publisher`: typed publish with message ids, PubAck and retries; a pipelined mode.
@@ -82,6 +85,7 @@ mod ops;
 #[cfg(feature = "otel")]
 mod otel;
 mod outcome;
+mod partition;
 mod provision;
 mod publisher;
 mod safety_net;
@@ -110,9 +114,10 @@ pub use codec::{
 pub use config::{
     redact_userinfo, CodecKind, Config, ConfigError, ConfigErrorKind, ConfigProblem, ConfigSource,
     ConnectionConfig, ConnectionSources, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig,
-    Retention, ServerUrl, Storage, StreamConfig, TlsConfig, UrlCredentials, WorkerConfig,
-    DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX, DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_BATCH_WAIT, DEFAULT_PATH as DEFAULT_CONFIG_PATH, ENV_PREFIX as CONFIG_ENV_PREFIX,
+    OrderedBy, PartitionsConfig, Retention, ServerUrl, Storage, StreamConfig, TlsConfig,
+    UrlCredentials, WorkerConfig, DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX, DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_WAIT, DEFAULT_PATH as DEFAULT_CONFIG_PATH,
+    ENV_PREFIX as CONFIG_ENV_PREFIX,
 };
 pub use connect::{
     connect, connect_with, jetstream, options as connect_options, redacted_servers, AuthMode,
@@ -131,6 +136,7 @@ pub use ops::{Health, HealthError, HealthErrorKind, OpsError, OpsErrorKind};
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub use otel::{OtelError, OtelErrorKind, OtlpExporter};
 pub use outcome::{decide, Attempted, Outcome, Reason, RetrySchedule};
+pub use partition::partition_of;
 pub use provision::{
     consumer_info, desired, get_stream, plan, provision, Action, Actual, Desired, Plan,
     ProvisionError, ProvisionErrorKind, ServerVersion,

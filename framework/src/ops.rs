@@ -184,7 +184,7 @@ impl Health {
             return Err(HealthErrorKind::NotProvisioned.into());
         }
         for (name, stats) in self.consumers() {
-            if !stats.is_pulling() {
+            if !stats.is_pulling() && !stats.is_standby() {
                 return Err(HealthError::new(HealthErrorKind::NotPulling)
                     .with_message(format!("consumer {name} is not pulling")));
             }

@@ -81,6 +81,8 @@ pub enum PublishErrorKind {
     Rejected,
     /// Transient failures went on past the deadline.
     DeadlineExceeded,
+    /// A key given to [`Publisher::publish_keyed`] is not one subject token.
+    InvalidKey,
 }
 
 impl fmt::Display for PublishErrorKind {
@@ -89,6 +91,7 @@ impl fmt::Display for PublishErrorKind {
             PublishErrorKind::Encode => "the value cannot be encoded",
             PublishErrorKind::Rejected => "the server rejected the message",
             PublishErrorKind::DeadlineExceeded => "no stored message within the deadline",
+            PublishErrorKind::InvalidKey => "the key is not one subject token",
         })
     }
 }
@@ -203,6 +206,44 @@ impl Publisher {
     ) -> Result<PublishAck, PublishError> {
         self.publish_with_headers(subject, msg_id, HeaderMap::new(), value)
             .await
+    }
+
+    /// Publishes `value` for `key` to `<prefix>.<partition>.<key>`, where `partition` is
+    /// [`partition_of`](crate::partition_of)`(key, partitions)`: the layout a consumer
+    /// ordered across replicas reads, with `filter_subject = "<prefix>.*.>"`,
+    /// `partitions = { count = <partitions>, subject_token = T }` and `ordered_by = {
+    /// subject_token = T + 1 }` (T: the number of tokens in `prefix`). Every message of
+    /// a key lands in one partition, which one replica at a time pulls, in order. The
+    /// key must be one subject token (no `.`, `*`, `>` or whitespace).
+    ///
+    /// ```no_run
+    /// # async fn run(js: jetworker::async_nats::jetstream::Context) -> Result<(), jetworker::PublishError> {
+    /// // Consumer: filter_subject = "orders.*.>", partitions = { count = 8, subject_token = 1 },
+    /// //           ordered_by = { subject_token = 2 }
+    /// let publisher = jetworker::Publisher::new(js);
+    /// publisher.publish_keyed("orders", "customer-42", 8, "order-1001", &"paid").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish_keyed<T: Serialize + ?Sized>(
+        &self,
+        prefix: &str,
+        key: &str,
+        partitions: u32,
+        msg_id: &str,
+        value: &T,
+    ) -> Result<PublishAck, PublishError> {
+        let not_a_token = key.is_empty()
+            || key
+                .chars()
+                .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace());
+        if not_a_token {
+            return Err(PublishError::new(PublishErrorKind::InvalidKey)
+                .with_message(format!("key {key:?} is not one subject token")));
+        }
+        let partition = crate::partition::partition_of(key, partitions);
+        let subject = format!("{prefix}.{partition}.{key}");
+        self.publish(&subject, msg_id, value).await
     }
 
     /// Like [`Publisher::publish`], with extra headers.

@@ -1,6 +1,7 @@
 //! A worker binary for process-level tests (signals, kills): the scripted handler of
 //! `jetworker_suite`, with every start and finish appended to the file named by
-//! `JW_TEST_LOG` as `start <id> <attempt>` / `done <id> <attempt>` lines.
+//! `JW_TEST_LOG` as `start <id> <attempt>` / `done <id> <attempt>` lines; and the
+//! `recorded` handler, which writes its starts and ends to a stream.
 
 use std::fs::File;
 use std::io::Write;
@@ -47,6 +48,8 @@ async fn logged(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), Handler
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let app = App::new(Arc::new(Probe::default())).handler("scripted", logged);
+    let app = App::new(Arc::new(Probe::default()))
+        .handler("scripted", logged)
+        .handler("recorded", jetworker_suite::recorded);
     jetworker_cli::main(app).await
 }

@@ -435,6 +435,22 @@ mod tests {
         sections.into_iter().map(|(_, text)| text).collect()
     }
 
+    /// [`config_with`] plus `table = { entries }` in the consumer, with what the table
+    /// needs beside it to be valid (only consumers have tables of their own).
+    fn config_with_table(section: &str, table: &str, entries: &str) -> String {
+        assert_eq!(section, "consumers", "a table of {section}: add it here");
+        let needs = match table {
+            "partitions" => "filter_subject = \"events.*.>\"\nordered_by = { subject_token = 2 }\n",
+            _ => "",
+        };
+        let consumer_end = "dead_letter_subject = \"dlq.clicks\"\n";
+        config_with(None).replacen(
+            consumer_end,
+            &format!("{consumer_end}{needs}{table} = {{ {entries} }}\n"),
+            1,
+        )
+    }
+
     fn loaded(text: &str) -> String {
         let mut config = Config::from_toml_with_env(
             text,
@@ -458,7 +474,6 @@ mod tests {
                 key.path
             );
         }
-        let defaults = loaded(&config_with(None));
         for row in &rows {
             let key = schema
                 .iter()
@@ -507,9 +522,18 @@ mod tests {
                     .unwrap_or_else(|| {
                         panic!("{}: a default is `value`, unset or required", row.path)
                     });
+                let (with_value, without) = match row.path.splitn(3, '.').collect::<Vec<_>>()[..] {
+                    // A key of a table inside a section (`consumers.partitions.count`):
+                    // the table with only this key against the empty table.
+                    [section @ "consumers", table, name] => (
+                        config_with_table(section, table, &format!("{name} = {value}")),
+                        config_with_table(section, table, ""),
+                    ),
+                    _ => (config_with(Some((&row.path, value))), config_with(None)),
+                };
                 assert_eq!(
-                    loaded(&config_with(Some((&row.path, value)))),
-                    defaults,
+                    loaded(&with_value),
+                    loaded(&without),
                     "{}: the documented default {value} is not the default",
                     row.path
                 );

@@ -51,8 +51,8 @@ pub use load::{
 };
 pub use schema::{
     CodecKind, Config, ConnectionConfig, ConsumerConfig, DeliverPolicy, Discard, KvBucketConfig,
-    Retention, Storage, StreamConfig, TlsConfig, WorkerConfig, DEFAULT_BACKOFF,
-    DEFAULT_INBOX_PREFIX,
+    OrderedBy, PartitionsConfig, Retention, Storage, StreamConfig, TlsConfig, WorkerConfig,
+    DEFAULT_BACKOFF, DEFAULT_INBOX_PREFIX,
 };
 pub use schema::{DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_WAIT};
 pub use server_url::{redact_userinfo, ServerUrl, UrlCredentials};

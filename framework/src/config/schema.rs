@@ -396,6 +396,55 @@ pub struct ConsumerConfig {
     /// wait runs meanwhile.
     #[serde(with = "humantime_serde")]
     pub max_batch_wait: Option<Duration>,
+    /// Where a message's ordering key is (`ordered_by = { subject_token = 1 }`, `{ header
+    /// = "Order-Id" }` or `{ function = "order_id" }`). Set, messages of one key run one
+    /// at a time in stream order, different keys concurrently up to `concurrency`; unset,
+    /// messages run in any order.
+    pub ordered_by: Option<OrderedBy>,
+    /// Order per key across replicas (with `ordered_by`): the consumer stands for
+    /// `count` durable consumers `<name>-0` .. `<name>-<count-1>`, one per partition of
+    /// the subject, each pulled by one replica at a time (see `Publisher::publish_keyed`
+    /// for the publishing side).
+    pub partitions: Option<PartitionsConfig>,
+}
+
+/// How an ordered consumer is split into partitions pulled by one replica each.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct PartitionsConfig {
+    /// How many partitions (1 to 1024). Publishers must use the same count.
+    pub count: u32,
+    /// The 0-based index of the partition token in the subject; `filter_subject` has a
+    /// `*` there (`orders.*.>` with `subject_token = 1`).
+    pub subject_token: usize,
+    /// How long a replica that stopped renewing keeps its partitions: after a crash,
+    /// its partitions move to other replicas this much later.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for PartitionsConfig {
+    fn default() -> Self {
+        PartitionsConfig {
+            count: 1,
+            subject_token: 1,
+            lease: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where an ordered consumer finds a message's key: exactly one of the three. A message
+/// that has no key there (a shorter subject, no such header, the function says `None`)
+/// runs without waiting for any other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct OrderedBy {
+    /// The subject token at this index (0-based: in `orders.eu.42`, token 2 is `42`).
+    pub subject_token: Option<usize>,
+    /// The value of this header.
+    pub header: Option<String>,
+    /// A function registered with `App::key` under this name.
+    pub function: Option<String>,
 }
 
 /// Messages in one batch when `max_batch` is not set.
@@ -426,6 +475,8 @@ impl Default for ConsumerConfig {
             max_batch: None,
             max_batch_bytes: None,
             max_batch_wait: None,
+            ordered_by: None,
+            partitions: None,
         }
     }
 }

@@ -297,6 +297,8 @@ fn consumer_problems(
         reading_problems(cons, stream, &key, problems);
         delivery_problems(cons, &key, problems);
         batch_problems(cons, &key, problems);
+        ordering_problems(cons, &key, problems);
+        partition_problems(cons, &key, problems);
         dead_letter_problems(cons, consumers, streams, &key, problems);
     }
 }
@@ -419,6 +421,67 @@ fn batch_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, problems:
                 ),
             );
         }
+    }
+}
+
+/// `ordered_by`: exactly one place to find the key, and a header or function name that
+/// is not empty.
+fn ordering_problems(cons: &ConsumerConfig, key: &dyn Fn(&str) -> String, problems: &mut Problems) {
+    let Some(by) = &cons.ordered_by else { return };
+    let set = [
+        by.subject_token.is_some(),
+        by.header.is_some(),
+        by.function.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        problems.add(
+            key("ordered_by"),
+            "set exactly one of subject_token, header and function: where a message's key is",
+        );
+    }
+    if by.header.as_deref().is_some_and(|h| h.trim().is_empty()) {
+        problems.add(key("ordered_by.header"), "must name a header");
+    }
+    if by.function.as_deref().is_some_and(|f| f.trim().is_empty()) {
+        problems.add(
+            key("ordered_by.function"),
+            "must name a key function registered with App::key",
+        );
+    }
+}
+
+/// `partitions`: only with `ordered_by`, a count in range, a lease, and a filter with a
+/// `*` at the partition token.
+fn partition_problems(
+    cons: &ConsumerConfig,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) {
+    let Some(p) = &cons.partitions else { return };
+    if cons.ordered_by.is_none() {
+        problems.add(
+            key("partitions"),
+            "needs ordered_by: partitions keep the order of a key across replicas",
+        );
+    }
+    if !(1..=1024).contains(&p.count) {
+        problems.add(key("partitions.count"), "must be 1 to 1024");
+    }
+    if p.lease < Duration::from_secs(1) {
+        problems.add(key("partitions.lease"), "must be at least 1s");
+    }
+    let token = cons
+        .filter_subject
+        .as_deref()
+        .and_then(|f| f.split('.').nth(p.subject_token));
+    if token != Some("*") {
+        problems.add(
+            key("partitions.subject_token"),
+            format!(
+                "filter_subject needs a `*` at token {} (the partition number), e.g. \"orders.*.>\"",
+                p.subject_token
+            ),
+        );
     }
 }
 
@@ -600,6 +663,75 @@ mod tests {
         assert_eq!(
             keys(&consumer(Some(1001), None, Some(Duration::from_secs(15)))),
             ["consumers[0].max_batch", "consumers[0].max_batch_wait"]
+        );
+    }
+
+    #[test]
+    fn ordered_by_names_exactly_one_place() {
+        use crate::config::OrderedBy;
+        let with = |by: OrderedBy| {
+            let consumer = ConsumerConfig {
+                ordered_by: Some(by),
+                ..ConsumerConfig::default()
+            };
+            let mut problems = Problems::default();
+            ordering_problems(&consumer, &|f| format!("consumers[0].{f}"), &mut problems);
+            problems.0.into_iter().map(|p| p.key).collect::<Vec<_>>()
+        };
+        let token = OrderedBy {
+            subject_token: Some(1),
+            ..OrderedBy::default()
+        };
+        assert!(with(token.clone()).is_empty());
+        assert_eq!(with(OrderedBy::default()), ["consumers[0].ordered_by"]);
+        let two = OrderedBy {
+            header: Some("Order-Id".into()),
+            ..token
+        };
+        assert_eq!(with(two), ["consumers[0].ordered_by"]);
+        let blank = OrderedBy {
+            function: Some(" ".into()),
+            ..OrderedBy::default()
+        };
+        assert_eq!(with(blank), ["consumers[0].ordered_by.function"]);
+    }
+
+    #[test]
+    fn partitions_need_an_order_a_count_a_lease_and_a_partition_token() {
+        use crate::config::{OrderedBy, PartitionsConfig};
+        let with = |consumer: ConsumerConfig| {
+            let mut problems = Problems::default();
+            partition_problems(&consumer, &|f| f.to_owned(), &mut problems);
+            problems.0.into_iter().map(|p| p.key).collect::<Vec<_>>()
+        };
+        let good = ConsumerConfig {
+            filter_subject: Some("orders.*.>".into()),
+            ordered_by: Some(OrderedBy {
+                subject_token: Some(2),
+                ..OrderedBy::default()
+            }),
+            partitions: Some(PartitionsConfig::default()),
+            ..ConsumerConfig::default()
+        };
+        assert!(with(good.clone()).is_empty());
+        let bad = ConsumerConfig {
+            filter_subject: Some("orders.eu.>".into()),
+            ordered_by: None,
+            partitions: Some(PartitionsConfig {
+                count: 0,
+                lease: Duration::from_millis(10),
+                ..PartitionsConfig::default()
+            }),
+            ..good
+        };
+        assert_eq!(
+            with(bad),
+            [
+                "partitions",
+                "partitions.count",
+                "partitions.lease",
+                "partitions.subject_token"
+            ]
         );
     }
 }

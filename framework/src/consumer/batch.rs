@@ -442,7 +442,11 @@ async fn settle_each<'a, 'c: 'a, S: Send + Sync + 'static>(
             outcome @ Outcome::DeadLetter { .. } => {
                 dead_letters.push(settle(rt, delivery, attempted, outcome));
             }
-            outcome => settle(rt, delivery, attempted, outcome).await,
+            // Batch consumers are never ordered (refused by `App::check`): what comes
+            // back from the server needs no lane.
+            outcome => {
+                settle(rt, delivery, attempted, outcome).await;
+            }
         }
     }
     if !dead_letters.is_empty() {

@@ -54,6 +54,20 @@ pub(super) struct Delivery<'c> {
     pub(super) attempt: u64,
 }
 
+/// Whether the server delivers a settled message again: what an ordered consumer's key
+/// lane waits for before the key's next message runs (see `lanes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settled {
+    /// Acked, or dead-lettered and termed: the server does not deliver it again.
+    Gone,
+    /// Nak'ed (a retry, a hand-back) or its ack not sent: the server delivers it again
+    /// `after` this (the nak's delay, or the ack wait).
+    Returns {
+        /// When the server delivers it again, at the earliest.
+        after: Duration,
+    },
+}
+
 /// How a handler run ended.
 enum Ran {
     Finished(Attempted),
@@ -65,9 +79,9 @@ enum Ran {
 pub(super) async fn deliver<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     message: async_nats::Message,
-) {
+) -> Settled {
     let Some(delivery) = receive(rt, message) else {
-        return;
+        return Settled::Gone;
     };
     // One span per message; a `traceparent` header continues the sender's trace.
     let span = tracing::info_span!(
@@ -81,7 +95,7 @@ pub(super) async fn deliver<S: Send + Sync + 'static>(
         outcome = tracing::field::Empty,
     );
     let trace = trace::continue_delivery(delivery.message.headers.as_ref(), &span);
-    settle_delivery(rt, delivery, trace).instrument(span).await;
+    settle_delivery(rt, delivery, trace).instrument(span).await
 }
 
 /// The delivery of `message`, or `None` (logged) when it carries no JetStream metadata:
@@ -114,11 +128,11 @@ pub(super) fn receive<'c, S>(
 
 /// What a delivery's `$JS.ACK` reply subject says about it, read without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct AckSubject {
+pub(super) struct AckSubject {
     /// The server's delivery count.
-    delivered: u64,
+    pub(super) delivered: u64,
     /// The message's sequence in its stream.
-    stream_sequence: u64,
+    pub(super) stream_sequence: u64,
 }
 
 impl AckSubject {
@@ -126,7 +140,7 @@ impl AckSubject {
     /// seq>.<consumer seq>.<timestamp>.<pending>`, and the form with a domain and an
     /// account hash before the stream (9 tokens or more after `$JS.ACK.`), as
     /// async-nats' `Message::info` does.
-    fn parse(reply: &str) -> Option<AckSubject> {
+    pub(super) fn parse(reply: &str) -> Option<AckSubject> {
         let rest = reply.strip_prefix("$JS.ACK.")?;
         let mut tokens = [""; 9];
         let mut count = 0;
@@ -198,7 +212,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: Delivery<'_>,
     trace: TraceContext,
-) {
+) -> Settled {
     let started = std::time::Instant::now();
     let ran = trace.scope(run_handler(rt, &delivery, started)).await;
     let took = started.elapsed();
@@ -220,7 +234,9 @@ async fn settle_delivery<S: Send + Sync + 'static>(
                 Some(delivery.sequence),
             )
             .await;
-            return;
+            return Settled::Returns {
+                after: Duration::ZERO,
+            };
         }
     };
     match &attempted {
@@ -230,7 +246,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
     };
     let outcome = decide(&attempted, delivery.attempt, &rt.policy);
     tracing::Span::current().record("outcome", outcome.word());
-    settle(rt, &delivery, &attempted, outcome).await;
+    settle(rt, &delivery, &attempted, outcome).await
 }
 
 /// How often a message whose handler (or dead-letter publish) is still at work gets a
@@ -386,7 +402,7 @@ pub(super) async fn settle<S: Send + Sync + 'static>(
     delivery: &Delivery<'_>,
     attempted: &Attempted,
     outcome: Outcome,
-) {
+) -> Settled {
     let Delivery {
         reply,
         stream,
@@ -397,11 +413,19 @@ pub(super) async fn settle<S: Send + Sync + 'static>(
     } = delivery;
     match outcome {
         Outcome::Ack => {
-            if send_or_note(rt, reply, AckKind::Ack, Some(*seq)).await {
+            let sent = send_or_note(rt, reply, AckKind::Ack, Some(*seq)).await;
+            if sent {
                 rt.stats.acked.fetch_add(1, Ordering::Relaxed);
                 rt.stats.observe_attempts(true, *attempt);
             }
             tracing::debug!(stream, consumer = %consumer, seq, attempt, outcome = "ack", "settled");
+            if sent {
+                Settled::Gone
+            } else {
+                Settled::Returns {
+                    after: rt.config.ack_wait,
+                }
+            }
         }
         Outcome::Nak(delay) => {
             send_or_note(rt, reply, AckKind::Nak(Some(delay)), Some(*seq)).await;
@@ -411,11 +435,12 @@ pub(super) async fn settle<S: Send + Sync + 'static>(
                 outcome = "retry", retry_in = %humantime::format_duration(delay),
                 error = %attempted_error(attempted), "settled"
             );
+            Settled::Returns { after: delay }
         }
         Outcome::DeadLetter { reason, error } => {
             // Boxed: the rare path's large future would otherwise be part of every
             // delivery's task, copied at each spawn.
-            Box::pin(dead_letter_then_term(rt, delivery, reason, error)).await;
+            Box::pin(dead_letter_then_term(rt, delivery, reason, error)).await
         }
     }
 }
@@ -439,7 +464,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
     delivery: &Delivery<'_>,
     reason: Reason,
     error: String,
-) {
+) -> Settled {
     let message = &delivery.message;
     let (stream, consumer, seq, attempt) = (
         delivery.stream,
@@ -484,7 +509,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     outcome = "dead_letter", reason = %reason, error = %letter.error,
                     dead_letter_subject = %subject, "settled"
                 );
-                return;
+                return Settled::Gone;
             }
             Err(e) => {
                 rt.stats
@@ -506,7 +531,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                         retry_in = %humantime::format_duration(delay),
                         "dead-letter copy not stored; the original is kept and retried"
                     );
-                    return;
+                    return Settled::Returns { after: delay };
                 }
                 // The last delivery: a nak would strand it (the server delivers it no
                 // more), so keep it here with progress acks and retry the copy.
@@ -527,7 +552,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     _ = tokio::time::sleep(wait) => {}
                     _ = rt.hard_stop.cancelled() => {
                         send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(delivery.sequence)).await;
-                        return;
+                        return Settled::Returns { after: Duration::ZERO };
                     }
                 }
             }

@@ -15,6 +15,8 @@
 //! - `batch`: a batch handler's consumer: the started deliveries collected into batches,
 //!   each run once and settled message by message through `delivery`.
 //! - `inline`: whether the pull loop polls a delivery once itself before spawning it.
+//! - `lanes`: an ordered consumer's key lanes: one message of a key at a time, in
+//!   stream order, a retried one holding its key back.
 //! - `runtime`: [`ConsumerRuntime`], what the loop and its deliveries share.
 //! - `stats`: [`ConsumerStats`], the counters behind `/metrics` and `/readyz`.
 //! - `error`: why a consumer cannot pull right now (logged, then retried).
@@ -39,6 +41,7 @@ mod batch;
 mod delivery;
 mod error;
 mod inline;
+mod lanes;
 mod prefetch;
 mod pull;
 mod runtime;
@@ -49,6 +52,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
@@ -63,6 +67,7 @@ pub(crate) use batch::{batch_attempts, stage, BatchRan};
 pub(crate) use delivery::panic_message;
 #[cfg(feature = "testing")]
 pub(crate) use delivery::{attempted_from, prepare};
+pub(crate) use lanes::{KeyFn, KeyOf};
 pub(crate) use runtime::ConsumerRuntime;
 pub use stats::ConsumerStats;
 
@@ -79,26 +84,45 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     let tasks = TaskTracker::new();
     let batches = batch::Batches::start(&rt, &done, &tasks);
     let mut retry = Backoff::new(RESTORE_FIRST, RESTORE_MAX);
+    // An ordered consumer's lanes outlive its pull sessions (see `lanes`).
+    let mut lanes = rt
+        .ordered_by
+        .clone()
+        .map(|key_of| lanes::Lanes::new(key_of, rt.config.ack_wait));
+    let mut first_session = true;
 
     loop {
         rt.stats.tick();
         if rt.stop.is_cancelled() {
             break;
         }
-        if let Err(e) = ensure_consumer(&rt).await {
-            let wait = retry.next();
-            tracing::warn!(
-                stream = %rt.spec.stream, consumer = %rt.spec.name, error = %e,
-                retry_in = %humantime::format_duration(wait), "consumer unavailable"
-            );
-            tokio::select! {
-                _ = rt.stop.cancelled() => break,
-                _ = tokio::time::sleep(wait) => continue,
+        let pending = match ensure_consumer(&rt).await {
+            Ok(pending) => pending,
+            Err(e) => {
+                let wait = retry.next();
+                tracing::warn!(
+                    stream = %rt.spec.stream, consumer = %rt.spec.name, error = %e,
+                    retry_in = %humantime::format_duration(wait), "consumer unavailable"
+                );
+                tokio::select! {
+                    _ = rt.stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
             }
+        };
+        // Messages pending elsewhere when an ordered consumer starts: its lanes wait for
+        // them (see `lanes`, "The gate").
+        if let Some(lanes) = lanes.as_mut().filter(|_| first_session && pending > 0) {
+            lanes.close_gate(Instant::now() + gate_deadline(&rt));
+            tracing::info!(
+                stream = %rt.spec.stream, consumer = %rt.spec.name, pending,
+                "messages of this ordered consumer are pending elsewhere; holding its keys until they are in hand"
+            );
         }
+        first_session = false;
         rt.stats.sessions.fetch_add(1, Ordering::Relaxed);
         rt.stats.set_pulling(true);
-        let end = pull::session(&rt, &permits, &done, &tasks, batches.as_ref()).await;
+        let end = pull::session(&rt, &permits, &done, &tasks, batches.as_ref(), &mut lanes).await;
         rt.stats.set_pulling(false);
         let wait = match end {
             Ok(SessionEnd::Stopped) => break,
@@ -131,9 +155,20 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     tasks.wait().await;
 }
 
+/// When the lanes' gate opens at the latest: pending messages come back within the
+/// longest of the ack wait and the retry delays; one ack wait and a margin more.
+fn gate_deadline<S>(rt: &ConsumerRuntime<S>) -> Duration {
+    let longest_delay = rt.policy.schedule.iter().max().copied().unwrap_or_default();
+    rt.config.ack_wait.max(longest_delay) + rt.config.ack_wait + GATE_MARGIN
+}
+
+/// What [`gate_deadline`] adds to the longest wait for a pending message.
+const GATE_MARGIN: Duration = Duration::from_secs(5);
+
 /// Makes sure the durable consumer exists, noting its ack floor; recreates it from the
 /// config when it was deleted behind our back, resuming after the last ack floor noted.
-async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError> {
+/// Returns how many of its messages are pending (delivered and not yet acked).
+async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<usize, ConsumerError> {
     let lookup = |e| ConsumerError::wrap(ConsumerErrorKind::Lookup, e);
     let stream = provision::get_stream(&rt.js, &rt.spec.stream)
         .await
@@ -166,5 +201,5 @@ async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<(), ConsumerError
     rt.stats
         .server_ack_floor
         .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
-    Ok(())
+    Ok(info.num_ack_pending)
 }

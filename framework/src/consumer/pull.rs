@@ -26,6 +26,7 @@ use super::batch::Batches;
 use super::delivery::{deliver, send_or_note};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
+use super::lanes::{LaneTicket, Lanes};
 use super::prefetch::{Bound, Holding, Pace, PREFETCH_BYTES};
 use super::runtime::ConsumerRuntime;
 
@@ -197,6 +198,7 @@ pub(super) async fn session<S: Send + Sync + 'static>(
     done: &Arc<Notify>,
     tasks: &TaskTracker,
     batches: Option<&Batches>,
+    lanes: &mut Option<Lanes>,
 ) -> Result<SessionEnd, ConsumerError> {
     let inbox = rt.client.new_inbox();
     let mut sub = rt
@@ -238,8 +240,20 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                 break;
             };
             if let Some(message) = waiting.pop() {
-                start(rt, tasks, done, &mut inline, batches, permit, message);
+                start(
+                    rt,
+                    tasks,
+                    done,
+                    &mut inline,
+                    Route::unordered(batches),
+                    permit,
+                    message,
+                );
             }
+        }
+        // An ordered consumer's messages start as their lanes release them.
+        if let Some(lanes) = lanes.as_mut() {
+            start_released(rt, tasks, done, &mut inline, permits, lanes);
         }
         // Ask for what the bound allows and is not yet held or asked for; nothing more
         // once the stop is signalled.
@@ -247,19 +261,29 @@ pub(super) async fn session<S: Send + Sync + 'static>(
         pace.observe(now, finished(rt));
         let connected = rt.client.connection_state() == async_nats::connection::State::Connected;
         let free_slots = permits.available_permits();
+        let (in_lanes, in_lanes_bytes) = lanes
+            .as_ref()
+            .map_or((0, 0), |l| (l.unstarted(), l.unstarted_bytes()));
         let holding = Holding {
             free_slots,
             running: concurrency.saturating_sub(free_slots),
-            waiting: waiting.queue.len(),
-            waiting_bytes: waiting.bytes,
+            waiting: waiting.queue.len() + in_lanes,
+            waiting_bytes: waiting.bytes + in_lanes_bytes,
             requested: requests.requested(),
         };
-        let batch = bound.pull_size(
+        let mut batch = bound.pull_size(
             &holding,
             pace.per_second(),
             pace.mean_bytes(),
             requests.open.is_empty(),
         );
+        // Only a pull brings back what a key lane awaits, whatever the bound says.
+        if batch == 0
+            && requests.open.is_empty()
+            && lanes.as_ref().is_some_and(Lanes::awaits_redelivery)
+        {
+            batch = 1;
+        }
         if connected && batch > 0 && !rt.stop.is_cancelled() {
             next_id += 1;
             let (body, expires) = if pace.per_second() > 0.0 {
@@ -314,14 +338,23 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                         None | Some(StatusCode::OK) => {
                             requests.delivered();
                             pace.received(message.length);
-                            let permit = if waiting.queue.is_empty() {
-                                permits.clone().try_acquire_owned().ok()
+                            if let Some(lanes) = lanes.as_mut() {
+                                // Started as they arrive, as unordered ones are: a turn
+                                // that received a batch first would start it with the
+                                // task's cooperative budget spent, and every delivery
+                                // would wait for its ack's send in a task of its own.
+                                lanes.admit(message, last_heard);
+                                start_released(rt, tasks, done, &mut inline, permits, lanes);
                             } else {
-                                None
-                            };
-                            match permit {
-                                Some(permit) => start(rt, tasks, done, &mut inline, batches, permit, message),
-                                None => waiting.push(message),
+                                let permit = if waiting.queue.is_empty() {
+                                    permits.clone().try_acquire_owned().ok()
+                                } else {
+                                    None
+                                };
+                                match permit {
+                                    Some(permit) => start(rt, tasks, done, &mut inline, Route::unordered(batches), permit, message),
+                                    None => waiting.push(message),
+                                }
                             }
                         }
                         Some(StatusCode::IDLE_HEARTBEAT) => {}
@@ -360,6 +393,11 @@ pub(super) async fn session<S: Send + Sync + 'static>(
                 let now = Instant::now();
                 requests.expire(now);
                 waiting.keep_alive(rt, now).await;
+                if let Some(lanes) = lanes.as_mut() {
+                    lanes.check_gate(rt, now).await;
+                    lanes.give_up_overdue(&rt.spec.name, now);
+                    lanes.keep_alive(rt, now).await;
+                }
                 let connected_now = rt.client.connection_state() == async_nats::connection::State::Connected;
                 if connected_now && !was_connected {
                     break SessionEnd::Reconnected;
@@ -382,6 +420,9 @@ pub(super) async fn session<S: Send + Sync + 'static>(
         // What the server already sent to our open pull requests is still on its way:
         // collect it before removing our interest (see `wait_out_open_requests`).
         wait_out_open_requests(rt, &mut sub, &mut requests, &mut unstarted).await;
+        if let Some(lanes) = lanes.as_mut() {
+            unstarted.extend(lanes.hand_back());
+        }
     }
     // `drain` removes the server's interest (it then drops our open pull requests and
     // sends them nothing more) and still delivers what arrives before it completes.
@@ -391,11 +432,53 @@ pub(super) async fn session<S: Send + Sync + 'static>(
             unstarted.push(message);
         }
     }
+    // An ordered consumer that goes on keeps them in its lanes: handed back, they could
+    // return after later messages of their key.
+    if let (Some(lanes), false) = (lanes.as_mut(), matches!(end, SessionEnd::Stopped)) {
+        let now = Instant::now();
+        for message in unstarted {
+            lanes.admit(message, now);
+        }
+        return Ok(end);
+    }
     // Hand back whatever arrived and never started, so another worker gets it now.
     for message in unstarted {
         release(rt, message).await;
     }
     Ok(end)
+}
+
+/// Starts what the key lanes released, while slots are free. A delivery that settles
+/// in its first poll reports back at once, so its key's next message starts in the
+/// same turn.
+fn start_released<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    tasks: &TaskTracker,
+    done: &Arc<Notify>,
+    inline: &mut InlinePolling,
+    permits: &Arc<Semaphore>,
+    lanes: &mut Lanes,
+) {
+    loop {
+        lanes.take_finished(Instant::now());
+        if !lanes.has_ready() {
+            return;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            return;
+        };
+        if let Some((message, ticket)) = lanes.pop_ready() {
+            start(
+                rt,
+                tasks,
+                done,
+                inline,
+                Route::Alone(ticket),
+                permit,
+                message,
+            );
+        }
+    }
 }
 
 /// At shutdown: receives until every open pull request is fulfilled, or nothing has
@@ -456,6 +539,21 @@ pub(super) async fn release<S>(rt: &ConsumerRuntime<S>, message: async_nats::Mes
     }
 }
 
+/// Where a delivery goes once it has a slot.
+enum Route<'a> {
+    /// Into the batch being collected (a batch consumer).
+    Batch(&'a Batches),
+    /// Run on its own; an ordered consumer's delivery carries its lane's ticket.
+    Alone(Option<LaneTicket>),
+}
+
+impl<'a> Route<'a> {
+    /// The route of an unordered delivery: into a batch when the consumer collects them.
+    fn unordered(batches: Option<&'a Batches>) -> Route<'a> {
+        batches.map_or(Route::Alone(None), Route::Batch)
+    }
+}
+
 /// Starts a delivery. Its first poll happens right here, in the pull loop's task: a
 /// handler that finishes without waiting (decode, count, return) is settled with no task
 /// spawned, as cheaply as a hand-written loop. A delivery that has to wait (I/O, timers)
@@ -469,7 +567,7 @@ fn start<S: Send + Sync + 'static>(
     tasks: &TaskTracker,
     done: &Arc<Notify>,
     inline: &mut InlinePolling,
-    batches: Option<&Batches>,
+    route: Route<'_>,
     permit: OwnedSemaphorePermit,
     message: async_nats::Message,
 ) {
@@ -478,13 +576,19 @@ fn start<S: Send + Sync + 'static>(
     rt.stats
         .peak_in_flight
         .fetch_max(running, Ordering::Relaxed);
-    if let Some(batches) = batches {
-        batches.add(rt, permit, message);
-        return;
-    }
+    let ticket = match route {
+        Route::Batch(batches) => {
+            batches.add(rt, permit, message);
+            return;
+        }
+        Route::Alone(ticket) => ticket,
+    };
     let delivery_rt = rt.clone();
     let mut delivery = Box::pin(async move {
-        deliver(&delivery_rt, message).await;
+        let settled = deliver(&delivery_rt, message).await;
+        if let Some(ticket) = ticket {
+            ticket.finished(settled);
+        }
         delivery_rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
     });

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::{jetstream, Client};
 use tokio_util::sync::CancellationToken;
 
+use super::lanes::KeyOf;
 use super::stats::ConsumerStats;
 use crate::batch::ErasedBatchHandler;
 use crate::config::ConsumerConfig;
@@ -34,6 +35,32 @@ pub(crate) struct ConsumerRuntime<S> {
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: abandon what still runs.
     pub hard_stop: CancellationToken,
+    /// Where an ordered consumer (`ordered_by`) finds a message's key; `None` for the
+    /// others.
+    pub ordered_by: Option<KeyOf>,
+}
+
+impl<S> ConsumerRuntime<S> {
+    /// The same consumer for one term of a partition's ownership: `stop` ends the term
+    /// (the worker stops, or the partition moves to another replica).
+    pub(crate) fn for_term(&self, stop: CancellationToken) -> ConsumerRuntime<S> {
+        ConsumerRuntime {
+            config: self.config.clone(),
+            spec: self.spec.clone(),
+            policy: self.policy.clone(),
+            handler: self.handler.clone(),
+            batch: self.batch.clone(),
+            state: self.state.clone(),
+            client: self.client.clone(),
+            js: self.js.clone(),
+            server_version: self.server_version,
+            request_timeout: self.request_timeout,
+            stats: self.stats.clone(),
+            stop,
+            hard_stop: self.hard_stop.clone(),
+            ordered_by: self.ordered_by.clone(),
+        }
+    }
 }
 
 impl<S> ConsumerRuntime<S> {

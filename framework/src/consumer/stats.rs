@@ -63,6 +63,8 @@ pub struct ConsumerStats {
     pub server_ack_floor: AtomicU64,
     /// True while a pull session is running.
     pulling: AtomicBool,
+    /// True while another replica pulls this partition consumer (see `partition`).
+    standby: AtomicBool,
     /// When the loop last reported in, as milliseconds since `born`.
     last_tick_ms: AtomicU64,
     born: std::time::Instant,
@@ -93,6 +95,7 @@ impl Default for ConsumerStats {
             server_ack_pending: AtomicU64::new(0),
             server_ack_floor: AtomicU64::new(0),
             pulling: AtomicBool::new(false),
+            standby: AtomicBool::new(false),
             last_tick_ms: AtomicU64::new(0),
             born: std::time::Instant::now(),
         }
@@ -120,6 +123,17 @@ impl ConsumerStats {
     /// A pull session started (`true`) or ended (`false`).
     pub(crate) fn set_pulling(&self, pulling: bool) {
         self.pulling.store(pulling, Ordering::Relaxed);
+    }
+
+    /// True while this is a partition consumer that another replica pulls: not pulling
+    /// it here is then as it should be (readiness does not wait for it).
+    pub fn is_standby(&self) -> bool {
+        self.standby.load(Ordering::Relaxed)
+    }
+
+    /// This replica does not hold (`true`) or holds (`false`) the partition.
+    pub(crate) fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Relaxed);
     }
 
     /// Dead letters recorded for `reason`.

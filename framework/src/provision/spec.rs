@@ -190,8 +190,12 @@ pub struct Actual {
 /// The specs a validated config asks for.
 ///
 /// Besides what the config lists, it holds the safety net's advisory stream and its
-/// internal consumers, one per configured consumer.
+/// internal consumers, one per configured consumer; a partitioned consumer stands for
+/// one consumer per partition and the key-value bucket of their leases.
 pub fn desired(config: &Config) -> Desired {
+    // A partitioned consumer is one consumer per partition and a lease bucket.
+    let (expanded, _) = crate::partition::expand(config);
+    let config = &expanded;
     let net_stream = crate::safety_net::advisory_stream(config);
     let net_consumers = crate::safety_net::safety_net_consumers(config);
     Desired {
