@@ -34,6 +34,40 @@ const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest of those waits. Both are bounded by the progress-ack interval too: the
 /// held message gets a progress ack before each publish.
 const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The shortest and longest a last delivery is held (with progress acks) while its
+/// copy cannot be stored; within these, one ack wait (see [`dead_letter_hold_limit`]).
+const DEAD_LETTER_HOLD_MIN: Duration = Duration::from_secs(5);
+/// See [`DEAD_LETTER_HOLD_MIN`].
+const DEAD_LETTER_HOLD_MAX: Duration = Duration::from_secs(60);
+
+/// How long a last delivery whose dead-letter copy cannot be stored keeps its handler
+/// slot before it is handed to the safety net: one ack wait, within 5 s to 60 s. A copy
+/// that fails that long is unlikely to succeed on the next try (a stream that changed
+/// behind our back, a max_msg_size, a stream gone), and the safety net keeps retrying
+/// it without holding any of the consumer's slots.
+pub(super) fn dead_letter_hold_limit(config: &ConsumerConfig) -> Duration {
+    config
+        .ack_wait
+        .clamp(DEAD_LETTER_HOLD_MIN, DEAD_LETTER_HOLD_MAX)
+}
+
+/// Counts an original held on its last delivery while its copy is retried
+/// ([`ConsumerStats::dead_letters_held`](super::ConsumerStats::dead_letters_held)), for
+/// as long as it lives.
+struct Held<'s>(&'s super::ConsumerStats);
+
+impl<'s> Held<'s> {
+    fn new(stats: &'s super::ConsumerStats) -> Self {
+        stats.dead_letters_held.fetch_add(1, Ordering::Relaxed);
+        Held(stats)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.dead_letters_held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// One message from the pull with what its reply subject says about it, read once when
 /// it arrives (see [`receive`]) and carried to its settlement.
@@ -445,6 +479,8 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
         DEAD_LETTER_RETRY_FIRST.min(hold),
         DEAD_LETTER_RETRY_MAX.min(hold),
     );
+    let hold_until = Instant::now() + dead_letter_hold_limit(&rt.config);
+    let mut held = None;
     loop {
         match dead_letter::publish(
             &rt.js,
@@ -458,6 +494,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
             Ok(_) => {
                 term(rt, &delivery.reply, reason).await;
                 rt.stats.count_dead_letter(reason);
+                rt.stats.dead_letter_stored();
                 tracing::warn!(
                     stream, consumer = %consumer, seq, attempt,
                     outcome = "dead_letter", reason = %reason, error = %letter.error,
@@ -466,9 +503,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 return;
             }
             Err(e) => {
-                rt.stats
-                    .dead_letter_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                rt.stats.dead_letter_failed(&e);
                 if attempt < rt.policy.max_deliver {
                     // Never term a message whose copy is not stored: it comes back later.
                     let delay = rt.policy.delay_after(attempt);
@@ -487,8 +522,25 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     );
                     return;
                 }
-                // The last delivery: a nak would strand it (the server delivers it no
-                // more), so keep it here with progress acks and retry the copy.
+                // The last delivery: the server delivers it no more. Keep it here with
+                // progress acks and retry the copy, for a bounded time: then hand it to
+                // the safety net with a nak, whose max-deliveries advisory the safety
+                // net captures and retries from (the original stays in its stream, and
+                // no handler slot of this consumer is held meanwhile).
+                held.get_or_insert_with(|| Held::new(&rt.stats));
+                if Instant::now() >= hold_until {
+                    tracing::error!(
+                        stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
+                        held_for = %humantime::format_duration(dead_letter_hold_limit(&rt.config)),
+                        "dead-letter copy still not stored; handing the original to the safety net (it stays in its stream)"
+                    );
+                    if send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(seq)).await {
+                        rt.stats
+                            .dead_letters_handed_over
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
                 let wait = retry.next();
                 tracing::error!(
                     stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
