@@ -146,6 +146,16 @@ fn receive<'c, S>(
     })
 }
 
+/// True when `message` is its last allowed delivery (the server's count has reached
+/// `max_deliver`): a hand-back would use it up, and the server would deliver it no more.
+pub(super) fn is_last_delivery<S>(rt: &ConsumerRuntime<S>, message: &async_nats::Message) -> bool {
+    message
+        .reply
+        .as_ref()
+        .and_then(|reply| AckSubject::parse(reply.as_str()))
+        .is_some_and(|ack| ack.delivered.max(1) >= rt.policy.max_deliver)
+}
+
 /// What a delivery's `$JS.ACK` reply subject says about it, read without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AckSubject {

@@ -1,6 +1,7 @@
 //! The pull protocol, spoken directly: one inbox subscription per session, `MSG.NEXT`
 //! requests sized by the prefetch bound, idle heartbeats, and at the end of a session
-//! the hand-back of what arrived and never started.
+//! the hand-back of what arrived and never started (but last deliveries, which run:
+//! see [`run_last_deliveries`]).
 //!
 //! The loop holds its free handler slots' worth of messages plus what the handlers
 //! finish within a short horizon at their measured pace (see `prefetch`), so a fast
@@ -22,7 +23,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::{deliver, send_or_note};
+use super::delivery::{deliver, is_last_delivery, send_or_note};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
 use super::prefetch::{Bound, Holding, Pace, PREFETCH_BYTES};
@@ -389,11 +390,53 @@ pub(super) async fn session<S: Send + Sync + 'static>(
             unstarted.push(message);
         }
     }
-    // Hand back whatever arrived and never started, so another worker gets it now.
-    for message in unstarted {
+    // Hand back whatever arrived and never started, so another worker gets it now;
+    // except last deliveries (see `run_last_deliveries`).
+    let (last, handed_back): (Vec<_>, Vec<_>) = unstarted
+        .into_iter()
+        .partition(|message| is_last_delivery(rt, message));
+    for message in handed_back {
         release(rt, message).await;
     }
+    run_last_deliveries(rt, permits, done, tasks, &mut inline, last).await;
     Ok(end)
+}
+
+/// At the end of a session, runs the last deliveries that arrived and never started, as
+/// handler slots free up, within the grace period. A hand-back (a nak) would use up the
+/// server's last delivery: it would deliver the message no more, and the safety net
+/// would dead-letter it as `abandoned` though its last attempt never ran. Only one that
+/// is still waiting for a slot when the grace period ends is handed back (and logged).
+async fn run_last_deliveries<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    permits: &Arc<Semaphore>,
+    done: &Arc<Notify>,
+    tasks: &TaskTracker,
+    inline: &mut InlinePolling,
+    last: Vec<async_nats::Message>,
+) {
+    if !last.is_empty() {
+        tracing::info!(
+            stream = %rt.spec.stream, consumer = %rt.spec.name, count = last.len(),
+            "running the last deliveries that arrived before the stop within the grace period"
+        );
+    }
+    for message in last {
+        tokio::select! {
+            biased;
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => start(rt, tasks, done, inline, permit, message),
+                Err(_) => release(rt, message).await,
+            },
+            _ = rt.hard_stop.cancelled() => {
+                tracing::warn!(
+                    stream = %rt.spec.stream, consumer = %rt.spec.name,
+                    "shutdown grace over before a last delivery could start: handed back (the safety net files it as abandoned)"
+                );
+                release(rt, message).await;
+            }
+        }
+    }
 }
 
 /// At shutdown: receives until every open pull request is fulfilled, or nothing has
