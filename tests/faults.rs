@@ -27,6 +27,15 @@
 //! 6. `safety_net_abandoned`: jobs whose handler never returns; every worker holding one
 //!    is killed, so the last allowed delivery never settles and only the safety net can
 //!    dead-letter them (reason `abandoned`).
+//! 7. `fanout_mixed_outcomes`: two consumers (`jobs`, `audit`) of one stream, each with
+//!    its own dead-letter subject in one DLQ stream; jobs that succeed, fail once, fail
+//!    twice (succeeding on their last attempt), fail permanently or are too large (some
+//!    filling the server's max payload: their payload goes to the object store); a
+//!    `kill -9` (between a copy's PubAck and its term, among others) and a rolling
+//!    restart by SIGTERM while retries and final attempts run. Its oracle is per
+//!    consumer (`Run::finish_fanout`): every pair done or dead-lettered exactly once
+//!    with its reason, nothing that succeeds dead-lettered, nothing `abandoned` that
+//!    never started, duplicates within a stated bound, pending and ack pending 0.
 //!
 //! `cargo test --test faults` runs a small version (a few thousand jobs, one or a few
 //! faults each; the scenarios run in parallel, about a minute on 2 cores).
@@ -43,7 +52,7 @@ mod harness;
 #[path = "faults/proxy.rs"]
 mod proxy;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -628,6 +637,167 @@ async fn safety_net_abandoned() {
             hanging.iter().all(|id| !tracker.is_done(*id)),
             "a hanging job cannot have succeeded"
         );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. two consumers sharing a stream and a dead-letter stream, mixed outcomes, kill -9
+//    and a rolling restart (SIGTERM) while retries and final attempts run
+// ---------------------------------------------------------------------------------------
+
+/// Publishes `jobs.<id>` with `headers` and `payload` until acknowledged (no fault runs
+/// yet when this is used).
+async fn publish_raw(
+    js: &jetstream::Context,
+    id: u64,
+    headers: async_nats::HeaderMap,
+    payload: Vec<u8>,
+) {
+    let mut headers = headers;
+    headers.insert("Nats-Msg-Id", format!("job-{id}").as_str());
+    js.publish_with_headers(format!("jobs.{id}"), headers, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_mixed_outcomes() {
+    bounded("fanout_mixed_outcomes", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("7_fanout_mixed_outcomes", RECOVERY_BOUND);
+        let (client, js) = connect(&[server.url()]).await;
+        let mut spec = WorkerSpec::new(vec![server.url()]);
+        spec.extra_consumers = vec!["audit"];
+        spec.max_deliver = 3;
+        spec.backoff = r#"["300ms", "600ms"]"#;
+        spec.max_payload_bytes = Some(4096);
+        let consumers = ["jobs", "audit"];
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(1_000u64, 20_000);
+        let over = size(Duration::from_secs(10), Duration::from_secs(60));
+        // Per ten ids: six succeed, one fails once, one fails twice (succeeds on its last
+        // attempt), one fails permanently, one is too large for max_payload_bytes (a few
+        // of those fill the server's max payload: their copies keep the payload in the
+        // object store).
+        let mut expected: HashMap<u64, Expect> = HashMap::new();
+        let mut jobs = Vec::new();
+        let near_max: HashSet<u64> = (1..=n)
+            .filter(|id| id % 10 == 9)
+            .take(size(3, 10))
+            .collect();
+        let max_payload = client.server_info().max_payload;
+        let mut published_first = HashSet::new();
+        for id in 1..=n {
+            match id % 10 {
+                6 | 7 => jobs.push(Job {
+                    id,
+                    mode: Mode::Fail,
+                    until: if id % 10 == 6 { 1 } else { 2 },
+                    sleep_ms: 5,
+                }),
+                8 => {
+                    expected.insert(id, Expect::DeadLetter("permanent"));
+                    jobs.push(Job {
+                        id,
+                        mode: Mode::Permanent,
+                        until: 0,
+                        sleep_ms: 0,
+                    });
+                }
+                9 => {
+                    expected.insert(id, Expect::DeadLetter("too_large"));
+                    let (headers, payload) = if near_max.contains(&id) {
+                        (async_nats::HeaderMap::new(), vec![0x2a; max_payload - 200])
+                    } else {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("X-Pad", "p".repeat(5_000).as_str());
+                        (h, rmp_serde::to_vec_named(&ok_job(id, 0)).expect("encode"))
+                    };
+                    publish_raw(&js, id, headers, payload).await;
+                    published_first.insert(id);
+                }
+                _ => jobs.push(ok_job(id, 5)),
+            }
+        }
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), jobs, over, give_up_after(over));
+
+        // kill -9 while retries and dead letters are under way (small: one; full: two),
+        // and a rolling restart (SIGTERM, then a new process) in between.
+        let mut faults: Vec<(f64, bool)> = vec![(0.3, true), (0.55, false)];
+        if full() {
+            faults.push((0.8, true));
+        }
+        let mut kills = 0;
+        for (k, (at, kill)) in faults.iter().enumerate() {
+            until(t0 + over.mul_f64(*at)).await;
+            let victim = k % 2;
+            let since = Instant::now();
+            if *kill {
+                let in_flight = replicas.kill(victim);
+                kills += 1;
+                run.say(&format!(
+                    "kill -9 replica {victim}: {} jobs in flight",
+                    in_flight.len()
+                ));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            } else {
+                let code = replicas.stop(victim);
+                run.say(&format!("SIGTERM replica {victim}: exit {code:?}"));
+                if code != Some(0) {
+                    run.fail(format!(
+                        "replica {victim} did not exit 0 on SIGTERM: {code:?}"
+                    ));
+                }
+            }
+            run.faults += 1;
+            replicas.spawn(victim);
+            run.recovered(if *kill { "kill -9" } else { "rolling restart" }, since)
+                .await;
+        }
+        let mut published = publishing.await.expect("publisher");
+        published.acked.extend(published_first);
+        // A kill -9 can repeat at most what the killed worker had finished and not yet
+        // acknowledged: its handler slots, per consumer.
+        let bound = kills * spec.concurrency as usize * consumers.len();
+        let verdict = run
+            .finish_fanout(
+                &js,
+                published,
+                &mut replicas,
+                &consumers,
+                &expected,
+                bound,
+                drain_limit(),
+            )
+            .await;
+        assert!(verdict.done > 0 && verdict.dead_lettered > 0, "{verdict:?}");
+        // The payloads that filled the max payload are kept whole in the object store.
+        let letters = dead_letters(&js).await;
+        for id in &near_max {
+            for c in consumers {
+                let letter = letters
+                    .iter()
+                    .find(|l| l.id == Some(*id) && l.consumer == c)
+                    .unwrap_or_else(|| panic!("no dead letter of job {id} by {c}"));
+                let (bucket, object) = jetworker::dead_letter_payload_object(
+                    &letter.payload_object,
+                )
+                .unwrap_or_else(|| panic!("job {id} by {c}: no payload object: {letter:?}"));
+                let info = js
+                    .get_object_store(bucket)
+                    .await
+                    .expect("payload bucket")
+                    .info(object)
+                    .await
+                    .expect("payload object");
+                assert_eq!(info.size, max_payload - 200, "job {id} by {c}");
+            }
+        }
     })
     .await;
 }
