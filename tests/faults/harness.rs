@@ -1096,29 +1096,36 @@ impl Run {
                 eprintln!("files of {} kept in {}", self.name, dir.keep().display());
             }
         }
-        if !problems.is_empty() {
-            let dir = self
-                .dir
-                .take()
-                .map(|d| d.keep())
-                .unwrap_or_else(|| std::env::temp_dir().join("(kept above)"));
-            let mut text = format!(
-                "scenario {} failed:\n  - {}\nfiles kept in {} (replica*.jobs.log: start/done lines; replica*.out.log: runtime logs)",
-                self.name,
-                problems.join("\n  - "),
-                dir.display()
-            );
-            for out in replicas.outputs().iter().rev().take(2) {
-                let _ = write!(
-                    text,
-                    "\n--- tail of {} ---\n{}",
-                    out.display(),
-                    tail(out, 25)
-                );
-            }
-            panic!("{text}");
-        }
+        self.fail_with(problems, replicas);
         verdict
+    }
+
+    /// With any `problems`: keeps the run's files and panics naming them, with the tail
+    /// of the last two workers' logs.
+    fn fail_with(&mut self, problems: Vec<String>, replicas: &Replicas) {
+        if problems.is_empty() {
+            return;
+        }
+        let dir = self
+            .dir
+            .take()
+            .map(|d| d.keep())
+            .unwrap_or_else(|| std::env::temp_dir().join("(kept above)"));
+        let mut text = format!(
+            "scenario {} failed:\n  - {}\nfiles kept in {} (replica*.jobs.log: start/done lines; replica*.out.log: runtime logs)",
+            self.name,
+            problems.join("\n  - "),
+            dir.display()
+        );
+        for out in replicas.outputs().iter().rev().take(2) {
+            let _ = write!(
+                text,
+                "\n--- tail of {} ---\n{}",
+                out.display(),
+                tail(out, 25)
+            );
+        }
+        panic!("{text}");
     }
 }
 
@@ -1310,9 +1317,16 @@ impl Run {
         }
         problems.extend(wrong.into_iter().take(20));
         if verdict.duplicates > duplicate_bound {
+            let mut twice: Vec<&(String, u64)> = done
+                .iter()
+                .filter(|(_, runs)| **runs > 1)
+                .map(|(pair, _)| pair)
+                .collect();
+            twice.sort();
             problems.push(format!(
-                "{} (consumer, job) pairs handled more than once, above the bound {duplicate_bound}",
-                verdict.duplicates
+                "{} (consumer, job) pairs handled more than once, above the bound {duplicate_bound}: {:?}",
+                verdict.duplicates,
+                &twice[..twice.len().min(20)]
             ));
         }
         let malformed = self.tracker.malformed();
@@ -1350,28 +1364,7 @@ impl Run {
             bound: self.bound,
             notes: self.notes.join("; "),
         });
-        if !problems.is_empty() {
-            let dir = self
-                .dir
-                .take()
-                .map(|d| d.keep())
-                .unwrap_or_else(|| std::env::temp_dir().join("(kept above)"));
-            let mut text = format!(
-                "scenario {} failed:\n  - {}\nfiles kept in {}",
-                self.name,
-                problems.join("\n  - "),
-                dir.display()
-            );
-            for out in replicas.outputs().iter().rev().take(2) {
-                let _ = write!(
-                    text,
-                    "\n--- tail of {} ---\n{}",
-                    out.display(),
-                    tail(out, 25)
-                );
-            }
-            panic!("{text}");
-        }
+        self.fail_with(problems, replicas);
         verdict
     }
 }

@@ -341,19 +341,16 @@ impl Dlq {
             )
         };
         if let Some(header) = letter.header(dead_letter::PAYLOAD_OBJECT) {
-            let (bucket, object) = jetworker::dead_letter_payload_object(header)
-                .ok_or_else(|| missing(format!("{}: {header:?}", dead_letter::PAYLOAD_OBJECT)))?;
             let what = || {
                 format!(
                     "reading the payload of {} #{} from {header}",
                     letter.stream, letter.sequence
                 )
             };
-            let store = self
-                .js
-                .get_object_store(bucket)
-                .await
-                .map_err(|e| request(what(), e))?;
+            let (store, object) = self
+                .payload_object(header, what)
+                .await?
+                .ok_or_else(|| missing(format!("{}: {header:?}", dead_letter::PAYLOAD_OBJECT)))?;
             let mut reader = match store.get(object).await {
                 Ok(reader) => reader,
                 Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
@@ -378,14 +375,29 @@ impl Dlq {
         }
     }
 
+    /// The object store and the object a [`PAYLOAD_OBJECT`](dead_letter::PAYLOAD_OBJECT)
+    /// header names; `None` when the header names none. `what` says what for, in errors.
+    async fn payload_object<'h>(
+        &self,
+        header: &'h str,
+        what: impl Fn() -> String,
+    ) -> Result<Option<(jetstream::object_store::ObjectStore, &'h str)>, DlqError> {
+        let Some((bucket, object)) = jetworker::dead_letter_payload_object(header) else {
+            return Ok(None);
+        };
+        let store = self
+            .js
+            .get_object_store(bucket)
+            .await
+            .map_err(|e| request(what(), e))?;
+        Ok(Some((store, object)))
+    }
+
     /// Deletes the object that holds `letter`'s payload, if it names one. Called only
     /// once the letter itself is deleted: the letter is the record, never the object
     /// alone. `Ok` when there is none or it was gone already.
     async fn delete_payload_object(&self, letter: &Letter) -> Result<(), DlqError> {
         let Some(header) = letter.header(dead_letter::PAYLOAD_OBJECT) else {
-            return Ok(());
-        };
-        let Some((bucket, object)) = jetworker::dead_letter_payload_object(header) else {
             return Ok(());
         };
         let what = || {
@@ -394,11 +406,9 @@ impl Dlq {
                 letter.stream, letter.sequence
             )
         };
-        let store = self
-            .js
-            .get_object_store(bucket)
-            .await
-            .map_err(|e| request(what(), e))?;
+        let Some((store, object)) = self.payload_object(header, what).await? else {
+            return Ok(());
+        };
         match store.delete(object).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
