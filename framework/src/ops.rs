@@ -73,7 +73,7 @@ pub enum HealthErrorKind {
     /// A consumer is not pulling (not ready).
     NotPulling,
     /// A consumer's dead-letter copies cannot be stored (not ready): an original is held
-    /// waiting for its copy, or a copy failed within [`DEAD_LETTER_TROUBLE`] and none was
+    /// waiting for its copy, or a copy failed within the last minute and none was
     /// stored since. The message names the consumer and the last error.
     DeadLettersFailing,
 }
