@@ -187,9 +187,10 @@ async fn an_original_already_gone_is_recorded_not_skipped() {
 
 /// A dead-letter copy that can never be stored (the dead-letter stream's max_msg_size
 /// lowered behind the worker's back) holds its handler slot for a bounded time only:
-/// meanwhile `/readyz` says why and `/metrics` counts the originals held; then each
-/// original is handed to the safety net, the good messages behind run, and once the
-/// stream takes copies again the safety net files each stranded message once.
+/// meanwhile `/readyz` says why and `/metrics` counts the originals held (in at most half
+/// the slots: more go to the safety net at once); then each original is handed to the
+/// safety net, the good messages run, and once the stream takes copies again the safety
+/// net files each stranded message once.
 #[tokio::test]
 async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches_the_safety_net() {
     use jetworker::App;
@@ -202,7 +203,7 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
     let mut config = suite_config(&server.url())
         .in_consumer(
             "jobs",
-            "max_deliver = 1\nack_wait = \"2s\"\nconcurrency = 2",
+            "max_deliver = 1\nack_wait = \"2s\"\nconcurrency = 4",
         )
         .load();
     config.worker.ops_listen = "127.0.0.1:0".into();
@@ -242,7 +243,8 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
         until: 0,
         sleep_ms: 0,
     };
-    publish_jobs(&js, &[permanent(1), permanent(2)]).await;
+    // A third one finds half the slots holding: handed to the safety net at once.
+    publish_jobs(&js, &[permanent(1), permanent(2), permanent(3)]).await;
     wait_until(Duration::from_secs(10), "both held", || async {
         let (_, text) = http_get(addr, "/metrics").await;
         metric(&text, "jetworker_dead_letters_held{consumer=\"jobs\"}") == Some(2.0)
@@ -260,7 +262,8 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
         "a restart would not help"
     );
 
-    // Good messages behind them run once the held slots are given up (hold: 5 s).
+    // Good messages run meanwhile in the slots not holding (at most half hold), and
+    // the held ones are handed over after the hold limit (5 s).
     let good: Vec<Job> = (10..30).map(Job::ok).collect();
     publish_jobs(&js, &good).await;
     wait_until(Duration::from_secs(20), "the good messages ran", || async {
@@ -278,18 +281,18 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
             &text,
             "jetworker_dead_letters_handed_to_safety_net_total{consumer=\"jobs\"}"
         ),
-        Some(2.0),
+        Some(3.0),
         "{text}"
     );
     assert_eq!(count(&js, "DLQ").await, 0);
-    assert_eq!(count(&js, "EVENTS").await, 22, "the originals are kept");
+    assert_eq!(count(&js, "EVENTS").await, 23, "the originals are kept");
 
     // The stream takes copies again: the safety net files both, once each.
     set_max_msg_size(-1).await;
     wait_until(
         Duration::from_secs(60),
-        "both filed by the safety net",
-        || async { count(&js, "DLQ").await == 2 },
+        "all filed by the safety net",
+        || async { count(&js, "DLQ").await == 3 },
     )
     .await;
     let letters = messages(&js, "DLQ").await;
@@ -301,7 +304,7 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
                 .id
         })
         .collect();
-    assert_eq!(ids, [1, 2].into_iter().collect());
+    assert_eq!(ids, [1, 2, 3].into_iter().collect());
     assert_eq!(probe.attempts(1).len(), 1, "the handler ran once");
     let info = consumer_info(&js, "EVENTS", "jobs").await;
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));

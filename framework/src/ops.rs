@@ -11,7 +11,8 @@
 //!   original is held waiting for its copy, and for [`DEAD_LETTER_TROUBLE`] after a
 //!   failed copy unless one is stored since; the body names the consumer and the error.
 //!   An original is held on its last delivery (with progress acks, in its handler slot)
-//!   for one ack wait, within 5 s to 60 s, then handed to the safety net with a nak: the
+//!   for one ack wait, within 5 s to 60 s (at most half the consumer's handler slots
+//!   hold one; beyond that, no hold), then handed to the safety net with a nak: the
 //!   server's max-deliveries advisory takes it to the safety net, which retries the copy
 //!   without holding the consumer's slots (the original stays in its stream meanwhile).
 //!   `/healthz` stays 200: a restart would not help.

@@ -41,7 +41,8 @@ const DEAD_LETTER_HOLD_MIN: Duration = Duration::from_secs(5);
 const DEAD_LETTER_HOLD_MAX: Duration = Duration::from_secs(60);
 
 /// How long a last delivery whose dead-letter copy cannot be stored keeps its handler
-/// slot before it is handed to the safety net: one ack wait, within 5 s to 60 s. A copy
+/// slot before it is handed to the safety net: one ack wait, within 5 s to 60 s (and no
+/// hold at all while half the consumer's slots already hold one). A copy
 /// that fails that long is unlikely to succeed on the next try (a stream that changed
 /// behind our back, a max_msg_size, a stream gone), and the safety net keeps retrying
 /// it without holding any of the consumer's slots.
@@ -537,8 +538,14 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 // the safety net with a nak, whose max-deliveries advisory the safety
                 // net captures and retries from (the original stays in its stream, and
                 // no handler slot of this consumer is held meanwhile).
+                // At most half the handler slots hold originals: when copies fail for
+                // many messages at once, the rest go to the safety net without a hold,
+                // so other messages keep running.
+                let hold_slots = (rt.config.concurrency_limit() / 2).max(1);
+                let slots_taken = held.is_none()
+                    && rt.stats.dead_letters_held.load(Ordering::Relaxed) >= hold_slots;
                 held.get_or_insert_with(|| Held::new(&rt.stats));
-                if Instant::now() >= hold_until {
+                if slots_taken || Instant::now() >= hold_until {
                     tracing::error!(
                         stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
                         held_for = %humantime::format_duration(dead_letter_hold_limit(&rt.config)),

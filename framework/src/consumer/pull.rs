@@ -421,7 +421,13 @@ async fn run_last_deliveries<S: Send + Sync + 'static>(
             "running the last deliveries that arrived before the stop within the grace period"
         );
     }
-    for message in last {
+    // Held until a slot frees: kept with progress acks, so the server does not redeliver
+    // one elsewhere while it waits here (it would run twice).
+    let mut last: VecDeque<async_nats::Message> = last.into();
+    keep_alive(rt, last.iter()).await;
+    let keep_every = keep_alive_interval(rt);
+    let mut keep = tokio::time::interval_at(Instant::now() + keep_every, keep_every);
+    while let Some(message) = last.pop_front() {
         tokio::select! {
             biased;
             permit = permits.clone().acquire_owned() => match permit {
@@ -435,6 +441,28 @@ async fn run_last_deliveries<S: Send + Sync + 'static>(
                 );
                 release(rt, message).await;
             }
+            _ = keep.tick() => {
+                last.push_front(message);
+                keep_alive(rt, last.iter()).await;
+            }
+        }
+    }
+}
+
+/// How often deliveries held unstarted get a progress ack: a third of the ack wait.
+fn keep_alive_interval<S>(rt: &ConsumerRuntime<S>) -> Duration {
+    (rt.config.ack_wait / 3).max(Duration::from_millis(100))
+}
+
+/// Sends a progress ack for each of `messages` (held unstarted), resetting their ack
+/// timers on the server.
+async fn keep_alive<'m, S>(
+    rt: &ConsumerRuntime<S>,
+    messages: impl Iterator<Item = &'m async_nats::Message>,
+) {
+    for message in messages {
+        if let Some(reply) = &message.reply {
+            send_or_note(rt, reply, AckKind::Progress, None).await;
         }
     }
 }
@@ -456,8 +484,16 @@ async fn wait_out_open_requests<S>(
         return;
     };
     let mut quiet_from = Instant::now() + STOP_QUIET;
+    // The last deliveries collected here will run (see `run_last_deliveries`): kept
+    // with progress acks meanwhile, so none is redelivered elsewhere while held.
+    let keep_every = keep_alive_interval(rt);
+    let mut keep = tokio::time::interval_at(Instant::now() + keep_every, keep_every);
     while !requests.open.is_empty() {
         tokio::select! {
+            _ = keep.tick() => {
+                let last = unstarted.iter().filter(|m| is_last_delivery(rt, m));
+                keep_alive(rt, last).await;
+            }
             message = sub.next() => {
                 let Some(message) = message else { return };
                 match message.status {
