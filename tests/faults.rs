@@ -780,9 +780,12 @@ async fn fanout_mixed_outcomes() {
                 &js,
                 published,
                 &mut replicas,
-                &consumers,
-                &expected,
-                bound,
+                &FanoutCheck {
+                    consumers: &consumers,
+                    expected: &expected,
+                    duplicate_bound: bound,
+                    killed: true,
+                },
                 drain_limit(),
             )
             .await;
@@ -888,9 +891,12 @@ async fn dead_letter_stream_unavailable() {
             &js,
             published,
             &mut replicas,
-            &["jobs"],
-            &expected,
-            0,
+            &FanoutCheck {
+                consumers: &["jobs"],
+                expected: &expected,
+                duplicate_bound: 0,
+                killed: false,
+            },
             drain_limit(),
         )
         .await;
@@ -947,9 +953,12 @@ async fn consumer_deleted_mid_run() {
                 &js,
                 published,
                 &mut replicas,
-                &["jobs"],
-                &HashMap::new(),
-                bound,
+                &FanoutCheck {
+                    consumers: &["jobs"],
+                    expected: &HashMap::new(),
+                    duplicate_bound: bound,
+                    killed: false,
+                },
                 drain_limit(),
             )
             .await;
@@ -1024,9 +1033,12 @@ async fn rolling_restart_adds_a_consumer() {
             &js,
             published,
             &mut replicas,
-            &["jobs", "audit"],
-            &expected,
-            0,
+            &FanoutCheck {
+                consumers: &["jobs", "audit"],
+                expected: &expected,
+                duplicate_bound: 0,
+                killed: false,
+            },
             drain_limit(),
         )
         .await;

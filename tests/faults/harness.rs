@@ -309,8 +309,8 @@ struct TrackerState {
     done: HashMap<u64, Vec<Instant>>,
     /// `done` lines per (consumer, id), from lines that name the consumer.
     done_by: HashMap<(String, u64), u32>,
-    /// `start` lines per (consumer, id).
-    started_by: HashMap<(String, u64), u32>,
+    /// (consumer, id, attempt) of every `start` line that names the consumer.
+    started_by: HashSet<(String, u64, u64)>,
     done_lines: u64,
     /// (attempt) -> ids started with that attempt.
     started: HashMap<u64, HashSet<u64>>,
@@ -438,8 +438,8 @@ impl Tracker {
         lock(&self.state).done_by.clone()
     }
 
-    /// `start` lines per (consumer, id).
-    pub fn started_by_consumer(&self) -> HashMap<(String, u64), u32> {
+    /// (consumer, id, attempt) of every `start` line.
+    pub fn started_by_consumer(&self) -> HashSet<(String, u64, u64)> {
         lock(&self.state).started_by.clone()
     }
 
@@ -572,12 +572,11 @@ fn apply(st: &mut TrackerState, file: usize, lines: Vec<String>, now: Instant) {
             continue;
         };
         if let Some(consumer) = consumer {
-            let counts = if kind == "done" {
-                &mut st.done_by
+            if kind == "done" {
+                *st.done_by.entry((consumer.to_string(), id)).or_default() += 1;
             } else {
-                &mut st.started_by
-            };
-            *counts.entry((consumer.to_string(), id)).or_default() += 1;
+                st.started_by.insert((consumer.to_string(), id, attempt));
+            }
         }
         match kind {
             "start" => {
@@ -1138,6 +1137,22 @@ pub enum Expect {
     DeadLetter(&'static str),
 }
 
+/// What [`Run::finish_fanout`] checks.
+#[derive(Debug, Clone, Copy)]
+pub struct FanoutCheck<'a> {
+    /// The consumers of EVENTS that each must handle every job.
+    pub consumers: &'a [&'a str],
+    /// What each job must end as (no entry: done).
+    pub expected: &'a HashMap<u64, Expect>,
+    /// The most (consumer, job) pairs that may be handled more than once.
+    pub duplicate_bound: usize,
+    /// Whether a worker was `kill -9`'d: then a last delivery it had received and not
+    /// started is filed `abandoned` by the safety net (the server counted it), which is
+    /// allowed once per pair; without kills, an `abandoned` letter whose last attempt
+    /// never started is a failure.
+    pub killed: bool,
+}
+
 /// What [`Run::finish_fanout`] found.
 #[derive(Debug, Default)]
 pub struct FanoutVerdict {
@@ -1171,17 +1186,20 @@ impl Run {
     /// attempt) is noted, not failed. Duplicates (a pair done more than once) must stay
     /// within `duplicate_bound`; every consumer's pending and ack pending must reach 0.
     /// Reports the row, and panics with the problems.
-    #[allow(clippy::too_many_arguments)]
     pub async fn finish_fanout(
         mut self,
         js: &jetstream::Context,
         published: Published,
         replicas: &mut Replicas,
-        consumers: &[&str],
-        expected: &HashMap<u64, Expect>,
-        duplicate_bound: usize,
+        check: &FanoutCheck<'_>,
         within: Duration,
     ) -> FanoutVerdict {
+        let FanoutCheck {
+            consumers,
+            expected,
+            duplicate_bound,
+            killed,
+        } = *check;
         let acked: Vec<u64> = {
             let mut v: Vec<u64> = published.acked.iter().copied().collect();
             v.sort_unstable();
@@ -1203,14 +1221,24 @@ impl Run {
         let drain_started = Instant::now();
         loop {
             let done = self.tracker.done_by_consumer();
-            let all_done = acked.iter().all(|id| {
-                expect(*id) != Expect::Done
-                    || consumers
-                        .iter()
-                        .all(|c| done.contains_key(&(c.to_string(), *id)))
-            });
-            if all_done && dlq_count(js).await >= wanted_letters as u64 {
-                break;
+            let missing: Vec<(String, u64)> = acked
+                .iter()
+                .filter(|id| expect(**id) == Expect::Done)
+                .flat_map(|id| consumers.iter().map(move |c| (c.to_string(), *id)))
+                .filter(|pair| !done.contains_key(pair))
+                .collect();
+            let letters = dlq_count(js).await;
+            if letters >= (wanted_letters + missing.len()) as u64 {
+                // Every pair not done may have been given up (a kill took its last
+                // delivery): settled once each has its letter.
+                let lettered: HashSet<(String, u64)> = dead_letters(js)
+                    .await
+                    .into_iter()
+                    .filter_map(|l| Some((l.consumer, l.id?)))
+                    .collect();
+                if missing.iter().all(|pair| lettered.contains(pair)) {
+                    break;
+                }
             }
             if Instant::now() > deadline {
                 break;
@@ -1242,14 +1270,18 @@ impl Run {
         let done = self.tracker.done_by_consumer();
         let started = self.tracker.started_by_consumer();
         // `abandoned` means the last attempt ran and never settled: never a delivery
-        // that was handed back unstarted.
+        // that was handed back unstarted (unless a kill -9 took it unstarted).
+        let mut abandoned_unstarted = 0;
         for l in letters.iter().filter(|l| l.reason == "abandoned") {
             if let Some(id) = l.id {
-                if !started.contains_key(&(l.consumer.clone(), id)) {
-                    problems.push(format!(
-                        "job {id} dead-lettered as abandoned by {} though it never started",
-                        l.consumer
-                    ));
+                if !started.contains(&(l.consumer.clone(), id, l.attempts)) {
+                    abandoned_unstarted += 1;
+                    if !killed {
+                        problems.push(format!(
+                            "job {id} dead-lettered as abandoned by {} though its last attempt ({}) never started",
+                            l.consumer, l.attempts
+                        ));
+                    }
                 }
             }
         }
@@ -1291,6 +1323,12 @@ impl Run {
                     Expect::Done if runs > 0 => wrong.push(format!(
                         "job {id} succeeded on {c} and was dead-lettered: {copies:?}"
                     )),
+                    // Its last delivery was lost with a killed worker: given up, once.
+                    Expect::Done
+                        if killed && copies.len() == 1 && copies[0].reason == "abandoned" =>
+                    {
+                        verdict.dead_lettered += 1
+                    }
                     Expect::Done => lost.push((c.to_string(), *id)),
                     Expect::DeadLetter(_) if runs > 0 => {
                         wrong.push(format!("job {id} cannot succeed, yet {c} handled it"))
@@ -1346,7 +1384,7 @@ impl Run {
         self.notes.insert(
             0,
             format!(
-                "{} consumers: done {} / dead-lettered {} (pairs) / drained in {:.1}s; duplicates {} (bound {duplicate_bound}); {done_then_abandoned} succeeded then filed abandoned",
+                "{} consumers: done {} / dead-lettered {} (pairs) / drained in {:.1}s; duplicates {} (bound {duplicate_bound}); {done_then_abandoned} succeeded then filed abandoned; {abandoned_unstarted} abandoned whose last attempt never started",
                 consumers.len(),
                 verdict.done,
                 verdict.dead_lettered,
