@@ -820,19 +820,6 @@ async fn fanout_mixed_outcomes() {
 // 8. the dead-letter stream refuses every copy for a while, under load
 // ---------------------------------------------------------------------------------------
 
-/// Sets the DLQ stream's max_msg_size (behind the workers' back).
-async fn set_dlq_max_msg_size(js: &jetstream::Context, size: i32) {
-    let mut config = js
-        .get_stream("DLQ")
-        .await
-        .expect("DLQ")
-        .cached_info()
-        .config
-        .clone();
-    config.max_message_size = size;
-    js.update_stream(config).await.expect("update DLQ");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_stream_unavailable() {
     bounded("dead_letter_stream_unavailable", async {
@@ -871,7 +858,7 @@ async fn dead_letter_stream_unavailable() {
         let outage = size(Duration::from_secs(8), Duration::from_secs(30));
         until(t0 + over.mul_f64(0.25)).await;
         run.say("DLQ max_msg_size = 64: every copy refused");
-        set_dlq_max_msg_size(&js, 64).await;
+        common::set_max_msg_size(&js, "DLQ", 64).await;
         run.faults += 1;
         let refused_at = Instant::now();
         tokio::time::sleep(outage).await;
@@ -884,7 +871,7 @@ async fn dead_letter_stream_unavailable() {
                 "no job finished for {stall:?} while the DLQ refused copies"
             ));
         }
-        set_dlq_max_msg_size(&js, -1).await;
+        common::set_max_msg_size(&js, "DLQ", -1).await;
         run.say("DLQ takes copies again");
         let published = publishing.await.expect("publisher");
         run.finish_fanout(

@@ -222,21 +222,7 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
     .await;
 
     // Behind the worker's back: the dead-letter stream refuses anything but tiny messages.
-    let set_max_msg_size = |size: i32| {
-        let js = js.clone();
-        async move {
-            let mut dlq = js
-                .get_stream("DLQ")
-                .await
-                .expect("DLQ")
-                .cached_info()
-                .config
-                .clone();
-            dlq.max_message_size = size;
-            js.update_stream(dlq).await.expect("update DLQ");
-        }
-    };
-    set_max_msg_size(64).await;
+    set_max_msg_size(&js, "DLQ", 64).await;
     let permanent = |id| Job {
         id,
         mode: Mode::Permanent,
@@ -288,7 +274,7 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
     assert_eq!(count(&js, "EVENTS").await, 23, "the originals are kept");
 
     // The stream takes copies again: the safety net files both, once each.
-    set_max_msg_size(-1).await;
+    set_max_msg_size(&js, "DLQ", -1).await;
     wait_until(
         Duration::from_secs(60),
         "all filed by the safety net",
