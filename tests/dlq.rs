@@ -412,6 +412,110 @@ async fn a_dead_letter_without_the_original_payload_is_never_replayed_nor_delete
     assert_eq!(count(&js, "EVENTS").await, 0, "nothing was republished");
 }
 
+/// A payload too large for its copy is kept in the dead-letter stream's payload bucket:
+/// `show` reads it from there, `replay` republishes all of it and then removes letter
+/// and object, `purge` removes both, and a letter whose object is gone is kept.
+#[tokio::test]
+async fn a_payload_too_large_for_the_copy_is_shown_replayed_and_purged_from_the_object_store() {
+    let server = NatsServer::start().expect("server");
+    let (client, js, config) = provisioned(&server.url(), "").await;
+    let dlq = Dlq::new(js.clone(), &config).expect("dlq");
+    let max_payload = client.server_info().max_payload;
+    let bucket = jetworker::dead_letter_payload_bucket("DLQ");
+    assert!(
+        js.get_object_store(&bucket).await.is_ok(),
+        "provision creates the payload bucket next to the dead-letter stream"
+    );
+    // Fills the max payload but for less than the dead-letter headers need.
+    let payload: Vec<u8> = (0..max_payload - 500).map(|i| (i % 251) as u8).collect();
+    let mut stored_objects = Vec::new();
+    for sequence in [11, 12, 13] {
+        let mut original = HeaderMap::new();
+        original.insert("X-Tenant", "acme");
+        let letter = DeadLetter {
+            subject: format!("jobs.{sequence}"),
+            headers: original,
+            stream: "EVENTS".into(),
+            sequence,
+            consumer: "jobs".into(),
+            attempts: 5,
+            reason: Reason::Exhausted,
+            error: "e".repeat(2_000),
+        };
+        letter
+            .publish(
+                &js,
+                "dlq.jobs",
+                payload.clone().into(),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("copy and payload stored");
+        stored_objects.push(jetworker::dead_letter_message_id(
+            "EVENTS", sequence, "jobs",
+        ));
+    }
+    let store = js.get_object_store(&bucket).await.expect("bucket");
+    for name in &stored_objects {
+        store
+            .info(name)
+            .await
+            .expect("the payload is in the object store");
+    }
+    let letters = dlq.list(&Filter::default()).await.expect("list");
+    assert_eq!(letters.len(), 3);
+    for letter in &letters {
+        assert!(
+            letter.payload.is_empty(),
+            "the copy itself carries no payload"
+        );
+        assert!(letter.header(dead_letter::PAYLOAD_OBJECT).is_some());
+        assert_eq!(
+            letter.header("X-Tenant"),
+            Some("acme"),
+            "headers that fit are kept"
+        );
+    }
+    // show
+    let shown = dlq.get(None, letters[0].sequence).await.expect("show");
+    assert_eq!(shown.payload.as_ref(), payload.as_slice());
+    // replay: the whole payload, then letter and object are gone.
+    let replayed = dlq.replay_one(&letters[0]).await.expect("replayed");
+    let events = messages(&js, "EVENTS").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].payload.as_ref(), payload.as_slice());
+    assert_eq!(replayed.subject, "jobs.11");
+    let gone =
+        |info: Result<jetstream::object_store::ObjectInfo, _>| info.map_or(true, |i| i.deleted);
+    assert!(
+        gone(store.info(&stored_objects[0]).await),
+        "object removed after the replay"
+    );
+    // purge: both go.
+    let report = dlq.purge(&letters[1..2]).await.expect("purge");
+    assert_eq!(report.deleted, 1);
+    assert!(
+        gone(store.info(&stored_objects[1]).await),
+        "object removed by the purge"
+    );
+    // The object of the last one is gone behind our back: the letter is kept.
+    store
+        .delete(&stored_objects[2])
+        .await
+        .expect("delete object");
+    let err = dlq
+        .replay_one(&letters[2])
+        .await
+        .expect_err("nothing to replay");
+    assert_eq!(err.kind(), DlqErrorKind::PayloadMissing, "{err}");
+    assert_eq!(count(&js, "DLQ").await, 1, "the only record is kept");
+    assert_eq!(
+        count(&js, "EVENTS").await,
+        1,
+        "nothing more was republished"
+    );
+}
+
 #[tokio::test]
 async fn an_interrupted_replay_run_again_is_stored_once() {
     let server = NatsServer::start().expect("server");

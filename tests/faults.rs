@@ -27,9 +27,29 @@
 //! 6. `safety_net_abandoned`: jobs whose handler never returns; every worker holding one
 //!    is killed, so the last allowed delivery never settles and only the safety net can
 //!    dead-letter them (reason `abandoned`).
+//! 7. `fanout_mixed_outcomes`: two consumers (`jobs`, `audit`) of one stream, each with
+//!    its own dead-letter subject in one DLQ stream; jobs that succeed, fail once, fail
+//!    twice (succeeding on their last attempt), fail permanently or are too large (some
+//!    filling the server's max payload: their payload goes to the object store); a
+//!    `kill -9` (between a copy's PubAck and its term, among others) and a rolling
+//!    restart by SIGTERM while retries and final attempts run. Its oracle is per
+//!    consumer (`Run::finish_fanout`): every pair done or dead-lettered exactly once
+//!    with its reason, nothing that succeeds dead-lettered, nothing `abandoned` that
+//!    never started, duplicates within a stated bound, pending and ack pending 0.
+//! 8. `dead_letter_stream_unavailable`: the DLQ stream refuses every copy (its
+//!    max_msg_size lowered behind the workers' back) for longer than the hold limit
+//!    while permanent failures flow: good jobs keep running (no slot held without
+//!    bound), and once copies are taken again each failure is dead-lettered exactly
+//!    once, by the worker or by the safety net it was handed to.
+//! 9. `consumer_deleted_mid_run`: the `jobs` consumer is deleted while jobs flow; the
+//!    workers recreate it after its last known ack floor, so duplicates stay within
+//!    what was acknowledged since that floor was read (6 s of publishing) plus what ran.
+//! 10. `rolling_restart_adds_a_consumer`: the replicas restart one at a time (SIGTERM)
+//!     onto a config with one more consumer (`audit`); both consumers end with every
+//!     job done or dead-lettered once, nothing duplicated by the graceful restarts.
 //!
 //! `cargo test --test faults` runs a small version (a few thousand jobs, one or a few
-//! faults each; the scenarios run in parallel, about a minute on 2 cores).
+//! faults each; the scenarios run in parallel, about a minute and a half on 2 cores).
 //! `JETWORKER_FAULTS_FULL=1 cargo test --test faults -- --nocapture` runs the full size
 //! (50k jobs in scenario 1, more faults) and prints the table: scenario, messages,
 //! faults injected, lost, duplicates, recovery time (the last scenario to finish prints
@@ -43,7 +63,7 @@ mod harness;
 #[path = "faults/proxy.rs"]
 mod proxy;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -628,6 +648,387 @@ async fn safety_net_abandoned() {
             hanging.iter().all(|id| !tracker.is_done(*id)),
             "a hanging job cannot have succeeded"
         );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. two consumers sharing a stream and a dead-letter stream, mixed outcomes, kill -9
+//    and a rolling restart (SIGTERM) while retries and final attempts run
+// ---------------------------------------------------------------------------------------
+
+/// Publishes `jobs.<id>` with `headers` and `payload` until acknowledged (no fault runs
+/// yet when this is used).
+async fn publish_raw(
+    js: &jetstream::Context,
+    id: u64,
+    headers: async_nats::HeaderMap,
+    payload: Vec<u8>,
+) {
+    let mut headers = headers;
+    headers.insert("Nats-Msg-Id", format!("job-{id}").as_str());
+    js.publish_with_headers(format!("jobs.{id}"), headers, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_mixed_outcomes() {
+    bounded("fanout_mixed_outcomes", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("7_fanout_mixed_outcomes", RECOVERY_BOUND);
+        let (client, js) = connect(&[server.url()]).await;
+        let mut spec = WorkerSpec::new(vec![server.url()]);
+        spec.extra_consumers = vec!["audit"];
+        spec.max_deliver = 3;
+        spec.backoff = r#"["300ms", "600ms"]"#;
+        spec.max_payload_bytes = Some(4096);
+        let consumers = ["jobs", "audit"];
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(1_000u64, 20_000);
+        let over = size(Duration::from_secs(10), Duration::from_secs(60));
+        // Per ten ids: six succeed, one fails once, one fails twice (succeeds on its last
+        // attempt), one fails permanently, one is too large for max_payload_bytes (a few
+        // of those fill the server's max payload: their copies keep the payload in the
+        // object store).
+        let mut expected: HashMap<u64, Expect> = HashMap::new();
+        let mut jobs = Vec::new();
+        let near_max: HashSet<u64> = (1..=n)
+            .filter(|id| id % 10 == 9)
+            .take(size(3, 10))
+            .collect();
+        let max_payload = client.server_info().max_payload;
+        let mut published_first = HashSet::new();
+        for id in 1..=n {
+            match id % 10 {
+                6 | 7 => jobs.push(Job {
+                    id,
+                    mode: Mode::Fail,
+                    until: if id % 10 == 6 { 1 } else { 2 },
+                    sleep_ms: 5,
+                }),
+                8 => {
+                    expected.insert(id, Expect::DeadLetter("permanent"));
+                    jobs.push(Job {
+                        id,
+                        mode: Mode::Permanent,
+                        until: 0,
+                        sleep_ms: 0,
+                    });
+                }
+                9 => {
+                    expected.insert(id, Expect::DeadLetter("too_large"));
+                    let (headers, payload) = if near_max.contains(&id) {
+                        (async_nats::HeaderMap::new(), vec![0x2a; max_payload - 200])
+                    } else {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("X-Pad", "p".repeat(5_000).as_str());
+                        (h, rmp_serde::to_vec_named(&ok_job(id, 0)).expect("encode"))
+                    };
+                    publish_raw(&js, id, headers, payload).await;
+                    published_first.insert(id);
+                }
+                _ => jobs.push(ok_job(id, 5)),
+            }
+        }
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), jobs, over, give_up_after(over));
+
+        // kill -9 while retries and dead letters are under way (small: one; full: two),
+        // and a rolling restart (SIGTERM, then a new process) in between.
+        let mut faults: Vec<(f64, bool)> = vec![(0.3, true), (0.55, false)];
+        if full() {
+            faults.push((0.8, true));
+        }
+        let mut kills = 0;
+        for (k, (at, kill)) in faults.iter().enumerate() {
+            until(t0 + over.mul_f64(*at)).await;
+            let victim = k % 2;
+            let since = Instant::now();
+            if *kill {
+                let in_flight = replicas.kill(victim);
+                kills += 1;
+                run.say(&format!(
+                    "kill -9 replica {victim}: {} jobs in flight",
+                    in_flight.len()
+                ));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            } else {
+                let code = replicas.stop(victim);
+                run.say(&format!("SIGTERM replica {victim}: exit {code:?}"));
+                if code != Some(0) {
+                    run.fail(format!(
+                        "replica {victim} did not exit 0 on SIGTERM: {code:?}"
+                    ));
+                }
+            }
+            run.faults += 1;
+            replicas.spawn(victim);
+            run.recovered(if *kill { "kill -9" } else { "rolling restart" }, since)
+                .await;
+        }
+        let mut published = publishing.await.expect("publisher");
+        published.acked.extend(published_first);
+        // A kill -9 can repeat at most what the killed worker had finished and not yet
+        // acknowledged: its handler slots, per consumer.
+        let bound = kills * spec.concurrency as usize * consumers.len();
+        let verdict = run
+            .finish_fanout(
+                &js,
+                published,
+                &mut replicas,
+                &FanoutCheck {
+                    consumers: &consumers,
+                    expected: &expected,
+                    duplicate_bound: bound,
+                    killed: true,
+                },
+                drain_limit(),
+            )
+            .await;
+        assert!(verdict.done > 0 && verdict.dead_lettered > 0, "{verdict:?}");
+        // The payloads that filled the max payload are kept whole in the object store.
+        let letters = dead_letters(&js).await;
+        for id in &near_max {
+            for c in consumers {
+                let letter = letters
+                    .iter()
+                    .find(|l| l.id == Some(*id) && l.consumer == c)
+                    .unwrap_or_else(|| panic!("no dead letter of job {id} by {c}"));
+                let (bucket, object) = jetworker::dead_letter_payload_object(
+                    &letter.payload_object,
+                )
+                .unwrap_or_else(|| panic!("job {id} by {c}: no payload object: {letter:?}"));
+                let info = js
+                    .get_object_store(bucket)
+                    .await
+                    .expect("payload bucket")
+                    .info(object)
+                    .await
+                    .expect("payload object");
+                assert_eq!(info.size, max_payload - 200, "job {id} by {c}");
+            }
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. the dead-letter stream refuses every copy for a while, under load
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_stream_unavailable() {
+    bounded("dead_letter_stream_unavailable", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("8_dead_letters_refused", RECOVERY_BOUND);
+        let (_client, js) = connect(&[server.url()]).await;
+        let mut spec = WorkerSpec::new(vec![server.url()]);
+        spec.max_deliver = 3;
+        spec.backoff = r#"["300ms", "600ms"]"#;
+        spec.concurrency = 8;
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(1_500u64, 20_000);
+        let over = size(Duration::from_secs(12), Duration::from_secs(60));
+        // One job in five fails permanently: copies are wanted all the time.
+        let mut expected: HashMap<u64, Expect> = HashMap::new();
+        let jobs: Vec<Job> = (1..=n)
+            .map(|id| {
+                if id % 5 == 0 {
+                    expected.insert(id, Expect::DeadLetter("permanent"));
+                    Job {
+                        id,
+                        mode: Mode::Permanent,
+                        until: 0,
+                        sleep_ms: 0,
+                    }
+                } else {
+                    ok_job(id, 3)
+                }
+            })
+            .collect();
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), jobs, over, give_up_after(over));
+        // Longer than the hold limit (one ack wait, 5 s at least): held last attempts
+        // are handed to the safety net, the others retried; good jobs keep flowing.
+        let outage = size(Duration::from_secs(8), Duration::from_secs(30));
+        until(t0 + over.mul_f64(0.25)).await;
+        run.say("DLQ max_msg_size = 64: every copy refused");
+        common::set_max_msg_size(&js, "DLQ", 64).await;
+        run.faults += 1;
+        let refused_at = Instant::now();
+        tokio::time::sleep(outage).await;
+        // Good jobs must not have stopped meanwhile (no slot held without bound).
+        let stall = run.tracker.longest_gap(refused_at, Instant::now());
+        run.recoveries
+            .push(("longest stall while copies were refused".into(), stall));
+        if stall > Duration::from_secs(8) {
+            run.fail(format!(
+                "no job finished for {stall:?} while the DLQ refused copies"
+            ));
+        }
+        common::set_max_msg_size(&js, "DLQ", -1).await;
+        run.say("DLQ takes copies again");
+        let published = publishing.await.expect("publisher");
+        run.finish_fanout(
+            &js,
+            published,
+            &mut replicas,
+            &FanoutCheck {
+                consumers: &["jobs"],
+                expected: &expected,
+                duplicate_bound: 0,
+                killed: false,
+            },
+            drain_limit(),
+        )
+        .await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. the consumer is deleted behind the workers' back and recreated by them
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_deleted_mid_run() {
+    bounded("consumer_deleted_mid_run", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("9_consumer_deleted", RECOVERY_BOUND);
+        let (_client, js) = connect(&[server.url()]).await;
+        let spec = WorkerSpec::new(vec![server.url()]);
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(1_500u64, 20_000);
+        let over = size(Duration::from_secs(10), Duration::from_secs(60));
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), ok_jobs(n, 2), over, give_up_after(over));
+        until(t0 + over.mul_f64(0.5)).await;
+        let done_before = run.tracker.done_ids();
+        // nats-server 2.9 can answer a delete under load with an error while removing the
+        // consumer's files ("directory not empty"): asked again until it is gone.
+        let events = js.get_stream("EVENTS").await.expect("EVENTS");
+        for attempt in 1.. {
+            match events.delete_consumer("jobs").await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(attempt < 20, "deleting the jobs consumer: {e}");
+                    run.say(&format!("delete answered {e}; asking again"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let deleted_at = Instant::now();
+        run.faults += 1;
+        run.say(&format!(
+            "consumer jobs deleted after {done_before} jobs were done"
+        ));
+        run.recovered("consumer deleted", deleted_at).await;
+        let published = publishing.await.expect("publisher");
+        // Recreated after the last ack floor seen (polled every 5 s): what was acked
+        // since, and what was in flight, comes again; nothing before it. So at most
+        // 6 s of publishing, plus the two workers' slots.
+        let rate = n as f64 / over.as_secs_f64();
+        let bound = (rate * 6.0) as usize + 2 * spec.concurrency as usize;
+        let verdict = run
+            .finish_fanout(
+                &js,
+                published,
+                &mut replicas,
+                &FanoutCheck {
+                    consumers: &["jobs"],
+                    expected: &HashMap::new(),
+                    duplicate_bound: bound,
+                    killed: false,
+                },
+                drain_limit(),
+            )
+            .await;
+        assert!(
+            verdict.duplicates < done_before.max(1),
+            "the recreated consumer started over: {} duplicates, {done_before} done before",
+            verdict.duplicates
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. a rolling restart onto a config with one more consumer
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_adds_a_consumer() {
+    bounded("rolling_restart_adds_a_consumer", async {
+        let server = blocking(NatsServer::start).expect("nats-server");
+        let mut run = Run::new("10_rolling_new_consumer", RECOVERY_BOUND);
+        let (_client, js) = connect(&[server.url()]).await;
+        let mut spec = WorkerSpec::new(vec![server.url()]);
+        spec.max_deliver = 3;
+        spec.backoff = r#"["300ms", "600ms"]"#;
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(1_500u64, 20_000);
+        let over = size(Duration::from_secs(12), Duration::from_secs(60));
+        let mut expected: HashMap<u64, Expect> = HashMap::new();
+        let jobs: Vec<Job> = (1..=n)
+            .map(|id| match id % 10 {
+                3 => Job {
+                    id,
+                    mode: Mode::Fail,
+                    until: 1,
+                    sleep_ms: 3,
+                },
+                7 => {
+                    expected.insert(id, Expect::DeadLetter("permanent"));
+                    Job {
+                        id,
+                        mode: Mode::Permanent,
+                        until: 0,
+                        sleep_ms: 0,
+                    }
+                }
+                _ => ok_job(id, 3),
+            })
+            .collect();
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), jobs, over, give_up_after(over));
+        // The new config: one more consumer of the same stream. Replicas restart onto it
+        // one at a time (SIGTERM, then the new version), as a deploy would.
+        spec.extra_consumers = vec!["audit"];
+        write_config(&run.path(), &spec);
+        for (i, at) in [(0, 0.3), (1, 0.6)] {
+            until(t0 + over.mul_f64(at)).await;
+            let since = Instant::now();
+            let code = replicas.stop(i);
+            run.say(&format!("SIGTERM replica {i} (old config): exit {code:?}"));
+            if code != Some(0) {
+                run.fail(format!("replica {i} did not exit 0 on SIGTERM: {code:?}"));
+            }
+            replicas.spawn(i);
+            run.faults += 1;
+            run.recovered("rolling restart onto the new config", since)
+                .await;
+        }
+        let published = publishing.await.expect("publisher");
+        run.finish_fanout(
+            &js,
+            published,
+            &mut replicas,
+            &FanoutCheck {
+                consumers: &["jobs", "audit"],
+                expected: &expected,
+                duplicate_bound: 0,
+                killed: false,
+            },
+            drain_limit(),
+        )
+        .await;
     })
     .await;
 }

@@ -271,6 +271,21 @@ async fn hostile_messages_are_dead_lettered_with_their_reason_and_the_worker_liv
         Some("EVENTS"),
         "the copy names where the original is"
     );
+    // ... and its payload is kept whole in the dead-letter stream's payload bucket.
+    let object = header(garbage, dead_letter::PAYLOAD_OBJECT).expect("names its payload object");
+    let (bucket, name) = jetworker::dead_letter_payload_object(&object).expect("bucket/object");
+    let mut kept_payload = Vec::new();
+    let mut reader = js
+        .get_object_store(bucket)
+        .await
+        .expect("payload bucket")
+        .get(name)
+        .await
+        .expect("payload object");
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut kept_payload)
+        .await
+        .expect("read");
+    assert_eq!(kept_payload, vec![b'{'; max_payload - 64]);
     assert!(header(trimmed, dead_letter::DROPPED_HEADERS).is_some_and(|d| d.contains("X-Huger")));
 
     // Every original is settled, none comes back, and the worker still works.

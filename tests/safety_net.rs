@@ -184,3 +184,119 @@ async fn an_original_already_gone_is_recorded_not_skipped() {
     );
     assert!(m.payload.is_empty());
 }
+
+/// A dead-letter copy that can never be stored (the dead-letter stream's max_msg_size
+/// lowered behind the worker's back) holds its handler slot for a bounded time only:
+/// meanwhile `/readyz` says why and `/metrics` counts the originals held (in at most half
+/// the slots: more go to the safety net at once); then each original is handed to the
+/// safety net, the good messages run, and once the stream takes copies again the safety
+/// net files each stranded message once.
+#[tokio::test]
+async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches_the_safety_net() {
+    use jetworker::App;
+    use jetworker_suite::{scripted, Probe};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let mut config = suite_config(&server.url())
+        .in_consumer(
+            "jobs",
+            "max_deliver = 1\nack_wait = \"2s\"\nconcurrency = 4",
+        )
+        .load();
+    config.worker.ops_listen = "127.0.0.1:0".into();
+    let probe = Arc::new(Probe::default());
+    let stop = CancellationToken::new();
+    let running = App::new(probe.clone())
+        .handler("scripted", scripted)
+        .start(config, stop.clone())
+        .await
+        .expect("start");
+    let addr = running.ops_address().expect("ops enabled");
+    let waiter = tokio::spawn(running.wait());
+    wait_until(Duration::from_secs(10), "ready", || async {
+        http_get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+
+    // Behind the worker's back: the dead-letter stream refuses anything but tiny messages.
+    set_max_msg_size(&js, "DLQ", 64).await;
+    let permanent = |id| Job {
+        id,
+        mode: Mode::Permanent,
+        until: 0,
+        sleep_ms: 0,
+    };
+    // A third one finds half the slots holding: handed to the safety net at once.
+    publish_jobs(&js, &[permanent(1), permanent(2), permanent(3)]).await;
+    wait_until(Duration::from_secs(10), "both held", || async {
+        let (_, text) = http_get(addr, "/metrics").await;
+        metric(&text, "jetworker_dead_letters_held{consumer=\"jobs\"}") == Some(2.0)
+    })
+    .await;
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("consumer jobs") && body.contains("cannot be stored"),
+        "{body}"
+    );
+    assert_eq!(
+        http_get(addr, "/healthz").await.0,
+        200,
+        "a restart would not help"
+    );
+
+    // Good messages run meanwhile in the slots not holding (at most half hold), and
+    // the held ones are handed over after the hold limit (5 s).
+    let good: Vec<Job> = (10..30).map(Job::ok).collect();
+    publish_jobs(&js, &good).await;
+    wait_until(Duration::from_secs(20), "the good messages ran", || async {
+        probe.succeeded_ids() == 20
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "none held", || async {
+        let (_, text) = http_get(addr, "/metrics").await;
+        metric(&text, "jetworker_dead_letters_held{consumer=\"jobs\"}") == Some(0.0)
+    })
+    .await;
+    let (_, text) = http_get(addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "jetworker_dead_letters_handed_to_safety_net_total{consumer=\"jobs\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(count(&js, "DLQ").await, 0);
+    assert_eq!(count(&js, "EVENTS").await, 23, "the originals are kept");
+
+    // The stream takes copies again: the safety net files both, once each.
+    set_max_msg_size(&js, "DLQ", -1).await;
+    wait_until(
+        Duration::from_secs(60),
+        "all filed by the safety net",
+        || async { count(&js, "DLQ").await == 3 },
+    )
+    .await;
+    let letters = messages(&js, "DLQ").await;
+    let ids: std::collections::BTreeSet<u64> = letters
+        .iter()
+        .map(|m| {
+            rmp_serde::from_slice::<Job>(&m.payload)
+                .expect("original payload")
+                .id
+        })
+        .collect();
+    assert_eq!(ids, [1, 2, 3].into_iter().collect());
+    assert_eq!(probe.attempts(1).len(), 1, "the handler ran once");
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("stops in time")
+        .expect("task");
+}

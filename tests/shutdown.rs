@@ -225,3 +225,84 @@ async fn deliveries_arriving_during_shutdown_are_handed_back_at_once() {
     second.signal("TERM");
     assert_eq!(second.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }
+
+/// SIGTERM while final attempts arrive: a last delivery that arrived and never started
+/// is run within the grace period, not handed back (a hand-back would use up its last
+/// delivery and the safety net would file it as `abandoned` though it never ran). So
+/// nothing is dead-lettered, the clean exit leaves nothing ack-pending, and a restart
+/// finishes the rest.
+#[tokio::test]
+async fn sigterm_during_final_attempts_runs_them_and_dead_letters_nothing() {
+    const JOBS: u64 = 200;
+    let server = NatsServer::start().expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let config = ConfigText::new(&server.url())
+        .worker("shutdown_grace = \"20s\"")
+        .with_jobs()
+        .in_consumer(
+            "jobs",
+            "concurrency = 4\nack_wait = \"10s\"\nmax_deliver = 2\nbackoff = [\"200ms\"]",
+        )
+        .write(dir.path());
+    let (_c, js) = connect(&server.url()).await;
+    let mut worker = spawn_worker(&config, &log);
+    wait_until(Duration::from_secs(15), "provisioned", || async {
+        match js.get_stream("EVENTS").await {
+            Ok(s) => s.consumer_info("jobs").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    // Every job fails its first attempt and succeeds on its second, the last.
+    let jobs: Vec<Job> = (1..=JOBS)
+        .map(|id| Job {
+            id,
+            mode: Mode::Fail,
+            until: 1,
+            sleep_ms: 30,
+        })
+        .collect();
+    publish_jobs(&js, &jobs).await;
+    wait_until(
+        Duration::from_secs(20),
+        "final attempts under way",
+        || async { lines(&log, "done").len() >= 20 },
+    )
+    .await;
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    // What is ack-pending now was settled by the worker: retries nak'ed with their delay
+    // and hand-backs, both waiting for the next pull. Nothing is held until its ack wait.
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    let mut done: Vec<u64> = lines(&log, "done").iter().map(|(id, _)| *id).collect();
+    done.sort();
+    done.dedup();
+    assert!(
+        info.num_ack_pending as u64 <= JOBS - done.len() as u64,
+        "only unfinished jobs are ack-pending: {} of {} unfinished",
+        info.num_ack_pending,
+        JOBS - done.len() as u64
+    );
+
+    let mut worker = spawn_worker(&config, &log);
+    // Within less than the ack wait (10 s): nothing was left to expire.
+    wait_until(Duration::from_secs(8), "every job done", || async {
+        let mut ids: Vec<u64> = lines(&log, "done").iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len() as u64 == JOBS
+    })
+    .await;
+    // Give the safety net time to file anything stranded (it would be `abandoned`).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        count(&js, "DLQ").await,
+        0,
+        "no message that succeeds is dead-lettered"
+    );
+    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}

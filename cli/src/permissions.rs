@@ -10,7 +10,9 @@
 //! - pulling: `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`, the messages arriving
 //!   on the worker's inbox;
 //! - settling: `$JS.ACK.<stream>.<consumer>.>` (ack, delayed nak, progress, term);
-//! - dead letters: the dead-letter subjects, PubAcks arriving on the inbox;
+//! - dead letters: the dead-letter subjects, PubAcks arriving on the inbox; for payloads
+//!   too large for a copy, the dead-letter stream's payload bucket (`$O.<bucket>.>`, its
+//!   `OBJ_<bucket>` stream, `$JS.API.STREAM.NAMES` to find the dead-letter stream);
 //! - the safety net: its consumer on the advisory stream, and
 //!   `$JS.API.STREAM.MSG.GET.<stream>` to fetch a stranded original by sequence (the
 //!   server itself stores the advisories: the worker needs no permission on them);
@@ -196,6 +198,32 @@ impl Permissions {
         }
         for c in &config.consumers {
             b.consumer(c, scope);
+        }
+        // Payloads too large for a dead-letter copy go to the dead-letter stream's
+        // object-store bucket (see `jetworker::dead_letter_payload_bucket`).
+        for dl in crate::dlq::dead_letter_streams(config) {
+            let bucket = jetworker::dead_letter_payload_bucket(&dl.name);
+            let stream = format!("OBJ_{bucket}");
+            b.stream(&stream, "the dead-letter payload bucket's stream", scope);
+            b.publish(
+                format!("$O.{bucket}.>"),
+                format!(
+                    "store payloads too large for a dead-letter copy of {} (chunks, metadata)",
+                    dl.name
+                ),
+            );
+            b.publish(
+                format!("$JS.API.DIRECT.GET.{stream}.>"),
+                format!("look up an earlier payload object of the same dead letter in {bucket}"),
+            );
+            b.publish(
+                format!("$JS.API.STREAM.PURGE.{stream}"),
+                format!("drop the chunks of a payload object in {bucket} replaced by a retried dead letter"),
+            );
+            b.publish(
+                "$JS.API.STREAM.NAMES".to_string(),
+                "find the dead-letter stream of a dead-letter subject (to name its payload bucket)",
+            );
         }
         let nets = jetworker::safety_net_consumers(config);
         for net in &nets {

@@ -11,10 +11,15 @@
 //!
 //! The copy always fits the server's max payload, so that a message near that size
 //! (hostile or not) still ends settled: the original's headers that do not fit are left
-//! out, largest first, and named in [`DROPPED_HEADERS`]; when the payload alone leaves
-//! no room for the dead-letter headers, it is left out too ([`PAYLOAD_DROPPED`] gives
-//! its size; the original stays at [`STREAM`] / [`SEQUENCE`] unless the stream's
-//! retention removes it).
+//! out, largest first, and named in [`DROPPED_HEADERS`] (and logged). When the payload
+//! alone leaves no room for the dead-letter headers, it is not lost: it is stored first
+//! in the JetStream object store, in the dead-letter stream's [`payload_bucket`] (created
+//! next to it when missing, by `provision` or on first use), under the copy's
+//! [`message_id`]; the copy then carries no payload, [`PAYLOAD_DROPPED`] (its size) and
+//! [`PAYLOAD_OBJECT`] (where it is). Only once both are stored is the original termed;
+//! when the object cannot be stored the publish fails like any other, and the original
+//! is kept. `dlq show` / `replay` read the payload from the object, `replay` and `purge`
+//! delete the object after the letter (never before: the letter is the record).
 
 use std::fmt;
 use std::time::Duration;
@@ -51,6 +56,16 @@ pub const REPLAY_COUNT: &str = "Jetworker-Replay-Count";
 pub const DROPPED_HEADERS: &str = "Jetworker-Dropped-Headers";
 /// Set (to the payload's size in bytes) when the payload itself was left out.
 pub const PAYLOAD_DROPPED: &str = "Jetworker-Payload-Dropped";
+
+/// Set when the payload did not fit the copy and is kept in the JetStream object store
+/// instead: `<bucket>/<object>`, the bucket being the dead-letter stream's
+/// [`payload_bucket`] and the object named by the copy's [`message_id`]. `dlq show` and
+/// `dlq replay` read the payload from there, `dlq replay` and `dlq purge` delete it after
+/// the letter.
+pub const PAYLOAD_OBJECT: &str = "Jetworker-Payload-Object";
+
+/// Room kept for [`PAYLOAD_OBJECT`] when the payload goes to the object store.
+const PAYLOAD_ROOM: usize = 1024;
 
 /// Longest error text stored.
 pub const MAX_ERROR_LEN: usize = 1024;
@@ -158,8 +173,36 @@ impl DeadLetter {
             let headers = self.assemble(&kept, &[(DROPPED_HEADERS, dropped)]);
             return (headers, payload);
         }
+        // The payload goes elsewhere (see `publish`): keep the original headers that fit
+        // without it, largest left out first again.
+        let originals = self.original_entries();
+        let mut room = max_size.saturating_sub(own + PAYLOAD_ROOM);
+        let mut by_size: Vec<usize> = (0..originals.len()).collect();
+        by_size.sort_by_key(|i| entry_len(&originals[*i]));
+        let mut keep = vec![false; originals.len()];
+        let mut left_out = Vec::new();
+        for i in by_size {
+            let len = entry_len(&originals[i]);
+            if len <= room {
+                room -= len;
+                keep[i] = true;
+            } else {
+                left_out.push(originals[i].0.clone());
+            }
+        }
+        let kept: Vec<(String, String)> = originals
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(entry, keep)| keep.then_some(entry))
+            .collect();
+        left_out.sort();
+        left_out.dedup();
+        let dropped = header_value(&left_out.join(", "), 1024);
         let size = payload.len().to_string();
-        let headers = self.assemble(&[], &[(DROPPED_HEADERS, dropped), (PAYLOAD_DROPPED, size)]);
+        let headers = self.assemble(
+            &kept,
+            &[(DROPPED_HEADERS, dropped), (PAYLOAD_DROPPED, size)],
+        );
         (headers, Bytes::new())
     }
 
@@ -228,6 +271,9 @@ pub enum DeadLetterErrorKind {
     Publish,
     /// No PubAck came within the timeout.
     Timeout,
+    /// The payload, too large for the copy, could not be stored in the dead-letter
+    /// stream's payload bucket (the copy was not published).
+    PayloadStore,
 }
 
 impl fmt::Display for DeadLetterErrorKind {
@@ -235,6 +281,9 @@ impl fmt::Display for DeadLetterErrorKind {
         f.write_str(match self {
             DeadLetterErrorKind::Publish => "the dead-letter publish failed",
             DeadLetterErrorKind::Timeout => "no PubAck for the dead-letter copy in time",
+            DeadLetterErrorKind::PayloadStore => {
+                "the payload too large for the dead-letter copy could not be stored in the object store"
+            }
         })
     }
 }
@@ -292,15 +341,29 @@ pub async fn publish(
         0 => usize::MAX,
         n => n,
     };
-    let (headers, payload) = letter.copy_within(payload, max_payload);
+    let (mut headers, copied) = letter.copy_within(payload.clone(), max_payload);
     let dropped_headers = headers.get(DROPPED_HEADERS).map(|d| d.as_str().to_string());
-    if let Some(size) = headers.get(PAYLOAD_DROPPED) {
-        tracing::error!(
+    if headers.get(PAYLOAD_DROPPED).is_some() {
+        // The payload goes to the object store first: the copy is published (and the
+        // original termed) only once what carries the payload is stored.
+        let object = tokio::time::timeout(timeout, store_payload(js, subject, letter, &payload))
+            .await
+            .unwrap_or_else(|_| {
+                Err(
+                    DeadLetterError::new(DeadLetterErrorKind::PayloadStore).with_message(format!(
+                        "storing the payload of a dead letter for {subject} took longer than {}",
+                        humantime::format_duration(timeout)
+                    )),
+                )
+            })
+            .map_err(|e| e.with_detail(DeadLetterSubject(subject.to_string())))?;
+        tracing::warn!(
             stream = %letter.stream, seq = letter.sequence, consumer = %letter.consumer,
-            max_payload, payload_bytes = %size.as_str(),
+            max_payload, payload_bytes = payload.len(), payload_object = %object,
             dropped_headers = dropped_headers.as_deref().unwrap_or(""),
-            "the dead-letter copy would exceed the server's max payload: the copy holds no payload"
+            "the dead-letter copy would exceed the server's max payload: its payload is kept in the object store"
         );
+        headers.insert(PAYLOAD_OBJECT, object.as_str());
     } else if let Some(dropped) = dropped_headers {
         tracing::warn!(
             stream = %letter.stream, seq = letter.sequence, max_payload,
@@ -309,7 +372,7 @@ pub async fn publish(
         );
     }
     let publish = async {
-        js.publish_with_headers(subject.to_string(), headers, payload)
+        js.publish_with_headers(subject.to_string(), headers, copied)
             .await
             .map_err(|e| publish_failed(e.into()))?
             .await
@@ -324,6 +387,95 @@ pub async fn publish(
             ),
         )
     })?
+}
+
+/// The object-store bucket that keeps the payloads too large for the copies in the
+/// dead-letter stream `dead_letter_stream`: `<stream>_payloads` (characters a bucket
+/// name cannot have become `_`). Its stream is `OBJ_<bucket>`.
+pub fn payload_bucket(dead_letter_stream: &str) -> String {
+    let name: String = dead_letter_stream
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{name}_payloads")
+}
+
+/// The bucket and the object a [`PAYLOAD_OBJECT`] header names.
+pub fn payload_object(header: &str) -> Option<(&str, &str)> {
+    header
+        .split_once('/')
+        .filter(|(bucket, object)| !bucket.is_empty() && !object.is_empty())
+}
+
+/// The payload bucket of the dead-letter stream `stream` (see [`payload_bucket`]),
+/// created when missing with the stream's storage, replicas and max age, so payloads
+/// expire with their letters.
+pub async fn payload_store(
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Info,
+) -> Result<jetstream::object_store::ObjectStore, DeadLetterError> {
+    let bucket = payload_bucket(&stream.config.name);
+    let store_failed = |e: Box<dyn std::error::Error + Send + Sync>, what: &str| {
+        DeadLetterError::with_source(DeadLetterErrorKind::PayloadStore, e)
+            .with_message(format!("{what} payload bucket {bucket:?}"))
+    };
+    match js.get_object_store(&bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_object_store(jetstream::object_store::Config {
+                bucket: bucket.clone(),
+                description: Some(format!(
+                    "Payloads too large for the dead letters of stream {}",
+                    stream.config.name
+                )),
+                max_age: stream.config.max_age,
+                storage: stream.config.storage,
+                num_replicas: stream.config.num_replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| store_failed(e.into(), "creating")),
+    }
+}
+
+/// Stores `payload` as the object [`message_id`] of `letter` in the payload bucket of
+/// the stream that captures `subject`. Returns the [`PAYLOAD_OBJECT`] value. Storing it
+/// again (a retried dead letter) replaces the object with the same bytes.
+async fn store_payload(
+    js: &jetstream::Context,
+    subject: &str,
+    letter: &DeadLetter,
+    payload: &Bytes,
+) -> Result<String, DeadLetterError> {
+    let failed = |e: Box<dyn std::error::Error + Send + Sync>, what: String| {
+        DeadLetterError::with_source(DeadLetterErrorKind::PayloadStore, e).with_message(what)
+    };
+    let stream = js
+        .stream_by_subject(subject)
+        .await
+        .map_err(|e| failed(e.into(), format!("finding the stream of {subject}")))?;
+    let info = js
+        .get_stream(&stream)
+        .await
+        .map_err(|e| failed(e.into(), format!("reading stream {stream:?}")))?
+        .cached_info()
+        .clone();
+    let store = payload_store(js, &info).await?;
+    let name = message_id(&letter.stream, letter.sequence, &letter.consumer);
+    let mut bytes: &[u8] = payload.as_ref();
+    store.put(name.as_str(), &mut bytes).await.map_err(|e| {
+        failed(
+            e.into(),
+            format!("storing {name} in {}", payload_bucket(&stream)),
+        )
+    })?;
+    Ok(format!("{}/{name}", payload_bucket(&stream)))
 }
 
 #[cfg(test)]

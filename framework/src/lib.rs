@@ -125,7 +125,9 @@ pub use connect::{
 };
 pub use consumer::ConsumerStats;
 pub use dead_letter::{
-    message_id as dead_letter_message_id, DeadLetter, DeadLetterError, DeadLetterErrorKind,
+    message_id as dead_letter_message_id, payload_bucket as dead_letter_payload_bucket,
+    payload_object as dead_letter_payload_object, payload_store as dead_letter_payload_store,
+    DeadLetter, DeadLetterError, DeadLetterErrorKind,
 };
 pub use handler::{
     Context, Event, Handler, HandlerError, HandlerErrorKind, HandlerFuture, HandlerOutput,
@@ -162,7 +164,8 @@ pub use trace::TraceContext;
 pub mod headers {
     pub use crate::dead_letter::{
         ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, MAX_ERROR_LEN, ORIGINAL_PREFIX,
-        ORIGINAL_SUBJECT, PAYLOAD_DROPPED, REASON, REPLAY_COUNT, SEQUENCE, STREAM, TIME,
+        ORIGINAL_SUBJECT, PAYLOAD_DROPPED, PAYLOAD_OBJECT, REASON, REPLAY_COUNT, SEQUENCE, STREAM,
+        TIME,
     };
     pub use crate::safety_net::ORIGINAL_MISSING;
     pub use crate::trace::{TRACEPARENT, TRACESTATE};

@@ -4,11 +4,22 @@
 //! - `/healthz`: 200 while the process and its consumer loops are alive (each loop
 //!   reports in at least every few seconds; one silent for [`LOOP_STALL`] means stuck;
 //!   during a graceful shutdown the loops end on purpose and `/healthz` stays 200).
-//! - `/readyz`: 200 when connected, provisioned, every consumer pulling, and not shutting
-//!   down; 503 otherwise, with the reason in the body.
-//! - `/metrics`: per consumer, messages by outcome, dead letters by reason, redeliveries,
-//!   handler duration histogram, attempts per settled message (`jetworker_attempts`, by
-//!   outcome), in-flight, server-side pending and ack pending (lag);
+//! - `/readyz`: 200 when connected, provisioned, every consumer pulling, its dead letters
+//!   being stored, and not shutting down; 503 otherwise, with the reason in the body.
+//!   Dead letters that cannot be stored (the dead-letter stream gone, changed behind our
+//!   back, a max_msg_size too small) make it 503 `dead letters cannot be stored` while an
+//!   original is held waiting for its copy, and for [`DEAD_LETTER_TROUBLE`] after a
+//!   failed copy unless one is stored since; the body names the consumer and the error.
+//!   An original is held on its last delivery (with progress acks, in its handler slot)
+//!   for one ack wait, within 5 s to 60 s (at most half the consumer's handler slots
+//!   hold one; beyond that, no hold), then handed to the safety net with a nak: the
+//!   server's max-deliveries advisory takes it to the safety net, which retries the copy
+//!   without holding the consumer's slots (the original stays in its stream meanwhile).
+//!   `/healthz` stays 200: a restart would not help.
+//! - `/metrics`: per consumer, messages by outcome, dead letters by reason, failed
+//!   dead-letter publishes, originals held waiting for a copy (a gauge) and those handed
+//!   to the safety net, redeliveries, handler duration histogram, attempts per settled
+//!   message (`jetworker_attempts`, by outcome), in-flight, server-side pending and ack pending (lag);
 //!   the process (`process_*`, read from `/proc/self` on Linux) and
 //!   `jetworker_build_info{version}`; and whatever the application registered with
 //!   [`App::metrics`](crate::App::metrics), in the same registry.
@@ -40,6 +51,9 @@ use crate::outcome::Reason;
 
 /// A consumer loop silent for this long makes `/healthz` fail.
 pub const LOOP_STALL: Duration = Duration::from_secs(90);
+/// A failed dead-letter copy keeps `/readyz` at 503 for this long unless a copy is
+/// stored meanwhile (and for as long as an original is held waiting for one).
+pub const DEAD_LETTER_TROUBLE: Duration = Duration::from_secs(60);
 /// How often consumer lag is read from the server.
 pub const LAG_POLL: Duration = Duration::from_secs(5);
 
@@ -59,6 +73,10 @@ pub enum HealthErrorKind {
     NotProvisioned,
     /// A consumer is not pulling (not ready).
     NotPulling,
+    /// A consumer's dead-letter copies cannot be stored (not ready): an original is held
+    /// waiting for its copy, or a copy failed within the last minute and none was
+    /// stored since. The message names the consumer and the last error.
+    DeadLettersFailing,
 }
 
 impl fmt::Display for HealthErrorKind {
@@ -70,6 +88,7 @@ impl fmt::Display for HealthErrorKind {
             HealthErrorKind::Disconnected => "disconnected from NATS",
             HealthErrorKind::NotProvisioned => "not provisioned yet",
             HealthErrorKind::NotPulling => "a consumer is not pulling",
+            HealthErrorKind::DeadLettersFailing => "dead letters cannot be stored",
         })
     }
 }
@@ -189,6 +208,12 @@ impl Health {
                     .with_message(format!("consumer {name} is not pulling")));
             }
         }
+        for (name, stats) in self.consumers() {
+            if let Some(trouble) = stats.dead_letter_trouble(DEAD_LETTER_TROUBLE) {
+                return Err(HealthError::new(HealthErrorKind::DeadLettersFailing)
+                    .with_message(format!("consumer {name}: {trouble}")));
+            }
+        }
         Ok(())
     }
 
@@ -303,6 +328,18 @@ impl Collector for StatsCollector {
             "jetworker_dead_letter_publish_failures",
             "Dead-letter publishes that failed (original kept)",
             &per(&|s| s.dead_letter_failures.load(Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "jetworker_dead_letters_handed_to_safety_net",
+            "Last deliveries whose copy could not be stored within the hold limit, handed to the safety net",
+            &per(&|s| s.dead_letters_handed_over.load(Relaxed)),
+        )?;
+        gauge(
+            &mut encoder,
+            "jetworker_dead_letters_held",
+            "Originals held now on their last delivery while their dead-letter copy is retried",
+            &per_gauge(&|s| i64::try_from(s.dead_letters_held.load(Relaxed)).unwrap_or(i64::MAX)),
         )?;
         counter(
             &mut encoder,

@@ -18,6 +18,12 @@
 //! (`jetworker-dl.<stream>.<seq>.<consumer>`), so a message copied by both is stored once. When the
 //! original is already gone (age or size limits), a dead letter without payload records
 //! that, with `Jetworker-Original-Missing: true`.
+//!
+//! It is also where a last delivery goes whose dead-letter copy the worker could not
+//! store within its hold limit (see `/readyz` in the ops module): the worker naks it,
+//! the server's advisory brings it here, and the safety net retries the copy with its
+//! own slots while the original stays in its stream. Such a letter says `abandoned`;
+//! the worker's log line names the real reason.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -183,7 +189,7 @@ impl SafetyNet {
             .await
             .map_err(HandlerError::transient)?;
         let error = format!(
-            "the last delivery ({} of {}) never settled: the worker was killed or the handler hung past the ack wait",
+            "the last delivery ({} of {}) never settled: the worker was killed, the handler hung past the ack wait, or its dead-letter copy could not be stored in time and the worker handed it here",
             advisory.deliveries, advisory.deliveries
         );
         let (letter, payload) = match stream.get_raw_message(advisory.stream_seq).await {

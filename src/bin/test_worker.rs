@@ -1,7 +1,7 @@
 //! A worker binary for process-level tests (signals, kills): the scripted handler of
 //! `jetworker_suite`, with every start and finish appended to the file named by
-//! `JW_TEST_LOG` as `start <id> <attempt>` / `done <id> <attempt>` lines; and the
-//! `recorded` handler, which writes its starts and ends to a stream.
+//! `JW_TEST_LOG` as `start <id> <attempt> <consumer>` / `done <id> <attempt> <consumer>`
+//! lines; and the `recorded` handler, which writes its starts and ends to a stream.
 
 use std::fs::File;
 use std::io::Write;
@@ -38,10 +38,11 @@ fn log(line: &str) {
 
 async fn logged(job: Event<Job>, ctx: Context<Arc<Probe>>) -> Result<(), HandlerError> {
     let (id, attempt) = (job.id, ctx.attempt());
-    log(&format!("start {id} {attempt}"));
+    let consumer = ctx.consumer().to_owned();
+    log(&format!("start {id} {attempt} {consumer}"));
     let result = scripted(job, ctx).await;
     if result.is_ok() {
-        log(&format!("done {id} {attempt}"));
+        log(&format!("done {id} {attempt} {consumer}"));
     }
     result
 }

@@ -323,6 +323,19 @@ pub async fn consumer_info(
 }
 
 /// A header value of a stored message.
+/// Sets `stream`'s max_msg_size behind any worker's back (-1: no limit).
+pub async fn set_max_msg_size(js: &jetstream::Context, stream: &str, size: i32) {
+    let mut config = js
+        .get_stream(stream)
+        .await
+        .expect("stream")
+        .cached_info()
+        .config
+        .clone();
+    config.max_message_size = size;
+    js.update_stream(config).await.expect("update stream");
+}
+
 pub fn header(m: &jetstream::message::StreamMessage, name: &str) -> Option<String> {
     m.headers.get(name).map(|v| v.as_str().to_string())
 }

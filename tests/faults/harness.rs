@@ -75,6 +75,11 @@ pub struct WorkerSpec {
     pub handler_timeout: &'static str,
     /// Retry delays.
     pub backoff: &'static str,
+    /// More consumers of EVENTS besides `jobs`, with the same settings, each with its own
+    /// dead-letter subject (`dlq.<name>`) in the one DLQ stream: a fan-out.
+    pub extra_consumers: Vec<&'static str>,
+    /// Every consumer's `max_payload_bytes`, when set (larger messages are `too_large`).
+    pub max_payload_bytes: Option<u32>,
 }
 
 impl WorkerSpec {
@@ -89,6 +94,8 @@ impl WorkerSpec {
             max_ack_pending: 1000,
             handler_timeout: "60s",
             backoff: r#"["500ms", "1s"]"#,
+            extra_consumers: Vec::new(),
+            max_payload_bytes: None,
         }
     }
 }
@@ -96,26 +103,30 @@ impl WorkerSpec {
 /// Writes `streams.toml` for `spec` into `dir`.
 pub fn write_config(dir: &Path, spec: &WorkerSpec) -> PathBuf {
     let replicas = format!("replicas = {}", spec.replicas);
-    ConfigText::empty()
+    let mut settings = format!(
+        "concurrency = {}\nack_wait = \"{}\"\nmax_deliver = {}\nmax_ack_pending = {}\n\
+         handler_timeout = \"{}\"\nbackoff = {}",
+        spec.concurrency,
+        spec.ack_wait,
+        spec.max_deliver,
+        spec.max_ack_pending,
+        spec.handler_timeout,
+        spec.backoff,
+    );
+    if let Some(limit) = spec.max_payload_bytes {
+        settings.push_str(&format!("\nmax_payload_bytes = {limit}"));
+    }
+    let mut config = ConfigText::empty()
         .servers(&spec.servers)
         .worker(r#"shutdown_grace = "2s""#)
         .with_jobs()
         .in_stream("EVENTS", &replicas)
         .in_stream("DLQ", &replicas)
-        .in_consumer(
-            "jobs",
-            &format!(
-                "concurrency = {}\nack_wait = \"{}\"\nmax_deliver = {}\nmax_ack_pending = {}\n\
-                 handler_timeout = \"{}\"\nbackoff = {}",
-                spec.concurrency,
-                spec.ack_wait,
-                spec.max_deliver,
-                spec.max_ack_pending,
-                spec.handler_timeout,
-                spec.backoff,
-            ),
-        )
-        .write(dir)
+        .in_consumer("jobs", &settings);
+    for name in &spec.extra_consumers {
+        config = config.consumer(name, "EVENTS", "scripted", &settings);
+    }
+    config.write(dir)
 }
 
 /// One `test_worker` process; `kill -9`'d when dropped. A watchdog kills it too if the
@@ -161,6 +172,24 @@ impl Worker {
         self.watchdog.disarm();
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `within` for the exit; its exit code (`None` when
+    /// killed by a signal, or `kill -9`'d after `within`).
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.watchdog.disarm();
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
     }
 
     /// Whether the process still runs.
@@ -218,6 +247,15 @@ impl Replicas {
         self.tracker.close(&w.log)
     }
 
+    /// SIGTERM to replica `i` (a graceful stop, as in a rolling restart); its exit code
+    /// (`None`: it did not exit within 20 s and was killed). The rest of its log is read.
+    pub fn stop(&mut self, i: usize) -> Option<i32> {
+        let mut w = self.slots[i].take()?;
+        let code = blocking(|| w.terminate(Duration::from_secs(20)));
+        self.tracker.close(&w.log);
+        code
+    }
+
     /// The ids replica `i` has started and not finished (empty when it is down).
     pub fn in_flight(&self, i: usize) -> Vec<u64> {
         match &self.slots[i] {
@@ -269,6 +307,10 @@ struct TrackerState {
     files: Vec<FileTail>,
     /// When each id's `done` lines were seen.
     done: HashMap<u64, Vec<Instant>>,
+    /// `done` lines per (consumer, id), from lines that name the consumer.
+    done_by: HashMap<(String, u64), u32>,
+    /// (consumer, id, attempt) of every `start` line that names the consumer.
+    started_by: HashSet<(String, u64, u64)>,
     done_lines: u64,
     /// (attempt) -> ids started with that attempt.
     started: HashMap<u64, HashSet<u64>>,
@@ -391,6 +433,16 @@ impl Tracker {
             .collect()
     }
 
+    /// `done` lines per (consumer, id).
+    pub fn done_by_consumer(&self) -> HashMap<(String, u64), u32> {
+        lock(&self.state).done_by.clone()
+    }
+
+    /// (consumer, id, attempt) of every `start` line.
+    pub fn started_by_consumer(&self) -> HashSet<(String, u64, u64)> {
+        lock(&self.state).started_by.clone()
+    }
+
     /// Lines of the job logs that could not be read (must be none).
     pub fn malformed(&self) -> Vec<String> {
         lock(&self.state).malformed.clone()
@@ -507,18 +559,25 @@ fn apply(st: &mut TrackerState, file: usize, lines: Vec<String>, now: Instant) {
         }
         let parts: Vec<&str> = line.split(' ').collect();
         let parsed = match parts[..] {
-            [kind @ ("start" | "done"), id, attempt] => {
+            [kind @ ("start" | "done"), id, attempt, ref consumer @ ..] if consumer.len() <= 1 => {
                 match (id.parse::<u64>(), attempt.parse::<u64>()) {
-                    (Ok(id), Ok(attempt)) => Some((kind, id, attempt)),
+                    (Ok(id), Ok(attempt)) => Some((kind, id, attempt, consumer.first().copied())),
                     _ => None,
                 }
             }
             _ => None,
         };
-        let Some((kind, id, attempt)) = parsed else {
+        let Some((kind, id, attempt, consumer)) = parsed else {
             st.malformed.push(line);
             continue;
         };
+        if let Some(consumer) = consumer {
+            if kind == "done" {
+                *st.done_by.entry((consumer.to_string(), id)).or_default() += 1;
+            } else {
+                st.started_by.insert((consumer.to_string(), id, attempt));
+            }
+        }
         match kind {
             "start" => {
                 st.started.entry(attempt).or_default().insert(id);
@@ -686,6 +745,8 @@ pub struct Letter {
     pub attempts: u64,
     /// `Nats-Msg-Id`.
     pub msg_id: String,
+    /// `Jetworker-Payload-Object`: where a payload too large for the copy is kept.
+    pub payload_object: String,
 }
 
 /// Messages in the DLQ stream (0 if it cannot be read now).
@@ -742,6 +803,7 @@ pub async fn dead_letters(js: &jetstream::Context) -> Vec<Letter> {
             reason: h(dead_letter::REASON),
             attempts: h(dead_letter::ATTEMPTS).parse().unwrap_or(0),
             msg_id: h("Nats-Msg-Id"),
+            payload_object: h(dead_letter::PAYLOAD_OBJECT),
             original_subject,
         });
     }
@@ -1033,28 +1095,314 @@ impl Run {
                 eprintln!("files of {} kept in {}", self.name, dir.keep().display());
             }
         }
-        if !problems.is_empty() {
-            let dir = self
-                .dir
-                .take()
-                .map(|d| d.keep())
-                .unwrap_or_else(|| std::env::temp_dir().join("(kept above)"));
-            let mut text = format!(
-                "scenario {} failed:\n  - {}\nfiles kept in {} (replica*.jobs.log: start/done lines; replica*.out.log: runtime logs)",
-                self.name,
-                problems.join("\n  - "),
-                dir.display()
-            );
-            for out in replicas.outputs().iter().rev().take(2) {
-                let _ = write!(
-                    text,
-                    "\n--- tail of {} ---\n{}",
-                    out.display(),
-                    tail(out, 25)
-                );
-            }
-            panic!("{text}");
+        self.fail_with(problems, replicas);
+        verdict
+    }
+
+    /// With any `problems`: keeps the run's files and panics naming them, with the tail
+    /// of the last two workers' logs.
+    fn fail_with(&mut self, problems: Vec<String>, replicas: &Replicas) {
+        if problems.is_empty() {
+            return;
         }
+        let dir = self
+            .dir
+            .take()
+            .map(|d| d.keep())
+            .unwrap_or_else(|| std::env::temp_dir().join("(kept above)"));
+        let mut text = format!(
+            "scenario {} failed:\n  - {}\nfiles kept in {} (replica*.jobs.log: start/done lines; replica*.out.log: runtime logs)",
+            self.name,
+            problems.join("\n  - "),
+            dir.display()
+        );
+        for out in replicas.outputs().iter().rev().take(2) {
+            let _ = write!(
+                text,
+                "\n--- tail of {} ---\n{}",
+                out.display(),
+                tail(out, 25)
+            );
+        }
+        panic!("{text}");
+    }
+}
+
+/// What each consumer of a fan-out must end up doing with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Handled successfully (on some attempt), never dead-lettered.
+    Done,
+    /// Dead-lettered exactly once, with this reason, never handled successfully.
+    DeadLetter(&'static str),
+}
+
+/// What [`Run::finish_fanout`] checks.
+#[derive(Debug, Clone, Copy)]
+pub struct FanoutCheck<'a> {
+    /// The consumers of EVENTS that each must handle every job.
+    pub consumers: &'a [&'a str],
+    /// What each job must end as (no entry: done).
+    pub expected: &'a HashMap<u64, Expect>,
+    /// The most (consumer, job) pairs that may be handled more than once.
+    pub duplicate_bound: usize,
+    /// Whether a worker was `kill -9`'d: then a last delivery it had received and not
+    /// started is filed `abandoned` by the safety net (the server counted it), which is
+    /// allowed once per pair; without kills, an `abandoned` letter whose last attempt
+    /// never started is a failure.
+    pub killed: bool,
+}
+
+/// What [`Run::finish_fanout`] found.
+#[derive(Debug, Default)]
+pub struct FanoutVerdict {
+    /// (consumer, job) pairs handled as expected.
+    pub done: usize,
+    /// (consumer, job) pairs dead-lettered as expected.
+    pub dead_lettered: usize,
+    /// (consumer, job) pairs handled successfully more than once.
+    pub duplicates: usize,
+}
+
+/// The server's pending and ack pending of `consumer` (`None` if it cannot be read now).
+async fn pending_of(js: &jetstream::Context, consumer: &str) -> Option<(u64, usize)> {
+    let read = async {
+        let stream = js.get_stream("EVENTS").await.ok()?;
+        let info = stream.consumer_info(consumer).await.ok()?;
+        Some((info.num_pending, info.num_ack_pending))
+    };
+    tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+impl Run {
+    /// The oracle of a fan-out: for every acknowledged job and every one of `consumers`,
+    /// what `expected` says (jobs it has no entry for must be done): done at least
+    /// once and never dead-lettered, or dead-lettered exactly once by that consumer with
+    /// the expected reason and never done. A message that succeeded and was then filed
+    /// `abandoned` by the safety net (its success's ack lost to a kill on the last
+    /// attempt) is noted, not failed. Duplicates (a pair done more than once) must stay
+    /// within `duplicate_bound`; every consumer's pending and ack pending must reach 0.
+    /// Reports the row, and panics with the problems.
+    pub async fn finish_fanout(
+        mut self,
+        js: &jetstream::Context,
+        published: Published,
+        replicas: &mut Replicas,
+        check: &FanoutCheck<'_>,
+        within: Duration,
+    ) -> FanoutVerdict {
+        let FanoutCheck {
+            consumers,
+            expected,
+            duplicate_bound,
+            killed,
+        } = *check;
+        let acked: Vec<u64> = {
+            let mut v: Vec<u64> = published.acked.iter().copied().collect();
+            v.sort_unstable();
+            v
+        };
+        let expect = |id: u64| expected.get(&id).copied().unwrap_or(Expect::Done);
+        let wanted_letters = consumers.len()
+            * acked
+                .iter()
+                .filter(|id| matches!(expect(**id), Expect::DeadLetter(_)))
+                .count();
+        self.say(&format!(
+            "published {} to {} consumers, {} dead letters expected; draining",
+            acked.len(),
+            consumers.len(),
+            wanted_letters
+        ));
+        let deadline = Instant::now() + within;
+        let drain_started = Instant::now();
+        loop {
+            let done = self.tracker.done_by_consumer();
+            let missing: Vec<(String, u64)> = acked
+                .iter()
+                .filter(|id| expect(**id) == Expect::Done)
+                .flat_map(|id| consumers.iter().map(move |c| (c.to_string(), *id)))
+                .filter(|pair| !done.contains_key(pair))
+                .collect();
+            let letters = dlq_count(js).await;
+            if letters >= (wanted_letters + missing.len()) as u64 {
+                // Every pair not done may have been given up (a kill took its last
+                // delivery): settled once each has its letter.
+                let lettered: HashSet<(String, u64)> = dead_letters(js)
+                    .await
+                    .into_iter()
+                    .filter_map(|l| Some((l.consumer, l.id?)))
+                    .collect();
+                if missing.iter().all(|pair| lettered.contains(pair)) {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let drained_in = drain_started.elapsed();
+        // Late copies (a doubled dead letter) would show up within this.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut settled = Vec::new();
+        let settle_deadline = Instant::now() + Duration::from_secs(15);
+        for c in consumers {
+            let mut last = None;
+            while Instant::now() < settle_deadline {
+                last = pending_of(js, c).await;
+                if last == Some((0, 0)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            if last != Some((0, 0)) {
+                settled.push(format!(
+                    "consumer {c}: (pending, ack pending) = {last:?} at the end"
+                ));
+            }
+        }
+        let mut problems = std::mem::take(&mut self.failures);
+        let letters = dead_letters(js).await;
+        let done = self.tracker.done_by_consumer();
+        let started = self.tracker.started_by_consumer();
+        // `abandoned` means the last attempt ran and never settled: never a delivery
+        // that was handed back unstarted (unless a kill -9 took it unstarted).
+        let mut abandoned_unstarted = 0;
+        for l in letters.iter().filter(|l| l.reason == "abandoned") {
+            if let Some(id) = l.id {
+                if !started.contains(&(l.consumer.clone(), id, l.attempts)) {
+                    abandoned_unstarted += 1;
+                    if !killed {
+                        problems.push(format!(
+                            "job {id} dead-lettered as abandoned by {} though its last attempt ({}) never started",
+                            l.consumer, l.attempts
+                        ));
+                    }
+                }
+            }
+        }
+        problems.extend(settled);
+        let mut by_pair: HashMap<(String, u64), Vec<&Letter>> = HashMap::new();
+        for l in &letters {
+            if l.msg_id != jetworker::dead_letter_message_id(&l.stream, l.sequence, &l.consumer) {
+                problems.push(format!(
+                    "{} seq {} has Nats-Msg-Id {:?}",
+                    l.original_subject, l.sequence, l.msg_id
+                ));
+            }
+            if let Some(id) = l.id {
+                by_pair.entry((l.consumer.clone(), id)).or_default().push(l);
+            }
+        }
+        let mut verdict = FanoutVerdict::default();
+        let (mut lost, mut wrong, mut done_then_abandoned) = (Vec::new(), Vec::new(), 0);
+        for id in &acked {
+            for c in consumers {
+                let key = (c.to_string(), *id);
+                let runs = done.get(&key).copied().unwrap_or(0);
+                let copies = by_pair.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                if copies.len() > 1 {
+                    problems.push(format!(
+                        "job {id} dead-lettered {} times by {c}: {copies:?}",
+                        copies.len()
+                    ));
+                }
+                if runs > 1 {
+                    verdict.duplicates += 1;
+                }
+                match expect(*id) {
+                    Expect::Done if runs > 0 && copies.is_empty() => verdict.done += 1,
+                    Expect::Done if runs > 0 && copies.iter().all(|l| l.reason == "abandoned") => {
+                        verdict.done += 1;
+                        done_then_abandoned += 1;
+                    }
+                    Expect::Done if runs > 0 => wrong.push(format!(
+                        "job {id} succeeded on {c} and was dead-lettered: {copies:?}"
+                    )),
+                    // Its last delivery was lost with a killed worker: given up, once.
+                    Expect::Done
+                        if killed && copies.len() == 1 && copies[0].reason == "abandoned" =>
+                    {
+                        verdict.dead_lettered += 1
+                    }
+                    Expect::Done => lost.push((c.to_string(), *id)),
+                    Expect::DeadLetter(_) if runs > 0 => {
+                        wrong.push(format!("job {id} cannot succeed, yet {c} handled it"))
+                    }
+                    Expect::DeadLetter(reason) => match copies.first() {
+                        Some(l) if l.reason == reason || l.reason == "abandoned" => {
+                            verdict.dead_lettered += 1
+                        }
+                        Some(l) => wrong.push(format!(
+                            "job {id} on {c}: dead-lettered as {}, expected {reason}",
+                            l.reason
+                        )),
+                        None => lost.push((c.to_string(), *id)),
+                    },
+                }
+            }
+        }
+        if !lost.is_empty() {
+            problems.push(format!(
+                "{} (consumer, job) pairs neither handled nor dead-lettered, e.g. {:?}",
+                lost.len(),
+                &lost[..lost.len().min(20)]
+            ));
+        }
+        problems.extend(wrong.into_iter().take(20));
+        if verdict.duplicates > duplicate_bound {
+            let mut twice: Vec<&(String, u64)> = done
+                .iter()
+                .filter(|(_, runs)| **runs > 1)
+                .map(|(pair, _)| pair)
+                .collect();
+            twice.sort();
+            problems.push(format!(
+                "{} (consumer, job) pairs handled more than once, above the bound {duplicate_bound}: {:?}",
+                verdict.duplicates,
+                &twice[..twice.len().min(20)]
+            ));
+        }
+        let malformed = self.tracker.malformed();
+        if !malformed.is_empty() {
+            problems.push(format!(
+                "{} job-log lines could not be read, e.g. {:?}",
+                malformed.len(),
+                &malformed[..malformed.len().min(5)]
+            ));
+        }
+        for crashed in replicas.crashed() {
+            problems.push(format!(
+                "a worker exited on its own; its log: {}",
+                crashed.display()
+            ));
+        }
+        self.notes.insert(
+            0,
+            format!(
+                "{} consumers: done {} / dead-lettered {} (pairs) / drained in {:.1}s; duplicates {} (bound {duplicate_bound}); {done_then_abandoned} succeeded then filed abandoned; {abandoned_unstarted} abandoned whose last attempt never started",
+                consumers.len(),
+                verdict.done,
+                verdict.dead_lettered,
+                drained_in.as_secs_f64(),
+                verdict.duplicates,
+            ),
+        );
+        report(Row {
+            scenario: self.name.to_string(),
+            messages: acked.len() * consumers.len(),
+            faults: self.faults,
+            lost: lost.len(),
+            duplicates: verdict.duplicates,
+            recovery_max: self.max_recovery(),
+            bound: self.bound,
+            notes: self.notes.join("; "),
+        });
+        self.fail_with(problems, replicas);
         verdict
     }
 }

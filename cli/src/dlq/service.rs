@@ -308,14 +308,112 @@ impl Dlq {
                 ),
             ));
         }
-        Ok(Letter {
+        let mut letter = Letter {
             stream: dl.name.clone(),
             sequence,
             subject,
             time: message.time,
             headers: message.headers,
             payload: message.payload,
-        })
+        };
+        // A payload kept in the object store is shown from there; when the object is
+        // gone, the letter is shown without it (a replay refuses it, see `original_payload`).
+        if letter.header(dead_letter::PAYLOAD_OBJECT).is_some() {
+            if let Ok(payload) = self.original_payload(&letter).await {
+                letter.payload = payload;
+            }
+        }
+        Ok(letter)
+    }
+
+    /// The original's payload a replay republishes: the letter's own, or, when it was
+    /// too large for the copy, the object named by its
+    /// [`PAYLOAD_OBJECT`](dead_letter::PAYLOAD_OBJECT) header. `PayloadMissing` when the
+    /// letter holds none and names no object, or the object is gone.
+    pub async fn original_payload(&self, letter: &Letter) -> Result<bytes::Bytes, DlqError> {
+        let missing = |why: String| {
+            dlq_error(
+                DlqErrorKind::PayloadMissing,
+                format!(
+                    "{} #{} does not hold the original payload ({why}): replaying it would publish an empty message; it was kept",
+                    letter.stream, letter.sequence
+                ),
+            )
+        };
+        if let Some(header) = letter.header(dead_letter::PAYLOAD_OBJECT) {
+            let what = || {
+                format!(
+                    "reading the payload of {} #{} from {header}",
+                    letter.stream, letter.sequence
+                )
+            };
+            let (store, object) = self
+                .payload_object(header, what)
+                .await?
+                .ok_or_else(|| missing(format!("{}: {header:?}", dead_letter::PAYLOAD_OBJECT)))?;
+            let mut reader = match store.get(object).await {
+                Ok(reader) => reader,
+                Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
+                    return Err(missing(format!("object {header} is gone")))
+                }
+                Err(e) => return Err(request(what(), e)),
+            };
+            let mut bytes = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut bytes)
+                .await
+                .map_err(|e| request(what(), e))?;
+            return Ok(bytes.into());
+        }
+        // The original's payload was too large to copy (before payloads were kept in
+        // the object store), or the original was gone when the safety net recorded it.
+        let without_payload = [dead_letter::PAYLOAD_DROPPED, dead_letter::ORIGINAL_MISSING]
+            .into_iter()
+            .find(|name| letter.headers.get(*name).is_some());
+        match without_payload {
+            Some(header) => Err(missing(header.to_string())),
+            None => Ok(letter.payload.clone()),
+        }
+    }
+
+    /// The object store and the object a [`PAYLOAD_OBJECT`](dead_letter::PAYLOAD_OBJECT)
+    /// header names; `None` when the header names none. `what` says what for, in errors.
+    async fn payload_object<'h>(
+        &self,
+        header: &'h str,
+        what: impl Fn() -> String,
+    ) -> Result<Option<(jetstream::object_store::ObjectStore, &'h str)>, DlqError> {
+        let Some((bucket, object)) = jetworker::dead_letter_payload_object(header) else {
+            return Ok(None);
+        };
+        let store = self
+            .js
+            .get_object_store(bucket)
+            .await
+            .map_err(|e| request(what(), e))?;
+        Ok(Some((store, object)))
+    }
+
+    /// Deletes the object that holds `letter`'s payload, if it names one. Called only
+    /// once the letter itself is deleted: the letter is the record, never the object
+    /// alone. `Ok` when there is none or it was gone already.
+    async fn delete_payload_object(&self, letter: &Letter) -> Result<(), DlqError> {
+        let Some(header) = letter.header(dead_letter::PAYLOAD_OBJECT) else {
+            return Ok(());
+        };
+        let what = || {
+            format!(
+                "deleting {header}, the payload of {} #{}",
+                letter.stream, letter.sequence
+            )
+        };
+        let Some((store, object)) = self.payload_object(header, what).await? else {
+            return Ok(());
+        };
+        match store.delete(object).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(request(what(), e)),
+        }
     }
 
     /// The publish step of a replay alone: republishes `letter` to its original subject
@@ -342,26 +440,14 @@ impl Dlq {
                 ),
             ));
         }
-        // Never republish what the letter does not have: the original's payload was too
-        // large to copy, or the original was gone when the safety net recorded it.
-        let without_payload = [dead_letter::PAYLOAD_DROPPED, dead_letter::ORIGINAL_MISSING]
-            .into_iter()
-            .find(|name| letter.headers.get(*name).is_some());
-        if let Some(header) = without_payload {
-            return Err(dlq_error(
-                DlqErrorKind::PayloadMissing,
-                format!(
-                    "{} #{} does not hold the original payload ({header}): replaying it would publish an empty message; it was kept",
-                    letter.stream, letter.sequence
-                ),
-            ));
-        }
+        // Never republish what the letter does not have.
+        let payload = self.original_payload(letter).await?;
         let count = letter.replay_count() + 1;
         let message_id = replay_message_id(&letter.stream, letter.sequence, count);
         let headers = replay_headers(&letter.headers, count);
         let ack = self
             .publisher
-            .publish_bytes(target, &message_id, headers, letter.payload.clone())
+            .publish_bytes(target, &message_id, headers, payload)
             .await
             .map_err(|e| {
                 DlqError::with_source(DlqErrorKind::Publish, e).with_message(format!(
@@ -440,7 +526,10 @@ impl Dlq {
             )
             .await;
         let failure = match response {
-            Ok(Response::Ok(status)) if status.success => return Ok(true),
+            Ok(Response::Ok(status)) if status.success => {
+                self.delete_payload_object(letter).await?;
+                return Ok(true);
+            }
             Ok(Response::Ok(_)) => dlq_error(
                 DlqErrorKind::Request,
                 format!("{}: the server did not delete it", what()),
@@ -451,7 +540,10 @@ impl Dlq {
         let handle = self.handle(&letter.stream).await?;
         match handle.get_raw_message(letter.sequence).await {
             // Gone already (another replay or purge got there first): done.
-            Err(g) if g.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(g) if g.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                self.delete_payload_object(letter).await?;
+                Ok(false)
+            }
             _ => Err(failure),
         }
     }

@@ -34,6 +34,41 @@ const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest of those waits. Both are bounded by the progress-ack interval too: the
 /// held message gets a progress ack before each publish.
 const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The shortest and longest a last delivery is held (with progress acks) while its
+/// copy cannot be stored; within these, one ack wait (see [`dead_letter_hold_limit`]).
+const DEAD_LETTER_HOLD_MIN: Duration = Duration::from_secs(5);
+/// See [`DEAD_LETTER_HOLD_MIN`].
+const DEAD_LETTER_HOLD_MAX: Duration = Duration::from_secs(60);
+
+/// How long a last delivery whose dead-letter copy cannot be stored keeps its handler
+/// slot before it is handed to the safety net: one ack wait, within 5 s to 60 s (and no
+/// hold at all while half the consumer's slots already hold one). A copy
+/// that fails that long is unlikely to succeed on the next try (a stream that changed
+/// behind our back, a max_msg_size, a stream gone), and the safety net keeps retrying
+/// it without holding any of the consumer's slots.
+pub(super) fn dead_letter_hold_limit(config: &ConsumerConfig) -> Duration {
+    config
+        .ack_wait
+        .clamp(DEAD_LETTER_HOLD_MIN, DEAD_LETTER_HOLD_MAX)
+}
+
+/// Counts an original held on its last delivery while its copy is retried
+/// ([`ConsumerStats::dead_letters_held`](super::ConsumerStats::dead_letters_held)), for
+/// as long as it lives.
+struct Held<'s>(&'s super::ConsumerStats);
+
+impl<'s> Held<'s> {
+    fn new(stats: &'s super::ConsumerStats) -> Self {
+        stats.dead_letters_held.fetch_add(1, Ordering::Relaxed);
+        Held(stats)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.dead_letters_held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// One message from the pull with what its reply subject says about it, read once when
 /// it arrives (see [`receive`]) and carried to its settlement.
@@ -124,6 +159,16 @@ pub(super) fn receive<'c, S>(
         sequence: ack.stream_sequence,
         attempt,
     })
+}
+
+/// True when `message` is its last allowed delivery (the server's count has reached
+/// `max_deliver`): a hand-back would use it up, and the server would deliver it no more.
+pub(super) fn is_last_delivery<S>(rt: &ConsumerRuntime<S>, message: &async_nats::Message) -> bool {
+    message
+        .reply
+        .as_ref()
+        .and_then(|reply| AckSubject::parse(reply.as_str()))
+        .is_some_and(|ack| ack.delivered.max(1) >= rt.policy.max_deliver)
 }
 
 /// What a delivery's `$JS.ACK` reply subject says about it, read without allocating.
@@ -490,6 +535,8 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
         DEAD_LETTER_RETRY_FIRST.min(hold),
         DEAD_LETTER_RETRY_MAX.min(hold),
     );
+    let hold_until = Instant::now() + dead_letter_hold_limit(&rt.config);
+    let mut held = None;
     loop {
         match dead_letter::publish(
             &rt.js,
@@ -504,6 +551,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 term(rt, &delivery.reply, reason).await;
                 rt.stats.count_dead_letter(reason);
                 rt.stats.observe_attempts(false, attempt);
+                rt.stats.dead_letter_stored();
                 tracing::warn!(
                     stream, consumer = %consumer, seq, attempt,
                     outcome = "dead_letter", reason = %reason, error = %letter.error,
@@ -512,9 +560,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 return Settled::Gone;
             }
             Err(e) => {
-                rt.stats
-                    .dead_letter_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                rt.stats.dead_letter_failed(&e);
                 if attempt < rt.policy.max_deliver {
                     // Never term a message whose copy is not stored: it comes back later.
                     let delay = rt.policy.delay_after(attempt);
@@ -533,8 +579,33 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     );
                     return Settled::Returns { after: delay };
                 }
-                // The last delivery: a nak would strand it (the server delivers it no
-                // more), so keep it here with progress acks and retry the copy.
+                // The last delivery: the server delivers it no more. Keep it here with
+                // progress acks and retry the copy, for a bounded time: then hand it to
+                // the safety net with a nak, whose max-deliveries advisory the safety
+                // net captures and retries from (the original stays in its stream, and
+                // no handler slot of this consumer is held meanwhile).
+                // At most half the handler slots hold originals: when copies fail for
+                // many messages at once, the rest go to the safety net without a hold,
+                // so other messages keep running.
+                let hold_slots = (rt.config.concurrency_limit() / 2).max(1);
+                let slots_taken = held.is_none()
+                    && rt.stats.dead_letters_held.load(Ordering::Relaxed) >= hold_slots;
+                held.get_or_insert_with(|| Held::new(&rt.stats));
+                if slots_taken || Instant::now() >= hold_until {
+                    tracing::error!(
+                        stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
+                        held_for = %humantime::format_duration(dead_letter_hold_limit(&rt.config)),
+                        "dead-letter copy still not stored; handing the original to the safety net (it stays in its stream)"
+                    );
+                    if send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(seq)).await {
+                        rt.stats
+                            .dead_letters_handed_over
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Its last delivery: the server sends it no more (the safety net
+                    // takes it from here), so its key moves on as after a dead letter.
+                    return Settled::Gone;
+                }
                 let wait = retry.next();
                 tracing::error!(
                     stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,

@@ -35,6 +35,13 @@
 //! shutdown no pull is sent once the stop is signalled, and what was held but never
 //! started (at most that 200 ms of work, beyond the free slots) is handed back.
 //!
+//! # Hand-backs and `max_deliver`
+//! A hand-back is a nak: the server counts the delivery against `max_deliver` although
+//! no handler ran. So the last delivery of a message is never handed back at the end of
+//! a session (see `pull::run_last_deliveries`): it runs as slots free up, within the
+//! grace period at shutdown, since a nak would use it up and strand the message to the
+//! safety net as `abandoned` though its last attempt never ran.
+//!
 //! Submodules import their siblings and the crate's leaf modules, never this one.
 
 mod batch;

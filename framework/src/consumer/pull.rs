@@ -1,6 +1,7 @@
 //! The pull protocol, spoken directly: one inbox subscription per session, `MSG.NEXT`
 //! requests sized by the prefetch bound, idle heartbeats, and at the end of a session
-//! the hand-back of what arrived and never started.
+//! the hand-back of what arrived and never started (but last deliveries, which run:
+//! see [`run_last_deliveries`]).
 //!
 //! The loop holds its free handler slots' worth of messages plus what the handlers
 //! finish within a short horizon at their measured pace (see `prefetch`), so a fast
@@ -23,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::batch::Batches;
-use super::delivery::{deliver, send_or_note};
+use super::delivery::{deliver, is_last_delivery, send_or_note};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
 use super::lanes::{LaneTicket, Lanes};
@@ -441,10 +442,17 @@ pub(super) async fn session<S: Send + Sync + 'static>(
         }
         return Ok(end);
     }
-    // Hand back whatever arrived and never started, so another worker gets it now.
-    for message in unstarted {
+    // Hand back whatever arrived and never started, so another worker gets it now;
+    // except last deliveries (see `run_last_deliveries`). An ordered consumer's are
+    // handed back too: run here, outside its lanes, one could start before the message
+    // of its key still in flight is settled.
+    let (last, handed_back): (Vec<_>, Vec<_>) = unstarted
+        .into_iter()
+        .partition(|message| lanes.is_none() && is_last_delivery(rt, message));
+    for message in handed_back {
         release(rt, message).await;
     }
+    run_last_deliveries(rt, permits, done, tasks, &mut inline, last).await;
     Ok(end)
 }
 
@@ -481,6 +489,71 @@ fn start_released<S: Send + Sync + 'static>(
     }
 }
 
+/// At the end of a session, runs the last deliveries that arrived and never started, as
+/// handler slots free up, within the grace period. A hand-back (a nak) would use up the
+/// server's last delivery: it would deliver the message no more, and the safety net
+/// would dead-letter it as `abandoned` though its last attempt never ran. Only one that
+/// is still waiting for a slot when the grace period ends is handed back (and logged).
+async fn run_last_deliveries<S: Send + Sync + 'static>(
+    rt: &Arc<ConsumerRuntime<S>>,
+    permits: &Arc<Semaphore>,
+    done: &Arc<Notify>,
+    tasks: &TaskTracker,
+    inline: &mut InlinePolling,
+    last: Vec<async_nats::Message>,
+) {
+    if !last.is_empty() {
+        tracing::info!(
+            stream = %rt.spec.stream, consumer = %rt.spec.name, count = last.len(),
+            "running the last deliveries that arrived before the stop within the grace period"
+        );
+    }
+    // Held until a slot frees: kept with progress acks, so the server does not redeliver
+    // one elsewhere while it waits here (it would run twice).
+    let mut last: VecDeque<async_nats::Message> = last.into();
+    keep_alive(rt, last.iter()).await;
+    let keep_every = keep_alive_interval(rt);
+    let mut keep = tokio::time::interval_at(Instant::now() + keep_every, keep_every);
+    while let Some(message) = last.pop_front() {
+        tokio::select! {
+            biased;
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => start(rt, tasks, done, inline, Route::Alone(None), permit, message),
+                Err(_) => release(rt, message).await,
+            },
+            _ = rt.hard_stop.cancelled() => {
+                tracing::warn!(
+                    stream = %rt.spec.stream, consumer = %rt.spec.name,
+                    "shutdown grace over before a last delivery could start: handed back (the safety net files it as abandoned)"
+                );
+                release(rt, message).await;
+            }
+            _ = keep.tick() => {
+                last.push_front(message);
+                keep_alive(rt, last.iter()).await;
+            }
+        }
+    }
+}
+
+/// How often deliveries held unstarted get a progress ack: a third of the ack wait.
+fn keep_alive_interval<S>(rt: &ConsumerRuntime<S>) -> Duration {
+    (rt.config.ack_wait / 3).max(Duration::from_millis(100))
+}
+
+/// Sends a progress ack for each of `messages` (held unstarted), resetting their ack
+/// timers on the server.
+async fn keep_alive<'m, S>(
+    rt: &ConsumerRuntime<S>,
+    messages: impl Iterator<Item = &'m async_nats::Message>,
+) {
+    for message in messages {
+        if let Some(reply) = &message.reply {
+            send_or_note(rt, reply, AckKind::Progress, None).await;
+        }
+    }
+}
+
 /// At shutdown: receives until every open pull request is fulfilled, or nothing has
 /// arrived for [`STOP_QUIET`], or the requests expire or the grace period ends,
 /// collecting the deliveries in `unstarted`. They are held, not nak'ed yet: a nak now
@@ -498,8 +571,16 @@ async fn wait_out_open_requests<S>(
         return;
     };
     let mut quiet_from = Instant::now() + STOP_QUIET;
+    // The last deliveries collected here will run (see `run_last_deliveries`): kept
+    // with progress acks meanwhile, so none is redelivered elsewhere while held.
+    let keep_every = keep_alive_interval(rt);
+    let mut keep = tokio::time::interval_at(Instant::now() + keep_every, keep_every);
     while !requests.open.is_empty() {
         tokio::select! {
+            _ = keep.tick() => {
+                let last = unstarted.iter().filter(|m| is_last_delivery(rt, m));
+                keep_alive(rt, last).await;
+            }
             message = sub.next() => {
                 let Some(message) = message else { return };
                 match message.status {

@@ -2,6 +2,7 @@
 //! `/metrics`, `/readyz` and the counts [`crate::Running::wait`] returns.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -29,6 +30,15 @@ pub struct ConsumerStats {
     pub timeouts: AtomicU64,
     /// Dead-letter publishes that failed (the original was kept).
     pub dead_letter_failures: AtomicU64,
+    /// Originals held now on their last delivery, with progress acks, while their
+    /// dead-letter copy is retried (each holds a handler slot, for a bounded time).
+    pub dead_letters_held: AtomicUsize,
+    /// Last deliveries whose copy could not be stored within the hold limit, handed to
+    /// the safety net with a nak (its max-deliveries advisory carries them on).
+    pub dead_letters_handed_over: AtomicU64,
+    /// The last dead-letter publish failure not yet followed by a stored copy: when, and
+    /// the error (for `/readyz`).
+    dead_letter_trouble: Mutex<Option<(std::time::Instant, String)>>,
     /// Acks, naks, terms and progress acks that could not be sent (the connection was
     /// gone): the server redelivers the message after its ack wait. A failed ack is
     /// counted here, not in `acked`.
@@ -80,6 +90,9 @@ impl Default for ConsumerStats {
             panics: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             dead_letter_failures: AtomicU64::new(0),
+            dead_letters_held: AtomicUsize::new(0),
+            dead_letters_handed_over: AtomicU64::new(0),
+            dead_letter_trouble: Mutex::new(None),
             settle_failures: AtomicU64::new(0),
             released: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
@@ -134,6 +147,39 @@ impl ConsumerStats {
     /// This replica does not hold (`true`) or holds (`false`) the partition.
     pub(crate) fn set_standby(&self, standby: bool) {
         self.standby.store(standby, Ordering::Relaxed);
+    }
+
+    /// A dead-letter publish failed with `error`.
+    pub(crate) fn dead_letter_failed(&self, error: &dyn std::fmt::Display) {
+        self.dead_letter_failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut trouble) = self.dead_letter_trouble.lock() {
+            *trouble = Some((std::time::Instant::now(), error.to_string()));
+        }
+    }
+
+    /// A dead-letter copy was stored: the trouble, if any, is over.
+    pub(crate) fn dead_letter_stored(&self) {
+        if let Ok(mut trouble) = self.dead_letter_trouble.lock() {
+            *trouble = None;
+        }
+    }
+
+    /// Why this consumer's dead letters are not being stored, when they are not: an
+    /// original held waiting for its copy, or a failed copy within `recent` not followed
+    /// by a stored one. The text names the count and the last error.
+    pub fn dead_letter_trouble(&self, recent: Duration) -> Option<String> {
+        let held = self.dead_letters_held.load(Ordering::Relaxed);
+        let last = self.dead_letter_trouble.lock().ok().and_then(|t| t.clone());
+        match last {
+            Some((_, error)) if held > 0 => Some(format!(
+                "{held} original(s) held waiting for a dead-letter copy that cannot be stored: {error}"
+            )),
+            Some((at, error)) if at.elapsed() < recent => Some(format!(
+                "a dead-letter copy could not be stored {} ago: {error}",
+                humantime::format_duration(Duration::from_secs(at.elapsed().as_secs()))
+            )),
+            _ => None,
+        }
     }
 
     /// Dead letters recorded for `reason`.

@@ -234,8 +234,43 @@ pub async fn provision(
     let plan = plan(&desired, &actual);
     if !dry_run {
         apply(js, &desired, &plan).await?;
+        ensure_payload_buckets(js, config).await?;
     } else if plan.has_conflicts() {
         return Err(ProvisionError::conflicts(plan));
     }
     Ok(plan)
+}
+
+/// Creates, next to every dead-letter stream of the config, the object-store bucket that
+/// keeps payloads too large for a dead-letter copy (see
+/// [`payload_bucket`](crate::dead_letter::payload_bucket)), when missing. It takes the
+/// dead-letter stream's storage, replicas and max age.
+async fn ensure_payload_buckets(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<(), ProvisionError> {
+    let mut names: Vec<&str> = config
+        .consumers
+        .iter()
+        .filter_map(|c| {
+            config.streams.iter().find(|s| {
+                s.subjects
+                    .iter()
+                    .any(|ss| crate::subject::overlaps(ss, &c.dead_letter_subject))
+            })
+        })
+        .map(|s| s.name.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let what = || format!("creating the payload bucket of dead-letter stream {name:?}");
+        let stream = get_stream(js, name)
+            .await?
+            .ok_or_else(|| vanished(what(), "the stream disappeared while provisioning"))?;
+        crate::dead_letter::payload_store(js, stream.cached_info())
+            .await
+            .map_err(|e| request_error(what(), e))?;
+    }
+    Ok(())
 }
