@@ -213,15 +213,15 @@ impl Permissions {
                 ),
             );
             b.publish(
-                format!("$JS.API.DIRECT.GET.{stream}.>"),
+                format!("{api}.DIRECT.GET.{stream}.>"),
                 format!("look up an earlier payload object of the same dead letter in {bucket}"),
             );
             b.publish(
-                format!("$JS.API.STREAM.PURGE.{stream}"),
+                format!("{api}.STREAM.PURGE.{stream}"),
                 format!("drop the chunks of a payload object in {bucket} replaced by a retried dead letter"),
             );
             b.publish(
-                "$JS.API.STREAM.NAMES".to_string(),
+                format!("{api}.STREAM.NAMES"),
                 "find the dead-letter stream of a dead-letter subject (to name its payload bucket)",
             );
         }
