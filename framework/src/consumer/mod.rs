@@ -69,7 +69,6 @@ use pull::SessionEnd;
 
 /// For the test harness, which runs a handler the way a delivery does.
 #[cfg(feature = "testing")]
-#[cfg(feature = "testing")]
 pub(crate) use batch::{batch_attempts, stage, BatchRan};
 pub(crate) use delivery::panic_message;
 #[cfg(feature = "testing")]
