@@ -1,6 +1,6 @@
 //! The `workers` command line: jetworker's built-in subcommands (`run`, `check`,
-//! `provision`, `status`, `dlq`, `permissions`) plus the platform's own `publish`, `stats`
-//! and `demo`, added through [`jetworker_cli::Cli`].
+//! `provision`, `status`, `dlq`, `permissions`) plus the platform's own `publish`, `stats`,
+//! `dashboard` and `demo`, added through [`jetworker_cli::Cli`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::aggregates;
+use crate::dashboard::{self, DashboardErrorKind, DashboardOptions};
 use crate::generator::{Traffic, TrafficConfig};
 use crate::handlers::{self, Analytics, BUCKET};
 use crate::local_server::{self, Address, LocalServer, Probe};
@@ -44,6 +45,8 @@ pub enum Cmd {
     Publish(PublishArgs),
     /// Print the aggregates.
     Stats(StatsArgs),
+    /// Serve the live analytics dashboard (a read-only web page) until Ctrl-C.
+    Dashboard(DashboardArgs),
     /// One-command tour: provision, run the workers in-process, generate traffic and
     /// print live analytics until Ctrl-C.
     Demo(DemoArgs),
@@ -128,6 +131,39 @@ pub struct StatsArgs {
     pub top: usize,
 }
 
+/// `workers dashboard`.
+#[derive(Debug, Clone, Args)]
+pub struct DashboardArgs {
+    /// Address to listen on, `ip:port` (port 0: a free one).
+    #[arg(long, default_value = dashboard::DEFAULT_LISTEN)]
+    pub listen: String,
+    /// Allow a non-loopback listen address: the page shows user ids and has no login.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Minutes in the chart, counting back from now.
+    #[arg(long, default_value_t = 60)]
+    pub minutes: u64,
+    /// Products and users listed.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Milliseconds between two updates of the page.
+    #[arg(long, default_value_t = 2000)]
+    pub refresh_ms: u64,
+}
+
+impl DashboardArgs {
+    fn options(&self) -> DashboardOptions {
+        DashboardOptions {
+            listen: self.listen.clone(),
+            allow_remote: self.allow_remote,
+            window_minutes: self.minutes.max(1),
+            top: self.top,
+            refresh: Duration::from_millis(self.refresh_ms.max(100)),
+            ..DashboardOptions::default()
+        }
+    }
+}
+
 /// `workers demo`.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -140,6 +176,10 @@ pub struct DemoArgs {
     /// Minutes shown, counting back from now.
     #[arg(long, default_value_t = 3)]
     pub minutes: u64,
+    /// Where the live dashboard listens (a free port when that one is taken; "" for
+    /// none).
+    #[arg(long, value_name = "ADDR", default_value = dashboard::DEFAULT_LISTEN)]
+    pub dashboard: String,
     /// When no server answers at the configured URL and it is on this machine, start
     /// `nats-server -js` there with its data in DIR, and stop it at the end
     /// (scripts/demo passes .local/nats).
@@ -160,6 +200,7 @@ async fn run(command: Cmd, invocation: Invocation<Analytics>) -> ExitCode {
     match command {
         Cmd::Publish(args) => exit(publish_command(global, &args).await),
         Cmd::Stats(args) => exit(stats_command(global, &args).await),
+        Cmd::Dashboard(args) => exit(dashboard_command(global, &args).await),
         Cmd::Demo(args) => exit(demo_command(global, &args, invocation.app.clone()).await),
     }
 }
@@ -276,6 +317,60 @@ async fn stats_command(global: &GlobalArgs, args: &StatsArgs) -> Result<(), Fail
         print!("{}", report::render(&snapshot, &options));
     }
     Ok(())
+}
+
+async fn dashboard_command(global: &GlobalArgs, args: &DashboardArgs) -> Result<(), Failure> {
+    let config = load(global)?;
+    // A refused address fails before anything connects.
+    dashboard::listen_address(&args.listen, args.allow_remote)
+        .map_err(|e| Failure::new(EXIT_FAILURE, format!("error: {e}")))?;
+    let stop = CancellationToken::new();
+    jetworker::on_signals(stop.clone());
+    let (client, js) = connect(&config).await?;
+    let kv = open_bucket(&js).await?;
+    let tasks = TaskTracker::new();
+    let served = dashboard::serve(kv, args.options(), &tasks, stop.clone()).await;
+    tasks.close();
+    let result = match served {
+        Ok(address) => {
+            println!("dashboard at http://{address}/ (read-only; Ctrl-C stops it)");
+            stop.cancelled().await;
+            Ok(())
+        }
+        Err(e) => Err(Failure::new(EXIT_FAILURE, format!("error: {e}"))),
+    };
+    tasks.wait().await;
+    let _ = client.drain().await;
+    result
+}
+
+/// Starts the demo's dashboard on `listen` (none when empty); when that address is
+/// taken (another demo, another server on 8080), on a free loopback port instead.
+async fn start_demo_dashboard(
+    listen: &str,
+    kv: &kv::Store,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<Option<std::net::SocketAddr>, Failure> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let options = |listen: &str| DashboardOptions {
+        listen: listen.to_string(),
+        ..DashboardOptions::default()
+    };
+    let failed = |e: dashboard::DashboardError| Failure::new(EXIT_FAILURE, format!("error: {e}"));
+    match dashboard::serve(kv.clone(), options(listen), tasks, stop.clone()).await {
+        Ok(address) => Ok(Some(address)),
+        Err(why) if why.kind() == DashboardErrorKind::Listen => {
+            println!("note: {why}; the dashboard uses a free port");
+            dashboard::serve(kv.clone(), options("127.0.0.1:0"), tasks, stop.clone())
+                .await
+                .map(Some)
+                .map_err(failed)
+        }
+        Err(e) => Err(failed(e)),
+    }
 }
 
 /// Where the demo's server came from.
@@ -528,7 +623,26 @@ async fn run_demo(
     }
     let kv = open_bucket(&js).await?;
 
-    let running = start_workers(app, config, stop).await?;
+    let tasks = TaskTracker::new();
+    // Its own token (a child of `stop`): when the workers fail to start, the dashboard
+    // is stopped before the error is returned.
+    let dashboard_stop = stop.child_token();
+    let started = match start_demo_dashboard(&args.dashboard, &kv, &tasks, &dashboard_stop).await {
+        Ok(dashboard) => start_workers(app, config, stop)
+            .await
+            .map(|running| (dashboard, running)),
+        Err(e) => Err(e),
+    };
+    let (dashboard, running) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            dashboard_stop.cancel();
+            tasks.close();
+            tasks.wait().await;
+            let _ = client.drain().await;
+            return Err(e);
+        }
+    };
     let consumers: Vec<&str> = config.consumers.iter().map(|c| c.name.as_str()).collect();
     let ops = running
         .ops_address()
@@ -539,13 +653,15 @@ async fn run_demo(
         consumers.len(),
         consumers.join(", ")
     );
+    if let Some(address) = dashboard {
+        println!("dashboard: http://{address}/ (live analytics in the browser until Ctrl-C)");
+    }
     println!(
         "publishing demo traffic at {} events/s; live analytics every {}s. Ctrl-C stops everything.",
         args.rate,
         args.every.max(1)
     );
 
-    let tasks = TaskTracker::new();
     let traffic_task = {
         let publisher = Publisher::new(js.clone());
         let mut traffic = args.traffic.traffic();

@@ -19,13 +19,16 @@
 //! - [`generator`]: synthetic traffic with a realistic mix, duplicates, malformed payloads.
 //! - [`publish`]: rate-limited, pipelined publishing of that traffic.
 //! - [`report`]: aggregates as text.
+//! - [`dashboard`]: the live analytics dashboard (a read-only web page over the same
+//!   aggregates).
 //! - [`local_server`]: the demo's own `nats-server` when none answers (probe, start, stop).
 //! - [`commands`]: the `workers` command line (`run`, `check`, `provision`, `publish`,
-//!   `stats`, `demo`).
+//!   `stats`, `dashboard`, `demo`).
 
 pub mod aggregates;
 pub mod commands;
 pub mod counters;
+pub mod dashboard;
 pub mod events;
 pub mod generator;
 pub mod handlers;

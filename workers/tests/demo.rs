@@ -3,7 +3,8 @@
 //! stopped with a terminal's Ctrl-C (SIGINT to the whole group) or a SIGTERM to its pid.
 //!
 //! - Fresh machine: nothing answers at the configured URL, so the demo starts its own
-//!   `nats-server -js` with data in the given folder, prints live analytics, and on
+//!   `nats-server -js` with data in the given folder, prints live analytics (and the
+//!   address of its live dashboard, which answers), and on
 //!   Ctrl-C stops everything: exit 0, the server gone, no process left. A second run on
 //!   the same folder continues from the stored data and stops on SIGTERM.
 //! - Existing server: the demo uses it and leaves it running.
@@ -20,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jetworker::testing::server::{NatsServer, ServerOptions};
+
+mod http;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo")
@@ -217,6 +220,20 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// The address in "dashboard: http://ADDR/ ...".
+fn dashboard_address(output: &str) -> std::net::SocketAddr {
+    output
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("dashboard: http://")?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the demo prints the dashboard's address:\n{output}"))
+}
+
 fn answers(port: u16) -> bool {
     TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
@@ -247,6 +264,13 @@ fn on_a_fresh_machine_it_starts_its_own_server_and_ctrl_c_stops_everything() {
     assert!(alive(server), "the local server runs");
     assert!(data.join("jetstream").is_dir(), "data in the given folder");
     assert!(out.contains("provisioned:") && out.contains("kv bucket analytics: create"));
+    let summary = http::get(dashboard_address(&out), "/api/summary");
+    assert_eq!(summary.status, 200, "{summary:?}");
+    let summary: serde_json::Value = serde_json::from_str(&summary.body).expect("JSON");
+    assert!(
+        summary["totals"]["events"].as_u64() > Some(0),
+        "the demo's dashboard shows its numbers: {summary}"
+    );
 
     demo.ctrl_c();
     let status = demo.wait_exit(Duration::from_secs(60));
