@@ -330,25 +330,46 @@ pub async fn commit<T: Tally>(
     pruning: Pruning,
     faults: Option<&dyn Faults>,
 ) -> Result<Committed<T>, CounterError> {
+    let mut known = None;
+    let added = commit_known(kv, key, entries, pruning, faults, &mut known).await?;
+    let ledger = known.map(|(ledger, _)| ledger).unwrap_or_default();
+    Ok(Committed { added, ledger })
+}
+
+/// [`commit`] starting from `known`, the ledger and revision this process last wrote or
+/// read (`None`: read it), which saves a read while nobody else writes the ledger; a
+/// stale one costs a conflict and a read. Leaves the ledger as stored (or as read, when
+/// nothing was new) in `known`; returns how many entries this run counted. The caller
+/// keeps one `known` per ledger and runs one commit at a time with it.
+pub async fn commit_known<T: Tally>(
+    kv: &kv::Store,
+    key: &str,
+    entries: &[Entry<'_, T::Item>],
+    pruning: Pruning,
+    faults: Option<&dyn Faults>,
+    known: &mut Option<(Ledger<T>, u64)>,
+) -> Result<usize, CounterError> {
     let first_id = entries.first().map_or("", |e| e.id);
     let mut conflicts = 0u32;
     loop {
-        let (mut ledger, revision) = read_json::<Ledger<T>>(kv, key).await?.unwrap_or_default();
+        let (mut ledger, revision) = match known.take() {
+            Some(known) => known,
+            None => read_json::<Ledger<T>>(kv, key).await?.unwrap_or_default(),
+        };
         let added = ledger.fold(entries);
         if added == 0 {
-            return Ok(Committed { added, ledger });
+            *known = Some((ledger, revision));
+            return Ok(added);
         }
         if pruning.floor > 0 {
             ledger.prune(pruning.floor, pruning.window);
         }
         ledger.tally.compact();
         inject(faults, key, first_id, Step::Folded)?;
-        if compare_and_set(kv, key, ledger.to_bytes()?, revision)
-            .await?
-            .is_some()
-        {
+        if let Some(revision) = compare_and_set(kv, key, ledger.to_bytes()?, revision).await? {
+            *known = Some((ledger, revision));
             inject(faults, key, first_id, Step::Committed)?;
-            return Ok(Committed { added, ledger });
+            return Ok(added);
         }
         conflicts += 1;
         pause_after_conflict(key, conflicts).await?;
@@ -357,20 +378,25 @@ pub async fn commit<T: Tally>(
 
 /// Merges `items` into the set at `key` (created when absent) with compare-and-set; a
 /// set union, so running it twice changes nothing. No write when nothing is new.
-pub async fn merge_set(kv: &kv::Store, key: &str, items: &[&str]) -> Result<(), CounterError> {
+/// Returns the set as stored.
+pub async fn merge_set(
+    kv: &kv::Store,
+    key: &str,
+    items: &[&str],
+) -> Result<MemberSet, CounterError> {
     let mut conflicts = 0u32;
     loop {
         let (mut set, revision) = read_json::<MemberSet>(kv, key).await?.unwrap_or_default();
         let before = set.members.len();
         set.members.extend(items.iter().map(|s| s.to_string()));
         if set.members.len() == before {
-            return Ok(());
+            return Ok(set);
         }
         let bytes = serde_json::to_vec(&set)
             .map(Bytes::from)
             .map_err(|e| CounterError::new(CounterErrorKind::Corrupt, e.to_string()))?;
         if compare_and_set(kv, key, bytes, revision).await?.is_some() {
-            return Ok(());
+            return Ok(set);
         }
         conflicts += 1;
         pause_after_conflict(key, conflicts).await?;

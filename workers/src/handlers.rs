@@ -23,7 +23,9 @@ use jetworker::{
 use tokio::sync::OnceCell;
 
 use crate::aggregates::{PartitionCounts, DEFAULT_FLAG_THRESHOLD};
-use crate::counters::{self, CounterError, Entry, Faults, Pruning, Step, DEFAULT_DEDUP_WINDOW};
+use crate::counters::{
+    self, CounterError, Entry, Faults, Ledger, Pruning, Step, DEFAULT_DEDUP_WINDOW,
+};
 use crate::events::{AnyEvent, Click, Kind, Login, Purchase};
 use crate::keys;
 
@@ -44,7 +46,20 @@ pub struct Analytics {
     floors: Mutex<HashMap<(String, String), (Instant, u64)>>,
     /// Users whose flag this process saw created (saves a request per batch).
     flagged: Mutex<HashSet<String>>,
+    /// Per ledger key: the ledger as this process last wrote or read it, behind a lock
+    /// so that this process's batches commit to one ledger in turn (no conflicts among
+    /// themselves, no read before each write; see [`counters::commit_known`]).
+    ledgers: Mutex<HashMap<String, Arc<KnownLedger>>>,
+    /// Per active-user record: members this process knows are stored (sets only grow,
+    /// so a batch whose users are all known skips the read).
+    active: Mutex<HashMap<String, HashSet<String>>>,
 }
+
+/// Active-user sets this process keeps in memory, at most (then it starts afresh).
+const KNOWN_ACTIVE_SETS: usize = 4096;
+
+/// A ledger as last written or read by this process, and its revision.
+type KnownLedger = tokio::sync::Mutex<Option<(Ledger<PartitionCounts>, u64)>>;
 
 impl Default for Analytics {
     fn default() -> Self {
@@ -75,6 +90,8 @@ impl Analytics {
             faults: None,
             floors: Mutex::new(HashMap::new()),
             flagged: Mutex::new(HashSet::new()),
+            ledgers: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,6 +141,15 @@ impl Analytics {
                 })
             })
             .await
+    }
+
+    /// The lock and last known value of the ledger at `key`.
+    fn known_ledger(&self, key: &str) -> Arc<KnownLedger> {
+        match self.ledgers.lock() {
+            Ok(mut ledgers) => ledgers.entry(key.to_string()).or_default().clone(),
+            // A poisoned map: go without the cache (a read before each write).
+            Err(_) => Arc::default(),
+        }
     }
 
     /// The consumer's ack floor (stream sequence), read from the server at most once per
@@ -336,7 +362,31 @@ async fn count_partition(
     let key = keys::ledger(kind, shard);
     let faults = state.faults.as_deref();
     let first_id = entries.first().map_or("", |e| e.id);
-    let committed = counters::commit::<PartitionCounts>(kv, &key, entries, pruning, faults).await?;
+    let failing: BTreeSet<&str> = entries
+        .iter()
+        .filter_map(|e| match e.item {
+            AnyEvent::Login(l) if !l.success => Some(l.user.as_str()),
+            _ => None,
+        })
+        .collect();
+    // The lock is held for the commit alone; the failed logins of the batch's failing
+    // users are taken from the ledger as committed.
+    let (added, failed_logins) = {
+        let known = state.known_ledger(&key);
+        let mut known = known.lock().await;
+        let added = counters::commit_known(kv, &key, entries, pruning, faults, &mut known).await?;
+        let failed_logins: Vec<(&str, u64)> = failing
+            .iter()
+            .map(|user| {
+                let failed = known
+                    .as_ref()
+                    .and_then(|(ledger, _)| ledger.tally.failed_logins.get(*user).copied())
+                    .unwrap_or(0);
+                (*user, failed)
+            })
+            .collect();
+        (added, failed_logins)
+    };
 
     let mut active: BTreeMap<u64, BTreeSet<&str>> = BTreeMap::new();
     for entry in entries {
@@ -346,32 +396,34 @@ async fn count_partition(
             .insert(entry.item.user());
     }
     for (minute, users) in active {
-        let users: Vec<&str> = users.into_iter().collect();
-        counters::merge_set(kv, &keys::active_record(minute, shard), &users).await?;
+        let key = keys::active_record(minute, shard);
+        let unknown: Vec<&str> = match state.active.lock() {
+            Ok(known) => match known.get(&key) {
+                Some(known) => users.into_iter().filter(|u| !known.contains(*u)).collect(),
+                None => users.into_iter().collect(),
+            },
+            Err(_) => users.into_iter().collect(),
+        };
+        if unknown.is_empty() {
+            continue;
+        }
+        let stored = counters::merge_set(kv, &key, &unknown).await?;
+        if let Ok(mut known) = state.active.lock() {
+            if known.len() >= KNOWN_ACTIVE_SETS {
+                known.clear();
+            }
+            known.entry(key).or_default().extend(stored.members);
+        }
     }
     counters::inject(faults, &key, first_id, Step::ActiveMerged)?;
 
-    let failing: BTreeSet<&str> = entries
-        .iter()
-        .filter_map(|e| match e.item {
-            AnyEvent::Login(l) if !l.success => Some(l.user.as_str()),
-            _ => None,
-        })
-        .collect();
-    for user in failing {
-        let failed = committed
-            .ledger
-            .tally
-            .failed_logins
-            .get(user)
-            .copied()
-            .unwrap_or(0);
+    for (user, failed) in failed_logins {
         flag_if_needed(state, kv, user, failed).await?;
     }
     tracing::debug!(
         ledger = key,
         events = entries.len(),
-        counted = committed.added,
+        counted = added,
         "committed"
     );
     Ok(())
