@@ -26,8 +26,9 @@
 //! otherwise). Then it times `aggregates::read` over 60 minutes (what `workers stats
 //! --minutes 60` and the dashboard read), publishes at a steady rate and samples the
 //! consumers' lag (messages not yet acked: pending + in flight), and checks again that
-//! those minutes and the totals are exact. Peak RSS is the process's (workers and this
-//! driver, the backlog's events dropped before the drain), reset before the drain.
+//! those minutes and the totals are exact. Peak RSS is the process's during the drain
+//! (reset before it; the driver holds no events then: the reference is computed after
+//! the drain by replaying the same seeded traffic).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -43,7 +44,7 @@ use jetworker::{Config, Publisher, Running};
 use tokio_util::sync::CancellationToken;
 use workers::aggregates::{self, Aggregates, Counts, DEFAULT_FLAG_THRESHOLD};
 use workers::events::AnyEvent;
-use workers::generator::{Payload, Traffic, TrafficConfig};
+use workers::generator::{Traffic, TrafficConfig};
 use workers::handlers::{self, Analytics, BUCKET};
 use workers::publish::now_ms;
 
@@ -109,17 +110,19 @@ async fn lag(js: &jetstream::Context, config: &Config) -> anyhow::Result<u64> {
 }
 
 /// Publishes `count` messages of `traffic` timed by `time_of(i)`, at `rate` per second
-/// (0: as fast as the server acknowledges); returns the events and what was stored.
+/// (0: as fast as the server acknowledges); returns the events (when `keep`) and what
+/// was stored.
 async fn publish(
     js: &jetstream::Context,
     traffic: &mut Traffic,
     count: u64,
     rate: u64,
+    keep: bool,
     time_of: impl Fn(u64) -> u64,
 ) -> anyhow::Result<(Vec<AnyEvent>, u64)> {
     let publisher = Publisher::new(js.clone());
     let mut pipeline = publisher.pipeline(1024);
-    let mut events = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let mut events = Vec::new();
     let started = Instant::now();
     for i in 0..count {
         if rate > 0 && i % 100 == 0 {
@@ -129,7 +132,7 @@ async fn publish(
             }
         }
         let out = traffic.next_message(time_of(i));
-        if let Payload::Event(e) | Payload::Duplicate { event: e, .. } = &out.payload {
+        if let (true, Some(e)) = (keep, out.event()) {
             events.push(e.clone());
         }
         pipeline
@@ -172,21 +175,23 @@ async fn main() -> anyhow::Result<()> {
     jetworker::provision(&client, &js, &config, false).await?;
     let version = client.server_info().version;
 
-    // The backlog.
+    // The backlog (its events are not kept: the reference is computed after the drain
+    // from the same seeded traffic, so the peak RSS is the workers').
+    let backlog_time = |i| START_MS + i;
     let filled = Instant::now();
-    let (events, stored) = publish(&js, &mut traffic("bench", 2026), events_n, 0, |i| {
-        START_MS + i
-    })
+    let (_, stored) = publish(
+        &js,
+        &mut traffic("bench", 2026),
+        events_n,
+        0,
+        false,
+        backlog_time,
+    )
     .await?;
     let filled_in = filled.elapsed();
-    let expected = Aggregates::from_events(&events, DEFAULT_FLAG_THRESHOLD);
-    drop(events);
-    let minutes: Vec<u64> = expected.minutes.keys().copied().collect();
     println!(
-        "platform bench: nats-server {version}, {events_n} messages published in {:.1}s ({} stored; {} distinct events), {replicas_n} replica(s)",
+        "platform bench: nats-server {version}, {events_n} messages published in {:.1}s ({stored} stored), {replicas_n} replica(s)",
         filled_in.as_secs_f64(),
-        stored,
-        expected.totals.events()
     );
 
     // The drain.
@@ -209,15 +214,23 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drained_in = started.elapsed();
+    let peak_rss = peak_rss_mib().unwrap_or(0.0);
+    let mut replay = traffic("bench", 2026);
+    let events: Vec<AnyEvent> = (0..events_n)
+        .filter_map(|i| replay.next_message(backlog_time(i)).event().cloned())
+        .collect();
+    let expected = Aggregates::from_events(&events, DEFAULT_FLAG_THRESHOLD);
+    drop(events);
+    let minutes: Vec<u64> = expected.minutes.keys().copied().collect();
     let kv = js.get_key_value(BUCKET).await?;
     let snapshot = aggregates::read(&kv, minutes.iter().copied()).await?;
     let exact = snapshot.aggregates == expected;
     let (writes, conflicts) = workers::counters::contention();
     println!(
-        "drained {stored} messages in {:.2}s: {:.0} events/s; exact: {exact}; peak RSS {:.0} MiB; {writes} ledger writes, {conflicts} conflicts",
+        "drained {stored} messages ({} distinct events) in {:.2}s: {:.0} events/s; exact: {exact}; peak RSS {peak_rss:.0} MiB; {writes} ledger writes, {conflicts} conflicts",
+        expected.totals.events(),
         drained_in.as_secs_f64(),
         stored as f64 / drained_in.as_secs_f64(),
-        peak_rss_mib().unwrap_or(0.0),
     );
     if !exact {
         bail!(
@@ -259,11 +272,15 @@ async fn main() -> anyhow::Result<()> {
             })
         };
         let t = Instant::now();
-        let (events, stored_steady) =
-            publish(&js, &mut traffic("steady", 7), count, steady_rate, |_| {
-                now_ms()
-            })
-            .await?;
+        let (events, stored_steady) = publish(
+            &js,
+            &mut traffic("steady", 7),
+            count,
+            steady_rate,
+            true,
+            |_| now_ms(),
+        )
+        .await?;
         let published_in = t.elapsed();
         let mut samples = sampling.await?;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -280,10 +297,9 @@ async fn main() -> anyhow::Result<()> {
         let exact = s.aggregates.minutes == steady.minutes
             && s.aggregates.totals == add(&expected.totals, &steady.totals);
         println!(
-            "steady {steady_rate}/s for {steady_secs}s ({:.0}/s published): lag median {median}, max {max} messages; caught up {:.2}s after the last publish; exact: {exact}; peak RSS {:.0} MiB",
+            "steady {steady_rate}/s for {steady_secs}s ({:.0}/s published): lag median {median}, max {max} messages; caught up {:.2}s after the last publish; exact: {exact}",
             count as f64 / published_in.as_secs_f64(),
             caught_up_after.as_secs_f64(),
-            peak_rss_mib().unwrap_or(0.0),
         );
         if !exact {
             bail!("the steady phase's aggregates differ from the reference");
