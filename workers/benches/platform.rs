@@ -12,7 +12,9 @@
 //! - `PLATFORM_REPLICAS` (default 1): worker replicas (each its own App and connection,
 //!   in this process).
 //! - `PLATFORM_STEADY_RATE` (default 20000) and `PLATFORM_STEADY_SECS` (default 10): the
-//!   steady publish rate after the drain and how long the lag is sampled (0 skips it).
+//!   steady publish rate after the drain and how long the lag is sampled (0 seconds skips
+//!   it; rate 0 publishes as fast as the server acknowledges, as `workers publish --rate
+//!   0` does).
 //! - `NATS_SERVER_BIN`: the server binary (see `jetworker::testing::server`).
 //!
 //! # What it does
@@ -32,21 +34,19 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use async_nats::jetstream;
-use async_nats::HeaderMap;
-use bytes::Bytes;
 use jetworker::testing::server::NatsServer;
-use jetworker::{Config, Publisher, Running};
+use jetworker::{Config, Publisher};
 use tokio_util::sync::CancellationToken;
 use workers::aggregates::{self, Aggregates, Counts, DEFAULT_FLAG_THRESHOLD};
 use workers::events::AnyEvent;
 use workers::generator::{Traffic, TrafficConfig};
 use workers::handlers::{self, Analytics, BUCKET};
-use workers::publish::now_ms;
+use workers::publish::{self, now_ms};
+use workers::report;
 
 /// Synthetic event times of the backlog: one event per millisecond from here.
 const START_MS: u64 = 1_700_000_000_000;
@@ -59,15 +59,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 fn traffic(run_id: &str, seed: u64) -> Traffic {
-    Traffic::new(
-        TrafficConfig {
-            malformed_ratio: 0.005,
-            duplicate_ratio: 0.01,
-            run_id: run_id.to_string(),
-            ..TrafficConfig::default()
-        },
-        seed,
-    )
+    Traffic::new(TrafficConfig::mixed(run_id, 0.01), seed)
 }
 
 /// Peak resident set size of this process, in MiB (`VmHWM`).
@@ -81,21 +73,6 @@ fn peak_rss_mib() -> Option<f64> {
 /// Resets the peak RSS to the current RSS (Linux: `5` into `clear_refs`).
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Acked plus dead-lettered messages over every replica and consumer.
-fn settled(replicas: &[Running]) -> u64 {
-    replicas
-        .iter()
-        .flat_map(|r| r.stats().values())
-        .map(|s| {
-            s.acked.load(Ordering::Relaxed)
-                + s.dead_lettered
-                    .iter()
-                    .map(|d| d.load(Ordering::Relaxed))
-                    .sum::<u64>()
-        })
-        .sum()
 }
 
 /// Messages of the platform's consumers not acked yet (pending + in flight).
@@ -135,14 +112,7 @@ async fn publish(
         if let (true, Some(e)) = (keep, out.event()) {
             events.push(e.clone());
         }
-        pipeline
-            .publish_bytes(
-                &out.subject,
-                &out.msg_id,
-                HeaderMap::new(),
-                Bytes::from(out.bytes),
-            )
-            .await?;
+        publish::send(&mut pipeline, out).await?;
     }
     let report = pipeline.finish().await?;
     Ok((events, report.stored))
@@ -207,9 +177,12 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let deadline = Instant::now() + Duration::from_secs(600);
-    while settled(&replicas) < stored {
+    while report::settled(&replicas) < stored {
         if Instant::now() > deadline {
-            bail!("only {} of {stored} settled in 600s", settled(&replicas));
+            bail!(
+                "only {} of {stored} settled in 600s",
+                report::settled(&replicas)
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -255,8 +228,14 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // A steady rate.
-    if steady_secs > 0 && steady_rate > 0 {
-        let count = steady_rate * steady_secs;
+    if steady_secs > 0 {
+        // Rate 0 (`workers publish --rate 0`): as fast as the server acknowledges, about
+        // as many as 100k/s would send.
+        let count = if steady_rate > 0 {
+            steady_rate
+        } else {
+            100_000
+        } * steady_secs;
         let sampling = {
             let (js, config) = (js.clone(), config.clone());
             tokio::spawn(async move {
@@ -284,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
         let published_in = t.elapsed();
         let mut samples = sampling.await?;
         let deadline = Instant::now() + Duration::from_secs(120);
-        while settled(&replicas) < stored + stored_steady && Instant::now() < deadline {
+        while report::settled(&replicas) < stored + stored_steady && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let caught_up_after = t.elapsed().saturating_sub(published_in);

@@ -10,13 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use async_nats::HeaderMap;
-use bytes::Bytes;
 use jetworker::testing::server::NatsServer;
 use jetworker::{Config, Publisher};
 use workers::aggregates::{self, Aggregates, DEFAULT_FLAG_THRESHOLD};
 use workers::events::AnyEvent;
-use workers::generator::{Payload, Traffic, TrafficConfig};
+use workers::generator::{Traffic, TrafficConfig};
 use workers::handlers::BUCKET;
 
 const EVENTS: u64 = 30_000;
@@ -85,15 +83,7 @@ async fn exact_through_a_killed_worker_and_a_server_restart() {
     let mut first = Worker::start(&url);
     let second = Worker::start(&url);
 
-    let mut traffic = Traffic::new(
-        TrafficConfig {
-            malformed_ratio: 0.005,
-            duplicate_ratio: 0.03,
-            run_id: "crash".into(),
-            ..TrafficConfig::default()
-        },
-        77,
-    );
+    let mut traffic = Traffic::new(TrafficConfig::mixed("crash", 0.03), 77);
     let publisher = Publisher::new(js.clone());
     let mut pipeline = publisher.pipeline(256);
     let mut events: Vec<AnyEvent> = Vec::new();
@@ -101,17 +91,11 @@ async fn exact_through_a_killed_worker_and_a_server_restart() {
     let mut killed = false;
     for i in 0..EVENTS {
         let out = traffic.next_message(START_MS + i * 10);
-        match &out.payload {
-            Payload::Event(e) | Payload::Duplicate { event: e, .. } => events.push(e.clone()),
-            Payload::Malformed(_) => malformed += 1,
+        match out.event() {
+            Some(e) => events.push(e.clone()),
+            None => malformed += 1,
         }
-        pipeline
-            .publish_bytes(
-                &out.subject,
-                &out.msg_id,
-                HeaderMap::new(),
-                Bytes::from(out.bytes),
-            )
+        workers::publish::send(&mut pipeline, out)
             .await
             .expect("publish");
         if i == EVENTS / 2 {

@@ -14,8 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use async_nats::HeaderMap;
-use bytes::Bytes;
 use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
 use jetworker::Config;
@@ -151,15 +149,7 @@ async fn ten_thousand_events_two_replicas_exact_aggregates() {
     // Publish while the replicas work, from a third connection.
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = jetstream::new(client.clone());
-    let mut traffic = Traffic::new(
-        TrafficConfig {
-            malformed_ratio: 0.005,
-            duplicate_ratio: 0.03,
-            run_id: "e2e".into(),
-            ..TrafficConfig::default()
-        },
-        2024,
-    );
+    let mut traffic = Traffic::new(TrafficConfig::mixed("e2e", 0.03), 2024);
     let publisher = Publisher::new(js.clone());
     let mut pipeline = publisher.pipeline(256);
     let mut events: Vec<AnyEvent> = Vec::new();
@@ -178,13 +168,7 @@ async fn ten_thousand_events_two_replicas_exact_aggregates() {
             }
             Payload::Malformed(_) => malformed += 1,
         }
-        pipeline
-            .publish_bytes(
-                &out.subject,
-                &out.msg_id,
-                HeaderMap::new(),
-                Bytes::from(out.bytes),
-            )
+        workers::publish::send(&mut pipeline, out)
             .await
             .expect("publish");
     }
@@ -203,21 +187,8 @@ async fn ten_thousand_events_two_replicas_exact_aggregates() {
 
     // Wait until every stored message is settled (acked or dead-lettered) by a replica,
     // then for the aggregates to match exactly, with nothing left in flight.
-    let settled = |replicas: &[jetworker::Running]| -> u64 {
-        replicas
-            .iter()
-            .flat_map(|r| r.stats().values())
-            .map(|s| {
-                s.acked.load(Ordering::Relaxed)
-                    + s.dead_lettered
-                        .iter()
-                        .map(|d| d.load(Ordering::Relaxed))
-                        .sum::<u64>()
-            })
-            .sum()
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
-    while settled(&replicas) < report.stored && Instant::now() < deadline {
+    while workers::report::settled(&replicas) < report.stored && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let settled_in = started.elapsed();
