@@ -35,8 +35,11 @@
 //!   stream, handler and dead-letter subject.
 //! - **jetworker tuned**: the same with `concurrency = BENCH_CONCURRENCY` and
 //!   `max_ack_pending` twice that.
+//! - **jetworker batch**: a batch handler taking `Batch<PageView>` (each message decoded
+//!   by the framework) that returns no failure, at the defaults (`max_batch` 100);
+//!   every message is still acked on its own. Decode only.
 //!
-//! The cases: "decode only" (all four sides); "1 ms I/O" (the handler awaits a 1 ms
+//! The cases: "decode only" (all five sides); "1 ms I/O" (the handler awaits a 1 ms
 //! sleep after decoding; jetworker tuned and at its defaults, compared with the plain
 //! tuned loop's decode-only rate); "dead-letter burst" (every handler call fails
 //! permanently: copy published, PubAck awaited, original termed; jetworker at its
@@ -73,7 +76,10 @@ use anyhow::{anyhow, bail, Context as _};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use futures::StreamExt;
 use jetworker::testing::server::{self, NatsServer};
-use jetworker::{App, Config, Context, Event, HandlerError, Reason};
+use jetworker::{
+    App, Batch, BatchContext, BatchFailures, BatchResult, Config, Context, Event, HandlerError,
+    Reason,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -165,6 +171,7 @@ enum Side {
     PlainTuned,
     JetworkerDefaults,
     JetworkerTuned,
+    JetworkerBatch,
 }
 
 impl Side {
@@ -174,6 +181,7 @@ impl Side {
             Side::PlainTuned => "plain_tuned",
             Side::JetworkerDefaults => "jetworker_defaults",
             Side::JetworkerTuned => "jetworker_tuned",
+            Side::JetworkerBatch => "jetworker_batch",
         }
     }
 
@@ -183,6 +191,7 @@ impl Side {
             Side::PlainTuned,
             Side::JetworkerDefaults,
             Side::JetworkerTuned,
+            Side::JetworkerBatch,
         ]
         .into_iter()
         .find(|side| side.as_str() == s)
@@ -195,6 +204,7 @@ impl Side {
             Side::PlainTuned => "plain tuned",
             Side::JetworkerDefaults => "jetworker defaults",
             Side::JetworkerTuned => "jetworker tuned",
+            Side::JetworkerBatch => "jetworker batch",
         }
     }
 }
@@ -351,6 +361,7 @@ fn round(settings: &Settings) -> Vec<Measurement> {
         m(Side::PlainTuned, Work::Decode, n),
         m(Side::JetworkerDefaults, Work::Decode, n),
         m(Side::JetworkerTuned, Work::Decode, n),
+        m(Side::JetworkerBatch, Work::Decode, n),
         m(Side::JetworkerTuned, Work::Io, n),
         // 32 slots of 1 ms: ~30k msg/s, so a quarter of the backlog is plenty.
         m(Side::JetworkerDefaults, Work::Io, (n / 4).max(1)),
@@ -523,6 +534,7 @@ fn report(
         ("decode only", Work::Decode, Side::PlainTuned),
         ("decode only", Work::Decode, Side::JetworkerDefaults),
         ("decode only", Work::Decode, Side::JetworkerTuned),
+        ("decode only", Work::Decode, Side::JetworkerBatch),
         ("1 ms I/O", Work::Io, Side::JetworkerDefaults),
         ("1 ms I/O", Work::Io, Side::JetworkerTuned),
         (
@@ -563,6 +575,7 @@ fn report(
     }
 
     let decode = medians(results, Work::Decode, Side::JetworkerDefaults)?.rate / reference;
+    let batch = medians(results, Work::Decode, Side::JetworkerBatch)?.rate / reference;
     let io = medians(results, Work::Io, Side::JetworkerTuned)?.rate / reference;
     let dead_letter = medians(results, Work::DeadLetter, Side::JetworkerDefaults)?.rate;
     let p99 = medians(results, Work::Latency, Side::JetworkerDefaults)?.p99_us;
@@ -572,6 +585,10 @@ fn report(
     println!(
         "  decode only, jetworker defaults >= 1.0x plain tuned: {decode:.2}x {}",
         verdict(decode >= 1.0)
+    );
+    println!(
+        "  decode only, jetworker batch handler at defaults >= 1.5x plain tuned: {batch:.2}x {}",
+        verdict(batch >= 1.5)
     );
     println!(
         "  1 ms I/O, jetworker concurrency {} >= 0.8x plain tuned decode-only: {io:.2}x {}",
@@ -1042,6 +1059,11 @@ async fn decode_only(event: Event<PageView>, _ctx: Context) -> Result<(), Handle
     Ok(())
 }
 
+async fn decode_batch(events: Batch<PageView>, _ctx: BatchContext) -> BatchResult {
+    black_box(&events);
+    Ok(BatchFailures::new())
+}
+
 async fn decode_then_io(event: Event<PageView>, _ctx: Context) -> Result<(), HandlerError> {
     black_box(&event);
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1106,6 +1128,9 @@ async fn jetworker_run(
 ) -> anyhow::Result<RunResult> {
     let config = jetworker_config(url, name, STREAM, side, settings, "")?;
     let app = match work {
+        Work::Decode if side == Side::JetworkerBatch => {
+            App::new(()).batch_handler("bench", decode_batch)
+        }
         Work::Io => App::new(()).handler("bench", decode_then_io),
         Work::DeadLetter => App::new(()).handler("bench", fail_permanently),
         Work::Decode | Work::Latency => App::new(()).handler("bench", decode_only),

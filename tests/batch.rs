@@ -105,39 +105,66 @@ fn job(id: u64, mode: Mode, until: u64, sleep_ms: u64) -> Job {
     }
 }
 
-/// Stream `EVENTS` (`jobs.>`), stream `DLQ` (`dlq.>`), consumer `jobs` for the batch
-/// handler `store_jobs`, with `lines` added to the consumer.
-fn batch_config(url: &str, grace: &str, lines: &str) -> Config {
-    ConfigText::new(url)
-        .connection(r#"request_timeout = "2s""#)
-        .worker(&format!("shutdown_grace = \"{grace}\""))
-        .stream("EVENTS", &["jobs.>"], "")
-        .stream("DLQ", &["dlq.>"], "")
-        .consumer("jobs", "EVENTS", "store_jobs", lines)
-        .load()
+/// A server with streams `EVENTS` (`jobs.>`) and `DLQ` (`dlq.>`), and a worker running
+/// consumer `jobs` for the batch handler `store_jobs` (its `lines` added), provisioned.
+struct Scene {
+    /// Killed when the scene is dropped.
+    _server: NatsServer,
+    js: async_nats::jetstream::Context,
+    seen: Arc<Seen>,
+    config: Config,
 }
 
-fn start(config: Config, seen: &Arc<Seen>) -> InProcessWorker {
-    InProcessWorker::start(
-        config,
-        App::new(seen.clone()).batch_handler("store_jobs", store_jobs),
-    )
-}
+impl Scene {
+    async fn start(seen: Seen, lines: &str) -> (Scene, InProcessWorker) {
+        let server = NatsServer::start().expect("server");
+        let (_client, js) = connect(&server.url()).await;
+        let config = ConfigText::new(&server.url())
+            .connection(r#"request_timeout = "2s""#)
+            .worker(r#"shutdown_grace = "10s""#)
+            .stream("EVENTS", &["jobs.>"], "")
+            .stream("DLQ", &["dlq.>"], "")
+            .consumer("jobs", "EVENTS", "store_jobs", lines)
+            .load();
+        let scene = Scene {
+            _server: server,
+            js,
+            seen: Arc::new(seen),
+            config,
+        };
+        let worker = scene.worker();
+        wait_until(Duration::from_secs(10), "stream provisioned", || async {
+            scene.js.get_stream("EVENTS").await.is_ok()
+        })
+        .await;
+        (scene, worker)
+    }
 
-async fn provisioned(js: &async_nats::jetstream::Context) {
-    wait_until(Duration::from_secs(10), "stream provisioned", || async {
-        js.get_stream("EVENTS").await.is_ok()
-    })
-    .await;
-}
+    /// Another worker on the same consumer.
+    fn worker(&self) -> InProcessWorker {
+        InProcessWorker::start(
+            self.config.clone(),
+            App::new(self.seen.clone()).batch_handler("store_jobs", store_jobs),
+        )
+    }
 
-/// Waits until the consumer has nothing pending or unacknowledged.
-async fn all_settled(js: &async_nats::jetstream::Context) {
-    wait_until(Duration::from_secs(20), "every message settled", || async {
-        let info = consumer_info(js, "EVENTS", "jobs").await;
-        info.num_ack_pending == 0 && info.num_pending == 0
-    })
-    .await;
+    /// Waits until `ids` jobs succeeded and `letters` dead letters are stored, then until
+    /// the consumer has nothing pending or unacknowledged.
+    async fn settled(&self, ids: usize, letters: u64) {
+        wait_until(Duration::from_secs(30), "jobs succeeded", || async {
+            self.seen.succeeded_ids() == ids
+        })
+        .await;
+        wait_until(Duration::from_secs(20), "dead letters stored", || async {
+            count(&self.js, "DLQ").await == letters
+        })
+        .await;
+        wait_until(Duration::from_secs(20), "every message settled", || async {
+            let info = consumer_info(&self.js, "EVENTS", "jobs").await;
+            info.num_ack_pending == 0 && info.num_pending == 0
+        })
+        .await;
+    }
 }
 
 /// Dead letters by original subject: (reason, attempts).
@@ -159,18 +186,8 @@ async fn dead_letters(js: &async_nats::jetstream::Context) -> BTreeMap<String, (
 
 #[tokio::test]
 async fn each_message_of_a_batch_is_settled_on_its_own() {
-    let server = NatsServer::start().expect("server");
-    let (_c, js) = connect(&server.url()).await;
-    let seen = Arc::new(Seen::default());
-    let config = batch_config(
-        &server.url(),
-        "10s",
-        "max_batch = 10\nmax_batch_wait = \"500ms\"\nmax_deliver = 3\nbackoff = [\"1s\"]",
-    );
-    // Published before the worker starts: the backlog fills whole batches.
-    let worker_config = config.clone();
-    let worker = start(worker_config, &seen);
-    provisioned(&js).await;
+    let lines = "max_batch = 10\nmax_batch_wait = \"500ms\"\nmax_deliver = 3\nbackoff = [\"1s\"]";
+    let (scene, worker) = Scene::start(Seen::default(), lines).await;
     let jobs: Vec<Job> = (1..=30)
         .map(|id| match id % 10 {
             3 => job(id, Mode::Permanent, 0, 0),
@@ -179,23 +196,16 @@ async fn each_message_of_a_batch_is_settled_on_its_own() {
         })
         .chain([job(31, Mode::Fail, 99, 0)])
         .collect();
-    publish_jobs(&js, &jobs).await;
-    js.publish("jobs.garbage", b"\xc1 not msgpack".as_ref().into())
+    publish_jobs(&scene.js, &jobs).await;
+    scene
+        .js
+        .publish("jobs.garbage", b"\xc1 not msgpack".as_ref().into())
         .await
         .expect("publish")
         .await
         .expect("stored");
-    wait_until(
-        Duration::from_secs(20),
-        "every good job succeeded",
-        || async { seen.succeeded_ids() == 27 },
-    )
-    .await;
-    wait_until(Duration::from_secs(20), "five dead letters", || async {
-        count(&js, "DLQ").await == 5
-    })
-    .await;
-    all_settled(&js).await;
+    scene.settled(27, 5).await;
+    let seen = &scene.seen;
     let sizes = seen.sizes();
     assert!(sizes.iter().all(|size| *size <= 10), "{sizes:?}");
     assert!(
@@ -212,8 +222,7 @@ async fn each_message_of_a_batch_is_settled_on_its_own() {
     for id in [1, 2, 4, 10, 30] {
         assert_eq!(seen.attempts(id), [1], "job {id}: acked with its batch");
     }
-    let letters = dead_letters(&js).await;
-    assert_eq!(letters.len(), 5, "{letters:?}");
+    let letters = dead_letters(&scene.js).await;
     // Marked failed on every attempt: the last one dead-letters it.
     assert_eq!(letters["jobs.31"], ("exhausted".into(), "3".into()));
     assert_eq!(seen.attempts(31), [1, 2, 3]);
@@ -230,81 +239,41 @@ async fn each_message_of_a_batch_is_settled_on_its_own() {
 
 #[tokio::test]
 async fn an_err_for_the_whole_batch_retries_every_message() {
-    let server = NatsServer::start().expect("server");
-    let (_c, js) = connect(&server.url()).await;
-    let seen = Arc::new(Seen::default());
+    let seen = Seen::default();
     seen.failing_batches.store(1, Ordering::SeqCst);
-    let config = batch_config(
-        &server.url(),
-        "10s",
-        "max_batch = 50\nmax_batch_wait = \"1s\"\nmax_deliver = 3\nbackoff = [\"1s\"]",
-    );
-    let worker = start(config, &seen);
-    provisioned(&js).await;
+    let lines = "max_batch = 50\nmax_batch_wait = \"1s\"\nmax_deliver = 3\nbackoff = [\"1s\"]";
+    let (scene, worker) = Scene::start(seen, lines).await;
     let jobs: Vec<Job> = (1..=5).map(Job::ok).collect();
-    publish_jobs(&js, &jobs).await;
-    wait_until(Duration::from_secs(20), "every job succeeded", || async {
-        seen.succeeded_ids() == 5
-    })
-    .await;
-    all_settled(&js).await;
-    assert_eq!(
-        seen.sizes()[0],
-        5,
-        "one batch of all five: {:?}",
-        seen.sizes()
-    );
+    publish_jobs(&scene.js, &jobs).await;
+    scene.settled(5, 0).await;
+    let sizes = scene.seen.sizes();
+    assert_eq!(sizes[0], 5, "one batch of all five: {sizes:?}");
     for id in 1..=5 {
-        assert_eq!(seen.attempts(id), [1, 2], "job {id}");
+        assert_eq!(scene.seen.attempts(id), [1, 2], "job {id}");
     }
-    assert_eq!(count(&js, "DLQ").await, 0);
     worker.stop().await;
 }
 
 #[tokio::test]
 async fn a_panicking_batch_is_retried_then_dead_lettered_as_panic() {
-    let server = NatsServer::start().expect("server");
-    let (_c, js) = connect(&server.url()).await;
-    let seen = Arc::new(Seen::default());
-    let config = batch_config(
-        &server.url(),
-        "10s",
-        "max_batch = 50\nmax_batch_wait = \"1s\"\nmax_deliver = 2\nbackoff = [\"1s\"]",
-    );
-    let worker = start(config, &seen);
-    provisioned(&js).await;
-    publish_jobs(&js, &[Job::ok(1), job(2, Mode::Panic, 99, 0)]).await;
-    wait_until(Duration::from_secs(20), "two dead letters", || async {
-        count(&js, "DLQ").await == 2
-    })
-    .await;
-    all_settled(&js).await;
-    let letters = dead_letters(&js).await;
+    let lines = "max_batch = 50\nmax_batch_wait = \"1s\"\nmax_deliver = 2\nbackoff = [\"1s\"]";
+    let (scene, worker) = Scene::start(Seen::default(), lines).await;
+    publish_jobs(&scene.js, &[Job::ok(1), job(2, Mode::Panic, 99, 0)]).await;
+    scene.settled(0, 2).await;
+    let letters = dead_letters(&scene.js).await;
     assert_eq!(letters["jobs.1"], ("panic".into(), "2".into()));
     assert_eq!(letters["jobs.2"], ("panic".into(), "2".into()));
-    assert_eq!(seen.attempts(1), [1, 2]);
+    assert_eq!(scene.seen.attempts(1), [1, 2]);
     worker.stop().await;
 }
 
 #[tokio::test]
 async fn a_batch_past_its_timeout_is_retried_then_dead_lettered_as_timeout() {
-    let server = NatsServer::start().expect("server");
-    let (_c, js) = connect(&server.url()).await;
-    let seen = Arc::new(Seen::default());
-    let config = batch_config(
-        &server.url(),
-        "10s",
-        "max_batch = 50\nmax_batch_wait = \"200ms\"\nmax_deliver = 2\nbackoff = [\"1s\"]\nhandler_timeout = \"500ms\"",
-    );
-    let worker = start(config, &seen);
-    provisioned(&js).await;
-    publish_jobs(&js, &[job(1, Mode::Sleep, 99, 5000), Job::ok(2)]).await;
-    wait_until(Duration::from_secs(20), "two dead letters", || async {
-        count(&js, "DLQ").await == 2
-    })
-    .await;
-    all_settled(&js).await;
-    let letters = dead_letters(&js).await;
+    let lines = "max_batch = 50\nmax_batch_wait = \"200ms\"\nmax_deliver = 2\nbackoff = [\"1s\"]\nhandler_timeout = \"500ms\"";
+    let (scene, worker) = Scene::start(Seen::default(), lines).await;
+    publish_jobs(&scene.js, &[job(1, Mode::Sleep, 99, 5000), Job::ok(2)]).await;
+    scene.settled(0, 2).await;
+    let letters = dead_letters(&scene.js).await;
     assert_eq!(letters["jobs.1"], ("timeout".into(), "2".into()));
     assert_eq!(letters["jobs.2"], ("timeout".into(), "2".into()));
     worker.stop().await;
@@ -312,73 +281,60 @@ async fn a_batch_past_its_timeout_is_retried_then_dead_lettered_as_timeout() {
 
 #[tokio::test]
 async fn progress_acks_keep_a_batch_longer_than_the_ack_wait() {
-    let server = NatsServer::start().expect("server");
-    let (_c, js) = connect(&server.url()).await;
-    let seen = Arc::new(Seen::default());
-    let config = batch_config(
-        &server.url(),
-        "10s",
-        "ack_wait = \"1s\"\nhandler_timeout = \"30s\"\nmax_batch = 20\nmax_batch_wait = \"200ms\"",
-    );
-    let worker = start(config, &seen);
-    provisioned(&js).await;
+    let lines =
+        "ack_wait = \"1s\"\nhandler_timeout = \"30s\"\nmax_batch = 20\nmax_batch_wait = \"200ms\"";
+    let (scene, worker) = Scene::start(Seen::default(), lines).await;
     let mut jobs: Vec<Job> = (1..=10).map(Job::ok).collect();
     jobs.push(job(11, Mode::Sleep, 1, 3500));
-    publish_jobs(&js, &jobs).await;
-    wait_until(
-        Duration::from_secs(20),
-        "the slow batch succeeded",
-        || async { seen.succeeded_ids() == 11 },
-    )
-    .await;
-    all_settled(&js).await;
+    publish_jobs(&scene.js, &jobs).await;
+    scene.settled(11, 0).await;
     for id in 1..=11 {
-        assert_eq!(seen.attempts(id), [1], "job {id} was not redelivered");
+        assert_eq!(scene.seen.attempts(id), [1], "job {id} was not redelivered");
     }
-    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    let info = consumer_info(&scene.js, "EVENTS", "jobs").await;
     assert_eq!(info.num_redelivered, 0);
     worker.stop().await;
 }
 
 #[tokio::test]
 async fn shutdown_lets_a_started_batch_finish_and_loses_nothing() {
-    let server = NatsServer::start().expect("server");
-    let (_c, js) = connect(&server.url()).await;
-    let seen = Arc::new(Seen::default());
-    let config = batch_config(
-        &server.url(),
-        "10s",
-        "max_batch = 25\nmax_batch_wait = \"100ms\"\nconcurrency = 2",
-    );
-    let worker = start(config.clone(), &seen);
-    provisioned(&js).await;
-    // Every job sleeps 2 s on its first attempt: batches of 25 run two at a time.
+    let lines = "max_batch = 25\nmax_batch_wait = \"100ms\"\nconcurrency = 2";
+    let (scene, worker) = Scene::start(Seen::default(), lines).await;
+    // Every job makes its batch work 2 s on its first attempt: batches of 25 run two at a
+    // time.
     let jobs: Vec<Job> = (1..=200).map(|id| job(id, Mode::Sleep, 1, 2000)).collect();
-    publish_jobs(&js, &jobs).await;
+    publish_jobs(&scene.js, &jobs).await;
     wait_until(Duration::from_secs(10), "batches running", || async {
-        !seen.sizes().is_empty()
+        !scene.seen.sizes().is_empty()
     })
     .await;
-    let started: usize = seen.sizes().iter().sum();
+    let started: usize = scene.seen.sizes().iter().sum();
     worker.stop().await;
     // The batches that had started finished (acked on their first attempt).
-    assert!(
-        seen.succeeded_ids() >= started,
-        "{} of {started}",
-        seen.succeeded_ids()
-    );
-    let info = consumer_info(&js, "EVENTS", "jobs").await;
+    let succeeded = scene.seen.succeeded_ids();
+    assert!(succeeded >= started, "{succeeded} of {started}");
+    let info = consumer_info(&scene.js, "EVENTS", "jobs").await;
     assert_eq!(
         info.num_ack_pending, 0,
         "nothing left unsettled by the stop"
     );
     // A second worker takes the rest: every job succeeds, none is dead-lettered.
-    let worker = start(config, &seen);
-    wait_until(Duration::from_secs(30), "every job succeeded", || async {
-        seen.succeeded_ids() == 200
-    })
-    .await;
-    all_settled(&js).await;
-    assert_eq!(count(&js, "DLQ").await, 0);
+    let worker = scene.worker();
+    scene.settled(200, 0).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn max_batch_bytes_bounds_a_batch() {
+    // A job as received (payload, subject, reply subject) is over 40 bytes and under 100:
+    // 200 bytes hold two to four of them, never the 40 that arrive at once.
+    let lines = "max_batch = 100\nmax_batch_bytes = 200\nmax_batch_wait = \"500ms\"";
+    let (scene, worker) = Scene::start(Seen::default(), lines).await;
+    let jobs: Vec<Job> = (1..=40).map(Job::ok).collect();
+    publish_jobs(&scene.js, &jobs).await;
+    scene.settled(40, 0).await;
+    let sizes = scene.seen.sizes();
+    assert!(sizes.iter().all(|size| (1..=5).contains(size)), "{sizes:?}");
+    assert!(sizes.iter().any(|size| *size > 1), "{sizes:?}");
     worker.stop().await;
 }

@@ -38,7 +38,7 @@ use super::pull::release;
 use super::runtime::ConsumerRuntime;
 use crate::batch::{BatchContext, BatchFuture, BatchResult, ErasedBatchHandler, Incoming};
 use crate::config::ConsumerConfig;
-use crate::outcome::{decide, Attempted};
+use crate::outcome::{decide, Attempted, Outcome};
 
 /// A message the pull loop started, with the handler slot it holds until it is settled.
 struct Collected {
@@ -141,7 +141,7 @@ impl<S: Send + Sync + 'static> Collector<S> {
                 received = receiver.recv() => {
                     let Some(first) = received else {
                         if !pending.messages.is_empty() {
-                            self.dispatch(pending.take()).await;
+                            self.dispatch(pending.take());
                         }
                         return;
                     };
@@ -150,54 +150,38 @@ impl<S: Send + Sync + 'static> Collector<S> {
                     while let Some(collected) = next.take() {
                         let len = collected.message.length;
                         if !pending.messages.is_empty() && pending.bytes + len > max_bytes {
-                            self.dispatch(pending.take()).await;
+                            self.dispatch(pending.take());
                         }
                         pending.push(collected);
                         if pending.messages.len() >= max_messages || pending.bytes >= max_bytes {
-                            self.dispatch(pending.take()).await;
+                            self.dispatch(pending.take());
                             break;
                         }
                         next = receiver.try_recv().ok();
                     }
                 }
                 _ = tokio::time::sleep_until(due), if !pending.messages.is_empty() => {
-                    self.dispatch(pending.take()).await;
+                    self.dispatch(pending.take());
                 }
                 // At shutdown nothing more comes to fill it: run it now.
                 _ = self.rt.stop.cancelled(), if !pending.messages.is_empty() => {
-                    self.dispatch(pending.take()).await;
+                    self.dispatch(pending.take());
                 }
             }
         }
     }
 
-    /// Starts a batch once one of the `concurrency` turns is free, keeping its messages
-    /// with progress acks meanwhile; hands them back if the grace period ends first.
-    async fn dispatch(&self, messages: Vec<Collected>) {
-        let rt = &self.rt;
-        let every = progress_interval(&rt.config);
-        let turn = loop {
-            tokio::select! {
-                biased;
-                turn = self.turns.clone().acquire_owned() => match turn {
-                    Ok(turn) => break turn,
-                    // Never closed; should it be, nothing could run the batch.
-                    Err(_) => return hand_back(rt, messages.into_iter().map(|c| c.message)).await,
-                },
-                _ = tokio::time::sleep(every) => {
-                    for collected in &messages {
-                        if let Some(reply) = &collected.message.reply {
-                            send_or_note(rt, reply, AckKind::Progress, None).await;
-                        }
-                    }
-                }
-                _ = rt.hard_stop.cancelled() => {
-                    return hand_back(rt, messages.into_iter().map(|c| c.message)).await;
-                }
-            }
-        };
+    /// Starts a batch as its own task, which runs once one of the `concurrency` turns is
+    /// free (in the order batches were collected), keeping its messages with progress
+    /// acks meanwhile, and hands them back if the grace period ends first. The collector
+    /// goes on collecting: no message waits anywhere without its ack timer looked after.
+    fn dispatch(&self, messages: Vec<Collected>) {
         let (rt, handler, done) = (self.rt.clone(), self.handler.clone(), self.done.clone());
+        let turns = self.turns.clone();
         self.tasks.spawn(async move {
+            let Some(turn) = wait_for_turn(&rt, turns, &messages).await else {
+                return hand_back(&rt, messages.into_iter().map(|c| c.message)).await;
+            };
             let size = messages.len();
             let span = tracing::info_span!("batch", stream = %rt.spec.stream, consumer = %rt.spec.name, size);
             let (messages, permits): (Vec<_>, Vec<_>) =
@@ -210,6 +194,33 @@ impl<S: Send + Sync + 'static> Collector<S> {
             drop(turn);
             done.notify_one();
         });
+    }
+}
+
+/// Waits for a turn to run a batch, sending its messages progress acks twice per ack
+/// wait meanwhile; `None` when the grace period ends first.
+async fn wait_for_turn<S>(
+    rt: &ConsumerRuntime<S>,
+    turns: Arc<Semaphore>,
+    messages: &[Collected],
+) -> Option<OwnedSemaphorePermit> {
+    let every = progress_interval(&rt.config);
+    let acquired = turns.acquire_owned();
+    tokio::pin!(acquired);
+    loop {
+        tokio::select! {
+            biased;
+            // Never closed: an error would mean nothing can run the batch.
+            turn = &mut acquired => return turn.ok(),
+            _ = tokio::time::sleep(every) => {
+                for collected in messages {
+                    if let Some(reply) = &collected.message.reply {
+                        send_or_note(rt, reply, AckKind::Progress, None).await;
+                    }
+                }
+            }
+            _ = rt.hard_stop.cancelled() => return None,
+        }
     }
 }
 
@@ -418,17 +429,25 @@ async fn run_batch<S: Send + Sync + 'static>(
     settle_each(rt, accepted.iter().copied().zip(&attempts)).await;
 }
 
-/// Decides and settles each delivery; concurrently, so dead letters of one batch wait
-/// for their PubAcks together.
+/// Decides and settles each delivery: acks and naks one after the other (each is a
+/// publish queued on the connection), dead letters concurrently, so those of one batch
+/// wait for their PubAcks together.
 async fn settle_each<'a, 'c: 'a, S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     deliveries: impl Iterator<Item = (&'a Delivery<'c>, &'a Attempted)>,
 ) {
-    let settles = deliveries.map(|(delivery, attempted)| async move {
-        let outcome = decide(attempted, delivery.attempt, &rt.policy);
-        settle(rt, delivery, attempted, outcome).await;
-    });
-    futures::future::join_all(settles).await;
+    let mut dead_letters = Vec::new();
+    for (delivery, attempted) in deliveries {
+        match decide(attempted, delivery.attempt, &rt.policy) {
+            outcome @ Outcome::DeadLetter { .. } => {
+                dead_letters.push(settle(rt, delivery, attempted, outcome));
+            }
+            outcome => settle(rt, delivery, attempted, outcome).await,
+        }
+    }
+    if !dead_letters.is_empty() {
+        futures::future::join_all(dead_letters).await;
+    }
 }
 
 /// Runs the batch's future from `started`: the handler timeout counts from there, every

@@ -123,9 +123,14 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
         H: Handler<T, S>,
         T: DeserializeOwned + Send + 'static,
     {
+        HandlerHarness::with_erased(state, Arc::new(TypedHandler::new(handler)))
+    }
+
+    /// A harness of a handler whose payload type is erased, at the default settings.
+    fn with_erased(state: S, handler: Arc<dyn ErasedHandler<S>>) -> Self {
         HandlerHarness {
             state: Arc::new(state),
-            handler: Arc::new(TypedHandler::new(handler)),
+            handler,
             consumer: ConsumerConfig {
                 name: "test".to_string(),
                 ..ConsumerConfig::default()
@@ -258,10 +263,9 @@ impl<S: Send + Sync + 'static> HandlerHarness<S> {
 /// # }
 /// ```
 pub struct BatchHarness<S> {
-    state: Arc<S>,
+    /// The settings (and a harness of the handler for one message: a batch of one).
+    settings: HandlerHarness<S>,
     handler: Arc<dyn ErasedBatchHandler<S>>,
-    consumer: ConsumerConfig,
-    jetstream: Option<async_nats::jetstream::Context>,
 }
 
 impl<S: Send + Sync + 'static> BatchHarness<S> {
@@ -272,37 +276,27 @@ impl<S: Send + Sync + 'static> BatchHarness<S> {
         H: BatchHandler<T, S>,
         T: DeserializeOwned + Send + 'static,
     {
+        let handler = Arc::new(TypedBatchHandler::new(handler));
         BatchHarness {
-            state: Arc::new(state),
-            handler: Arc::new(TypedBatchHandler::new(handler)),
-            consumer: ConsumerConfig {
-                name: "test".to_string(),
-                ..ConsumerConfig::default()
-            },
-            jetstream: None,
+            settings: HandlerHarness::with_erased(state, handler.clone()),
+            handler,
         }
     }
 
-    /// Gives the handler a JetStream context ([`BatchContext::jetstream`]).
-    pub fn with_jetstream(mut self, js: async_nats::jetstream::Context) -> Self {
-        self.jetstream = Some(js);
+    /// Changes the settings with [`HandlerHarness`]'s builders (`with_consumer`,
+    /// `max_deliver`, `backoff`, `handler_timeout`, `codec`, `with_jetstream`, ...):
+    /// `BatchHarness::new((), store).configure(|h| h.max_deliver(3))`.
+    pub fn configure(
+        mut self,
+        change: impl FnOnce(HandlerHarness<S>) -> HandlerHarness<S>,
+    ) -> Self {
+        self.settings = change(self.settings);
         self
-    }
-
-    /// Uses a consumer's settings from a config (codec, limits, schedule, max_deliver).
-    pub fn with_consumer(mut self, consumer: ConsumerConfig) -> Self {
-        self.consumer = consumer;
-        self
-    }
-
-    /// Mutable access to the consumer settings.
-    pub fn consumer_mut(&mut self) -> &mut ConsumerConfig {
-        &mut self.consumer
     }
 
     /// The shared state, to inspect what the handler did.
     pub fn state(&self) -> &S {
-        &self.state
+        &self.settings.state
     }
 
     /// Encodes each value with the codec and runs them as one batch of first deliveries
@@ -311,15 +305,14 @@ impl<S: Send + Sync + 'static> BatchHarness<S> {
     /// # Panics
     /// When a value cannot be encoded with the consumer's codec: the test itself is wrong.
     pub async fn call<T: Serialize>(&self, values: &[T]) -> Vec<Outcome> {
+        let codec = self.settings.consumer.codec;
         let deliveries = values
             .iter()
             .zip(1..)
-            .map(
-                |(value, sequence)| match codec::encode(self.consumer.codec, value) {
-                    Ok(payload) => Delivery::new(payload).sequence(sequence),
-                    Err(e) => panic!("the test value does not encode: {e}"),
-                },
-            )
+            .map(|(value, sequence)| match codec::encode(codec, value) {
+                Ok(payload) => Delivery::new(payload).sequence(sequence),
+                Err(e) => panic!("the test value does not encode: {e}"),
+            })
             .collect();
         self.deliver(deliveries).await
     }
@@ -327,10 +320,15 @@ impl<S: Send + Sync + 'static> BatchHarness<S> {
     /// Runs raw deliveries (payload bytes, headers, attempt each) as one batch. The
     /// outcomes are in the deliveries' order.
     pub async fn deliver(&self, deliveries: Vec<Delivery>) -> Vec<Outcome> {
-        let policy = self.consumer.retry_schedule();
-        let mut ctx =
-            BatchContext::new(self.state.clone()).with_origin("TEST", &self.consumer.name);
-        if let Some(js) = &self.jetstream {
+        let HandlerHarness {
+            state,
+            consumer,
+            jetstream,
+            ..
+        } = &self.settings;
+        let policy = consumer.retry_schedule();
+        let mut ctx = BatchContext::new(state.clone()).with_origin("TEST", &consumer.name);
+        if let Some(js) = jetstream {
             ctx = ctx.with_jetstream(js.clone());
         }
         let incoming = deliveries
@@ -344,12 +342,12 @@ impl<S: Send + Sync + 'static> BatchHarness<S> {
                 max_deliver: policy.max_deliver,
             })
             .collect();
-        let staged = stage(self.handler.as_ref(), incoming, &self.consumer, ctx);
+        let staged = stage(self.handler.as_ref(), incoming, consumer, ctx);
         let mut attempts = staged.rejected;
         if let Some(future) = staged.future {
-            let ran = match tokio::time::timeout(self.consumer.handler_timeout, future).await {
+            let ran = match tokio::time::timeout(consumer.handler_timeout, future).await {
                 Ok(result) => BatchRan::Finished(result),
-                Err(_) => BatchRan::TimedOut(self.consumer.handler_timeout),
+                Err(_) => BatchRan::TimedOut(consumer.handler_timeout),
             };
             let ran = batch_attempts(ran, staged.accepted.len());
             for (at, attempted) in staged.accepted.into_iter().zip(ran) {
@@ -509,13 +507,12 @@ mod tests {
     }
 
     fn batch_harness() -> BatchHarness<AtomicU64> {
-        let mut h = BatchHarness::new(AtomicU64::new(0), jobs);
-        let consumer = h.consumer_mut();
-        consumer.max_deliver = 3;
-        consumer.backoff = Some(vec![Duration::from_secs(1), Duration::from_secs(4)]);
-        consumer.handler_timeout = Duration::from_millis(50);
-        consumer.max_payload_bytes = 40;
-        h
+        BatchHarness::new(AtomicU64::new(0), jobs).configure(|h| {
+            h.max_deliver(3)
+                .backoff(vec![Duration::from_secs(1), Duration::from_secs(4)])
+                .handler_timeout(Duration::from_millis(50))
+                .max_payload_bytes(40)
+        })
     }
 
     fn is_dead(outcome: &Outcome, want: Reason) -> bool {
