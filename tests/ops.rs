@@ -96,6 +96,24 @@ async fn metrics_match_known_traffic() {
         m("jetworker_handler_duration_seconds_count{consumer=\"jobs\"}"),
         27.0
     );
+    // Attempts per settled message: 20 acked at the first delivery, 2 at the second;
+    // 3 dead-lettered (permanent) at the first.
+    assert_eq!(
+        m("jetworker_attempts_count{consumer=\"jobs\",outcome=\"ack\"}"),
+        22.0
+    );
+    assert_eq!(
+        m("jetworker_attempts_sum{consumer=\"jobs\",outcome=\"ack\"}"),
+        24.0
+    );
+    assert_eq!(
+        m("jetworker_attempts_bucket{le=\"1.0\",consumer=\"jobs\",outcome=\"ack\"}"),
+        20.0
+    );
+    assert_eq!(
+        m("jetworker_attempts_sum{consumer=\"jobs\",outcome=\"dead_letter\"}"),
+        3.0
+    );
     assert_eq!(m("jetworker_in_flight{consumer=\"jobs\"}"), 0.0);
     assert_eq!(m("jetworker_connected"), 1.0);
     // Lag gauges come from the server (polled): everything is settled.

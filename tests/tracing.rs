@@ -2,6 +2,7 @@
 //! what the handler publishes; JSON logs carry the per-message span fields.
 
 mod common;
+mod trace_kit;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -9,57 +10,20 @@ use std::time::Duration;
 use async_nats::jetstream;
 use common::*;
 use jetworker::testing::server::NatsServer;
-use jetworker::Publisher;
 use jetworker::TraceContext;
-use jetworker::{App, Context, Event, HandlerError};
 use jetworker_suite::{Job, Mode};
-use tokio_util::sync::CancellationToken;
-
-/// Publishes a follow-up event for every job, from inside the handler.
-async fn forward(job: Event<Job>, ctx: Context) -> Result<(), HandlerError> {
-    let js = ctx.jetstream().ok_or("no jetstream")?.clone();
-    Publisher::new(js)
-        .publish(
-            &format!("followup.{}", job.id),
-            &format!("f-{}", job.id),
-            &job.payload,
-        )
-        .await
-        .map_err(HandlerError::transient)?;
-    Ok(())
-}
+use trace_kit::{publish_traced, ForwardingWorker};
 
 #[tokio::test]
 async fn traceparent_continues_through_the_handler() {
     let server = NatsServer::start().expect("server");
-    let (_c, js) = connect(&server.url()).await;
-    js.create_stream(jetstream::stream::Config {
-        name: "FOLLOWUP".into(),
-        subjects: vec!["followup.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
-    let mut cfg = config(&server.url(), "");
-    cfg.consumers[0].handler = "forward".into();
-    let stop = CancellationToken::new();
-    let app = App::new(()).handler("forward", forward);
-    let worker = tokio::spawn(app.run_until(cfg, stop.clone()));
-    wait_until(Duration::from_secs(10), "provisioned", || async {
-        js.get_stream("EVENTS").await.is_ok()
-    })
-    .await;
+    let worker = ForwardingWorker::start(&server).await;
+    let js = worker.js.clone();
 
     let parent = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
         .expect("valid");
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("traceparent", parent.to_string().as_str());
     let payload = rmp_serde::to_vec_named(&Job::ok(1)).expect("encode");
-    js.publish_with_headers("jobs.1", headers, payload.into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    publish_traced(&js, "jobs.1", Some((&parent.to_string(), "")), payload).await;
     // And one without: the handler's publish starts a trace of its own.
     publish_jobs(&js, &[Job::ok(2)]).await;
 
@@ -80,8 +44,48 @@ async fn traceparent_continues_through_the_handler() {
     assert_ne!(continued.span_id, parent.span_id, "a new span");
     assert_ne!(trace_of("followup.2").trace_id, parent.trace_id);
 
-    stop.cancel();
-    worker.await.expect("join").expect("ran");
+    worker.stop().await;
+}
+
+/// `tracestate` travels with the trace: onto what the handler publishes, and onto the
+/// dead-letter copy, which keeps the original's `traceparent`. The copy of a
+/// JSON payload the MessagePack consumer could not decode says which codec to set.
+#[tokio::test]
+async fn tracestate_and_the_trace_reach_follow_ups_and_dead_letters() {
+    let server = NatsServer::start().expect("server");
+    let worker = ForwardingWorker::start(&server).await;
+    let js = worker.js.clone();
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let bad = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let job = rmp_serde::to_vec_named(&Job::ok(1)).expect("encode");
+    publish_traced(&js, "jobs.1", Some((good, "vendor=abc")), job).await;
+    let json = br#"{"id": 2, "mode": "Ok"}"#.to_vec();
+    publish_traced(&js, "jobs.2", Some((bad, "vendor=abc")), json).await;
+    wait_until(
+        Duration::from_secs(10),
+        "follow-up and dead letter",
+        || async { count(&js, "FOLLOWUP").await == 1 && count(&js, "DLQ").await == 1 },
+    )
+    .await;
+    worker.stop().await;
+
+    let traced = |m: &jetstream::message::StreamMessage| {
+        let parent =
+            TraceContext::parse(&header(m, "traceparent").expect("traceparent")).expect("valid");
+        (parent, header(m, "tracestate"))
+    };
+    let (followup, state) = traced(&messages(&js, "FOLLOWUP").await[0]);
+    assert_eq!(followup.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(state.as_deref(), Some("vendor=abc"));
+    let letter = &messages(&js, "DLQ").await[0];
+    let (copy, state) = traced(letter);
+    assert_eq!(copy.to_string(), bad, "the original's, for replays too");
+    assert_eq!(state.as_deref(), Some("vendor=abc"));
+    let error = header(letter, jetworker::headers::ERROR).expect("error header");
+    assert!(
+        error.contains("looks like JSON") && error.contains("codec = \"json\""),
+        "{error}"
+    );
 }
 
 #[tokio::test]

@@ -324,6 +324,7 @@ mod tests {
             "status",
             "dlq",
             "permissions",
+            "console",
             "hello",
         ] {
             assert!(

@@ -1,5 +1,5 @@
 //! The built-in subcommands (`run`, `check`, `provision`, `status`, `dlq ...`,
-//! `permissions`): their arguments and what each one does, with the exit codes.
+//! `permissions`, `console`): their arguments and what each one does, with the exit codes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +73,9 @@ pub enum Command {
         #[arg(long, value_name = "SUBJECT")]
         publish: Vec<String>,
     },
+    /// Serve the web console: streams, consumers, charts and dead letters (list, show,
+    /// replay, purge) on a page; loopback only unless a token is set.
+    Console(crate::console::ConsoleArgs),
 }
 
 /// `dlq` subcommands.
@@ -132,8 +135,10 @@ pub enum DlqCommand {
     },
 }
 
-/// Which dead letters a `dlq` command applies to.
-#[derive(Debug, Clone, Default, Args)]
+/// Which dead letters a `dlq` command applies to (the console's selections use the
+/// same fields, as JSON).
+#[derive(Debug, Clone, Default, Args, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FilterArgs {
     /// Only this dead-letter stream (needed with SEQ when the config has several).
     #[arg(long)]
@@ -219,7 +224,7 @@ pub async fn execute<S: Send + Sync + 'static>(
         Command::Run => match app.run(config).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => match (e.kind(), e.plan()) {
-                (RunErrorKind::MissingHandlers, _) => {
+                (RunErrorKind::MissingHandlers | RunErrorKind::NotABatchHandler, _) => {
                     eprintln!("{e}");
                     ExitCode::from(EXIT_INVALID_CONFIG)
                 }
@@ -257,6 +262,7 @@ pub async fn execute<S: Send + Sync + 'static>(
             without_provisioning,
             publish,
         } => run_permissions(&config, json, without_provisioning, publish),
+        Command::Console(args) => crate::console::run(&config, args).await,
     }
 }
 
@@ -339,7 +345,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> ExitCode {
 }
 
 /// Connects for a one-shot command; the error (servers redacted) is printed.
-async fn connect_for_command(config: &Config) -> Result<async_nats::Client, ExitCode> {
+pub(crate) async fn connect_for_command(config: &Config) -> Result<async_nats::Client, ExitCode> {
     jetworker::connect(&config.connection).await.map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_FAILURE)
@@ -459,7 +465,7 @@ fn describe(letters: &[Letter]) -> String {
 /// Who else receives the replays of `letters`: one line per set of other consumers, e.g.
 /// "consumers archive, audit also read the original subject of 3 of the 5 selected dead
 /// letters: they will handle the replays too".
-fn replay_notes(dlq: &Dlq, letters: &[Letter]) -> Vec<String> {
+pub(crate) fn replay_notes(dlq: &Dlq, letters: &[Letter]) -> Vec<String> {
     let mut per: std::collections::BTreeMap<Vec<String>, usize> = Default::default();
     for letter in letters {
         let others = dlq.other_readers(letter);

@@ -1,7 +1,8 @@
 //! jetworker-cli: the operator's tools every jetworker worker binary gets.
 //!
 //! A worker's `main` is one line; the binary then has `run`, `check`, `provision`,
-//! `status`, `dlq list | show | replay | purge` and `permissions`:
+//! `status`, `dlq list | show | replay | purge`, `permissions` and `console` (a web
+//! page over the same reads and dead-letter operations, see [`Console`]):
 //!
 //! ```no_run
 //! # async fn count_click(_: jetworker::Event<u64>, _: jetworker::Context) -> Result<(), jetworker::HandlerError> { Ok(()) }
@@ -40,12 +41,23 @@
 //! }
 //! ```
 //!
+//! # Web console
+//!
+//! `console` serves a page on `127.0.0.1:8222` (`--listen`; any non-loopback address
+//! needs a token from `JETWORKER_CONSOLE_TOKEN` or `--token-file`) showing what
+//! `status` reports, charts of the last minutes, and the dead letters with the `dlq`
+//! filters, replay and purge (refused with `--read-only`). Programs embed it with
+//! [`Console`], whose docs say what keeps it safe.
+//!
 //! # Layout
 //! - `cli`: [`Cli`], the command line a binary builds: built-in and own commands.
 //! - `command`: the built-in subcommands and what each does ([`execute`]), exit codes.
 //! - `dlq/`: the dead letters: `streams` (which streams hold them) -> `letter` (one
 //!   [`Letter`] and its views) -> `filter` ([`Filter`]) -> `replay` (replay headers,
 //!   reports) -> `service` ([`Dlq`]: list / show / replay / purge over a server); `error`.
+//! - `console/`: the web console ([`Console`]): `access` (token, sessions, CSRF and
+//!   same-origin checks) -> `sampler` (status over time, charts) -> `routes` (the page
+//!   and its JSON API; assets built in); `error`.
 //! - `status`: per consumer its backlog and dead letters, per stream its size.
 //! - `permissions`: the least publish/subscribe permissions a worker's config needs.
 //! - `table`: plain text tables for the commands' output.
@@ -53,10 +65,12 @@
 //!   priorities when stderr is the journal ([`stderr_is_journal`]).
 //!
 //! Errors have jetworker's one shape, [`jetworker::Error`]: [`DlqError`] is
-//! `Error<DlqErrorKind>`, [`StatusError`] is `Error<StatusErrorKind>`; match on `kind()`.
+//! `Error<DlqErrorKind>`, [`StatusError`] is `Error<StatusErrorKind>`, [`ConsoleError`]
+//! is `Error<ConsoleErrorKind>`; match on `kind()`.
 
 mod cli;
 mod command;
+mod console;
 mod dlq;
 mod logging;
 mod permissions;
@@ -67,6 +81,10 @@ pub use cli::{main, Cli, Invocation, NoCommands};
 pub use command::{
     execute, load_config, Command, DlqCommand, FilterArgs, GlobalArgs, EXIT_CONFLICT, EXIT_FAILURE,
     EXIT_INVALID_CONFIG, EXIT_USAGE,
+};
+pub use console::{
+    check_listen as check_console_listen, Console, ConsoleArgs, ConsoleError, ConsoleErrorKind,
+    ConsoleSettings, ConsoleToken, CONSOLE_TOKEN_ENV, DEFAULT_CONSOLE_LISTEN,
 };
 pub use dlq::{
     dead_letter_streams, decode_payload, list_table, parse_reason, parse_time, replay_headers,

@@ -18,6 +18,11 @@
 //!   to read, an ordered consumer (`CONSUMER.CREATE`, flow control on `$JS.FC`) to watch;
 //! - replies: every JetStream API answer and delivery comes to `<inbox_prefix>.>`.
 //!
+//! With `connection.jetstream_domain` the API subjects are `$JS.<domain>.API.…` (with
+//! `jetstream_api_prefix`, that prefix), as the worker's JetStream context uses them, and
+//! the ack subjects in their domain form (`$JS.ACK.<domain>.<account hash>.<stream>.…`)
+//! are allowed next to the plain ones.
+//!
 //! Without provisioning (`without_provisioning`, for a worker whose streams and
 //! consumers an operator provisions with `provision`) the create/update subjects are left
 //! out: `run` then only reads the server's state, and a missing consumer stays missing.
@@ -60,8 +65,12 @@ pub struct Permissions {
 }
 
 /// Collects permissions, each subject once.
-#[derive(Default)]
 struct Builder {
+    /// Where the JetStream API is: `$JS.API`, `$JS.<domain>.API` or the configured prefix.
+    api: String,
+    /// Whether deliveries may carry the domain's ack subjects
+    /// (`$JS.ACK.<domain>.<account hash>.<stream>.<consumer>...`).
+    domain_acks: bool,
     publish: Vec<Permission>,
     subscribe: Vec<Permission>,
     seen_publish: BTreeSet<String>,
@@ -69,6 +78,26 @@ struct Builder {
 }
 
 impl Builder {
+    fn new(connection: &jetworker::ConnectionConfig) -> Builder {
+        let api = match (
+            &connection.jetstream_domain,
+            &connection.jetstream_api_prefix,
+        ) {
+            (Some(domain), _) => format!("$JS.{domain}.API"),
+            (None, Some(prefix)) => prefix.trim_end_matches('.').to_owned(),
+            (None, None) => "$JS.API".to_owned(),
+        };
+        Builder {
+            api,
+            domain_acks: connection.jetstream_domain.is_some()
+                || connection.jetstream_api_prefix.is_some(),
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+            seen_publish: BTreeSet::new(),
+            seen_subscribe: BTreeSet::new(),
+        }
+    }
+
     fn publish(&mut self, subject: String, why: impl Into<String>) {
         if self.seen_publish.insert(subject.clone()) {
             self.publish.push(Permission {
@@ -88,33 +117,35 @@ impl Builder {
     }
 
     fn stream(&mut self, name: &str, what: &str, scope: &Scope) {
+        let api = self.api.clone();
         self.publish(
-            format!("$JS.API.STREAM.INFO.{name}"),
+            format!("{api}.STREAM.INFO.{name}"),
             format!("read {what} {name} (provisioning, health)"),
         );
         if !scope.without_provisioning {
             self.publish(
-                format!("$JS.API.STREAM.CREATE.{name}"),
+                format!("{api}.STREAM.CREATE.{name}"),
                 format!("create {what} {name} when it is missing"),
             );
             self.publish(
-                format!("$JS.API.STREAM.UPDATE.{name}"),
+                format!("{api}.STREAM.UPDATE.{name}"),
                 format!("update {what} {name} when the config changed"),
             );
         }
     }
 
     fn consumer(&mut self, c: &ConsumerConfig, scope: &Scope) {
+        let api = self.api.clone();
         let (stream, name) = (&c.stream, &c.name);
         self.publish(
-            format!("$JS.API.CONSUMER.INFO.{stream}.{name}"),
+            format!("{api}.CONSUMER.INFO.{stream}.{name}"),
             format!("read consumer {stream}/{name} (provisioning, lag, recovery)"),
         );
         if !scope.without_provisioning {
             // async-nats names the filter in the create subject when there is one.
             let create = match c.filter_subject.as_deref().filter(|f| !f.is_empty()) {
-                Some(filter) => format!("$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter}"),
-                None => format!("$JS.API.CONSUMER.CREATE.{stream}.{name}"),
+                Some(filter) => format!("{api}.CONSUMER.CREATE.{stream}.{name}.{filter}"),
+                None => format!("{api}.CONSUMER.CREATE.{stream}.{name}"),
             };
             self.publish(
                 create,
@@ -124,13 +155,19 @@ impl Builder {
             );
         }
         self.publish(
-            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"),
+            format!("{api}.CONSUMER.MSG.NEXT.{stream}.{name}"),
             format!("pull messages for {stream}/{name}"),
         );
         self.publish(
             format!("$JS.ACK.{stream}.{name}.>"),
             format!("ack, retry (delayed nak), progress and term deliveries of {stream}/{name}"),
         );
+        if self.domain_acks {
+            self.publish(
+                format!("$JS.ACK.*.*.{stream}.{name}.>"),
+                format!("settle deliveries of {stream}/{name} whose ack subject names the JetStream domain and account"),
+            );
+        }
         self.publish(
             c.dead_letter_subject.clone(),
             format!("dead letters of {stream}/{name}"),
@@ -141,7 +178,8 @@ impl Builder {
 impl Permissions {
     /// What `run` needs for `config` (see the module docs).
     pub fn for_worker(config: &Config, scope: &Scope) -> Permissions {
-        let mut b = Builder::default();
+        let mut b = Builder::new(&config.connection);
+        let api = b.api.clone();
         for s in &config.streams {
             b.stream(&s.name, "stream", scope);
         }
@@ -171,7 +209,7 @@ impl Permissions {
                 .collect::<BTreeSet<_>>()
             {
                 b.publish(
-                    format!("$JS.API.STREAM.MSG.GET.{stream}"),
+                    format!("{api}.STREAM.MSG.GET.{stream}"),
                     format!("the safety net fetches a stranded original from {stream} by sequence"),
                 );
             }
@@ -183,23 +221,23 @@ impl Permissions {
                 format!("handlers write, update and delete keys of bucket {name}"),
             );
             b.publish(
-                format!("$JS.API.DIRECT.GET.{stream}"),
+                format!("{api}.DIRECT.GET.{stream}"),
                 format!("handlers read bucket {name} by revision"),
             );
             b.publish(
-                format!("$JS.API.DIRECT.GET.{stream}.>"),
+                format!("{api}.DIRECT.GET.{stream}.>"),
                 format!("handlers read keys of bucket {name}"),
             );
             b.publish(
-                format!("$JS.API.STREAM.MSG.GET.{stream}"),
+                format!("{api}.STREAM.MSG.GET.{stream}"),
                 format!("handlers read keys of bucket {name} (servers without direct get)"),
             );
             b.publish(
-                format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                format!("{api}.CONSUMER.CREATE.{stream}"),
                 format!("handlers watch or list keys of bucket {name} (ordered consumer)"),
             );
             b.publish(
-                format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+                format!("{api}.CONSUMER.INFO.{stream}.>"),
                 format!("handlers' watchers of bucket {name} check their consumer"),
             );
             b.publish(
@@ -401,6 +439,33 @@ dead_letter_subject = "dlq.all"
         assert!(publish.contains(&"$JS.API.STREAM.INFO.EVENTS"));
         assert!(publish.contains(&"invoices.created"));
         assert!(!p.notes.iter().any(|n| n.contains("inbox_prefix")));
+    }
+
+    #[test]
+    fn a_jetstream_domain_moves_every_api_subject_into_it() {
+        let p = Permissions::for_worker(&config("jetstream_domain = \"hub\""), &Scope::default());
+        let publish = subjects(&p.publish);
+        assert!(
+            !publish.iter().any(|s| s.starts_with("$JS.API.")),
+            "{publish:?}"
+        );
+        for expected in [
+            "$JS.hub.API.STREAM.INFO.EVENTS",
+            "$JS.hub.API.CONSUMER.MSG.NEXT.EVENTS.clicks",
+            "$JS.hub.API.DIRECT.GET.KV_totals.>",
+            "$JS.ACK.EVENTS.clicks.>",
+            "$JS.ACK.*.*.EVENTS.clicks.>",
+        ] {
+            assert!(
+                publish.contains(&expected),
+                "{expected} missing from {publish:?}"
+            );
+        }
+        let prefixed = Permissions::for_worker(
+            &config("jetstream_api_prefix = \"$JS.leaf.API\""),
+            &Scope::default(),
+        );
+        assert!(subjects(&prefixed.publish).contains(&"$JS.leaf.API.CONSUMER.INFO.EVENTS.clicks"));
     }
 
     #[test]

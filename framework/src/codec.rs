@@ -47,7 +47,44 @@ pub type DecodeError = Error<DecodeErrorKind>;
 impl DecodeError {
     /// The codec that was used (`None` for a scan without one, see [`check_msgpack_depth`]).
     pub fn codec(&self) -> Option<CodecKind> {
-        self.detail::<CodecKind>().copied()
+        self.detail::<DecodeDetail>().map(|d| d.codec)
+    }
+
+    /// The other codec, when the payload is a whole value in it: a JSON payload sent to
+    /// a MessagePack consumer (the default codec), or the reverse. The message then says
+    /// so and names the `codec` setting to use.
+    pub fn payload_looks_like(&self) -> Option<CodecKind> {
+        self.detail::<DecodeDetail>().and_then(|d| d.looks_like)
+    }
+}
+
+/// What a decode error knows beyond its kind.
+#[derive(Debug, Clone, Copy)]
+struct DecodeDetail {
+    codec: CodecKind,
+    looks_like: Option<CodecKind>,
+}
+
+/// The codec other than `codec` that `bytes` are a whole document of, if any. Cheap
+/// enough for the failure path only: it parses the payload once more.
+fn other_codec_fitting(codec: CodecKind, bytes: &[u8]) -> Option<CodecKind> {
+    match codec {
+        // A JSON object or array; a MessagePack reader sees `{` and `[` as small integers.
+        CodecKind::Msgpack => {
+            let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
+            (matches!(first, b'{' | b'[')
+                && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok())
+            .then_some(CodecKind::Json)
+        }
+        // A MessagePack map or array: its first byte is never the start of JSON text.
+        CodecKind::Json => {
+            let first = *bytes.first()?;
+            let container = matches!(first, 0x80..=0x9f | 0xdc..=0xdf);
+            (container
+                && check_msgpack_depth(bytes, MAX_MSGPACK_DEPTH).is_ok()
+                && rmp_serde::from_slice::<serde::de::IgnoredAny>(bytes).is_ok())
+            .then_some(CodecKind::Msgpack)
+        }
     }
 }
 
@@ -81,9 +118,20 @@ impl EncodeError {
 /// Decodes `bytes` with `codec`.
 pub fn decode<T: DeserializeOwned>(codec: CodecKind, bytes: &[u8]) -> Result<T, DecodeError> {
     let fail = |kind, source: Box<dyn std::error::Error + Send + Sync>| {
+        let looks_like = other_codec_fitting(codec, bytes);
+        let message = match looks_like {
+            Some(other) => format!(
+                "cannot decode {codec} payload (the payload looks like {}: if the consumer's messages are {other}, set codec = \"{other}\" on it in streams.toml)",
+                match other {
+                    CodecKind::Json => "JSON",
+                    CodecKind::Msgpack => "MessagePack",
+                }
+            ),
+            None => format!("cannot decode {codec} payload"),
+        };
         DecodeError::with_source(kind, source)
-            .with_message(format!("cannot decode {codec} payload"))
-            .with_detail(codec)
+            .with_message(message)
+            .with_detail(DecodeDetail { codec, looks_like })
     };
     match codec {
         CodecKind::Msgpack => {
@@ -231,6 +279,41 @@ mod tests {
         assert!(decode::<Click>(CodecKind::Msgpack, &bytes[..bytes.len() - 2]).is_err());
         // Invalid UTF-8 in JSON.
         assert!(decode::<Click>(CodecKind::Json, b"{\"id\":\"\xff\",\"page\":\"x\"}").is_err());
+    }
+
+    #[test]
+    fn a_payload_of_the_other_codec_is_named_with_the_setting_to_use() {
+        let click = Click {
+            id: "e1".into(),
+            page: "/".into(),
+        };
+        let json = encode(CodecKind::Json, &click).expect("encode");
+        let err = decode::<Click>(CodecKind::Msgpack, &json).expect_err("JSON is not MessagePack");
+        assert_eq!(err.kind(), DecodeErrorKind::Malformed);
+        assert_eq!(err.codec(), Some(CodecKind::Msgpack));
+        assert_eq!(err.payload_looks_like(), Some(CodecKind::Json));
+        let shown = err.to_string();
+        assert!(
+            shown.contains("looks like JSON") && shown.contains("codec = \"json\""),
+            "{shown}"
+        );
+
+        let msgpack = encode(CodecKind::Msgpack, &click).expect("encode");
+        let err = decode::<Click>(CodecKind::Json, &msgpack).expect_err("MessagePack is not JSON");
+        assert_eq!(err.payload_looks_like(), Some(CodecKind::Msgpack));
+        assert!(err.to_string().contains("codec = \"msgpack\""), "{err}");
+
+        // Neither codec's document, or the right codec with the wrong fields: no hint.
+        for (codec, bytes) in [
+            (CodecKind::Msgpack, &b"{\"id\": 1, oops"[..]),
+            (CodecKind::Json, &b"\x81\xa2id"[..]),
+            (CodecKind::Json, &b"{\"other\": 1}"[..]),
+            (CodecKind::Msgpack, &b"\x81\xa5other\x01"[..]),
+        ] {
+            let err = decode::<Click>(codec, bytes).expect_err("not a click");
+            assert_eq!(err.payload_looks_like(), None, "{codec} {bytes:?}: {err}");
+            assert!(!err.to_string().contains("looks like"), "{err}");
+        }
     }
 
     /// A recursive handler type: rmp-serde does not count enum variants as depth.

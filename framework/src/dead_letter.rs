@@ -1,7 +1,8 @@
 //! Dead letters: the copy of a message no handler could process, with why.
 //!
 //! The copy carries the original payload and headers plus the `Jetworker-*` headers
-//! below. Original headers starting with `Nats-` are kept under
+//! below; the original's `traceparent` and `tracestate` keep it in the message's trace
+//! (one is added when the original had none and a delivery's trace is current). Original headers starting with `Nats-` are kept under
 //! `Jetworker-Original-<name>` so they cannot steer the dead-letter publish (a
 //! `Nats-Expected-*` header would make it fail; the original `Nats-Msg-Id` would clash).
 //! The copy's `Nats-Msg-Id` is derived from (stream, sequence), so publishing it twice
@@ -202,6 +203,15 @@ impl DeadLetter {
         out.insert(REASON, self.reason.as_str());
         out.insert(ERROR, header_value(&self.error, MAX_ERROR_LEN).as_str());
         out.insert(TIME, now.as_str());
+        // The copy is in the message's trace: it keeps the original's traceparent and
+        // tracestate (a replay continues the sender's trace); a message that came
+        // without one (or whose header did not fit) gets the trace of the delivery that
+        // gave up on it, when there is one (the exported span, feature `otel`).
+        if out.get(crate::trace::TRACEPARENT).is_none() {
+            if let Some(trace) = crate::trace::continuing(&self.headers) {
+                trace.insert_into(&mut out);
+            }
+        }
         for (name, value) in extra {
             if !value.is_empty() {
                 out.insert(*name, value.as_str());

@@ -54,7 +54,9 @@
 //! - `ops`: `/healthz`, `/readyz` and Prometheus `/metrics` on `worker.ops_listen`.
 //! - `shutdown`: SIGTERM / SIGINT handling.
 //! - [`systemd`]: `Type=notify` services: READY / STOPPING / STATUS and the watchdog.
-//! - `trace`: W3C `traceparent` continued from deliveries and added by the publisher.
+//! - `trace`: W3C `traceparent` and `tracestate` continued from deliveries and put on
+//!   what the publisher sends and on dead-letter copies.
+//! - `otel` (feature `otel`): [`OtlpExporter`], the spans exported over OTLP/HTTP.
 //! - [`headers`]: the names of the headers jetworker puts on dead letters and replays.
 //! - `testing` (feature `testing`): for users' tests: the handler harness (outcomes
 //!   without a server); `testing/server/`: the nats-server launcher (real servers and
@@ -77,6 +79,8 @@ mod dead_letter;
 mod error;
 mod handler;
 mod ops;
+#[cfg(feature = "otel")]
+mod otel;
 mod outcome;
 mod provision;
 mod publisher;
@@ -123,6 +127,9 @@ pub use handler::{
     ResultExt,
 };
 pub use ops::{Health, HealthError, HealthErrorKind, OpsError, OpsErrorKind};
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub use otel::{OtelError, OtelErrorKind, OtlpExporter};
 pub use outcome::{decide, Attempted, Outcome, Reason, RetrySchedule};
 pub use provision::{
     consumer_info, desired, get_stream, plan, provision, Action, Actual, Desired, Plan,
@@ -152,5 +159,5 @@ pub mod headers {
         ORIGINAL_SUBJECT, PAYLOAD_DROPPED, REASON, REPLAY_COUNT, SEQUENCE, STREAM, TIME,
     };
     pub use crate::safety_net::ORIGINAL_MISSING;
-    pub use crate::trace::TRACEPARENT;
+    pub use crate::trace::{TRACEPARENT, TRACESTATE};
 }

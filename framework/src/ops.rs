@@ -7,7 +7,8 @@
 //! - `/readyz`: 200 when connected, provisioned, every consumer pulling, and not shutting
 //!   down; 503 otherwise, with the reason in the body.
 //! - `/metrics`: per consumer, messages by outcome, dead letters by reason, redeliveries,
-//!   handler duration histogram, in-flight, server-side pending and ack pending (lag);
+//!   handler duration histogram, attempts per settled message (`jetworker_attempts`, by
+//!   outcome), in-flight, server-side pending and ack pending (lag);
 //!   the process (`process_*`, read from `/proc/self` on Linux) and
 //!   `jetworker_build_info{version}`; and whatever the application registered with
 //!   [`App::metrics`](crate::App::metrics), in the same registry.
@@ -355,6 +356,22 @@ impl Collector for StatsCollector {
             s.handler_seconds
                 .encode(histogram.encode_family(&c(name))?)?;
         }
+        let mut attempts = encoder.encode_descriptor(
+            "jetworker_attempts",
+            "Deliveries a message took to settle for good, by consumer and outcome (ack, dead_letter)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (name, s) in &consumers {
+            for (outcome, histogram) in [
+                ("ack", &s.attempts_acked),
+                ("dead_letter", &s.attempts_dead_lettered),
+            ] {
+                let mut labels = c(name);
+                labels.push(("outcome", outcome.to_string()));
+                histogram.encode(attempts.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }
@@ -638,5 +655,28 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         );
         assert!(text.contains(&build), "{build} missing in:\n{text}");
+    }
+
+    #[test]
+    fn attempts_are_a_histogram_per_consumer_and_outcome() {
+        let health = Health::new();
+        let stats = Arc::new(ConsumerStats::default());
+        stats.observe_attempts(true, 1);
+        stats.observe_attempts(true, 3);
+        stats.observe_attempts(false, 5);
+        health.add_consumer("jobs", stats);
+        let text = render_metrics(&metrics_registry(&health, Registry::default()));
+        for series in [
+            "# TYPE jetworker_attempts histogram",
+            "jetworker_attempts_count{consumer=\"jobs\",outcome=\"ack\"} 2",
+            "jetworker_attempts_sum{consumer=\"jobs\",outcome=\"ack\"} 4.0",
+            "jetworker_attempts_bucket{le=\"2.0\",consumer=\"jobs\",outcome=\"ack\"} 1",
+            "jetworker_attempts_bucket{le=\"3.0\",consumer=\"jobs\",outcome=\"ack\"} 2",
+            "jetworker_attempts_count{consumer=\"jobs\",outcome=\"dead_letter\"} 1",
+            "jetworker_attempts_bucket{le=\"4.0\",consumer=\"jobs\",outcome=\"dead_letter\"} 0",
+            "jetworker_attempts_bucket{le=\"5.0\",consumer=\"jobs\",outcome=\"dead_letter\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} missing in:\n{text}");
+        }
     }
 }

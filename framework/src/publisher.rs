@@ -385,14 +385,14 @@ async fn await_ack(
     }
 }
 
-/// Adds the message id and, unless the caller set one, a `traceparent` (continuing the
-/// trace of the handler publishing, or starting one).
+/// Adds the message id and, unless the caller set one, a `traceparent` and the trace's
+/// `tracestate` (continuing the trace of the handler publishing, or starting one).
 fn with_msg_id(mut headers: HeaderMap, msg_id: &str) -> HeaderMap {
     if !msg_id.is_empty() {
         headers.insert("Nats-Msg-Id", msg_id);
     }
     if headers.get(trace::TRACEPARENT).is_none() {
-        headers.insert(trace::TRACEPARENT, trace::outgoing().to_string().as_str());
+        trace::outgoing().insert_into(&mut headers);
     }
     headers
 }

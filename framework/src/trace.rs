@@ -1,10 +1,13 @@
-//! W3C trace context (`traceparent`) propagation.
+//! W3C trace context (`traceparent` and `tracestate`) propagation.
 //!
 //! A delivery whose headers carry a `traceparent` continues that trace: its span records
 //! the trace id, and anything the handler publishes through [`crate::publisher`] carries
-//! a `traceparent` with the same trace id and a new span id. A delivery without one
-//! starts a new trace. Exporting spans (OpenTelemetry) is left to the application's
-//! `tracing` subscriber; the ids are in the span fields `trace_id` and `span_id`.
+//! a `traceparent` with the same trace id and a new span id, and the delivery's
+//! `tracestate` unchanged. A dead-letter copy keeps the original's, or continues the
+//! delivery's trace when the original had none (feature `otel`). A delivery
+//! without one starts a new trace. The ids are in the span fields `trace_id` and
+//! `span_id`. With the `otel` feature and its layer installed, the spans are exported
+//! over OTLP and the ids are those of the exported spans (see `otel`).
 
 use std::fmt;
 
@@ -12,6 +15,12 @@ use rand::Rng;
 
 /// The header name.
 pub const TRACEPARENT: &str = "traceparent";
+/// The header of vendor-specific trace data, passed on with the `traceparent`.
+pub const TRACESTATE: &str = "tracestate";
+
+/// The longest `tracestate` passed on (W3C: 512 characters is what a receiver must be
+/// able to take; longer ones may be cut).
+const MAX_TRACESTATE_LEN: usize = 512;
 
 /// A trace context: trace id, this span's id, and the sampled flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +31,8 @@ pub struct TraceContext {
     pub span_id: String,
     /// Trace flags (bit 0: sampled).
     pub flags: u8,
+    /// The `tracestate` that came with the trace (vendor entries, passed on as is).
+    pub tracestate: Option<String>,
 }
 
 tokio::task_local! {
@@ -79,7 +90,34 @@ impl TraceContext {
             trace_id: trace_id.to_string(),
             span_id: span_id.to_string(),
             flags: if version == "00" { flags } else { flags & 1 },
+            tracestate: None,
         })
+    }
+
+    /// The trace context of a message's headers: its `traceparent` with its
+    /// `tracestate` (several `tracestate` lines are joined, as W3C says; one that is
+    /// too long or not printable ASCII is dropped, the trace still continues).
+    pub fn from_headers(headers: &async_nats::HeaderMap) -> Option<TraceContext> {
+        let mut context = TraceContext::parse(headers.get(TRACEPARENT)?.as_str())?;
+        let state = headers
+            .get_all(TRACESTATE)
+            .map(|v| v.as_str().trim())
+            .filter(|v| !v.is_empty())
+            .collect::<Vec<_>>()
+            .join(",");
+        context.tracestate = (!state.is_empty()
+            && state.len() <= MAX_TRACESTATE_LEN
+            && state.bytes().all(|b| (0x20..=0x7e).contains(&b)))
+        .then_some(state);
+        Some(context)
+    }
+
+    /// Sets `traceparent` (and `tracestate`, when the trace has one) on `headers`.
+    pub fn insert_into(&self, headers: &mut async_nats::HeaderMap) {
+        headers.insert(TRACEPARENT, self.to_string().as_str());
+        if let Some(state) = &self.tracestate {
+            headers.insert(TRACESTATE, state.as_str());
+        }
     }
 
     /// A new trace (sampled).
@@ -88,6 +126,7 @@ impl TraceContext {
             trace_id: random_hex(16),
             span_id: random_hex(8),
             flags: 1,
+            tracestate: None,
         }
     }
 
@@ -97,6 +136,7 @@ impl TraceContext {
             trace_id: self.trace_id.clone(),
             span_id: random_hex(8),
             flags: self.flags,
+            tracestate: self.tracestate.clone(),
         }
     }
 
@@ -104,8 +144,7 @@ impl TraceContext {
     /// new root.
     pub fn for_delivery(headers: Option<&async_nats::HeaderMap>) -> TraceContext {
         headers
-            .and_then(|h| h.get(TRACEPARENT))
-            .and_then(|v| TraceContext::parse(v.as_str()))
+            .and_then(TraceContext::from_headers)
             .map(|parent| parent.child())
             .unwrap_or_else(TraceContext::new_root)
     }
@@ -136,11 +175,51 @@ impl fmt::Display for TraceContext {
 }
 
 /// The `traceparent` for an outgoing message: a child of the current context (inside a
-/// handler), else a new trace.
+/// handler), else a new trace. With an OpenTelemetry layer (feature `otel`), the
+/// exported span current now is the parent.
 pub fn outgoing() -> TraceContext {
-    TraceContext::current()
-        .map(|c| c.child())
-        .unwrap_or_else(TraceContext::new_root)
+    current_outgoing().unwrap_or_else(TraceContext::new_root)
+}
+
+/// The context for a message that derives from one with `headers` (a dead-letter copy
+/// that lacks the original's `traceparent`): like [`outgoing`] inside a trace, else a
+/// child of the headers' `traceparent`; `None` when there is no trace to continue.
+pub(crate) fn continuing(headers: &async_nats::HeaderMap) -> Option<TraceContext> {
+    current_outgoing().or_else(|| TraceContext::from_headers(headers).map(|p| p.child()))
+}
+
+/// A child of the trace current now: the exported span's (feature `otel`, with its
+/// layer), else the running handler's context.
+fn current_outgoing() -> Option<TraceContext> {
+    #[cfg(feature = "otel")]
+    if let Some(exported) = crate::otel::current() {
+        return Some(exported);
+    }
+    TraceContext::current().map(|c| c.child())
+}
+
+/// The trace context of a delivery whose span is `span`: a child of the headers'
+/// `traceparent` (or a new trace), recorded in the span's `trace_id` and `span_id`
+/// fields. With an OpenTelemetry layer (feature `otel`) the exported span is that
+/// child, with the sender's span as its remote parent.
+pub(crate) fn continue_delivery(
+    headers: Option<&async_nats::HeaderMap>,
+    span: &tracing::Span,
+) -> TraceContext {
+    #[cfg(feature = "otel")]
+    let trace = {
+        let parent = headers.and_then(TraceContext::from_headers);
+        crate::otel::start_span(span, parent.as_ref()).unwrap_or_else(|| {
+            parent
+                .map(|p| p.child())
+                .unwrap_or_else(TraceContext::new_root)
+        })
+    };
+    #[cfg(not(feature = "otel"))]
+    let trace = TraceContext::for_delivery(headers);
+    span.record("trace_id", trace.trace_id.as_str());
+    span.record("span_id", trace.span_id.as_str());
+    trace
 }
 
 #[cfg(test)]
@@ -202,6 +281,62 @@ mod tests {
         assert_eq!(child.trace_id, root.trace_id);
         assert_ne!(child.span_id, root.span_id);
         assert!(TraceContext::parse(&child.to_string()).is_some());
+    }
+
+    #[test]
+    fn tracestate_travels_with_the_traceparent() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            TRACEPARENT,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        headers.append(TRACESTATE, "congo=t61rcWkgMzE");
+        headers.append(TRACESTATE, "rojo=00f067aa0ba902b7");
+        let delivery = TraceContext::for_delivery(Some(&headers));
+        assert_eq!(
+            delivery.tracestate.as_deref(),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+            "several lines are one list"
+        );
+        let mut out = async_nats::HeaderMap::new();
+        delivery.child().insert_into(&mut out);
+        assert_eq!(
+            out.get(TRACESTATE).map(|v| v.as_str()),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+        );
+        let sent = TraceContext::parse(out.get(TRACEPARENT).expect("traceparent").as_str())
+            .expect("valid");
+        assert_eq!(sent.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+
+        // Without a valid traceparent a tracestate means nothing; a hostile one is dropped.
+        let mut alone = async_nats::HeaderMap::new();
+        alone.insert(TRACESTATE, "congo=t61rcWkgMzE");
+        assert_eq!(TraceContext::from_headers(&alone), None);
+        headers.insert(TRACESTATE, "x=\u{7f}bad");
+        let kept = TraceContext::from_headers(&headers).expect("the trace continues");
+        assert_eq!(kept.tracestate, None);
+        headers.insert(TRACESTATE, "a=".to_string() + &"b".repeat(600));
+        assert_eq!(
+            TraceContext::from_headers(&headers).and_then(|c| c.tracestate),
+            None
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_outside_a_handler_continues_the_originals_trace() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            TRACEPARENT,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        let copy = continuing(&headers).expect("a trace to continue");
+        assert_eq!(copy.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(copy.span_id, "00f067aa0ba902b7");
+        assert_eq!(
+            continuing(&async_nats::HeaderMap::new()),
+            None,
+            "no trace, none started"
+        );
     }
 
     #[tokio::test]

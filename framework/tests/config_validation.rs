@@ -535,3 +535,87 @@ fn environment_values_stay_the_strings_they_are() {
     let c = parse_env(BASE, &[("JETWORKER__CONNECTION__TLS__REQUIRED", "true")]).expect("valid");
     assert!(c.connection.tls.required);
 }
+
+#[test]
+fn values_that_do_not_parse_are_reported_with_every_other_problem() {
+    let text = BASE
+        .replace(
+            "handler = \"track_click\"",
+            "handler = \"track_click\"\nack_wait = \"soon\"\nconcurrency = \"64\"\ncodec = \"yaml\"\nmax_deliver = 0",
+        )
+        .replace(
+            "subjects = [\"dlq.>\"]",
+            "subjects = [\"dlq.>\"]\nretention = \"forever\"\nreplicas = 0",
+        );
+    let err = parse(&text).expect_err("invalid");
+    assert_eq!(err.kind(), ConfigErrorKind::Parse, "{err}");
+    let mut got = keys(&err);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "consumers[0].ack_wait",
+            "consumers[0].codec",
+            "consumers[0].concurrency",
+            "consumers[0].max_deliver",
+            "streams[1].replicas",
+            "streams[1].retention",
+        ],
+        "{err}"
+    );
+    let message = |key: &str| {
+        err.problems()
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| p.message.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        message("consumers[0].codec").contains("\"msgpack\" or \"json\""),
+        "the valid values are listed: {err}"
+    );
+    assert!(
+        message("streams[1].retention").contains("\"limits\", \"interest\""),
+        "{err}"
+    );
+    assert!(
+        message("consumers[0].concurrency").contains("an integer"),
+        "{err}"
+    );
+    let shown = err.to_string();
+    assert!(
+        shown.contains("conf/streams.toml: consumers[0].concurrency"),
+        "key and file: {shown}"
+    );
+}
+
+#[test]
+fn a_quoted_number_from_the_environment_is_read_as_the_number() {
+    let c = parse_env(BASE, &[("JETWORKER__CONNECTION__TLS__REQUIRED", "true")]).expect("valid");
+    assert!(c.connection.tls.required);
+    let text = BASE.replace(
+        "[connection]",
+        "[connection]\ntls = { required = \"true\" }",
+    );
+    let err = parse(&text).expect_err("a quoted boolean in the file");
+    assert_eq!(keys(&err), ["connection.tls.required"], "{err}");
+}
+
+#[test]
+fn an_unknown_key_points_to_the_reference_and_the_likely_key() {
+    let text = BASE.replace(
+        "handler = \"track_click\"",
+        "handler = \"track_click\"\nmax_delivers = 3",
+    );
+    let err = parse(&text).expect_err("invalid");
+    let problem = &err.problems()[0];
+    assert_eq!(problem.key, "consumers[0].max_delivers");
+    assert!(
+        problem.message.contains("docs/config-reference.md"),
+        "{problem:?}"
+    );
+    assert!(
+        problem.message.contains("did you mean max_deliver"),
+        "{problem:?}"
+    );
+}

@@ -458,11 +458,20 @@ impl Dlq {
 
     /// Deletes `letters` from their dead-letter streams for good.
     pub async fn purge(&self, letters: &[Letter]) -> Result<PurgeReport, DlqError> {
-        let results: Vec<Result<bool, DlqError>> = futures::stream::iter(letters)
-            .map(|l| self.delete(l))
-            .buffer_unordered(32)
-            .collect()
-            .await;
+        // Up to 32 deletes at once. Pushed one by one rather than mapped by a closure
+        // over a stream: the closure's lifetimes would keep the returned future from
+        // being `Send`, which the console's handlers need.
+        let mut deleting = futures::stream::FuturesUnordered::new();
+        let mut results: Vec<Result<bool, DlqError>> = Vec::with_capacity(letters.len());
+        for letter in letters {
+            if deleting.len() >= 32 {
+                results.extend(deleting.next().await);
+            }
+            deleting.push(self.delete(letter));
+        }
+        while let Some(result) = deleting.next().await {
+            results.push(result);
+        }
         let mut report = PurgeReport::default();
         let mut first_error = None;
         for r in results {

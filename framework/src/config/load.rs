@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use super::keys::{schema_keys, SchemaKey, ValueKind};
 use super::schema::Config;
 use super::server_url::scrub_secrets;
 use super::validate::ConfigProblem;
@@ -23,9 +24,11 @@ pub const DEFAULT_PATH: &str = "streams.toml";
 pub enum ConfigErrorKind {
     /// The file could not be read (the I/O error is the source).
     Read,
-    /// The text is not valid TOML, or a value has the wrong type. The parser's own error
-    /// is not kept as the source: its text can quote the line, secret and all; the
-    /// message keeps its position and reason, scrubbed.
+    /// The text is not valid TOML (the message says where), or some values do not
+    /// parse (wrong type, bad duration, unknown enum value): then
+    /// [`ConfigError::problems`] lists them with every other problem of the config. The
+    /// parser's own error is not kept as the source: its text can quote the line, secret
+    /// and all; the message keeps its position and reason, scrubbed.
     Parse,
     /// The config parsed but is not valid; [`ConfigError::problems`] lists every problem.
     Invalid,
@@ -62,7 +65,8 @@ impl ConfigErrorDetail {
 }
 
 impl ConfigError {
-    /// The problems, when the config was invalid (empty for read and parse errors).
+    /// The problems, when the config was invalid or values did not parse (empty for
+    /// read errors and text that is not TOML).
     pub fn problems(&self) -> &[ConfigProblem] {
         self.detail::<ConfigErrorDetail>()
             .map(|d| d.problems.as_slice())
@@ -183,30 +187,74 @@ impl Config {
             .build()
             .map_err(|e| parse_error(scrub_secrets(&e.to_string())))?;
 
-        let mut unknown = Vec::new();
-        let mut record_unknown =
-            |path: serde_ignored::Path| unknown.push(key_path(&path.to_string()));
-        let ignored = serde_ignored::Deserializer::new(raw, &mut record_unknown);
-        let mut config: Config = serde_path_to_error::deserialize(ignored).map_err(|e| {
-            let key = e.path().to_string();
+        let schema = schema_keys();
+        let mut tree = raw.cache;
+        // Values that do not parse are reported, taken out and parsing goes on, so one
+        // bad value does not hide the others (nor the validation problems).
+        let mut unparsed = quoted_values(&mut tree, &schema);
+        let (mut config, unknown) = loop {
+            let mut unknown = Vec::new();
+            let mut record_unknown =
+                |path: serde_ignored::Path| unknown.push(key_path(&path.to_string()));
+            let ignored = serde_ignored::Deserializer::new(tree.clone(), &mut record_unknown);
+            let failed = match serde_path_to_error::deserialize::<_, Config>(ignored) {
+                Ok(config) => break (config, unknown),
+                Err(failed) => failed,
+            };
+            let key = failed.path().to_string();
+            let Some(value) = take_key(&mut tree, failed.path()) else {
+                // Not at a key (the document as a whole): nothing to take out and go on.
+                let message = scrub_secrets(&failed.into_inner().to_string());
+                return Err(parse_error(format!("{key}: {message}")));
+            };
             let message = if SECRET_KEYS.iter().any(|k| key.ends_with(k)) {
                 "invalid value (not shown: it is a secret); expected a string".to_string()
             } else {
-                scrub_secrets(&e.into_inner().to_string())
+                match schema_key(&schema, &key) {
+                    Some(SchemaKey {
+                        kind: kind @ ValueKind::Enum(_),
+                        ..
+                    }) => match value.kind {
+                        config::ValueKind::String(text) => {
+                            format!("{text:?} is not a valid value: expected {kind}")
+                        }
+                        _ => format!("expected {kind}"),
+                    },
+                    _ => {
+                        let message = failed.into_inner().to_string();
+                        // The config crate names the key again, mangled
+                        // (`consumers[0]ack_wait`): the problem names it already.
+                        let message = message
+                            .split_once(" for key `")
+                            .map_or(message.as_str(), |(reason, _)| reason);
+                        scrub_secrets(message)
+                    }
+                }
             };
-            parse_error(format!("{key}: {message}"))
-        })?;
+            unparsed.push(ConfigProblem { key, message });
+        };
         config.source = source.to_path_buf();
         config.connection.sources = settle_sources(&mut config.connection, &layers);
 
-        let mut problems: Vec<ConfigProblem> = unknown
-            .into_iter()
-            .map(|key| ConfigProblem {
-                message: "unknown key (a typo? see the documented keys in the README)".to_string(),
-                key,
-            })
-            .collect();
-        problems.extend(config.problems());
+        let mut problems = unparsed.clone();
+        problems.extend(unknown.into_iter().map(|key| ConfigProblem {
+            message: format!("unknown key (a typo?{}); every key is listed in the config reference, {REFERENCE}",
+                closest_key(&schema, &key).map(|k| format!(" did you mean {k}")).unwrap_or_default()),
+            key,
+        }));
+        // A key taken out for not parsing is at its default now: what validation says
+        // of that default is not news.
+        problems.extend(
+            config
+                .problems()
+                .into_iter()
+                .filter(|p| !unparsed.iter().any(|u| u.key == p.key)),
+        );
+        if !unparsed.is_empty() {
+            return Err(ConfigError::new(ConfigErrorKind::Parse)
+                .with_message(render_problems(&file, &problems))
+                .with_detail(ConfigErrorDetail::new(&file, problems)));
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -231,6 +279,145 @@ fn key_path(dotted: &str) -> String {
         }
     }
     out
+}
+
+/// Where every key of `streams.toml` is listed, with its default and meaning.
+pub(crate) const REFERENCE: &str = "docs/config-reference.md in the jetworker repository";
+
+/// The schema key of a key path as problems name it (`consumers[0].ack_wait`).
+fn schema_key<'a>(schema: &'a [SchemaKey], key: &str) -> Option<&'a SchemaKey> {
+    let path = strip_indices(key);
+    schema.iter().find(|k| k.path == path)
+}
+
+/// `consumers[0].tls.ca_file` as `consumers.tls.ca_file`.
+fn strip_indices(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut in_index = false;
+    for c in key.chars() {
+        match c {
+            '[' => in_index = true,
+            ']' => in_index = false,
+            c if !in_index => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The schema key an unknown key was most likely meant to be: same section, at most
+/// two edits away from its last part (`max_delivers` -> `max_deliver`).
+fn closest_key(schema: &[SchemaKey], unknown: &str) -> Option<String> {
+    let path = strip_indices(unknown);
+    let (section, name) = path.rsplit_once('.').unwrap_or(("", path.as_str()));
+    schema
+        .iter()
+        .filter_map(|k| {
+            let (k_section, k_name) = k.path.rsplit_once('.').unwrap_or(("", k.path.as_str()));
+            (k_section == section).then(|| (edit_distance(name, k_name), k_name))
+        })
+        .filter(|(distance, _)| *distance <= 2)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, name)| name.to_string())
+}
+
+/// Levenshtein distance between two short keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// Takes out, and reports, every value the file quotes where its key wants a number
+/// or a boolean (`concurrency = "64"`). Environment variables are text by nature and
+/// are read as the key wants; the file says what it means.
+fn quoted_values(tree: &mut config::Value, schema: &[SchemaKey]) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    quoted_values_under(tree, "", schema, &mut problems);
+    problems
+}
+
+fn quoted_values_under(
+    value: &mut config::Value,
+    key: &str,
+    schema: &[SchemaKey],
+    problems: &mut Vec<ConfigProblem>,
+) {
+    match &mut value.kind {
+        config::ValueKind::Table(table) => {
+            let mut quoted = Vec::new();
+            for (name, child) in table.iter_mut() {
+                let child_key = if key.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{key}.{name}")
+                };
+                let wanted = schema_key(schema, &child_key).map(|k| k.kind);
+                match (&child.kind, wanted) {
+                    (
+                        config::ValueKind::String(text),
+                        Some(kind @ (ValueKind::Integer | ValueKind::Float | ValueKind::Boolean)),
+                    ) if child.origin().is_none() => {
+                        problems.push(ConfigProblem {
+                            message: format!(
+                                "expected {kind}, found the string {text:?}: write it without quotes ({name} = {text})"
+                            ),
+                            key: child_key,
+                        });
+                        quoted.push(name.clone());
+                    }
+                    _ => quoted_values_under(child, &child_key, schema, problems),
+                }
+            }
+            for name in quoted {
+                table.remove(&name);
+            }
+        }
+        config::ValueKind::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                quoted_values_under(item, &format!("{key}[{i}]"), schema, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Takes the key an error path leads to (the nearest key at or above it: a list whose
+/// element is bad goes as a whole) out of the tree; `None` when the path names no key.
+fn take_key(tree: &mut config::Value, path: &serde_path_to_error::Path) -> Option<config::Value> {
+    let segments: Vec<&serde_path_to_error::Segment> = path.iter().collect();
+    let last_key = segments
+        .iter()
+        .rposition(|s| matches!(s, serde_path_to_error::Segment::Map { .. }))?;
+    let mut node = tree;
+    for segment in &segments[..last_key] {
+        node = match (segment, &mut node.kind) {
+            (serde_path_to_error::Segment::Map { key }, config::ValueKind::Table(table)) => {
+                table.get_mut(key)?
+            }
+            (serde_path_to_error::Segment::Seq { index }, config::ValueKind::Array(items)) => {
+                items.get_mut(*index)?
+            }
+            _ => return None,
+        };
+    }
+    match (segments[last_key], &mut node.kind) {
+        (serde_path_to_error::Segment::Map { key }, config::ValueKind::Table(table)) => {
+            table.remove(key)
+        }
+        _ => None,
+    }
 }
 
 /// Keys whose values are never quoted in an error.

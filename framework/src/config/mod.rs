@@ -22,18 +22,25 @@
 //! Unknown keys and every validation problem are reported together, each line naming the
 //! file and the key path (`streams.toml: consumers[1].max_deliver: ...`), in one
 //! [`ConfigError`] of kind [`ConfigErrorKind::Invalid`] whose
-//! [`problems`](ConfigError::problems) lists them. A value of the wrong type stops
-//! parsing at that key ([`ConfigErrorKind::Parse`]). Secrets (passwords, tokens, URL
+//! [`problems`](ConfigError::problems) lists them. A value that does not parse (a bad
+//! duration, an enum value that does not exist, with the valid ones named, a number or
+//! boolean quoted in the file: `concurrency = "64"`) is one more problem, reported with
+//! all the others; the error's kind is then [`ConfigErrorKind::Parse`]. Only TOML that
+//! is not TOML stops at the first error. Every key, its default and meaning are listed
+//! in `docs/config-reference.md`, which a test holds to the schema. Secrets (passwords, tokens, URL
 //! userinfo) never appear in errors or in `Debug` output: they are held in
 //! [`SecretString`](secrecy::SecretString) and [`ServerUrl`], whose `Debug` and
 //! `Display` redact them.
 //!
 //! # Layout
+//! - `keys`: every key path of the schema and the value it takes, read from the
+//!   `Deserialize` impls (the reference is tested against it).
 //! - `schema`: the plain data (`Deserialize + Default` structs and enums) and its accessors.
 //! - `server_url`: [`ServerUrl`], [`UrlCredentials`], userinfo redaction, secret scrubbing.
 //! - `load`: file and environment overrides, unknown keys, [`ConfigError`].
 //! - `validate`: [`Config::problems`], every problem at once, section by section.
 
+mod keys;
 mod load;
 mod schema;
 mod server_url;

@@ -26,7 +26,7 @@ use crate::config::ConsumerConfig;
 use crate::dead_letter::{self, DeadLetter};
 use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
 use crate::outcome::{decide, Attempted, Outcome, Reason};
-use crate::trace::TraceContext;
+use crate::trace::{self, TraceContext};
 
 /// The first wait before retrying a dead-letter publish held on a message's last
 /// delivery (see [`dead_letter_then_term`]); the waits grow from it, jittered.
@@ -70,17 +70,17 @@ pub(super) async fn deliver<S: Send + Sync + 'static>(
         return;
     };
     // One span per message; a `traceparent` header continues the sender's trace.
-    let trace = TraceContext::for_delivery(delivery.message.headers.as_ref());
     let span = tracing::info_span!(
         "message",
         stream = %delivery.stream,
         consumer = %delivery.consumer,
         seq = delivery.sequence,
         attempt = delivery.attempt,
-        trace_id = %trace.trace_id,
-        span_id = %trace.span_id,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
+    let trace = trace::continue_delivery(delivery.message.headers.as_ref(), &span);
     settle_delivery(rt, delivery, trace).instrument(span).await;
 }
 
@@ -399,6 +399,7 @@ pub(super) async fn settle<S: Send + Sync + 'static>(
         Outcome::Ack => {
             if send_or_note(rt, reply, AckKind::Ack, Some(*seq)).await {
                 rt.stats.acked.fetch_add(1, Ordering::Relaxed);
+                rt.stats.observe_attempts(true, *attempt);
             }
             tracing::debug!(stream, consumer = %consumer, seq, attempt, outcome = "ack", "settled");
         }
@@ -477,6 +478,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
             Ok(_) => {
                 term(rt, &delivery.reply, reason).await;
                 rt.stats.count_dead_letter(reason);
+                rt.stats.observe_attempts(false, attempt);
                 tracing::warn!(
                     stream, consumer = %consumer, seq, attempt,
                     outcome = "dead_letter", reason = %reason, error = %letter.error,

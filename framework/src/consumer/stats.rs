@@ -8,6 +8,10 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use crate::outcome::Reason;
 
+/// Upper bounds of the attempts histograms: every count up to 5 (the default
+/// `max_deliver`) on its own, then coarser.
+const ATTEMPT_BUCKETS: [f64; 9] = [1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0];
+
 /// Counters for one consumer, updated as deliveries settle.
 #[derive(Debug)]
 pub struct ConsumerStats {
@@ -45,6 +49,10 @@ pub struct ConsumerStats {
     pub handler_micros: AtomicU64,
     /// Handler run times (for `/metrics`).
     pub handler_seconds: Histogram,
+    /// Deliveries it took messages to be acked (the attempt that succeeded).
+    pub attempts_acked: Histogram,
+    /// Deliveries it took messages to be dead-lettered (the attempt that gave up).
+    pub attempts_dead_lettered: Histogram,
     /// Server-side: messages not yet delivered (polled).
     pub server_pending: AtomicU64,
     /// Server-side: messages delivered and not acknowledged (polled).
@@ -79,6 +87,8 @@ impl Default for ConsumerStats {
             sessions: AtomicU64::new(0),
             handler_micros: AtomicU64::new(0),
             handler_seconds: Histogram::new(exponential_buckets(0.0005, 2.5, 14)),
+            attempts_acked: Histogram::new(ATTEMPT_BUCKETS),
+            attempts_dead_lettered: Histogram::new(ATTEMPT_BUCKETS),
             server_pending: AtomicU64::new(0),
             server_ack_pending: AtomicU64::new(0),
             server_ack_floor: AtomicU64::new(0),
@@ -120,6 +130,18 @@ impl ConsumerStats {
     /// One more dead letter for `reason`.
     pub(crate) fn count_dead_letter(&self, reason: Reason) {
         self.dead_lettered[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message reached its end (acked, or dead-lettered when `acked` is false) at
+    /// delivery number `attempt`.
+    pub(crate) fn observe_attempts(&self, acked: bool, attempt: u64) {
+        let histogram = if acked {
+            &self.attempts_acked
+        } else {
+            &self.attempts_dead_lettered
+        };
+        // Attempts are small counts: exact as f64.
+        histogram.observe(attempt as f64);
     }
 }
 
