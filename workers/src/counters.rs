@@ -62,7 +62,9 @@
 //!
 //! A stale floor is lower than the real one, which only keeps more ids. The floor comes
 //! from the consumer named in the batch's context; without one (tests outside the
-//! runtime) nothing is pruned.
+//! runtime) nothing is pruned. Each kind's ledgers are written by that kind's consumer
+//! alone (`streams.toml`): a second consumer counting the same events into them (a replay
+//! under another name) would need its own floor to be no further ahead, or its own bucket.
 //!
 //! # Costs and limits
 //! One read and one write per partition per batch (a batch of 4,000 clicks: 16 writes),
