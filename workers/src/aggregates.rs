@@ -1,6 +1,7 @@
-//! The real-time aggregates: what each event adds ([`applications`], pure), what a set
-//! of events implies ([`Aggregates::from_events`], pure, the reference the tests compare
-//! against), and reading them back from the bucket ([`read`]).
+//! The real-time aggregates: what each event adds to its partition's counters
+//! ([`PartitionCounts`], pure), what a set of events implies
+//! ([`Aggregates::from_events`], pure, the reference the tests compare against), and
+//! reading them back from the bucket ([`read`]).
 //!
 //! # What is counted
 //! - per minute: events per kind, failed logins, revenue (cents), distinct active users;
@@ -8,98 +9,103 @@
 //! - per product: purchases and revenue;
 //! - per user: failed logins, and a flag once they reach the threshold (default 5).
 //!
-//! Each event is one [`Application`] (its minute record, its totals record and, for a
-//! failed login, its user record; marker `seen.<kind>.<id>`), and each (minute, user)
-//! pair is one more (the minute's active record; marker `active.<minute>.<user>`), so a
-//! user active many times in a minute counts once. Both are applied exactly once by
-//! [`crate::counters::apply_once`].
+//! Each event is counted once into its partition's ledger (its kind × the shard of its
+//! user; [`crate::counters::commit`]): that minute's and the total counters, its
+//! product, its user's failed logins. Its user is added to the set of the minute's
+//! active users of that shard (`m.<minute>.active.<shard>`), a set union, so a user
+//! active many times in a minute, in any kind, counts once.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
-use crate::counters::{self, Application, CounterError, CounterErrorKind, Delta, Record};
+use crate::counters::{self, CounterError, CounterErrorKind, MemberSet, Tally};
 use crate::events::{AnyEvent, Kind};
 use crate::keys::{self, SHARDS};
 
 /// Failed logins after which a user is flagged.
 pub const DEFAULT_FLAG_THRESHOLD: u64 = 5;
 
-/// Counter names inside records.
-pub mod counter {
-    /// Events (of the record's kind) or active users.
-    pub const EVENTS: &str = "n";
-    /// Revenue in cents.
-    pub const CENTS: &str = "cents";
-    /// Failed logins.
-    pub const FAILED: &str = "failed";
-    /// Purchases of a product: `product/n/<name>`.
-    pub fn product_purchases(product: &str) -> String {
-        format!("{PRODUCT_PURCHASES}{product}")
-    }
-    /// Revenue of a product: `product/cents/<name>`.
-    pub fn product_cents(product: &str) -> String {
-        format!("{PRODUCT_CENTS}{product}")
-    }
-    /// Prefix of [`product_purchases`].
-    pub const PRODUCT_PURCHASES: &str = "product/n/";
-    /// Prefix of [`product_cents`].
-    pub const PRODUCT_CENTS: &str = "product/cents/";
+/// Minutes of per-minute counters a ledger keeps: the newest ones by event time (a day).
+/// Totals, products and per-user failures are kept for ever.
+pub const KEPT_MINUTES: usize = 1440;
+
+/// The counters of one partition in one minute, or in total.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tallies {
+    /// Events.
+    #[serde(default)]
+    pub n: u64,
+    /// Revenue in cents (purchases).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cents: u64,
+    /// Failed logins (logins).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed: u64,
 }
 
-/// The applications of one event: its own, then its user's activity in its minute.
-pub fn applications(event: &AnyEvent) -> [Application; 2] {
-    let kind = event.kind();
-    let minute = event.minute();
-    let shard = keys::shard(event.id());
-    let (mut per_minute, mut totals, mut user) = (
-        vec![(counter::EVENTS, 1)],
-        vec![(counter::EVENTS.to_string(), 1)],
-        None,
-    );
-    match event {
-        AnyEvent::Click(_) => {}
-        AnyEvent::Purchase(p) => {
-            per_minute.push((counter::CENTS, p.amount));
-            totals.push((counter::CENTS.to_string(), p.amount));
-            totals.push((counter::product_purchases(&p.product), 1));
-            totals.push((counter::product_cents(&p.product), p.amount));
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Tallies {
+    fn add(&mut self, event: &AnyEvent) {
+        self.n += 1;
+        match event {
+            AnyEvent::Click(_) => {}
+            AnyEvent::Purchase(p) => self.cents = self.cents.saturating_add(p.amount),
+            AnyEvent::Login(l) => self.failed += u64::from(!l.success),
         }
-        AnyEvent::Login(l) => {
-            if !l.success {
-                per_minute.push((counter::FAILED, 1));
-                totals.push((counter::FAILED.to_string(), 1));
-                user = Some(Delta::new(
-                    keys::user_record(&l.user),
-                    [(counter::FAILED, 1)],
-                ));
+    }
+}
+
+/// The counters of one partition (one kind, one shard of the users): what its ledger
+/// holds besides the ids counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionCounts {
+    /// Per unix minute (the newest [`KEPT_MINUTES`]).
+    #[serde(default)]
+    pub minutes: BTreeMap<u64, Tallies>,
+    /// All time.
+    #[serde(default)]
+    pub totals: Tallies,
+    /// Per product name (purchases).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub products: BTreeMap<String, Product>,
+    /// Failed logins per user (logins).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed_logins: BTreeMap<String, u64>,
+}
+
+impl Tally for PartitionCounts {
+    type Item = AnyEvent;
+
+    fn add(&mut self, event: &AnyEvent) {
+        self.minutes.entry(event.minute()).or_default().add(event);
+        self.totals.add(event);
+        match event {
+            AnyEvent::Click(_) => {}
+            AnyEvent::Purchase(p) => {
+                let product = self.products.entry(p.product.clone()).or_default();
+                product.purchases += 1;
+                product.revenue_cents = product.revenue_cents.saturating_add(p.amount);
+            }
+            AnyEvent::Login(l) => {
+                if !l.success {
+                    *self.failed_logins.entry(l.user.clone()).or_default() += 1;
+                }
             }
         }
     }
-    let mut deltas = vec![
-        Delta::new(keys::minute_record(minute, kind, shard), per_minute),
-        Delta::new(
-            keys::total_record(kind, shard),
-            totals.iter().map(|(name, by)| (name.as_str(), *by)),
-        ),
-    ];
-    deltas.extend(user);
-    let own = Application {
-        id: event.id().to_string(),
-        marker: keys::seen_marker(kind, event.id()),
-        deltas,
-    };
-    let active = Application {
-        id: event.user().to_string(),
-        marker: keys::active_marker(minute, event.user()),
-        deltas: vec![Delta::new(
-            keys::active_record(minute, keys::shard(event.user())),
-            [(counter::EVENTS, 1)],
-        )],
-    };
-    [own, active]
+
+    fn compact(&mut self) {
+        while self.minutes.len() > KEPT_MINUTES {
+            self.minutes.pop_first();
+        }
+    }
 }
 
 /// Counts of one minute, or of all time.
@@ -122,16 +128,16 @@ impl Counts {
         *self == Counts::default()
     }
 
-    fn add_record(&mut self, kind: Kind, r: &Record) {
+    fn add_tallies(&mut self, kind: Kind, t: &Tallies) {
         match kind {
-            Kind::Click => self.clicks += r.count(counter::EVENTS),
+            Kind::Click => self.clicks += t.n,
             Kind::Purchase => {
-                self.purchases += r.count(counter::EVENTS);
-                self.revenue_cents += r.count(counter::CENTS);
+                self.purchases += t.n;
+                self.revenue_cents += t.cents;
             }
             Kind::Login => {
-                self.logins += r.count(counter::EVENTS);
-                self.failed_logins += r.count(counter::FAILED);
+                self.logins += t.n;
+                self.failed_logins += t.failed;
             }
         }
     }
@@ -153,7 +159,7 @@ pub struct Minute {
 }
 
 /// One product.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Product {
     /// Purchases.
     pub purchases: u64,
@@ -253,95 +259,74 @@ impl Aggregates {
     }
 }
 
-/// The stored aggregates, plus how many applications are still in flight.
+/// The stored aggregates.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     /// The aggregates.
     #[serde(flatten)]
     pub aggregates: Aggregates,
-    /// Application ids found in `pending` sets of the records read: 0 at rest; more
-    /// while events are being processed (or left by dead-lettered ones).
+    /// Events half-counted: always 0 since a partition's events are committed in one
+    /// write (kept for the readers that show it; see [`crate::counters`]).
     pub pending: u64,
 }
 
 /// Concurrent KV reads while reading a snapshot.
-const READ_CONCURRENCY: usize = 32;
+const READ_CONCURRENCY: usize = 64;
 
-/// Reads the aggregates from the bucket: totals, the given `minutes`, products, per-user
-/// failures and flags. Reads are not one atomic snapshot: while events flow, counts
-/// read later can include events newer than counts read earlier.
+/// Reads the aggregates from the bucket: totals, the given `minutes` (within the
+/// newest [`KEPT_MINUTES`] of each partition), products, per-user failures and flags.
+/// One read per ledger (`3 × SHARDS`) and per minute and shard of active users. Reads are
+/// not one atomic snapshot: while events flow, counts read later can include events
+/// newer than counts read earlier.
 pub async fn read(
     kv: &kv::Store,
     minutes: impl IntoIterator<Item = u64>,
 ) -> Result<Snapshot, CounterError> {
+    let wanted: BTreeSet<u64> = minutes.into_iter().collect();
     let mut snapshot = Snapshot::default();
+    let a = &mut snapshot.aggregates;
 
-    // Totals and products.
-    let total_keys: Vec<(Kind, String)> = Kind::ALL
+    let ledger_keys: Vec<(Kind, String)> = Kind::ALL
         .iter()
-        .flat_map(|k| (0..SHARDS).map(move |s| (*k, keys::total_record(*k, s))))
+        .flat_map(|k| (0..SHARDS).map(move |s| (*k, keys::ledger(*k, s))))
         .collect();
-    for (kind, record) in read_many(kv, total_keys).await? {
-        snapshot.pending += record.pending.len() as u64;
-        snapshot.aggregates.totals.add_record(kind, &record);
-        if kind == Kind::Purchase {
-            for (name, value) in &record.counts {
-                if let Some(product) = name.strip_prefix(counter::PRODUCT_PURCHASES) {
-                    let p = snapshot
-                        .aggregates
-                        .products
-                        .entry(product.to_string())
-                        .or_default();
-                    p.purchases += value;
-                } else if let Some(product) = name.strip_prefix(counter::PRODUCT_CENTS) {
-                    let p = snapshot
-                        .aggregates
-                        .products
-                        .entry(product.to_string())
-                        .or_default();
-                    p.revenue_cents += value;
-                }
+    for (kind, ledger) in read_many::<_, TallyOnly>(kv, ledger_keys).await? {
+        let counts = ledger.tally;
+        a.totals.add_tallies(kind, &counts.totals);
+        for (name, p) in counts.products {
+            let product = a.products.entry(name).or_default();
+            product.purchases += p.purchases;
+            product.revenue_cents += p.revenue_cents;
+        }
+        for (user, failed) in counts.failed_logins {
+            *a.failed_logins.entry(user).or_default() += failed;
+        }
+        for (minute, tallies) in counts
+            .minutes
+            .range(&wanted.first().copied().unwrap_or(0)..)
+        {
+            if wanted.contains(minute) {
+                a.minutes
+                    .entry(*minute)
+                    .or_default()
+                    .counts
+                    .add_tallies(kind, tallies);
             }
         }
     }
 
-    // Minutes.
-    let mut minute_keys: Vec<((u64, Option<Kind>), String)> = Vec::new();
-    for minute in minutes {
-        for s in 0..SHARDS {
-            for kind in Kind::ALL {
-                minute_keys.push(((minute, Some(kind)), keys::minute_record(minute, kind, s)));
-            }
-            minute_keys.push(((minute, None), keys::active_record(minute, s)));
-        }
+    let active_keys: Vec<(u64, String)> = wanted
+        .iter()
+        .flat_map(|m| (0..SHARDS).map(move |s| (*m, keys::active_record(*m, s))))
+        .collect();
+    for (minute, users) in read_many::<_, MemberSet>(kv, active_keys).await? {
+        a.minutes.entry(minute).or_default().active_users += users.members.len() as u64;
     }
-    for ((minute, kind), record) in read_many(kv, minute_keys).await? {
-        snapshot.pending += record.pending.len() as u64;
-        let m = snapshot.aggregates.minutes.entry(minute).or_default();
-        match kind {
-            Some(kind) => m.counts.add_record(kind, &record),
-            None => m.active_users += record.count(counter::EVENTS),
-        }
-    }
-    snapshot
-        .aggregates
-        .minutes
+    a.minutes
         .retain(|_, m| !m.counts.is_zero() || m.active_users > 0);
+    a.failed_logins.retain(|_, n| *n > 0);
 
-    // Users: failures and flags.
-    let user_keys: Vec<(String, String)> = list_keys(kv, keys::USER_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|key| Some((keys::user_of(&key, keys::USER_PREFIX)?, key)))
-        .collect();
-    for (user, record) in read_many(kv, user_keys).await? {
-        snapshot.pending += record.pending.len() as u64;
-        let failed = record.count(counter::FAILED);
-        if failed > 0 {
-            snapshot.aggregates.failed_logins.insert(user, failed);
-        }
-    }
-    snapshot.aggregates.flagged = list_keys(kv, keys::FLAG_PREFIX)
+    a.flagged = list_keys(kv, keys::FLAG_PREFIX)
         .await?
         .iter()
         .filter_map(|key| keys::user_of(key, keys::FLAG_PREFIX))
@@ -349,17 +334,24 @@ pub async fn read(
     Ok(snapshot)
 }
 
-/// Reads records concurrently; absent ones are left out.
-async fn read_many<T>(
+/// A ledger read without its `counted` ids (skipped while parsing).
+#[derive(Debug, Default, Deserialize)]
+struct TallyOnly {
+    #[serde(default)]
+    tally: PartitionCounts,
+}
+
+/// Reads JSON records concurrently; absent ones are left out.
+async fn read_many<Tag, T: DeserializeOwned + Default>(
     kv: &kv::Store,
-    keys: Vec<(T, String)>,
-) -> Result<Vec<(T, Record)>, CounterError> {
-    let found: Vec<Option<(T, Record)>> = futures::stream::iter(keys)
+    keys: Vec<(Tag, String)>,
+) -> Result<Vec<(Tag, T)>, CounterError> {
+    let found: Vec<Option<(Tag, T)>> = futures::stream::iter(keys)
         .map(|(tag, key)| async move {
             Ok::<_, CounterError>(
-                counters::read_record(kv, &key)
+                counters::read_json::<T>(kv, &key)
                     .await?
-                    .map(|(r, _)| (tag, r)),
+                    .map(|(value, _)| (tag, value)),
             )
         })
         .buffered(READ_CONCURRENCY)
@@ -428,41 +420,67 @@ mod tests {
     }
 
     #[test]
-    fn applications_of_a_failed_login() {
-        let [own, active] = applications(&login("l.1", "bo b", false));
-        assert_eq!(own.id, "l.1");
-        assert_eq!(own.marker, "seen.login.l=2E1");
-        let shard = keys::shard("l.1");
-        let records: Vec<&str> = own.deltas.iter().map(|d| d.record.as_str()).collect();
+    fn partition_counts_of_each_kind() {
+        let mut p = PartitionCounts::default();
+        for e in [
+            login("l.1", "bo b", false),
+            login("l.2", "bo b", true),
+            purchase("p1", "ann", "Blue Mug", 1250),
+            click("c1", "ann", 0),
+        ] {
+            p.add(&e);
+        }
         assert_eq!(
-            records,
-            [
-                format!("m.2.login.{shard}").as_str(),
-                format!("t.login.{shard}").as_str(),
-                "u.bo=20b"
-            ]
+            p.totals,
+            Tallies {
+                n: 4,
+                cents: 1250,
+                failed: 1
+            }
         );
-        assert_eq!(own.deltas[0].increments.get("failed"), Some(&1));
-        assert_eq!(active.id, "bo b");
-        assert_eq!(active.marker, "active.2.bo=20b");
         assert_eq!(
-            active.deltas[0].record,
-            format!("m.2.active.{}", keys::shard("bo b"))
+            p.minutes[&2],
+            Tallies {
+                n: 2,
+                cents: 0,
+                failed: 1
+            }
         );
+        assert_eq!(
+            p.minutes[&1],
+            Tallies {
+                n: 1,
+                cents: 1250,
+                failed: 0
+            }
+        );
+        assert_eq!(p.minutes[&0].n, 1);
+        assert_eq!(
+            p.products["Blue Mug"],
+            Product {
+                purchases: 1,
+                revenue_cents: 1250
+            }
+        );
+        assert_eq!(p.failed_logins, BTreeMap::from([("bo b".to_string(), 1)]));
+        let text = serde_json::to_string(&p.minutes[&0]).expect("json");
+        assert_eq!(text, r#"{"n":1}"#, "zero counters are left out");
     }
 
     #[test]
-    fn applications_of_a_purchase_and_a_click() {
-        let [own, _] = applications(&purchase("p1", "ann", "Blue Mug", 1250));
-        assert_eq!(own.deltas.len(), 2);
-        let totals = &own.deltas[1].increments;
-        assert_eq!(totals.get("n"), Some(&1));
-        assert_eq!(totals.get("cents"), Some(&1250));
-        assert_eq!(totals.get("product/n/Blue Mug"), Some(&1));
-        assert_eq!(totals.get("product/cents/Blue Mug"), Some(&1250));
-        let [own, _] = applications(&click("c1", "ann", 0));
-        assert_eq!(own.deltas.len(), 2);
-        assert_eq!(own.deltas[0].increments.len(), 1);
+    fn compact_keeps_the_newest_minutes() {
+        let mut p = PartitionCounts::default();
+        for m in 0..(KEPT_MINUTES as u64 + 10) {
+            p.add(&click(&format!("c{m}"), "ann", m * 60_000));
+        }
+        p.compact();
+        assert_eq!(p.minutes.len(), KEPT_MINUTES);
+        assert_eq!(p.minutes.keys().next(), Some(&10));
+        assert_eq!(
+            p.totals.n,
+            KEPT_MINUTES as u64 + 10,
+            "totals keep everything"
+        );
     }
 
     #[test]

@@ -167,8 +167,9 @@ impl DashboardArgs {
 /// `workers demo`.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// Messages per second of demo traffic.
-    #[arg(long, default_value_t = 50.0)]
+    /// Messages per second of demo traffic (a busy site; one worker process keeps up with
+    /// far more, see `cargo bench --bench platform`).
+    #[arg(long, default_value_t = 2000.0)]
     pub rate: f64,
     /// Seconds between two analytics printouts.
     #[arg(long, default_value_t = 5)]
@@ -668,7 +669,7 @@ async fn run_demo(
         let plan = PublishPlan {
             rate: args.rate.max(0.1),
             count: None,
-            window: 64,
+            window: 256,
         };
         let stop = stop.clone();
         tasks.spawn(async move {

@@ -1,76 +1,97 @@
-//! Exactly-once counters in a JetStream key-value bucket.
+//! Exactly-once counting of batches, one compare-and-set per partition record.
 //!
-//! KV offers two atomic operations on one key — `create` (fails when the key exists) and
-//! `update(key, value, revision)` (compare-and-set, fails when the key changed) — and
-//! no transaction across keys. Messages arrive at least once: a handler can crash at any
-//! point and run again (on this replica or another), the same event can be published
-//! twice under two message ids and run on two replicas at the same time. The protocol
-//! below applies a set of increments ([`Application`]) to several counter records
-//! exactly once per application id anyway.
+//! Messages arrive at least once: a batch can fail or its worker crash (kill -9) at any
+//! point and its messages run again, on this replica or another, in other batches; the
+//! same event can be stored twice under two message ids and run on two replicas at the
+//! same time; the server can restart between any two requests. KV offers one atomic
+//! operation that helps — compare-and-set of one key (`update(key, value, revision)`,
+//! failing when the key changed) — and no transaction across keys.
 //!
-//! # Records and markers
-//! A counter *record* is one key whose value holds counters **and** the set of
-//! application ids currently being applied to it (`pending`). An application has an
-//! *applied marker*, a key that exists once the application reached every one of its
-//! records. The pending set is what makes a single record update atomic with "this id
-//! was counted here"; the marker is what lets the set be emptied again.
+//! # Partition records
+//! Events are split into *partitions* (one consumer's kind × a shard of the users, see
+//! [`crate::keys`]). All the counts of a partition live in **one** KV record, a
+//! [`Ledger`]: its counters ([`Tally`]) **and** `counted`, the ids of the events those
+//! counters include, each with the stream sequence of the message that counted it. An
+//! event's partition follows from the event alone (its kind and user), so every copy of
+//! an event — a redelivery, a republish under a new message id — meets the same ledger.
 //!
-//! # The protocol, for application `id` with marker `M` over records `R1..Rn`
-//! 1. (Folded into the first iteration of 2.) If `M` exists: the application is
-//!    complete; go to 4 (cleanup) and stop.
-//! 2. For each record `R`, loop:
-//!    read `R` (value `v`, revision `r`);
-//!    if `id ∈ v.pending`: already counted here, next record;
-//!    if `M` exists (read **after** `R`): complete; go to 4 and stop;
-//!    `update(R, v + increments, pending ∪ {id}, expected revision r)`;
-//!    on a revision conflict read again (with a jittered pause), else next record.
-//! 3. `create(M)` ("already exists" is fine).
-//! 4. For each record `R`: remove `id` from `R.pending` with compare-and-set (no-op when
-//!    absent). A first delivery that finds the application complete in 1 skips this:
-//!    the run that completed it cleans up, and if that run crashed first, its own
-//!    redelivery does ([`RunOptions::resuming`]).
+//! # The protocol, for the events of one batch in one partition ([`commit`])
+//! 1. Read the ledger (value `v`, revision `r`; an absent key is empty at revision 0).
+//! 2. Fold into `v` every event whose id is not in `v.counted` (nor earlier in the same
+//!    batch), adding its id to `counted`; prune `counted` (below).
+//! 3. Nothing new: done, nothing is written. Else `update(ledger, v', r)`; on a revision
+//!    conflict (another batch, replica or retry wrote it) go back to 1.
+//!
+//! The batch's messages are acked only after their partition's commit returned. What
+//! is derived from the ledger afterwards — active users per minute (a set union, which
+//! is idempotent) and flags (created once) — is redone by every delivery, duplicates
+//! included, so a crash between the commit and the ack repairs it on the redelivery.
 //!
 //! # Why nothing is counted twice
-//! An increment of `R` for `id` happens only in step 2, in a compare-and-set from a
-//! revision `r` at which `id ∉ pending`, after `M` was seen absent. `id` leaves `pending`
-//! only in step 4, which starts after `M` was created. Suppose two runs both increment
-//! `R`: the first one's write puts `id` in `pending`; the second one's expected revision
-//! `r` is newer and has `id` out of `pending` again, so a step 4 ran in between, so `M`
-//! existed before `r` was written — and the second run read `r`, *then* found `M`
-//! absent. Impossible: markers are never deleted. Compare-and-set also means concurrent
-//! increments from other applications are never lost (a conflict re-reads and retries).
+//! An event is added to the counters only in a write that also adds its id to
+//! `counted`, and that write succeeds only at the revision it was computed from, where
+//! the id was absent. After it, the id stays in `counted` as long as a copy of the
+//! event can still be delivered (pruning, below), so every later run — a redelivery, the
+//! other replica, the copy under a new message id — reads it there and skips the event.
+//! Two runs racing on one ledger both compute from revision `r`; only one write can
+//! succeed at `r`, the other conflicts, re-reads and finds the id.
 //!
 //! # Why nothing is lost
-//! Counts only grow; once a run's increment is stored (with `id ∈ pending`) it stays.
-//! `M` is created only after every record holds the increment (done by this run, seen in
-//! `pending`, or implied by `M` existing). A crash anywhere leaves the message unacked,
-//! so it is redelivered and the protocol resumes:
-//! before an increment — nothing was done, it is done now; after some increments — those
-//! records show `id ∈ pending` and are skipped, the rest are applied; after the marker —
-//! step 1 sees it and only the cleanup runs. A lost or timed-out reply (`update` applied
-//! but unconfirmed) is the same case: the next read shows the id.
+//! Counters only grow and a write replaces the ledger with one computed from the
+//! current revision, so concurrent batches never overwrite each other's counts (a
+//! conflict re-reads and retries). A message is acked only after its event is in the
+//! ledger (this run wrote it, or it was there already). A crash, a timeout or a reply
+//! lost with the server's restart leaves the message unacked: it is redelivered, and
+//! the next read shows whether the write happened — if so the event is skipped, if not it
+//! is counted now.
+//!
+//! # Pruning `counted`: the dedup window
+//! `counted` cannot keep every id for ever (at 50,000 events a second that is millions
+//! a minute, and the ledger is rewritten on every commit). An id is dropped once its
+//! sequence `s` satisfies `s + window <= floor`, where `floor` is the consumer's **ack
+//! floor** (every message of the consumer at or below it is acked, so never delivered
+//! again) read from the server at most once a second, and `window` is
+//! [`DEFAULT_DEDUP_WINDOW`] stream messages. Hence:
+//! - a redelivery (sequence `s`, unacked, so `s > floor`) always finds its id: the id's
+//!   entry, with sequence `s`, has `s + window > floor`;
+//! - a copy under a new message id stored at sequence `t` with `|t - s| <= window` finds
+//!   it too: while the copy is unacked, `floor < t <= s + window`. The publisher's
+//!   duplicates are of its last 256 events; the stream itself drops same-id republishes
+//!   within its `duplicate_window` (2 minutes). A copy stored more than `window` messages
+//!   after the original counts again: the one case this design does not cover.
+//!
+//! A stale floor is lower than the real one, which only keeps more ids. The floor comes
+//! from the consumer named in the batch's context; without one (tests outside the
+//! runtime) nothing is pruned. Each kind's ledgers are written by that kind's consumer
+//! alone (`streams.toml`): a second consumer counting the same events into them (a replay
+//! under another name) would need its own floor to be no further ahead, or its own bucket.
 //!
 //! # Costs and limits
-//! About five KV round trips per record, plus one marker per application (kept for the
-//! bucket's `max_age`, which must exceed how late a duplicate can arrive — the events'
-//! stream keeps them 7 days, the bucket 30). An application that never completes (its
-//! message dead-lettered mid-way) leaves its id in `pending` for good: harmless for the
-//! counts, visible in [`Record::pending`]. Reads must be linearizable: true on R1
-//! buckets; on replicated buckets whose gets are served by followers (`allow_direct`),
-//! a stale marker read could break the argument above.
+//! One read and one write per partition per batch (a batch of 4,000 clicks: 16 writes),
+//! whatever the batch size, instead of five round trips per record per event. A ledger
+//! holds the ids of at most about `window / shards` events plus what is in flight, and
+//! its counters ([`Tally::compact`] bounds those). Reads must be linearizable: true on
+//! R1 buckets; on replicated buckets whose gets are served by followers
+//! (`allow_direct`), a stale read is caught by the compare-and-set (its revision is old)
+//! and retried, so it costs a conflict, not a double count.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::keys;
 
-/// Revision conflicts tolerated on one record before giving up (the message is retried
-/// later, on the consumer's schedule).
+/// Stream messages within which a copy of an event under a new message id is still
+/// recognised (see the module docs, "Pruning").
+pub const DEFAULT_DEDUP_WINDOW: u64 = 20_000;
+
+/// Revision conflicts tolerated on one ledger before giving up (the messages are
+/// retried later, on the consumer's schedule).
 pub const MAX_CONFLICTS: u32 = 400;
 
 /// Longest pause between compare-and-set attempts after conflicts.
@@ -90,29 +111,49 @@ pub fn contention() -> (u64, u64) {
     )
 }
 
-/// The value of a counter record (JSON, readable with `nats kv get`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// Counter name -> value.
-    #[serde(default)]
-    pub counts: BTreeMap<String, u64>,
-    /// Ids of applications that reached this record but are not finished (see the
-    /// module docs). Empty at rest.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub pending: BTreeSet<String>,
+/// Counters that events are folded into.
+pub trait Tally: Default + Serialize + DeserializeOwned + Send + Sync {
+    /// What one event adds.
+    type Item: Send + Sync;
+    /// Adds one event (called once per event id, see the module docs).
+    fn add(&mut self, item: &Self::Item);
+    /// Bounds the counters' size before a write (drops detail nobody reads any more);
+    /// the default keeps everything.
+    fn compact(&mut self) {}
 }
 
-impl Record {
-    /// The value of counter `name` (0 when absent).
-    pub fn count(&self, name: &str) -> u64 {
-        self.counts.get(name).copied().unwrap_or(0)
+/// A partition's record: its counters and the events they include.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger<T> {
+    /// Event id -> stream sequence of the message that counted it, pruned as the module
+    /// docs say.
+    #[serde(default)]
+    pub counted: BTreeMap<String, u64>,
+    /// The counters (not flattened: serde's flatten cannot read maps with number keys).
+    #[serde(default)]
+    pub tally: T,
+}
+
+impl<T: Tally> Ledger<T> {
+    /// Folds in every entry not counted yet; returns how many were new.
+    pub fn fold(&mut self, entries: &[Entry<'_, T::Item>]) -> usize {
+        let mut added = 0;
+        for entry in entries {
+            if self.counted.contains_key(entry.id) {
+                continue;
+            }
+            self.counted.insert(entry.id.to_string(), entry.sequence);
+            self.tally.add(entry.item);
+            added += 1;
+        }
+        added
     }
 
-    fn add(&mut self, increments: &BTreeMap<String, u64>) {
-        for (name, by) in increments {
-            let c = self.counts.entry(name.clone()).or_insert(0);
-            *c = c.saturating_add(*by);
-        }
+    /// Drops the ids no copy can still be delivered for: sequence `s` with
+    /// `s + window <= floor` (see the module docs).
+    pub fn prune(&mut self, floor: u64, window: u64) {
+        self.counted
+            .retain(|_, sequence| sequence.saturating_add(window) > floor);
     }
 
     fn to_bytes(&self) -> Result<Bytes, CounterError> {
@@ -122,66 +163,53 @@ impl Record {
     }
 }
 
-/// Increments of one record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delta {
-    /// The record's key.
-    pub record: String,
-    /// Counter name -> amount to add.
-    pub increments: BTreeMap<String, u64>,
+/// One event to count: its id, the stream sequence of its message, what it adds.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a, I> {
+    /// The event id (what `counted` holds).
+    pub id: &'a str,
+    /// The stream sequence of the message carrying it.
+    pub sequence: u64,
+    /// What it adds.
+    pub item: &'a I,
 }
 
-impl Delta {
-    /// A delta of `record` from `(counter, amount)` pairs (zero amounts are dropped).
-    pub fn new<'a>(record: String, increments: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
-        Delta {
-            record,
-            increments: increments
-                .into_iter()
-                .filter(|(_, by)| *by > 0)
-                .map(|(name, by)| (name.to_string(), by))
-                .collect(),
-        }
-    }
-}
-
-/// Increments of several records, to be applied exactly once per `id`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Application {
-    /// What makes it unique (an event id, a user): what `pending` holds.
-    pub id: String,
-    /// The key created once every record holds the increments.
-    pub marker: String,
-    /// The records and their increments, in the order they are applied.
-    pub deltas: Vec<Delta>,
-}
-
-/// What [`apply_once`] found.
+/// How a [`commit`] prunes: the consumer's ack floor and the dedup window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// This run completed the application: it created the marker (some increments may
-    /// come from an earlier, interrupted run).
-    Now,
-    /// The application was already complete: a duplicate.
-    Already,
+pub struct Pruning {
+    /// Every message of the consumer at or below this stream sequence is acked (0:
+    /// unknown, nothing is pruned).
+    pub floor: u64,
+    /// Stream messages a copy of an event is recognised within.
+    pub window: u64,
+}
+
+/// What [`commit`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed<T> {
+    /// Entries this run counted (the others were counted before).
+    pub added: usize,
+    /// The ledger as stored after the commit (or as read, when nothing was new).
+    pub ledger: Ledger<T>,
 }
 
 /// Where a fault can be injected (tests use it to simulate a crash at every step).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// After the increments of the record at this index were stored.
-    Incremented(usize),
-    /// After the marker was created.
-    Marked,
-    /// After the cleanup of the record at this index.
-    Cleaned(usize),
+    /// The new ledger is computed, not written.
+    Folded,
+    /// The ledger is written; nothing after it happened (the ack is lost).
+    Committed,
+    /// The active-user records are merged; the flags are not checked yet.
+    ActiveMerged,
 }
 
 /// A fault injection hook: returns true to fail the run at this point (as if the worker
-/// crashed there; the message is retried). For tests and chaos drills.
+/// crashed there; the messages are retried). For tests and chaos drills.
 pub trait Faults: Send + Sync {
-    /// Whether to fail at `step` of application `id` (the application's marker is `marker`).
-    fn fail_at(&self, id: &str, marker: &str, step: Step) -> bool;
+    /// Whether to fail at `step` of the commit to `ledger` whose first event is
+    /// `first_id`.
+    fn fail_at(&self, ledger: &str, first_id: &str, step: Step) -> bool;
 }
 
 /// What kind of failure.
@@ -191,7 +219,7 @@ pub enum CounterErrorKind {
     Kv,
     /// Too many compare-and-set conflicts in a row: retry later.
     Contention,
-    /// A record does not hold a counter record.
+    /// A record does not hold what its key says.
     Corrupt,
     /// A fault injected by a [`Faults`] hook.
     Injected,
@@ -223,8 +251,28 @@ fn kv_error(what: &str, key: &str, e: impl std::fmt::Display) -> CounterError {
     CounterError::new(CounterErrorKind::Kv, format!("{what} {key}: {e}"))
 }
 
-/// Reads a record: its value and revision (`None` when the key does not exist).
-pub async fn read_record(kv: &kv::Store, key: &str) -> Result<Option<(Record, u64)>, CounterError> {
+/// Fails with [`CounterErrorKind::Injected`] when `faults` asks to.
+pub fn inject(
+    faults: Option<&dyn Faults>,
+    ledger: &str,
+    first_id: &str,
+    step: Step,
+) -> Result<(), CounterError> {
+    match faults {
+        Some(f) if f.fail_at(ledger, first_id, step) => Err(CounterError::new(
+            CounterErrorKind::Injected,
+            format!("injected fault at {step:?} of {ledger}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Reads a JSON record: its value and revision (`None` when the key does not exist; a
+/// deleted key reads as the default value at its revision).
+pub async fn read_json<T: DeserializeOwned + Default>(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<Option<(T, u64)>, CounterError> {
     let entry = kv
         .entry(key)
         .await
@@ -232,27 +280,18 @@ pub async fn read_record(kv: &kv::Store, key: &str) -> Result<Option<(Record, u6
     match entry {
         None => Ok(None),
         Some(entry) if entry.operation != Operation::Put => {
-            Ok(Some((Record::default(), entry.revision)))
+            Ok(Some((T::default(), entry.revision)))
         }
         Some(entry) => {
-            let record: Record = serde_json::from_slice(&entry.value).map_err(|e| {
+            let value: T = serde_json::from_slice(&entry.value).map_err(|e| {
                 CounterError::new(
                     CounterErrorKind::Corrupt,
-                    format!("{key} does not hold a counter record: {e}"),
+                    format!("{key} does not hold what its key says: {e}"),
                 )
             })?;
-            Ok(Some((record, entry.revision)))
+            Ok(Some((value, entry.revision)))
         }
     }
-}
-
-/// Whether `key` exists (a marker or flag).
-pub async fn exists(kv: &kv::Store, key: &str) -> Result<bool, CounterError> {
-    let entry = kv
-        .entry(key)
-        .await
-        .map_err(|e| kv_error("reading", key, e))?;
-    Ok(matches!(entry, Some(e) if e.operation == Operation::Put))
 }
 
 /// Creates `key` unless it exists; true when this call created it.
@@ -265,13 +304,13 @@ pub async fn create_once(kv: &kv::Store, key: &str, value: Bytes) -> Result<bool
 }
 
 /// Compare-and-set; `Ok(None)` on a revision conflict. Revision 0 means "must not exist".
-async fn compare_and_set(
+pub async fn compare_and_set(
     kv: &kv::Store,
     key: &str,
-    record: &Record,
+    value: Bytes,
     revision: u64,
 ) -> Result<Option<u64>, CounterError> {
-    match kv.update(key, record.to_bytes()?, revision).await {
+    match kv.update(key, value, revision).await {
         Ok(revision) => {
             WRITES.fetch_add(1, Ordering::Relaxed);
             Ok(Some(revision))
@@ -284,132 +323,103 @@ async fn compare_and_set(
     }
 }
 
-/// How one run of [`apply_once`] behaves.
-#[derive(Clone, Copy, Default)]
-pub struct RunOptions<'a> {
-    /// This run may resume an interrupted one (the message is a redelivery): when the
-    /// application turns out complete, still empty the pending sets, in case the
-    /// interrupted run stopped before its cleanup. A first delivery skips that read:
-    /// whoever completed the application cleans up, or its own redelivery does.
-    pub resuming: bool,
-    /// Fault injection (tests, chaos drills).
-    pub faults: Option<&'a dyn Faults>,
-}
-
-impl std::fmt::Debug for RunOptions<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunOptions")
-            .field("resuming", &self.resuming)
-            .field("faults", &self.faults.is_some())
-            .finish()
-    }
-}
-
-/// Applies `app` exactly once; see the module docs for the protocol and why it holds.
-/// Returns [`Applied::Now`] when this run created the marker.
-pub async fn apply_once(
+/// Counts `entries` into the ledger at `key` exactly once per event id; see the module
+/// docs for the protocol and why it holds. `entries` must not be empty.
+pub async fn commit<T: Tally>(
     kv: &kv::Store,
-    app: &Application,
-    options: RunOptions<'_>,
-) -> Result<Applied, CounterError> {
-    let fault = |step: Step| -> Result<(), CounterError> {
-        match options.faults {
-            Some(f) if f.fail_at(&app.id, &app.marker, step) => Err(CounterError::new(
-                CounterErrorKind::Injected,
-                format!("injected fault at {step:?} of {}", app.marker),
-            )),
-            _ => Ok(()),
-        }
-    };
+    key: &str,
+    entries: &[Entry<'_, T::Item>],
+    pruning: Pruning,
+    faults: Option<&dyn Faults>,
+) -> Result<Committed<T>, CounterError> {
+    let mut known = None;
+    let added = commit_known(kv, key, entries, pruning, faults, &mut known).await?;
+    let ledger = known.map(|(ledger, _)| ledger).unwrap_or_default();
+    Ok(Committed { added, ledger })
+}
 
-    // 2. Increment every record once, recording the id in its pending set. (Step 1, the
-    // marker check, is the check below on the first record: it must follow the read.)
-    let mut written: Vec<Option<(Record, u64)>> = Vec::with_capacity(app.deltas.len());
-    for (i, delta) in app.deltas.iter().enumerate() {
-        let mut conflicts = 0u32;
-        let stored = loop {
-            let (mut record, revision) = read_record(kv, &delta.record).await?.unwrap_or_default();
-            if record.pending.contains(&app.id) {
-                break None; // counted here by an earlier or concurrent run
-            }
-            // Read after the record: see the module docs for why the order matters.
-            if exists(kv, &app.marker).await? {
-                if options.resuming || written.iter().any(Option::is_some) {
-                    cleanup(kv, app, &mut written, &fault).await?;
-                }
-                return Ok(Applied::Already);
-            }
-            record.add(&delta.increments);
-            record.pending.insert(app.id.clone());
-            match compare_and_set(kv, &delta.record, &record, revision).await? {
-                Some(new_revision) => break Some((record, new_revision)),
-                None => {
-                    conflicts += 1;
-                    pause_after_conflict(&app.id, conflicts).await?;
-                }
-            }
+/// [`commit`] starting from `known`, the ledger and revision this process last wrote or
+/// read (`None`: read it), which saves a read while nobody else writes the ledger; a
+/// stale one costs a conflict and a read. Leaves the ledger as stored (or as read, when
+/// nothing was new) in `known`; returns how many entries this run counted. The caller
+/// keeps one `known` per ledger and runs one commit at a time with it.
+pub async fn commit_known<T: Tally>(
+    kv: &kv::Store,
+    key: &str,
+    entries: &[Entry<'_, T::Item>],
+    pruning: Pruning,
+    faults: Option<&dyn Faults>,
+    known: &mut Option<(Ledger<T>, u64)>,
+) -> Result<usize, CounterError> {
+    let first_id = entries.first().map_or("", |e| e.id);
+    let mut conflicts = 0u32;
+    loop {
+        let (mut ledger, revision) = match known.take() {
+            Some(known) => known,
+            None => read_json::<Ledger<T>>(kv, key).await?.unwrap_or_default(),
         };
-        written.push(stored);
-        fault(Step::Incremented(i))?;
+        let added = ledger.fold(entries);
+        if added == 0 {
+            *known = Some((ledger, revision));
+            return Ok(added);
+        }
+        if pruning.floor > 0 {
+            ledger.prune(pruning.floor, pruning.window);
+        }
+        ledger.tally.compact();
+        inject(faults, key, first_id, Step::Folded)?;
+        if let Some(revision) = compare_and_set(kv, key, ledger.to_bytes()?, revision).await? {
+            *known = Some((ledger, revision));
+            inject(faults, key, first_id, Step::Committed)?;
+            return Ok(added);
+        }
+        conflicts += 1;
+        pause_after_conflict(key, conflicts).await?;
     }
-
-    // 3. Every record holds the increments: mark the application complete.
-    let created = create_once(kv, &app.marker, Bytes::from_static(b"1")).await?;
-    fault(Step::Marked)?;
-
-    // 4. Empty the pending sets.
-    cleanup(kv, app, &mut written, &fault).await?;
-    Ok(if created {
-        Applied::Now
-    } else {
-        Applied::Already
-    })
 }
 
-/// Step 4: removes `app.id` from every record's pending set. `known` holds, per record,
-/// the value and revision this run wrote (tried first, saving a read).
-async fn cleanup(
+/// Merges `items` into the set at `key` (created when absent) with compare-and-set; a
+/// set union, so running it twice changes nothing. No write when nothing is new.
+/// Returns the set as stored.
+pub async fn merge_set(
     kv: &kv::Store,
-    app: &Application,
-    known: &mut Vec<Option<(Record, u64)>>,
-    fault: &impl Fn(Step) -> Result<(), CounterError>,
-) -> Result<(), CounterError> {
-    known.resize(app.deltas.len(), None);
-    for (i, (delta, known)) in app.deltas.iter().zip(known.iter_mut()).enumerate() {
-        let mut conflicts = 0u32;
-        let mut current = known.take();
-        loop {
-            let (mut record, revision) = match current.take() {
-                Some(k) => k,
-                None => match read_record(kv, &delta.record).await? {
-                    Some(k) => k,
-                    None => break,
-                },
-            };
-            if !record.pending.remove(&app.id) {
-                break;
-            }
-            if compare_and_set(kv, &delta.record, &record, revision)
-                .await?
-                .is_some()
-            {
-                break;
-            }
-            conflicts += 1;
-            pause_after_conflict(&app.id, conflicts).await?;
+    key: &str,
+    items: &[&str],
+) -> Result<MemberSet, CounterError> {
+    let mut conflicts = 0u32;
+    loop {
+        let (mut set, revision) = read_json::<MemberSet>(kv, key).await?.unwrap_or_default();
+        let before = set.members.len();
+        set.members.extend(items.iter().map(|s| s.to_string()));
+        if set.members.len() == before {
+            return Ok(set);
         }
-        fault(Step::Cleaned(i))?;
+        let bytes = serde_json::to_vec(&set)
+            .map(Bytes::from)
+            .map_err(|e| CounterError::new(CounterErrorKind::Corrupt, e.to_string()))?;
+        if compare_and_set(kv, key, bytes, revision).await?.is_some() {
+            return Ok(set);
+        }
+        conflicts += 1;
+        pause_after_conflict(key, conflicts).await?;
     }
-    Ok(())
+}
+
+/// A set of names in one record (JSON `{"members": [...]}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberSet {
+    /// The names, sorted.
+    #[serde(default)]
+    pub members: std::collections::BTreeSet<String>,
 }
 
 /// After a conflict: retry at once the first time, then after a random pause that grows
 /// with the conflicts (so contenders spread out instead of colliding again).
-async fn pause_after_conflict(id: &str, conflicts: u32) -> Result<(), CounterError> {
+async fn pause_after_conflict(key: &str, conflicts: u32) -> Result<(), CounterError> {
     if conflicts > MAX_CONFLICTS {
         return Err(CounterError::new(
             CounterErrorKind::Contention,
-            format!("{conflicts} compare-and-set conflicts in a row"),
+            format!("{conflicts} compare-and-set conflicts in a row on {key}"),
         ));
     }
     if conflicts <= 1 {
@@ -420,7 +430,7 @@ async fn pause_after_conflict(id: &str, conflicts: u32) -> Result<(), CounterErr
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::from(d.subsec_nanos()))
         .unwrap_or(0);
-    let noise = crate::generator::SplitMix64::new(keys::stable_hash(id) ^ nanos).next_u64();
+    let noise = crate::generator::SplitMix64::new(keys::stable_hash(key) ^ nanos).next_u64();
     let pause_us = noise % (ceiling * 1000);
     tokio::time::sleep(Duration::from_micros(pause_us)).await;
     Ok(())
@@ -430,28 +440,46 @@ async fn pause_after_conflict(id: &str, conflicts: u32) -> Result<(), CounterErr
 mod tests {
     use super::*;
 
-    #[test]
-    fn record_json_shape() {
-        let mut r = Record::default();
-        r.add(&BTreeMap::from([
-            ("n".to_string(), 2),
-            ("cents".to_string(), 150),
-        ]));
-        r.add(&BTreeMap::from([("n".to_string(), 1)]));
-        assert_eq!(r.count("n"), 3);
-        assert_eq!(r.count("missing"), 0);
-        let text = String::from_utf8(r.to_bytes().expect("json").to_vec()).expect("utf8");
-        assert_eq!(text, r#"{"counts":{"cents":150,"n":3}}"#);
-        r.pending.insert("e-1".into());
-        let back: Record = serde_json::from_slice(&r.to_bytes().expect("json")).expect("parse");
-        assert_eq!(back, r);
-        let empty: Record = serde_json::from_str("{}").expect("parse");
-        assert_eq!(empty, Record::default());
+    #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    struct Sum {
+        total: u64,
+    }
+
+    impl Tally for Sum {
+        type Item = u64;
+        fn add(&mut self, item: &u64) {
+            self.total += item;
+        }
     }
 
     #[test]
-    fn delta_drops_zero_increments() {
-        let d = Delta::new("k".into(), [("n", 1), ("cents", 0)]);
-        assert_eq!(d.increments, BTreeMap::from([("n".to_string(), 1)]));
+    fn fold_counts_each_id_once_and_prune_keeps_the_window() {
+        let mut ledger = Ledger::<Sum>::default();
+        let (five, seven) = (5, 7);
+        let entries = [
+            Entry {
+                id: "a",
+                sequence: 10,
+                item: &five,
+            },
+            Entry {
+                id: "b",
+                sequence: 11,
+                item: &seven,
+            },
+            Entry {
+                id: "a",
+                sequence: 40,
+                item: &five,
+            },
+        ];
+        assert_eq!(ledger.fold(&entries), 2);
+        assert_eq!(ledger.fold(&entries), 0);
+        assert_eq!(ledger.tally.total, 12);
+        // Floor 30, window 20: a (10) goes (10 + 20 <= 30), b (11) stays.
+        ledger.prune(30, 20);
+        assert_eq!(ledger.counted, BTreeMap::from([("b".to_string(), 11)]));
+        let text = String::from_utf8(ledger.to_bytes().expect("json").to_vec()).expect("utf8");
+        assert_eq!(text, r#"{"counted":{"b":11},"tally":{"total":12}}"#);
     }
 }

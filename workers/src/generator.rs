@@ -84,6 +84,19 @@ impl Default for TrafficConfig {
     }
 }
 
+impl TrafficConfig {
+    /// The default shape with `workers publish`'s share of malformed payloads (0.5%),
+    /// `duplicate_ratio` of duplicates and event ids prefixed by `run_id`.
+    pub fn mixed(run_id: &str, duplicate_ratio: f64) -> Self {
+        TrafficConfig {
+            malformed_ratio: 0.005,
+            duplicate_ratio,
+            run_id: run_id.to_string(),
+            ..TrafficConfig::default()
+        }
+    }
+}
+
 /// How a malformed payload is broken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Malformation {

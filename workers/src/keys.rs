@@ -1,32 +1,30 @@
-//! Key names in the `analytics` bucket, and how free text (event ids, users) becomes
+//! Key names in the `analytics` bucket, and how free text (users) becomes
 //! part of a key.
 //!
 //! # Layout of the bucket
 //! | key                                | value                        | written by            |
 //! |------------------------------------|------------------------------|-----------------------|
-//! | `m.<minute>.<kind>.<shard>`        | counter record (see below)   | every event           |
-//! | `m.<minute>.active.<shard>`        | counter record: `n`          | first event of a user in a minute |
-//! | `t.<kind>.<shard>`                 | counter record: totals       | every event           |
-//! | `u.<user>`                         | counter record: `failed`     | failed logins         |
+//! | `p.<kind>.<shard>`                 | partition ledger: counters per minute and in total, products, failed logins per user, the ids counted (see [`crate::counters`]) | every batch, once per partition |
+//! | `m.<minute>.active.<shard>`        | set of the users active in the minute | batches with that minute's events |
 //! | `flag.<user>`                      | JSON `{user, failed}`        | `failed` reaching the threshold |
-//! | `seen.<kind>.<event id>`           | applied marker               | every event, once     |
-//! | `active.<minute>.<user>`           | applied marker               | first event of a user in a minute |
 //!
-//! `<minute>` is unix minutes; `<shard>` is `0..SHARDS`, from a stable hash of the event
-//! id (of the user for `active`), so concurrent handlers spread over several keys instead
-//! of all retrying compare-and-set on one.
+//! `<minute>` is unix minutes; `<shard>` is `0..SHARDS`, from a stable hash of the
+//! event's **user**: every copy of an event (same user) meets the same ledger, a user's
+//! failed logins are in one ledger, and a minute's active users split into disjoint
+//! sets. Concurrent batches spread over `SHARDS` keys per kind instead of all retrying
+//! compare-and-set on one.
 //!
 //! # Free text in keys
-//! KV keys allow only `[A-Za-z0-9_=./-]`. Event ids, users and products are encoded with
-//! [`encode`]: letters, digits, `_`, `-` and `/` are kept, every other byte becomes
-//! `=XX` (upper-case hex) — `.` too, since it separates tokens. The encoding is
-//! injective (two different names never share a key, which matters: a shared key would
-//! make two events count once) and reversible ([`decode`]).
+//! KV keys allow only `[A-Za-z0-9_=./-]`. Users are encoded with [`encode`]: letters,
+//! digits, `_`, `-` and `/` are kept, every other byte becomes `=XX` (upper-case hex) —
+//! `.` too, since it separates tokens. The encoding is injective (two different users
+//! never share a flag) and reversible ([`decode`]). Event ids and products are never
+//! part of a key: they are JSON strings inside the ledgers.
 
 use crate::events::Kind;
 
 /// Shards per counter. Part of the data format: every replica must use the same value,
-/// and changing it needs a new bucket (an event's records are chosen by it).
+/// and changing it needs a new bucket (an event's ledger is chosen by it).
 pub const SHARDS: u64 = 16;
 
 /// Encodes free text for use in one or more key tokens; see the module docs.
@@ -83,32 +81,19 @@ pub fn stable_hash(text: &str) -> u64 {
     hash
 }
 
-/// The shard of `text` (an event id or a user).
+/// The shard of `text` (a user).
 pub fn shard(text: &str) -> u64 {
     stable_hash(text) % SHARDS
 }
 
-/// Per-minute counter record of one kind: `m.<minute>.<kind>.<shard>`.
-pub fn minute_record(minute: u64, kind: Kind, shard: u64) -> String {
-    format!("m.{minute}.{kind}.{shard}")
+/// The ledger of one partition (a kind, a shard of the users): `p.<kind>.<shard>`.
+pub fn ledger(kind: Kind, shard: u64) -> String {
+    format!("p.{kind}.{shard}")
 }
 
-/// Per-minute active-user counter record: `m.<minute>.active.<shard>`.
+/// Per-minute active-user set: `m.<minute>.active.<shard>`.
 pub fn active_record(minute: u64, shard: u64) -> String {
     format!("m.{minute}.active.{shard}")
-}
-
-/// Totals counter record of one kind: `t.<kind>.<shard>`.
-pub fn total_record(kind: Kind, shard: u64) -> String {
-    format!("t.{kind}.{shard}")
-}
-
-/// Prefix of the per-user records.
-pub const USER_PREFIX: &str = "u.";
-
-/// Per-user record (failed logins): `u.<user>`.
-pub fn user_record(user: &str) -> String {
-    format!("{USER_PREFIX}{}", encode(user))
 }
 
 /// Prefix of the flag keys.
@@ -119,17 +104,7 @@ pub fn flag(user: &str) -> String {
     format!("{FLAG_PREFIX}{}", encode(user))
 }
 
-/// The marker saying event `id` of `kind` was applied to every counter: `seen.<kind>.<id>`.
-pub fn seen_marker(kind: Kind, id: &str) -> String {
-    format!("seen.{kind}.{}", encode(id))
-}
-
-/// The marker saying `user` was counted active in `minute`: `active.<minute>.<user>`.
-pub fn active_marker(minute: u64, user: &str) -> String {
-    format!("active.{minute}.{}", encode(user))
-}
-
-/// The user named by a key under `prefix` (`u.` or `flag.`), if it is one.
+/// The user named by a key under `prefix` (`flag.`), if it is one.
 pub fn user_of(key: &str, prefix: &str) -> Option<String> {
     decode(key.strip_prefix(prefix)?)
 }
@@ -191,7 +166,7 @@ mod tests {
         for s in samples {
             let e = encode(s);
             assert_eq!(decode(&e).as_deref(), Some(s), "{s:?} -> {e:?}");
-            assert!(valid_key(&format!("u.{e}")), "{e:?}");
+            assert!(valid_key(&format!("flag.{e}")), "{e:?}");
             if let Some(other) = seen.insert(e.clone(), s) {
                 panic!("{s:?} and {other:?} both encode to {e:?}");
             }
@@ -208,23 +183,18 @@ mod tests {
 
     #[test]
     fn key_names() {
-        assert_eq!(minute_record(5, Kind::Click, 3), "m.5.click.3");
+        assert_eq!(ledger(Kind::Click, 3), "p.click.3");
         assert_eq!(active_record(5, 1), "m.5.active.1");
-        assert_eq!(total_record(Kind::Purchase, 0), "t.purchase.0");
-        assert_eq!(user_record("a.b@c"), "u.a=2Eb=40c");
-        assert_eq!(flag("bob"), "flag.bob");
-        assert_eq!(seen_marker(Kind::Login, "e.1"), "seen.login.e=2E1");
-        assert_eq!(active_marker(7, "bob smith"), "active.7.bob=20smith");
+        assert_eq!(flag("a.b@c"), "flag.a=2Eb=40c");
         assert_eq!(
-            user_of("u.a=2Eb=40c", USER_PREFIX).as_deref(),
+            user_of("flag.a=2Eb=40c", FLAG_PREFIX).as_deref(),
             Some("a.b@c")
         );
-        assert_eq!(user_of("flag.bob", FLAG_PREFIX).as_deref(), Some("bob"));
-        assert_eq!(user_of("t.click.1", USER_PREFIX), None);
+        assert_eq!(user_of("p.click.1", FLAG_PREFIX), None);
         for key in [
-            minute_record(u64::MAX, Kind::Login, SHARDS - 1),
-            seen_marker(Kind::Click, ".."),
-            active_marker(0, ""),
+            ledger(Kind::Login, SHARDS - 1),
+            active_record(u64::MAX, SHARDS - 1),
+            flag(".."),
         ] {
             assert!(valid_key(&key), "{key}");
         }

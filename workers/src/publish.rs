@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use jetworker::{PublishError, Publisher};
+use jetworker::{Pipeline, PublishError, Publisher};
 use serde::Serialize;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -110,14 +110,7 @@ pub async fn publish(
             }
             let out = traffic.next_message(now_ms());
             count_sent(&mut summary, &out);
-            pipeline
-                .publish_bytes(
-                    &out.subject,
-                    &out.msg_id,
-                    HeaderMap::new(),
-                    Bytes::from(out.bytes),
-                )
-                .await?;
+            send(&mut pipeline, out).await?;
         }
     }
     let report = pipeline.finish().await?;
@@ -134,6 +127,19 @@ pub async fn publish(
         "published"
     );
     Ok(summary)
+}
+
+/// Publishes `out` through `pipeline` under its message id (its PubAck is checked by
+/// the pipeline).
+pub async fn send(pipeline: &mut Pipeline, out: Outgoing) -> Result<(), PublishError> {
+    pipeline
+        .publish_bytes(
+            &out.subject,
+            &out.msg_id,
+            HeaderMap::new(),
+            Bytes::from(out.bytes),
+        )
+        .await
 }
 
 /// Counts `out` in `summary` (sent, duplicates, malformed).

@@ -2,7 +2,27 @@
 
 use std::fmt::Write as _;
 
+use std::sync::atomic::Ordering;
+
+use jetworker::Running;
+
 use crate::aggregates::Snapshot;
+
+/// Messages the consumers of `replicas` settled so far: acked or dead-lettered (what a
+/// drain waits for).
+pub fn settled(replicas: &[Running]) -> u64 {
+    replicas
+        .iter()
+        .flat_map(|r| r.stats().values())
+        .map(|s| {
+            s.acked.load(Ordering::Relaxed)
+                + s.dead_lettered
+                    .iter()
+                    .map(|d| d.load(Ordering::Relaxed))
+                    .sum::<u64>()
+        })
+        .sum()
+}
 
 /// How much of the aggregates to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,32 +1,38 @@
-//! The exactly-once counter protocol against a real nats-server: a crash at every step
-//! followed by a retry, the same application run concurrently, distinct applications
-//! racing on one record.
+//! The exactly-once batch commit against a real nats-server: a crash at every step
+//! followed by a retry, the same batch run concurrently, overlapping batches racing on
+//! one ledger with crashes, and pruning by the ack floor.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::{self, kv};
 use jetworker::testing::server::NatsServer;
 use jetworker::Config;
+use serde::{Deserialize, Serialize};
 use workers::counters::{
-    apply_once, read_record, Application, Applied, CounterErrorKind, Delta, Faults, RunOptions,
-    Step,
+    commit, read_json, CounterErrorKind, Entry, Faults, Ledger, Pruning, Step, Tally,
 };
 
-fn first(faults: Option<&dyn Faults>) -> RunOptions<'_> {
-    RunOptions {
-        resuming: false,
-        faults,
+/// A tally of events and their amounts.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Sum {
+    n: u64,
+    cents: u64,
+}
+
+impl Tally for Sum {
+    type Item = u64;
+    fn add(&mut self, cents: &u64) {
+        self.n += 1;
+        self.cents += cents;
     }
 }
 
-fn redelivery(faults: Option<&dyn Faults>) -> RunOptions<'_> {
-    RunOptions {
-        resuming: true,
-        faults,
-    }
-}
+const NO_PRUNING: Pruning = Pruning {
+    floor: 0,
+    window: 100,
+};
 
 async fn bucket(server: &NatsServer) -> (async_nats::Client, kv::Store) {
     let text = format!(
@@ -44,23 +50,24 @@ async fn bucket(server: &NatsServer) -> (async_nats::Client, kv::Store) {
     (client, kv)
 }
 
-fn application(id: &str, records: &[&str]) -> Application {
-    Application {
-        id: id.to_string(),
-        marker: format!("seen.test.{id}"),
-        deltas: records
-            .iter()
-            .map(|r| Delta::new(r.to_string(), [("n", 1), ("cents", 250)]))
-            .collect(),
-    }
+/// Events `ids` (sequence = position + 1, 250 cents each).
+fn entries<'a>(ids: &'a [String], cents: &'a u64) -> Vec<Entry<'a, u64>> {
+    ids.iter()
+        .zip(1..)
+        .map(|(id, sequence)| Entry {
+            id,
+            sequence,
+            item: cents,
+        })
+        .collect()
 }
 
-async fn counts(kv: &kv::Store, record: &str) -> (u64, u64, usize) {
-    let (r, _) = read_record(kv, record)
+async fn ledger(kv: &kv::Store, key: &str) -> Ledger<Sum> {
+    read_json::<Ledger<Sum>>(kv, key)
         .await
         .expect("read")
-        .unwrap_or_default();
-    (r.count("n"), r.count("cents"), r.pending.len())
+        .map(|(l, _)| l)
+        .unwrap_or_default()
 }
 
 /// Fails once at one chosen step.
@@ -70,7 +77,7 @@ struct FailOnceAt {
 }
 
 impl Faults for FailOnceAt {
-    fn fail_at(&self, _id: &str, _marker: &str, step: Step) -> bool {
+    fn fail_at(&self, _ledger: &str, _first_id: &str, step: Step) -> bool {
         let mut fired = self.fired.lock().expect("lock");
         if step == self.step && !*fired {
             *fired = true;
@@ -84,133 +91,173 @@ impl Faults for FailOnceAt {
 async fn a_crash_at_any_step_then_a_retry_counts_once() {
     let server = NatsServer::start().expect("nats-server");
     let (_client, kv) = bucket(&server).await;
-    let steps = [
-        Step::Incremented(0),
-        Step::Incremented(1),
-        Step::Incremented(2),
-        Step::Marked,
-        Step::Cleaned(0),
-        Step::Cleaned(1),
-        Step::Cleaned(2),
-    ];
-    for (i, step) in steps.into_iter().enumerate() {
-        let records = [format!("r.{i}.a"), format!("r.{i}.b"), format!("r.{i}.c")];
-        let refs: Vec<&str> = records.iter().map(String::as_str).collect();
-        let app = application(&format!("e{i}"), &refs);
+    let cents = 250;
+    for (i, step) in [Step::Folded, Step::Committed].into_iter().enumerate() {
+        let key = format!("p.test.{i}");
+        let ids: Vec<String> = (0..10).map(|n| format!("e{i}-{n}")).collect();
+        let batch = entries(&ids, &cents);
         let faults = FailOnceAt {
             step,
             fired: Mutex::new(false),
         };
-        let err = apply_once(&kv, &app, first(Some(&faults)))
+        let err = commit::<Sum>(&kv, &key, &batch, NO_PRUNING, Some(&faults))
             .await
             .expect_err("the injected crash");
         assert_eq!(err.kind(), CounterErrorKind::Injected);
-        // The redelivery.
-        let again = apply_once(&kv, &app, redelivery(Some(&faults)))
+        // The redelivery, in a batch with other events.
+        let mut more = ids.clone();
+        more.extend((10..15).map(|n| format!("e{i}-{n}")));
+        let again = commit::<Sum>(&kv, &key, &entries(&more, &cents), NO_PRUNING, None)
             .await
             .expect("retry");
-        let expected = if matches!(step, Step::Cleaned(_) | Step::Marked) {
-            Applied::Already
-        } else {
-            Applied::Now
-        };
-        assert_eq!(again, expected, "{step:?}");
+        let expected_added = if step == Step::Committed { 5 } else { 15 };
+        assert_eq!(again.added, expected_added, "{step:?}");
         // And a late duplicate.
+        let late = commit::<Sum>(&kv, &key, &batch, NO_PRUNING, None)
+            .await
+            .expect("duplicate");
+        assert_eq!(late.added, 0);
+        let stored = ledger(&kv, &key).await;
         assert_eq!(
-            apply_once(&kv, &app, first(None)).await.expect("duplicate"),
-            Applied::Already
+            stored.tally,
+            Sum {
+                n: 15,
+                cents: 15 * 250
+            },
+            "{step:?}"
         );
-        for record in &records {
-            assert_eq!(counts(&kv, record).await, (1, 250, 0), "{step:?} {record}");
-        }
+        assert_eq!(stored.counted.len(), 15);
     }
 }
 
 #[tokio::test]
-async fn the_same_application_run_concurrently_counts_once() {
+async fn the_same_batch_run_concurrently_counts_once() {
     let server = NatsServer::start().expect("nats-server");
     let (_client, kv) = bucket(&server).await;
-    for round in 0..20 {
-        let records = [format!("c.{round}.x"), format!("c.{round}.y")];
-        let app = Arc::new(application(
-            &format!("dup{round}"),
-            &[&records[0], &records[1]],
-        ));
+    for round in 0..10 {
+        let key = format!("p.dup.{round}");
+        let ids: Arc<Vec<String>> = Arc::new((0..50).map(|n| format!("r{round}-{n}")).collect());
         let mut tasks = Vec::new();
         for _ in 0..8 {
-            let (kv, app) = (kv.clone(), app.clone());
+            let (kv, ids, key) = (kv.clone(), ids.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
-                apply_once(&kv, &app, first(None)).await
+                let cents = 250;
+                commit::<Sum>(&kv, &key, &entries(&ids, &cents), NO_PRUNING, None)
+                    .await
+                    .map(|c| c.added)
             }));
         }
-        let mut now = 0;
+        let mut added = 0;
         for t in tasks {
-            if t.await.expect("task").expect("apply") == Applied::Now {
-                now += 1;
+            added += t.await.expect("task").expect("commit");
+        }
+        assert_eq!(added, 50, "one run counted each event, round {round}");
+        assert_eq!(
+            ledger(&kv, &key).await.tally,
+            Sum {
+                n: 50,
+                cents: 50 * 250
             }
-        }
-        assert!(now >= 1, "someone completed it");
-        for record in &records {
-            assert_eq!(counts(&kv, record).await, (1, 250, 0), "round {round}");
-        }
+        );
     }
 }
 
-/// Fails a random-looking third of the steps of every application, at most once per
-/// (application, step): concurrent runs, crashes and retries all at once.
+/// Fails a third of the (batch, step) points, each at most once: crashes, retries and
+/// concurrent batches all at once.
 struct Flaky {
-    fired: Mutex<HashSet<(String, String)>>,
+    fired: Mutex<HashSet<String>>,
 }
 
 impl Faults for Flaky {
-    fn fail_at(&self, id: &str, _marker: &str, step: Step) -> bool {
-        let key = (id.to_string(), format!("{step:?}"));
-        let roll = workers::keys::stable_hash(&format!("{}{}", key.0, key.1)) % 3;
-        roll == 0 && self.fired.lock().expect("lock").insert(key)
+    fn fail_at(&self, ledger: &str, first_id: &str, step: Step) -> bool {
+        let point = format!("{ledger}|{first_id}|{step:?}");
+        workers::keys::stable_hash(&point).is_multiple_of(3)
+            && self.fired.lock().expect("lock").insert(point)
     }
 }
 
 #[tokio::test]
-async fn racing_applications_lose_no_increment() {
+async fn overlapping_batches_racing_on_one_ledger_lose_nothing_and_count_once() {
     let server = NatsServer::start().expect("nats-server");
     let (_client, kv) = bucket(&server).await;
     let faults = Arc::new(Flaky {
         fired: Mutex::new(HashSet::new()),
     });
-    let n = 300;
-    // As many runs at once as one consumer's concurrency.
-    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let n = 600u64;
     let mut tasks = Vec::new();
-    for i in 0..n {
-        // Every application hits the shared hot record, and one of four others; each is
-        // started twice (a duplicate on another replica).
-        for _ in 0..2 {
-            let (kv, faults, slots) = (kv.clone(), faults.clone(), slots.clone());
-            tasks.push(tokio::spawn(async move {
-                let _slot = slots.acquire_owned().await.expect("semaphore");
-                let app = application(&format!("race{i}"), &["hot", &format!("side.{}", i % 4)]);
-                let mut options = first(Some(faults.as_ref()));
-                loop {
-                    match apply_once(&kv, &app, options).await {
-                        Ok(_) => return,
-                        Err(e) if e.kind() == CounterErrorKind::Injected => {
-                            options.resuming = true;
-                        }
-                        Err(e) => panic!("{e}"),
-                    }
+    // Batches of 20 consecutive ids starting every 10: each id is in two batches (a
+    // duplicate on another replica), all on one hot ledger.
+    for start in (0..n).step_by(10) {
+        let (kv, faults) = (kv.clone(), faults.clone());
+        tasks.push(tokio::spawn(async move {
+            let ids: Vec<String> = (start..(start + 20).min(n))
+                .map(|i| format!("race{i}"))
+                .collect();
+            let cents = 250;
+            loop {
+                match commit::<Sum>(
+                    &kv,
+                    "p.hot",
+                    &entries(&ids, &cents),
+                    NO_PRUNING,
+                    Some(faults.as_ref()),
+                )
+                .await
+                {
+                    Ok(_) => return,
+                    Err(e) if e.kind() == CounterErrorKind::Injected => continue,
+                    Err(e) => panic!("{e}"),
                 }
-            }));
-        }
+            }
+        }));
     }
     for t in tasks {
         t.await.expect("task");
     }
-    assert_eq!(counts(&kv, "hot").await, (n, n * 250, 0));
-    let mut sides = BTreeMap::new();
-    for s in 0..4 {
-        sides.insert(s, counts(&kv, &format!("side.{s}")).await);
-    }
-    for (s, c) in sides {
-        assert_eq!(c, (n / 4, n / 4 * 250, 0), "side {s}");
-    }
+    let stored = ledger(&kv, "p.hot").await;
+    assert_eq!(stored.tally, Sum { n, cents: n * 250 });
+    assert!(
+        !faults.fired.lock().expect("lock").is_empty(),
+        "faults fired"
+    );
+}
+
+#[tokio::test]
+async fn pruning_forgets_only_ids_below_the_floor_minus_the_window() {
+    let server = NatsServer::start().expect("nats-server");
+    let (_client, kv) = bucket(&server).await;
+    let cents = 1;
+    let ids: Vec<String> = (1..=100).map(|n| format!("p{n}")).collect();
+    commit::<Sum>(&kv, "p.prune", &entries(&ids, &cents), NO_PRUNING, None)
+        .await
+        .expect("commit");
+    // Floor 80, window 30: sequences 1..=50 can no longer be delivered, nor copied
+    // within the window; 51..=100 can.
+    let pruning = Pruning {
+        floor: 80,
+        window: 30,
+    };
+    let next = [format!("p{}", 101)];
+    let entry = Entry {
+        id: next[0].as_str(),
+        sequence: 101,
+        item: &cents,
+    };
+    commit::<Sum>(&kv, "p.prune", &[entry], pruning, None)
+        .await
+        .expect("commit");
+    let stored = ledger(&kv, "p.prune").await;
+    assert_eq!(stored.tally.n, 101);
+    let kept: BTreeSet<u64> = stored.counted.values().copied().collect();
+    assert_eq!(kept, (51..=101).collect::<BTreeSet<u64>>());
+    // A redelivery of sequence 60 (above the floor) is still recognised.
+    let again = [Entry {
+        id: "p60",
+        sequence: 60,
+        item: &cents,
+    }];
+    let c = commit::<Sum>(&kv, "p.prune", &again, pruning, None)
+        .await
+        .expect("commit");
+    assert_eq!(c.added, 0);
 }

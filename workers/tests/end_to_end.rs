@@ -1,8 +1,9 @@
 //! The platform end to end on a real nats-server, configured by the shipped
 //! `streams.toml`: 10k mixed events with duplicates (same message id, and same event id
 //! under a new message id) and malformed payloads, two worker replicas (two apps, two
-//! connections) whose handlers fail some first attempts before counting, after counting
-//! (an ack that never happened) and in the middle of the counting protocol. The stored
+//! connections) whose batch handlers fail some first attempts before counting, after
+//! counting (an ack that never happened) and in the middle of the counting protocol
+//! (before a ledger's write, after it, after the active users). The stored
 //! aggregates must equal exactly what the published events imply, and every malformed
 //! payload must be in the dead-letter stream with reason `decode`.
 
@@ -13,19 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use async_nats::HeaderMap;
-use bytes::Bytes;
 use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
 use jetworker::Config;
 use jetworker::Publisher;
-use jetworker::{App, Context, Event, HandlerError};
+use jetworker::{App, Batch, BatchContext, BatchFailures, BatchResult, HandlerError};
 use tokio_util::sync::CancellationToken;
 use workers::aggregates::{self, Aggregates, DEFAULT_FLAG_THRESHOLD};
 use workers::counters::{Faults, Step};
 use workers::events::{AnyEvent, Click, Login, Purchase};
 use workers::generator::{Payload, Traffic, TrafficConfig};
-use workers::handlers::{self, Analytics, BUCKET};
+use workers::handlers::{self, Analytics, Incoming, Origin, BUCKET};
 use workers::keys::stable_hash;
 
 const EVENTS: u64 = 10_000;
@@ -39,24 +38,31 @@ fn config(url: &str) -> Config {
     // Two replicas in one process: no ops endpoint (they would share a port).
     config.worker.ops_listen = String::new();
     config.worker.shutdown_grace = Duration::from_secs(10);
+    // Small batches: many commits, so the chaos below hits many of them.
+    for consumer in &mut config.consumers {
+        consumer.max_batch = Some(BATCH);
+    }
     config
 }
+
+/// Messages per batch in this test.
+const BATCH: i64 = 50;
 
 /// Per mille of first attempts failing before the handler counts anything.
 const FAIL_BEFORE: u64 = 20;
 /// Per mille of first attempts failing after the handler counted (the ack is "lost").
 const FAIL_AFTER: u64 = 30;
 
-/// Fails ~1/60 of the protocol's steps, each (marker, step) at most once across both
-/// replicas: a worker crashing mid-count, the redelivery resuming.
+/// Fails ~1/60 of the protocol's steps, each (ledger, first event, step) at most once
+/// across both replicas: a worker crashing mid-count, the redelivery resuming.
 struct Chaos {
     fired: Mutex<HashSet<(String, String)>>,
     count: Mutex<u64>,
 }
 
 impl Faults for Chaos {
-    fn fail_at(&self, _id: &str, marker: &str, step: Step) -> bool {
-        let point = (marker.to_string(), format!("{step:?}"));
+    fn fail_at(&self, ledger: &str, first_id: &str, step: Step) -> bool {
+        let point = (format!("{ledger}|{first_id}"), format!("{step:?}"));
         if !stable_hash(&format!("{}|{}", point.0, point.1)).is_multiple_of(60) {
             return false;
         }
@@ -68,35 +74,50 @@ impl Faults for Chaos {
     }
 }
 
-async fn chaos(event: AnyEvent, ctx: Context<Analytics>) -> Result<(), HandlerError> {
-    let roll = stable_hash(event.id()) % 1000;
-    if ctx.attempt() == 1 && roll < FAIL_BEFORE {
-        return Err(HandlerError::transient("chaos: failing before counting"));
+async fn chaos<T: Clone + Into<AnyEvent>>(
+    batch: Batch<T>,
+    ctx: BatchContext<Analytics>,
+) -> BatchResult {
+    let mut failures = BatchFailures::new();
+    let mut counted = Vec::new();
+    for m in &batch {
+        let event: AnyEvent = m.payload.clone().into();
+        if m.attempt() == 1 && stable_hash(event.id()) % 1000 < FAIL_BEFORE {
+            failures.fail(m, HandlerError::transient("chaos: failing before counting"));
+            continue;
+        }
+        counted.push((
+            m,
+            Incoming {
+                event,
+                sequence: m.stream_sequence(),
+            },
+        ));
     }
-    handlers::count(event, &ctx).await?;
-    if ctx.attempt() == 1 && (FAIL_BEFORE..FAIL_BEFORE + FAIL_AFTER).contains(&roll) {
-        return Err(HandlerError::transient("chaos: failing after counting"));
+    let incoming: Vec<Incoming> = counted.iter().map(|(_, i)| i.clone()).collect();
+    let origin = Origin {
+        stream: ctx.stream(),
+        consumer: ctx.consumer(),
+    };
+    let outcomes = handlers::count_events(ctx.state(), ctx.jetstream(), origin, &incoming).await?;
+    for ((m, incoming), outcome) in counted.iter().zip(outcomes) {
+        let roll = stable_hash(incoming.event.id()) % 1000;
+        match outcome {
+            Some(error) => failures.fail(*m, error),
+            None if m.attempt() == 1 && (FAIL_BEFORE..FAIL_BEFORE + FAIL_AFTER).contains(&roll) => {
+                failures.fail(*m, HandlerError::transient("chaos: failing after counting"));
+            }
+            None => {}
+        }
     }
-    Ok(())
-}
-
-async fn chaos_click(e: Event<Click>, ctx: Context<Analytics>) -> Result<(), HandlerError> {
-    chaos(e.into_inner().into(), ctx).await
-}
-
-async fn chaos_purchase(e: Event<Purchase>, ctx: Context<Analytics>) -> Result<(), HandlerError> {
-    chaos(e.into_inner().into(), ctx).await
-}
-
-async fn chaos_login(e: Event<Login>, ctx: Context<Analytics>) -> Result<(), HandlerError> {
-    chaos(e.into_inner().into(), ctx).await
+    Ok(failures)
 }
 
 fn replica(faults: Arc<Chaos>) -> App<Analytics> {
     App::new(Analytics::new().with_faults(faults))
-        .handler("track_click", chaos_click)
-        .handler("track_purchase", chaos_purchase)
-        .handler("track_login", chaos_login)
+        .batch_handler("track_click", chaos::<Click>)
+        .batch_handler("track_purchase", chaos::<Purchase>)
+        .batch_handler("track_login", chaos::<Login>)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,15 +149,7 @@ async fn ten_thousand_events_two_replicas_exact_aggregates() {
     // Publish while the replicas work, from a third connection.
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = jetstream::new(client.clone());
-    let mut traffic = Traffic::new(
-        TrafficConfig {
-            malformed_ratio: 0.005,
-            duplicate_ratio: 0.03,
-            run_id: "e2e".into(),
-            ..TrafficConfig::default()
-        },
-        2024,
-    );
+    let mut traffic = Traffic::new(TrafficConfig::mixed("e2e", 0.03), 2024);
     let publisher = Publisher::new(js.clone());
     let mut pipeline = publisher.pipeline(256);
     let mut events: Vec<AnyEvent> = Vec::new();
@@ -155,13 +168,7 @@ async fn ten_thousand_events_two_replicas_exact_aggregates() {
             }
             Payload::Malformed(_) => malformed += 1,
         }
-        pipeline
-            .publish_bytes(
-                &out.subject,
-                &out.msg_id,
-                HeaderMap::new(),
-                Bytes::from(out.bytes),
-            )
+        workers::publish::send(&mut pipeline, out)
             .await
             .expect("publish");
     }
@@ -180,21 +187,8 @@ async fn ten_thousand_events_two_replicas_exact_aggregates() {
 
     // Wait until every stored message is settled (acked or dead-lettered) by a replica,
     // then for the aggregates to match exactly, with nothing left in flight.
-    let settled = |replicas: &[jetworker::Running]| -> u64 {
-        replicas
-            .iter()
-            .flat_map(|r| r.stats().values())
-            .map(|s| {
-                s.acked.load(Ordering::Relaxed)
-                    + s.dead_lettered
-                        .iter()
-                        .map(|d| d.load(Ordering::Relaxed))
-                        .sum::<u64>()
-            })
-            .sum()
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
-    while settled(&replicas) < report.stored && Instant::now() < deadline {
+    while workers::report::settled(&replicas) < report.stored && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let settled_in = started.elapsed();
