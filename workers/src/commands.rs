@@ -252,7 +252,8 @@ async fn connect(config: &Config) -> Result<(async_nats::Client, jetstream::Cont
             format!("error: {e}\nhint: start a server with scripts/demo (or `nats-server -js`), or point NATS_URL at one"),
         )
     })?;
-    let js = jetstream::new(client.clone());
+    // In the configured JetStream domain or API prefix, as the worker's own context.
+    let js = jetworker::jetstream(client.clone(), &config.connection);
     Ok((client, js))
 }
 
