@@ -17,6 +17,10 @@
 //!   0` does).
 //! - `NATS_SERVER_BIN`: the server binary (see `jetworker::testing::server`).
 //!
+//! `cargo test --all-targets` runs this binary too, without `--bench`: then it is a smoke
+//! test of the same path at a small size (5,000 events, 1 s steady), still checked
+//! exactly, unless the knobs above say otherwise.
+//!
 //! # What it does
 //! Starts a nats-server (loopback, temp store), provisions the shipped `streams.toml`,
 //! fills `EVENTS` with the publisher's usual mix (`workers publish` defaults: 1%
@@ -130,10 +134,12 @@ fn add(a: &Counts, b: &Counts) -> Counts {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let events_n = env_u64("PLATFORM_EVENTS", 1_000_000);
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs it without.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let events_n = env_u64("PLATFORM_EVENTS", if smoke { 5_000 } else { 1_000_000 });
     let replicas_n = env_u64("PLATFORM_REPLICAS", 1).max(1);
-    let steady_rate = env_u64("PLATFORM_STEADY_RATE", 20_000);
-    let steady_secs = env_u64("PLATFORM_STEADY_SECS", 10);
+    let steady_rate = env_u64("PLATFORM_STEADY_RATE", if smoke { 2_000 } else { 20_000 });
+    let steady_secs = env_u64("PLATFORM_STEADY_SECS", if smoke { 1 } else { 10 });
 
     let server = NatsServer::start().context("starting nats-server")?;
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../streams.toml");
