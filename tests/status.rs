@@ -348,6 +348,23 @@ max_deliver = 2"#,
             .all(|c| c == "jobs-0" || c == "jobs-1"),
         "{letter_consumers:?}"
     );
+    // `dlq --consumer jobs` selects the letters of both partitions, decoded with the
+    // group's codec; a partition's name selects its own only.
+    let dlq = jetworker_cli::Dlq::new(js.clone(), &config).expect("dlq");
+    let of = |consumers: &[&str]| jetworker_cli::Filter {
+        consumers: consumers.iter().map(|c| c.to_string()).collect(),
+        ..jetworker_cli::Filter::default()
+    };
+    let letters = dlq.list(&of(&["jobs"])).await.expect("list");
+    assert_eq!(letters.len(), 2);
+    for letter in &letters {
+        assert_eq!(dlq.codec_of(letter), Some(jetworker::CodecKind::Msgpack));
+    }
+    let mut one_by_one = 0;
+    for name in &letter_consumers {
+        one_by_one += dlq.list(&of(&[name])).await.expect("list").len();
+    }
+    assert_eq!(one_by_one, 2);
     worker.stop().await;
 
     // Three more with no worker: pending on their partitions, every lease given back.
