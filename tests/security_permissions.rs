@@ -119,6 +119,26 @@ fn violations(server: &NatsServer) -> Vec<String> {
         .collect()
 }
 
+/// Stops the worker started with `stop`: it ends without error, and the server denied
+/// it nothing meanwhile.
+async fn stops_without_a_violation(
+    server: &NatsServer,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<Result<impl Sized, jetworker::RunError>>,
+) {
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("ran without error");
+    let denied = violations(server);
+    assert!(
+        denied.is_empty(),
+        "the server denied something: {denied:#?}"
+    );
+}
+
 #[derive(Default)]
 struct Tally {
     handled: AtomicU64,
@@ -245,17 +265,7 @@ async fn a_worker_under_exactly_the_printed_permissions_does_everything() {
     })
     .await;
 
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(20), worker)
-        .await
-        .expect("stops")
-        .expect("task")
-        .expect("ran without error");
-    let denied = violations(&server);
-    assert!(
-        denied.is_empty(),
-        "the server denied something: {denied:#?}"
-    );
+    stops_without_a_violation(&server, stop, worker).await;
 }
 
 #[tokio::test]
@@ -468,23 +478,14 @@ partitions = { count = 2, subject_token = 1, lease = "1s" }"#,
         },
     )
     .await;
-    let publisher = jetworker::Publisher::new(js.clone());
-    for id in 1..=7u64 {
-        let job = if id == 7 {
-            Job {
-                id,
-                mode: Mode::Permanent,
-                until: 0,
-                sleep_ms: 0,
-            }
-        } else {
-            Job::ok(id)
-        };
-        publisher
-            .publish_keyed("jobs", &format!("k{id}"), 2, &format!("job-{id}"), &job)
-            .await
-            .expect("publish");
-    }
+    let mut jobs: Vec<Job> = (1..=6).map(Job::ok).collect();
+    jobs.push(Job {
+        id: 7,
+        mode: Mode::Permanent,
+        until: 0,
+        sleep_ms: 0,
+    });
+    common::publish_partitioned_jobs(&js, &jobs, 2).await;
     wait_until(
         Duration::from_secs(30),
         "six counted, one dead letter",
@@ -511,15 +512,5 @@ partitions = { count = 2, subject_token = 1, lease = "1s" }"#,
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(20), worker)
-        .await
-        .expect("stops")
-        .expect("task")
-        .expect("ran without error");
-    let denied = violations(&server);
-    assert!(
-        denied.is_empty(),
-        "the server denied something: {denied:#?}"
-    );
+    stops_without_a_violation(&server, stop, worker).await;
 }

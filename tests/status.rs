@@ -275,24 +275,9 @@ max_deliver = 2"#,
     jetworker::provision(&client, &js, &config, false)
         .await
         .expect("provision");
-    let publisher = jetworker::Publisher::new(js.clone());
-    let publish = |ids: std::ops::RangeInclusive<u64>| {
-        let publisher = publisher.clone();
-        async move {
-            for id in ids {
-                let job = if id > 4 && id <= 6 {
-                    permanent(id)
-                } else {
-                    Job::ok(id)
-                };
-                publisher
-                    .publish_keyed("jobs", &format!("k{id}"), 2, &format!("job-{id}"), &job)
-                    .await
-                    .expect("publish");
-            }
-        }
-    };
-    publish(1..=6).await;
+    let mut jobs: Vec<Job> = (1..=4).map(Job::ok).collect();
+    jobs.extend((5..=6).map(permanent));
+    publish_partitioned_jobs(&js, &jobs, 2).await;
     let probe = Arc::new(Probe::default());
     let worker = InProcessWorker::start(
         config.clone(),
@@ -368,7 +353,7 @@ max_deliver = 2"#,
     worker.stop().await;
 
     // Three more with no worker: pending on their partitions, every lease given back.
-    publish(7..=9).await;
+    publish_partitioned_jobs(&js, &(7..=9).map(Job::ok).collect::<Vec<_>>(), 2).await;
     let report = jetworker_cli::collect_status(&js, &config)
         .await
         .expect("status");
