@@ -119,6 +119,26 @@ fn violations(server: &NatsServer) -> Vec<String> {
         .collect()
 }
 
+/// Stops the worker started with `stop`: it ends without error, and the server denied
+/// it nothing meanwhile.
+async fn stops_without_a_violation(
+    server: &NatsServer,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<Result<impl Sized, jetworker::RunError>>,
+) {
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("ran without error");
+    let denied = violations(server);
+    assert!(
+        denied.is_empty(),
+        "the server denied something: {denied:#?}"
+    );
+}
+
 #[derive(Default)]
 struct Tally {
     handled: AtomicU64,
@@ -245,17 +265,7 @@ async fn a_worker_under_exactly_the_printed_permissions_does_everything() {
     })
     .await;
 
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(20), worker)
-        .await
-        .expect("stops")
-        .expect("task")
-        .expect("ran without error");
-    let denied = violations(&server);
-    assert!(
-        denied.is_empty(),
-        "the server denied something: {denied:#?}"
-    );
+    stops_without_a_violation(&server, stop, worker).await;
 }
 
 #[tokio::test]
@@ -400,4 +410,107 @@ async fn narrower_users_fail_clearly_and_lose_nothing() {
         !stderr.contains("Violation"),
         "the full user is denied nothing: {stderr}"
     );
+}
+
+/// Counts each job, or fails permanently.
+async fn counted(job: Event<Job>, ctx: Context<Arc<Tally>>) -> Result<(), HandlerError> {
+    if job.mode == Mode::Permanent {
+        return Err(HandlerError::permanent(format!(
+            "job {} is invalid",
+            job.id
+        )));
+    }
+    ctx.state().handled.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// A worker with a partitioned ordered consumer (`jobs` in 2 partitions of
+/// `jobs.<partition>.<key>`, 1 s leases) under exactly the printed permissions takes
+/// its partitions, renews and gives back their leases, counts the replicas, consumes
+/// and dead-letters, with no permission violation.
+#[tokio::test]
+async fn a_partitioned_worker_under_exactly_the_printed_permissions_does_everything() {
+    let config_text = |url: &str| {
+        ConfigText::new(url)
+            .connection(&format!(
+                r#"user = "worker"
+password = "{WORKER_PASSWORD}"
+name = "least-privilege-partitions"
+inbox_prefix = "_INBOX_lpp"
+request_timeout = "2s"
+connect_timeout = "3s""#
+            ))
+            .worker(r#"shutdown_grace = "5s""#)
+            .with_jobs()
+            .in_consumer(
+                "jobs",
+                r#"filter_subject = "jobs.*.>"
+ordered_by = { subject_token = 2 }
+partitions = { count = 2, subject_token = 1, lease = "1s" }"#,
+            )
+            .text()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let printed = permissions_of(dir.path(), &config_text("nats://127.0.0.1:4222"));
+    let block = printed["server_block"]
+        .as_str()
+        .expect("server block")
+        .to_string();
+    assert!(block.contains("\"$KV.jw_leases_EVENTS_jobs.>\""), "{block}");
+    assert!(
+        block.contains("\"$JS.API.CONSUMER.MSG.NEXT.EVENTS.jobs-1\""),
+        "{block}"
+    );
+    let server = server_with_users(&[("worker", block)]);
+    let (_admin, js) = admin(&server).await;
+
+    let config = parse(&config_text(&server.url()));
+    let tally = Arc::new(Tally::default());
+    let stop = CancellationToken::new();
+    let app = App::new(tally.clone()).handler("scripted", counted);
+    let worker = tokio::spawn(app.run_until(config, stop.clone()));
+    wait_until(
+        Duration::from_secs(20),
+        "provisioned by the worker",
+        || async {
+            js.get_stream("EVENTS").await.is_ok()
+                && js.get_stream("KV_jw_leases_EVENTS_jobs").await.is_ok()
+        },
+    )
+    .await;
+    let mut jobs: Vec<Job> = (1..=6).map(Job::ok).collect();
+    jobs.push(Job {
+        id: 7,
+        mode: Mode::Permanent,
+        until: 0,
+        sleep_ms: 0,
+    });
+    common::publish_partitioned_jobs(&js, &jobs, 2).await;
+    wait_until(
+        Duration::from_secs(30),
+        "six counted, one dead letter",
+        || async { tally.handled.load(Ordering::SeqCst) == 6 && count(&js, "DLQ").await == 1 },
+    )
+    .await;
+    // Both partitions are held (their leases renewed meanwhile) and every message settled.
+    let leases = js
+        .get_key_value("jw_leases_EVENTS_jobs")
+        .await
+        .expect("lease bucket");
+    for index in 0..2 {
+        let key = jetworker::partition_lease_key(index);
+        wait_until(Duration::from_secs(10), "the lease is held", || async {
+            leases.get(&key).await.ok().flatten().is_some()
+        })
+        .await;
+        let name = format!("jobs-{index}");
+        wait_until(Duration::from_secs(10), "everything settled", || async {
+            let info = consumer_info(&js, "EVENTS", &name).await;
+            info.num_ack_pending == 0 && info.num_pending == 0
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    stops_without_a_violation(&server, stop, worker).await;
 }

@@ -257,3 +257,124 @@ async fn status_command_prints_the_report_as_json_and_as_a_table() {
     assert!(err.contains("cannot connect"), "{err}");
     let _ = client;
 }
+
+/// A partitioned consumer (`jobs` in 2 partitions of `jobs.<partition>.<key>`) shows as
+/// its two partition consumers, each with the server's figures, the group's dead
+/// letters (shared) and, while a worker runs, the replica holding its lease.
+#[tokio::test]
+async fn a_partitioned_consumer_shows_each_partition_and_its_lease_holder() {
+    let server = NatsServer::start().expect("server");
+    let (client, js) = connect(&server.url()).await;
+    let config = config(
+        &server.url(),
+        r#"filter_subject = "jobs.*.>"
+ordered_by = { subject_token = 2 }
+partitions = { count = 2, subject_token = 1, lease = "2s" }
+max_deliver = 2"#,
+    );
+    jetworker::provision(&client, &js, &config, false)
+        .await
+        .expect("provision");
+    let mut jobs: Vec<Job> = (1..=4).map(Job::ok).collect();
+    jobs.extend((5..=6).map(permanent));
+    publish_partitioned_jobs(&js, &jobs, 2).await;
+    let probe = Arc::new(Probe::default());
+    let worker = InProcessWorker::start(
+        config.clone(),
+        App::new(probe.clone()).handler("scripted", scripted),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "4 handled, 2 dead letters, both leases held",
+        || async {
+            let report = jetworker_cli::collect_status(&js, &config)
+                .await
+                .expect("status");
+            probe.succeeded_ids() == 4
+                && count(&js, "DLQ").await == 2
+                && report.consumers.iter().all(|c| c.lease_holder.is_some())
+        },
+    )
+    .await;
+    let report = jetworker_cli::collect_status(&js, &config)
+        .await
+        .expect("status");
+    let names: Vec<&str> = report.consumers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["jobs-0", "jobs-1"]);
+    let leases = js
+        .get_key_value("jw_leases_EVENTS_jobs")
+        .await
+        .expect("lease bucket");
+    for (index, c) in (0u32..).zip(&report.consumers) {
+        assert!(c.exists);
+        assert_eq!(c.partition_of.as_deref(), Some("jobs"));
+        assert_eq!(c.partition, Some(index));
+        let held = leases
+            .get(jetworker::partition_lease_key(index))
+            .await
+            .expect("lease")
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        assert_eq!(c.lease_holder, held);
+        assert_eq!(c.dead_letters, Some(2), "the group's dead letters");
+        assert_eq!(
+            c.dead_letter_subject_shared_with,
+            [format!("jobs-{}", 1 - index)]
+        );
+    }
+    // The letters name the partition consumer that gave up.
+    let letter_consumers: std::collections::BTreeSet<String> = messages(&js, "DLQ")
+        .await
+        .iter()
+        .filter_map(|m| header(m, jetworker::headers::CONSUMER))
+        .collect();
+    assert!(
+        letter_consumers
+            .iter()
+            .all(|c| c == "jobs-0" || c == "jobs-1"),
+        "{letter_consumers:?}"
+    );
+    // `dlq --consumer jobs` selects the letters of both partitions, decoded with the
+    // group's codec; a partition's name selects its own only.
+    let dlq = jetworker_cli::Dlq::new(js.clone(), &config).expect("dlq");
+    let of = |consumers: &[&str]| jetworker_cli::Filter {
+        consumers: consumers.iter().map(|c| c.to_string()).collect(),
+        ..jetworker_cli::Filter::default()
+    };
+    let letters = dlq.list(&of(&["jobs"])).await.expect("list");
+    assert_eq!(letters.len(), 2);
+    for letter in &letters {
+        assert_eq!(dlq.codec_of(letter), Some(jetworker::CodecKind::Msgpack));
+    }
+    let mut one_by_one = 0;
+    for name in &letter_consumers {
+        one_by_one += dlq.list(&of(&[name])).await.expect("list").len();
+    }
+    assert_eq!(one_by_one, 2);
+    worker.stop().await;
+
+    // Three more with no worker: pending on their partitions, every lease given back.
+    publish_partitioned_jobs(&js, &(7..=9).map(Job::ok).collect::<Vec<_>>(), 2).await;
+    let report = jetworker_cli::collect_status(&js, &config)
+        .await
+        .expect("status");
+    let mut pending = 0;
+    for c in &report.consumers {
+        let info = consumer_info(&js, "EVENTS", &c.name).await;
+        assert_eq!(c.pending, info.num_pending);
+        assert_eq!(c.ack_pending, info.num_ack_pending as u64);
+        assert_eq!(c.redelivered, info.num_redelivered as u64);
+        assert_eq!(c.lease_holder, None, "given back at shutdown");
+        pending += c.pending;
+    }
+    assert_eq!(pending, 3);
+    let table = report.table();
+    assert!(table.contains("LEASE HELD BY"), "{table}");
+    assert!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("jobs-") && l.ends_with("free"))
+            .count()
+            == 2,
+        "{table}"
+    );
+}

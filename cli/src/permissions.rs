@@ -18,6 +18,12 @@
 //!   server itself stores the advisories: the worker needs no permission on them);
 //! - key-value buckets (for handlers): `$KV.<bucket>.>` to write, direct and stream gets
 //!   to read, an ordered consumer (`CONSUMER.CREATE`, flow control on `$JS.FC`) to watch;
+//! - partitioned consumers (`partitions = { count = N, ... }`): every partition consumer
+//!   `<name>-<i>` as a consumer above (with its own safety net), and the lease bucket's
+//!   stream; of the bucket only what the leases use: `$KV.<bucket>.>` (take, renew, give
+//!   back, member keys), the direct get of a key (a take whose key was deleted) or the
+//!   stream get on servers without direct get, and an ordered consumer (`CONSUMER.CREATE`
+//!   with flow control on `$JS.FC`) to count the live replicas;
 //! - replies: every JetStream API answer and delivery comes to `<inbox_prefix>.>`.
 //!
 //! With `connection.jetstream_domain` the API subjects are `$JS.<domain>.API.…` (with
@@ -180,6 +186,14 @@ impl Builder {
 impl Permissions {
     /// What `run` needs for `config` (see the module docs).
     pub fn for_worker(config: &Config, scope: &Scope) -> Permissions {
+        // The leases' buckets get only what the leases use, not a handler's bucket access.
+        let lease_buckets: BTreeSet<String> = config
+            .consumers
+            .iter()
+            .filter_map(jetworker::partition_lease_bucket)
+            .collect();
+        // A partitioned consumer runs as one consumer per partition.
+        let config = &jetworker::expand_partitions(config);
         let mut b = Builder::new(&config.connection);
         let api = b.api.clone();
         for s in &config.streams {
@@ -190,11 +204,12 @@ impl Permissions {
             b.stream(&s.name, "the safety net's advisory stream", scope);
         }
         for bucket in &config.kv_buckets {
-            b.stream(
-                &format!("KV_{}", bucket.name),
-                "key-value bucket stream",
-                scope,
-            );
+            let what = if lease_buckets.contains(&bucket.name) {
+                "the partition leases' bucket stream"
+            } else {
+                "key-value bucket stream"
+            };
+            b.stream(&format!("KV_{}", bucket.name), what, scope);
         }
         for c in &config.consumers {
             b.consumer(c, scope);
@@ -242,7 +257,34 @@ impl Permissions {
                 );
             }
         }
-        for bucket in &config.kv_buckets {
+        for name in &lease_buckets {
+            let stream = format!("KV_{name}");
+            b.publish(
+                format!("$KV.{name}.>"),
+                format!("take, renew and give back partition leases and member keys in {name}"),
+            );
+            b.publish(
+                format!("{api}.DIRECT.GET.{stream}.>"),
+                format!("read a lease of {name} before taking a key given back"),
+            );
+            b.publish(
+                format!("{api}.STREAM.MSG.GET.{stream}"),
+                format!("read a lease of {name} (servers without direct get)"),
+            );
+            b.publish(
+                format!("{api}.CONSUMER.CREATE.{stream}"),
+                format!("count the live replicas in {name} (ordered consumer listing keys)"),
+            );
+            b.publish(
+                format!("$JS.FC.{stream}.>"),
+                format!("flow control of the replica count's consumer on {name}"),
+            );
+        }
+        for bucket in config
+            .kv_buckets
+            .iter()
+            .filter(|b| !lease_buckets.contains(&b.name))
+        {
             let (name, stream) = (&bucket.name, format!("KV_{}", bucket.name));
             b.publish(
                 format!("$KV.{name}.>"),
@@ -494,6 +536,80 @@ dead_letter_subject = "dlq.all"
             &Scope::default(),
         );
         assert!(subjects(&prefixed.publish).contains(&"$JS.leaf.API.CONSUMER.INFO.EVENTS.clicks"));
+    }
+
+    #[test]
+    fn a_partitioned_consumer_needs_its_partitions_and_its_lease_bucket_only() {
+        let c = Config::from_toml_with_env(
+            r#"
+[[streams]]
+name = "ORDERS"
+subjects = ["orders.>"]
+
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+
+[[consumers]]
+name = "billing"
+stream = "ORDERS"
+filter_subject = "orders.*.>"
+handler = "h"
+dead_letter_subject = "dlq.billing"
+ordered_by = { subject_token = 2 }
+partitions = { count = 2, subject_token = 1 }
+"#,
+            Path::new("t.toml"),
+            std::iter::empty(),
+        )
+        .expect("valid");
+        let p = Permissions::for_worker(&c, &Scope::default());
+        let publish = subjects(&p.publish);
+        for expected in [
+            "$JS.API.CONSUMER.INFO.ORDERS.billing-0",
+            "$JS.API.CONSUMER.CREATE.ORDERS.billing-0.orders.0.>",
+            "$JS.API.CONSUMER.MSG.NEXT.ORDERS.billing-0",
+            "$JS.ACK.ORDERS.billing-0.>",
+            "$JS.API.CONSUMER.INFO.ORDERS.billing-1",
+            "$JS.API.CONSUMER.CREATE.ORDERS.billing-1.orders.1.>",
+            "$JS.API.CONSUMER.MSG.NEXT.ORDERS.billing-1",
+            "$JS.ACK.ORDERS.billing-1.>",
+            "$JS.API.CONSUMER.MSG.NEXT.JETWORKER_ADVISORIES.jetworker_safety_net_6_ORDERS_billing-1",
+            "$JS.API.STREAM.INFO.KV_jw_leases_ORDERS_billing",
+            "$JS.API.STREAM.CREATE.KV_jw_leases_ORDERS_billing",
+            "$KV.jw_leases_ORDERS_billing.>",
+            "$JS.API.DIRECT.GET.KV_jw_leases_ORDERS_billing.>",
+            "$JS.API.STREAM.MSG.GET.KV_jw_leases_ORDERS_billing",
+            "$JS.API.CONSUMER.CREATE.KV_jw_leases_ORDERS_billing",
+            "$JS.FC.KV_jw_leases_ORDERS_billing.>",
+            "dlq.billing",
+        ] {
+            assert!(
+                publish.contains(&expected),
+                "{expected} missing: {publish:#?}"
+            );
+        }
+        // The group's name is no consumer on the server, and the leases need no watcher
+        // info nor reads by revision.
+        assert!(
+            !publish.iter().any(|s| {
+                let group = ["ORDERS.billing", "safety_net_6_ORDERS_billing"];
+                group
+                    .iter()
+                    .any(|g| s.ends_with(g) || s.contains(&format!("{g}.")))
+            }),
+            "{publish:#?}"
+        );
+        assert!(!publish.contains(&"$JS.API.CONSUMER.INFO.KV_jw_leases_ORDERS_billing.>"));
+        assert!(!publish.contains(&"$JS.API.DIRECT.GET.KV_jw_leases_ORDERS_billing"));
+        assert_eq!(
+            publish
+                .iter()
+                .filter(|s| s.starts_with("$JS.API.CONSUMER.MSG.NEXT."))
+                .count(),
+            4,
+            "two partitions and their two safety nets: {publish:#?}"
+        );
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! subject-filtered stream info). Per stream: messages and bytes. Every figure is the
 //! server's own; nothing is estimated.
 //!
+//! A partitioned consumer (`partitions = { count = N, ... }`) is no consumer on the
+//! server: it shows as its N partition consumers `<name>-0` .. `<name>-<N-1>`, one row
+//! each, with the replica holding each one's lease (read from the lease bucket; empty
+//! while the partition is free). Its partitions share its dead-letter subject, so each
+//! one's dead-letter count is the whole group's, marked as shared.
+//!
 //! ```no_run
 //! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker_cli::StatusError> {
 //! let report = jetworker_cli::collect_status(&js, &config).await?;
@@ -23,7 +29,7 @@ use serde::Serialize;
 
 use crate::dlq::dead_letter_streams;
 use crate::table::table;
-use jetworker::{Config, Error};
+use jetworker::{Config, ConsumerConfig, Error};
 
 /// Why the status could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +107,71 @@ pub struct ConsumerStatus {
     /// counts theirs too.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dead_letter_subject_shared_with: Vec<String>,
+    /// For a partition consumer: the config's partitioned consumer it is a partition of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<String>,
+    /// For a partition consumer: its partition's index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// For a partition consumer: the replica holding its lease (the `replica` of the
+    /// worker's "partition taken" log line); `None` while it is free or unreadable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
+}
+
+/// One row of the consumers' status: a configured consumer, or one partition of a
+/// partitioned one.
+struct ConsumerRow<'a> {
+    config: &'a ConsumerConfig,
+    /// The durable name on the server.
+    name: String,
+    /// The partition's index, for a partition consumer.
+    partition: Option<u32>,
+}
+
+/// The rows `config`'s consumers stand for on the server, in config order (a partitioned
+/// consumer's partitions in partition order).
+fn consumer_rows(config: &Config) -> Vec<ConsumerRow<'_>> {
+    let mut rows = Vec::new();
+    for c in &config.consumers {
+        let partitions = jetworker::partition_consumer_names(c);
+        if partitions.is_empty() {
+            rows.push(ConsumerRow {
+                config: c,
+                name: c.name.clone(),
+                partition: None,
+            });
+        }
+        rows.extend((0u32..).zip(partitions).map(|(index, name)| ConsumerRow {
+            config: c,
+            name,
+            partition: Some(index),
+        }));
+    }
+    rows
+}
+
+/// Who holds the lease of each partition of `consumer` (by index), as far as the lease
+/// bucket can be read: a missing bucket or a failed read shows no holder.
+async fn lease_holders(js: &jetstream::Context, consumer: &ConsumerConfig) -> Vec<Option<String>> {
+    let count = consumer.partitions.as_ref().map_or(0, |p| p.count);
+    let Some(bucket) = jetworker::partition_lease_bucket(consumer) else {
+        return Vec::new();
+    };
+    let Ok(store) = js.get_key_value(bucket).await else {
+        return vec![None; count as usize];
+    };
+    let mut holders = Vec::new();
+    for index in 0..count {
+        let holder = store
+            .get(jetworker::partition_lease_key(index))
+            .await
+            .ok()
+            .flatten()
+            .map(|value| String::from_utf8_lossy(&value).into_owned());
+        holders.push(holder);
+    }
+    holders
 }
 
 /// Reading `what` failed with the client's error `err`.
@@ -177,12 +248,20 @@ pub async fn collect(
         }
     }
 
+    let mut holders: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+    for c in config.consumers.iter().filter(|c| c.partitions.is_some()) {
+        if handles.contains_key(&c.stream) {
+            holders.insert(c.name.clone(), lease_holders(js, c).await);
+        }
+    }
+
     let mut consumers = Vec::new();
-    for c in &config.consumers {
+    for row in consumer_rows(config) {
+        let c = row.config;
         let info = match handles.get(&c.stream) {
-            Some(handle) => jetworker::consumer_info(handle, &c.name)
+            Some(handle) => jetworker::consumer_info(handle, &row.name)
                 .await
-                .map_err(|e| fail(format!("reading consumer {:?}", c.name), e))?,
+                .map_err(|e| fail(format!("reading consumer {:?}", row.name), e))?,
             None => None,
         };
         let dl_stream = dl_streams
@@ -193,7 +272,7 @@ pub async fn collect(
                 .get(&(d.name.clone(), c.dead_letter_subject.clone()))
                 .copied()
         });
-        let shared_with = dl_stream
+        let mut shared_with: Vec<String> = dl_stream
             .and_then(|d| d.subjects.get(&c.dead_letter_subject))
             .map(|sources| {
                 sources
@@ -203,6 +282,19 @@ pub async fn collect(
                     .collect()
             })
             .unwrap_or_default();
+        if row.partition.is_some() {
+            // The other partitions of the group write to the same subject.
+            shared_with.extend(
+                jetworker::partition_consumer_names(c)
+                    .into_iter()
+                    .filter(|name| *name != row.name),
+            );
+        }
+        let lease_holder = row.partition.and_then(|index| {
+            holders
+                .get(&c.name)
+                .and_then(|h| h.get(index as usize).cloned().flatten())
+        });
         let (exists, pending, ack_pending, redelivered, waiting) = match &info {
             Some(i) => (
                 true,
@@ -215,7 +307,7 @@ pub async fn collect(
         };
         consumers.push(ConsumerStatus {
             stream: c.stream.clone(),
-            name: c.name.clone(),
+            name: row.name.clone(),
             exists,
             pending,
             ack_pending,
@@ -225,6 +317,9 @@ pub async fn collect(
             dead_letter_stream: dl_stream.map(|d| d.name.clone()),
             dead_letters,
             dead_letter_subject_shared_with: shared_with,
+            partition_of: row.partition.map(|_| c.name.clone()),
+            partition: row.partition,
+            lease_holder,
         });
     }
     Ok(StatusReport { streams, consumers })
@@ -277,6 +372,9 @@ impl StatusReport {
         );
         out.push('\n');
         let mut shared_note = false;
+        // The lease column only when some row is a partition: other reports stay as
+        // they were.
+        let partitioned = self.consumers.iter().any(|c| c.partition.is_some());
         let consumer_rows: Vec<Vec<String>> = self
             .consumers
             .iter()
@@ -289,7 +387,7 @@ impl StatusReport {
                     }
                     None => missing(),
                 };
-                if c.exists {
+                let mut row = if c.exists {
                     vec![
                         c.name.clone(),
                         c.stream.clone(),
@@ -309,22 +407,32 @@ impl StatusReport {
                         String::new(),
                         dead,
                     ]
+                };
+                if partitioned {
+                    row.push(match (&c.partition_of, &c.lease_holder) {
+                        (Some(_), Some(holder)) => holder.clone(),
+                        (Some(_), None) => "free".to_string(),
+                        (None, _) => String::new(),
+                    });
                 }
+                row
             })
             .collect();
-        out.push_str(&table(
-            &[
-                "CONSUMER",
-                "STREAM",
-                "PENDING",
-                "ACK PENDING",
-                "REDELIVERED",
-                "WAITING",
-                "DEAD LETTERS",
-            ],
-            &[false, false, true, true, true, true, true],
-            &consumer_rows,
-        ));
+        let mut headers = vec![
+            "CONSUMER",
+            "STREAM",
+            "PENDING",
+            "ACK PENDING",
+            "REDELIVERED",
+            "WAITING",
+            "DEAD LETTERS",
+        ];
+        let mut right = vec![false, false, true, true, true, true, true];
+        if partitioned {
+            headers.push("LEASE HELD BY");
+            right.push(false);
+        }
+        out.push_str(&table(&headers, &right, &consumer_rows));
         if shared_note {
             out.push_str("* the dead-letter subject is shared: the count includes other consumers' dead letters\n");
         }
@@ -380,6 +488,9 @@ mod tests {
             dead_letter_stream: Some("DLQ".into()),
             dead_letters: dead,
             dead_letter_subject_shared_with: shared.iter().map(|s| s.to_string()).collect(),
+            partition_of: None,
+            partition: None,
+            lease_holder: None,
         }
     }
 
@@ -437,5 +548,85 @@ missing: not on the server; `provision` creates it
             json["consumers"][2]["dead_letters"],
             serde_json::Value::Null
         );
+    }
+
+    #[test]
+    fn a_partitioned_consumer_is_one_row_per_partition() {
+        let config = Config::from_toml_with_env(
+            r#"
+[[streams]]
+name = "EVENTS"
+subjects = ["events.>"]
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+[[consumers]]
+name = "orders"
+stream = "EVENTS"
+filter_subject = "events.*.>"
+handler = "h"
+dead_letter_subject = "dlq.orders"
+ordered_by = { subject_token = 2 }
+partitions = { count = 3, subject_token = 1 }
+[[consumers]]
+name = "plain"
+stream = "EVENTS"
+handler = "h"
+dead_letter_subject = "dlq.plain"
+"#,
+            std::path::Path::new("t.toml"),
+            std::iter::empty(),
+        );
+        let Ok(config) = config else {
+            panic!("config: {config:?}");
+        };
+        let rows: Vec<(String, Option<u32>, &str)> = consumer_rows(&config)
+            .into_iter()
+            .map(|r| (r.name, r.partition, r.config.name.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("orders-0".to_string(), Some(0), "orders"),
+                ("orders-1".to_string(), Some(1), "orders"),
+                ("orders-2".to_string(), Some(2), "orders"),
+                ("plain".to_string(), None, "plain"),
+            ]
+        );
+    }
+
+    #[test]
+    fn partitions_show_who_holds_their_lease() {
+        let partition = |index: u32, holder: Option<&str>| ConsumerStatus {
+            partition_of: Some("orders".into()),
+            partition: Some(index),
+            lease_holder: holder.map(str::to_string),
+            ..consumer(&format!("orders-{index}"), Some(3), &["orders-0"], true)
+        };
+        let report = StatusReport {
+            streams: Vec::new(),
+            consumers: vec![
+                partition(1, Some("4242-0000beef")),
+                partition(2, None),
+                consumer("plain", Some(0), &[], true),
+            ],
+        };
+        let text = report.table();
+        let want = "\
+STREAM  MESSAGES  BYTES  CONSUMERS
+
+CONSUMER  STREAM  PENDING  ACK PENDING  REDELIVERED  WAITING  DEAD LETTERS  LEASE HELD BY
+orders-1  EVENTS       10            2            1        1            3*  4242-0000beef
+orders-2  EVENTS       10            2            1        1            3*  free
+plain     EVENTS       10            2            1        1             0
+* the dead-letter subject is shared: the count includes other consumers' dead letters
+";
+        assert_eq!(text, want, "\n{text}");
+        let json = serde_json::to_value(&report).unwrap_or_default();
+        assert_eq!(json["consumers"][0]["partition_of"], "orders");
+        assert_eq!(json["consumers"][0]["partition"], 1);
+        assert_eq!(json["consumers"][0]["lease_holder"], "4242-0000beef");
+        assert!(json["consumers"][1].get("lease_holder").is_none());
+        assert!(json["consumers"][2].get("partition_of").is_none());
     }
 }

@@ -138,7 +138,10 @@ pub use ops::{Health, HealthError, HealthErrorKind, OpsError, OpsErrorKind};
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub use otel::{OtelError, OtelErrorKind, OtlpExporter};
 pub use outcome::{decide, Attempted, Outcome, Reason, RetrySchedule};
-pub use partition::partition_of;
+pub use partition::{
+    expand_partitions, partition_consumer_names, partition_lease_bucket, partition_lease_key,
+    partition_of,
+};
 pub use provision::{
     consumer_info, desired, get_stream, plan, provision, Action, Actual, Desired, Plan,
     ProvisionError, ProvisionErrorKind, ServerVersion,

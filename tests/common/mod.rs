@@ -263,6 +263,19 @@ pub async fn publish_jobs(js: &jetstream::Context, jobs: &[Job]) {
     }
 }
 
+/// Publishes each job to `jobs.<partition>.k<id>` (`Publisher::publish_keyed`, key
+/// `k<id>`, message id `job-<id>`) among `partitions`, waiting for each PubAck.
+pub async fn publish_partitioned_jobs(js: &jetstream::Context, jobs: &[Job], partitions: u32) {
+    let publisher = jetworker::Publisher::new(js.clone());
+    for job in jobs {
+        let (key, id) = (format!("k{}", job.id), format!("job-{}", job.id));
+        publisher
+            .publish_keyed("jobs", &key, partitions, &id, job)
+            .await
+            .expect("publish");
+    }
+}
+
 /// Polls `check` every 50 ms until it returns true or `within` passes.
 pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut check: F)
 where

@@ -324,6 +324,9 @@ mod tests {
                     dead_letter_stream: Some("DLQ".into()),
                     dead_letters: dead,
                     dead_letter_subject_shared_with: Vec::new(),
+                    partition_of: None,
+                    partition: None,
+                    lease_holder: None,
                 }],
             },
         }

@@ -41,13 +41,26 @@ pub fn parse_reason(text: &str) -> Result<Reason, DlqError> {
     })
 }
 
+/// Whether `consumer` is a partition consumer of the partitioned consumer `group`: its
+/// name is `<group>-<index>`, as `partitions = { count = N, ... }` names them. The
+/// filter has no config, so a separate consumer named that way (say `jobs-2` next to
+/// `jobs`) counts as one of `group`'s partitions too.
+pub(crate) fn is_partition_of(consumer: &str, group: &str) -> bool {
+    consumer
+        .strip_prefix(group)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Which dead letters an operation applies to. Every set field narrows the selection;
 /// the default selects everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
     /// Only this dead-letter stream.
     pub stream: Option<String>,
-    /// Only dead letters of these consumers (`Jetworker-Consumer`).
+    /// Only dead letters of these consumers (`Jetworker-Consumer`). A partitioned
+    /// consumer's letters name the partition consumer that gave up (`<name>-<index>`):
+    /// its name selects the letters of all its partitions too.
     pub consumers: Vec<String>,
     /// Only these reasons (`Jetworker-Reason`).
     pub reasons: Vec<Reason>,
@@ -72,9 +85,11 @@ impl Filter {
             return false;
         }
         if !self.consumers.is_empty()
-            && !letter
-                .consumer()
-                .is_some_and(|c| self.consumers.iter().any(|want| want == c))
+            && !letter.consumer().is_some_and(|c| {
+                self.consumers
+                    .iter()
+                    .any(|want| want == c || is_partition_of(c, want))
+            })
         {
             return false;
         }
@@ -200,6 +215,25 @@ mod tests {
             ..Filter::default()
         }
         .matches(&bare));
+    }
+
+    #[test]
+    fn a_partitioned_consumer_selects_the_letters_of_its_partitions() {
+        let by = |consumers: &[&str]| Filter {
+            consumers: consumers.iter().map(|c| c.to_string()).collect(),
+            ..Filter::default()
+        };
+        let partition = letter(1, "orders-3", "permanent", "2024-05-01T12:00:00Z");
+        assert!(by(&["orders"]).matches(&partition));
+        assert!(by(&["orders-3"]).matches(&partition));
+        assert!(!by(&["orders-1"]).matches(&partition));
+        assert!(!by(&["order"]).matches(&partition));
+        let other = letter(2, "orders-x", "permanent", "2024-05-01T12:00:00Z");
+        assert!(!by(&["orders"]).matches(&other));
+        assert!(is_partition_of("a-b-12", "a-b"));
+        assert!(!is_partition_of("orders-", "orders"));
+        assert!(!is_partition_of("orders", "orders"));
+        assert!(!is_partition_of("orders-1", "orders-1"));
     }
 
     #[test]

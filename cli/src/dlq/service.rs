@@ -106,7 +106,10 @@ impl Dlq {
             .flatten();
         let mut fallback = None;
         for source in sources {
-            if source.consumer == consumer {
+            // A partitioned consumer's letters name one of its partitions.
+            if source.consumer == consumer
+                || super::filter::is_partition_of(consumer, &source.consumer)
+            {
                 if original_stream.is_none_or(|s| s == source.stream) {
                     return Some(source.codec);
                 }

@@ -91,7 +91,7 @@ pub(crate) struct PartitionOf {
 impl PartitionOf {
     /// The lease's key in the bucket.
     pub(crate) fn key(&self) -> String {
-        format!("p{}", self.index)
+        partition_lease_key(self.index)
     }
 }
 
@@ -115,6 +115,36 @@ fn lease_bucket(stream: &str, name: &str) -> String {
 /// The durable name of partition `index` of consumer `name`.
 pub(crate) fn partition_name(name: &str, index: u32) -> String {
     format!("{name}-{index}")
+}
+
+/// The durable consumers a partitioned `consumer` stands for on the server, `<name>-0`
+/// .. `<name>-<count-1>` in partition order (empty when it has no `partitions`).
+pub fn partition_consumer_names(consumer: &ConsumerConfig) -> Vec<String> {
+    let count = consumer.partitions.as_ref().map_or(0, |p| p.count);
+    (0..count)
+        .map(|index| partition_name(&consumer.name, index))
+        .collect()
+}
+
+/// The key-value bucket holding the leases of a partitioned `consumer`'s partitions
+/// (`None` when it has no `partitions`).
+pub fn partition_lease_bucket(consumer: &ConsumerConfig) -> Option<String> {
+    consumer
+        .partitions
+        .as_ref()
+        .map(|_| lease_bucket(&consumer.stream, &consumer.name))
+}
+
+/// The key of partition `index`'s lease in its lease bucket; its value names the
+/// replica holding the partition.
+pub fn partition_lease_key(index: u32) -> String {
+    format!("p{index}")
+}
+
+/// `config` as `run` and `provision` see it: every partitioned consumer replaced by its
+/// partition consumers and its lease bucket added to `kv_buckets`.
+pub fn expand_partitions(config: &Config) -> Config {
+    expand(config).0
 }
 
 /// `config` with every partitioned consumer replaced by its partition consumers and
@@ -239,6 +269,17 @@ mod tests {
         );
         assert_eq!(partitions["orders-2"].index, 2);
         assert_eq!(partitions["orders-2"].key(), "p2");
+        assert_eq!(
+            partition_consumer_names(&config.consumers[0]),
+            ["orders-0", "orders-1", "orders-2"]
+        );
+        assert!(partition_consumer_names(&config.consumers[1]).is_empty());
+        assert_eq!(
+            partition_lease_bucket(&config.consumers[0]).as_deref(),
+            Some("jw_leases_ORDERS_orders")
+        );
+        assert_eq!(partition_lease_bucket(&config.consumers[1]), None);
+        assert_eq!(expand_partitions(&config).consumers.len(), 4);
         assert_eq!(expanded.kv_buckets.len(), 1);
         assert_eq!(expanded.kv_buckets[0].name, "jw_leases_ORDERS_orders");
         assert_eq!(expanded.kv_buckets[0].max_age, Some(Duration::from_secs(4)));
