@@ -15,11 +15,9 @@
 //!
 //! [`stage`] and [`batch_attempts`] are shared with the test harness.
 
-use std::future::Future as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
@@ -32,7 +30,7 @@ use tracing::Instrument;
 
 use super::delivery::{
     attempted_from_error, check_size, panic_message, progress_interval, receive, send_or_note,
-    settle, Delivery,
+    settle, supervise, Delivery, Supervised,
 };
 use super::pull::release;
 use super::runtime::ConsumerRuntime;
@@ -454,50 +452,18 @@ async fn settle_each<'a, 'c: 'a, S: Send + Sync + 'static>(
     }
 }
 
-/// Runs the batch's future from `started`: the handler timeout counts from there, every
-/// message of the batch gets a progress ack twice per ack wait while it runs. `None`
-/// when the grace period ended first.
+/// Runs the batch's future from `started` (see [`supervise`]): every message of the
+/// batch gets the progress acks. `None` when the grace period ended first.
 async fn run_guarded<S>(
     rt: &ConsumerRuntime<S>,
     future: GuardedBatch,
     accepted: &[&Delivery<'_>],
     started: std::time::Instant,
 ) -> Option<BatchRan> {
-    tokio::pin!(future);
-    // Done at its first poll (decode-only, in-memory work): no timer armed.
-    let first = std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
-        Poll::Ready(result) => Poll::Ready(Some(result)),
-        Poll::Pending => Poll::Ready(None),
-    })
-    .await;
-    if let Some(result) = first {
-        return Some(Ran::Finished(result));
-    }
-    let started = Instant::from_std(started);
-    let timeout_at = started + rt.config.handler_timeout;
-    let every = progress_interval(&rt.config);
-    let mut progress_at = started + every;
-    let timer = tokio::time::sleep_until(progress_at.min(timeout_at));
-    tokio::pin!(timer);
-    loop {
-        tokio::select! {
-            biased;
-            result = &mut future => return Some(Ran::Finished(result)),
-            _ = &mut timer => {
-                let now = Instant::now();
-                if now >= timeout_at {
-                    return Some(Ran::TimedOut(rt.config.handler_timeout));
-                }
-                if now >= progress_at {
-                    for delivery in accepted {
-                        send_or_note(rt, &delivery.reply, AckKind::Progress, Some(delivery.sequence)).await;
-                    }
-                    progress_at = now + every;
-                }
-                timer.as_mut().reset(progress_at.min(timeout_at));
-            }
-            _ = rt.hard_stop.cancelled() => return None,
-        }
+    match supervise(rt, future, accepted, started).await {
+        Supervised::Finished(result) => Some(Ran::Finished(result)),
+        Supervised::TimedOut => Some(Ran::TimedOut(rt.config.handler_timeout)),
+        Supervised::Abandoned => None,
     }
 }
 

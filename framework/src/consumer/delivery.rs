@@ -6,7 +6,7 @@
 //! path. [`prepare`] and [`attempted_from`] are shared with the test harness, so that a
 //! handler unit-tested there meets the same checks as in production.
 
-use std::future::Future as _;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -324,19 +324,45 @@ async fn run_handler<S: Send + Sync + 'static>(
         Ok(f) => f,
         Err(attempted) => return Ran::Finished(attempted),
     };
-    tokio::pin!(guarded);
+    match supervise(rt, guarded, std::slice::from_ref(&delivery), started).await {
+        Supervised::Finished(result) => Ran::Finished(attempted_from(result)),
+        Supervised::TimedOut => Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout)),
+        Supervised::Abandoned => Ran::Abandoned,
+    }
+}
+
+/// How a [`supervise`]d handler future ended.
+pub(super) enum Supervised<T> {
+    /// It returned (or panicked, caught) with this.
+    Finished(T),
+    /// The consumer's `handler_timeout` passed first (it is dropped).
+    TimedOut,
+    /// The grace period ended first (it is dropped).
+    Abandoned,
+}
+
+/// Runs a handler's future (one message's, or a batch's) from `started`, when the work
+/// began: the handler timeout counts from there, and every delivery in `keep` gets a
+/// progress ack twice per ack wait while it runs.
+pub(super) async fn supervise<S, F: Future>(
+    rt: &ConsumerRuntime<S>,
+    future: F,
+    keep: &[&Delivery<'_>],
+    started: std::time::Instant,
+) -> Supervised<F::Output> {
+    tokio::pin!(future);
     // A handler done at its first poll needs no clock, timer or stop signal: most
     // deliveries of a fast consumer end here.
-    let first = std::future::poll_fn(|cx| match guarded.as_mut().poll(cx) {
+    let first = std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
         Poll::Ready(result) => Poll::Ready(Some(result)),
         Poll::Pending => Poll::Ready(None),
     })
     .await;
     if let Some(result) = first {
-        return Ran::Finished(attempted_from(result));
+        return Supervised::Finished(result);
     }
     // One timer serves both deadlines: the handler timeout, and the next progress ack
-    // that keeps the message while the handler works past half the ack wait.
+    // that keeps the messages while the handler works past half the ack wait.
     let started = Instant::from_std(started);
     let timeout_at = started + rt.config.handler_timeout;
     let every = progress_interval(&rt.config);
@@ -347,19 +373,21 @@ async fn run_handler<S: Send + Sync + 'static>(
         tokio::select! {
             // The handler first: one that is already done never arms the timer.
             biased;
-            result = &mut guarded => return Ran::Finished(attempted_from(result)),
+            result = &mut future => return Supervised::Finished(result),
             _ = &mut timer => {
                 let now = Instant::now();
                 if now >= timeout_at {
-                    return Ran::Finished(Attempted::TimedOut(rt.config.handler_timeout));
+                    return Supervised::TimedOut;
                 }
                 if now >= progress_at {
-                    send_or_note(rt, &delivery.reply, AckKind::Progress, Some(delivery.sequence)).await;
+                    for delivery in keep {
+                        send_or_note(rt, &delivery.reply, AckKind::Progress, Some(delivery.sequence)).await;
+                    }
                     progress_at = now + every;
                 }
                 timer.as_mut().reset(progress_at.min(timeout_at));
             }
-            _ = rt.hard_stop.cancelled() => return Ran::Abandoned,
+            _ = rt.hard_stop.cancelled() => return Supervised::Abandoned,
         }
     }
 }
