@@ -1,7 +1,9 @@
 //! Ordered by key against real nats-server processes: key lanes in one process (one
 //! message of a key at a time, in stream order, keys side by side; a retry holds its key
-//! back; a dead letter moves it on); and partitions across two and three replica
-//! processes, one of them killed (`kill -9`) mid-run.
+//! back; a dead letter moves it on); partitions across two and three replica
+//! processes, one of them killed (`kill -9`) mid-run; and an ordered consumer without
+//! partitions in two replica processes: one pulls, the other stands by and takes over
+//! when the first is killed.
 //!
 //! Every handler run writes its start and end to the stream `RECORD` (PubAck awaited,
 //! see `jetworker_suite::recorded`), which orders the events of every worker; the
@@ -308,6 +310,51 @@ async fn a_retry_holds_its_key_back_and_a_dead_letter_moves_it_on() {
     assert_eq!(ends, BTreeSet::from(["final"]), "seq 4 was dead-lettered");
 }
 
+/// 12 keys `k0` .. `k11` of 12 messages each, published round by round (`id` 1 to 144
+/// in publishing order), `sleep_ms` of work each, every 7th failing once.
+fn twelve_keys_of_twelve(sleep_ms: u64) -> Vec<(String, Job)> {
+    let mut jobs = Vec::new();
+    for round in 0..12u64 {
+        for key in 0..12u64 {
+            let id = round * 12 + key + 1;
+            let job = Job {
+                mode: if id % 7 == 0 { Mode::Fail } else { Mode::Ok },
+                until: 1,
+                sleep_ms,
+                ..Job::ok(id)
+            };
+            jobs.push((format!("k{key}"), job));
+        }
+    }
+    jobs
+}
+
+/// Checks that every one of [`twelve_keys_of_twelve`]'s messages ended for good once,
+/// each key in stream order and one message at a time (see [`check_order`]).
+fn assert_twelve_keys_ended_in_order(records: &[Record]) {
+    let done = check_order(records);
+    assert_eq!(done.len(), 12, "every key ran");
+    for (key, seqs) in &done {
+        assert_eq!(
+            seqs.len(),
+            12,
+            "key {key}: every message ended once: {seqs:?}"
+        );
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key {key}: {seqs:?}");
+    }
+}
+
+/// The processes that started a message in `records`.
+fn start_pids(records: &[Record]) -> BTreeSet<u32> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Start { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The partitioned consumer's config: 4 partitions of `orders.<partition>.<key>` (as
 /// `Publisher::publish_keyed` writes them), 2 s leases, a 2 s ack wait and 1 s retries.
 fn partitioned_config(url: &str) -> ConfigText {
@@ -337,23 +384,14 @@ async fn replicas_keep_order_per_key_through_a_kill(replicas: usize) {
         .await
         .expect("provision");
     let publisher = jetworker::Publisher::new(js.clone());
-    let mut total = 0;
-    for round in 0..12u64 {
-        for key in 0..12u64 {
-            let id = round * 12 + key + 1;
-            let job = Job {
-                mode: if id % 7 == 0 { Mode::Fail } else { Mode::Ok },
-                until: 1,
-                sleep_ms: 80,
-                ..Job::ok(id)
-            };
-            publisher
-                .publish_keyed("orders", &format!("k{key}"), 4, &format!("job-{id}"), &job)
-                .await
-                .expect("publish");
-            total += 1;
-        }
+    let jobs = twelve_keys_of_twelve(80);
+    for (key, job) in &jobs {
+        publisher
+            .publish_keyed("orders", key, 4, &format!("job-{}", job.id), job)
+            .await
+            .expect("publish");
     }
+    let total = jobs.len();
     let dir = tempfile::tempdir().expect("temp dir");
     let path = text.write(dir.path());
     let spawn = || {
@@ -407,23 +445,8 @@ async fn replicas_keep_order_per_key_through_a_kill(replicas: usize) {
         assert!(worker.wait_exit(Duration::from_secs(20)).success());
     }
     let records = records(&js).await;
-    let done = check_order(&records);
-    assert_eq!(done.len(), 12, "every key ran");
-    for (key, seqs) in &done {
-        assert_eq!(
-            seqs.len(),
-            12,
-            "key {key}: every message ended once: {seqs:?}"
-        );
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key {key}: {seqs:?}");
-    }
-    let pids: BTreeSet<u32> = records
-        .iter()
-        .filter_map(|r| match r {
-            Record::Start { pid, .. } => Some(*pid),
-            _ => None,
-        })
-        .collect();
+    assert_twelve_keys_ended_in_order(&records);
+    let pids = start_pids(&records);
     assert!(
         pids.contains(&killed),
         "the killed replica had work: {pids:?}"
@@ -442,6 +465,138 @@ async fn two_replicas_keep_order_per_key_through_a_kill() {
 #[tokio::test]
 async fn three_replicas_keep_order_per_key_through_a_kill() {
     replicas_keep_order_per_key_through_a_kill(3).await;
+}
+
+/// A loopback port free right now, for a worker's ops endpoint.
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+}
+
+/// Whether the worker whose ops endpoint is `ops` stands by for consumer `ordered`
+/// (`None` while it does not answer), and whether it is ready.
+async fn standby_and_ready(ops: std::net::SocketAddr) -> (Option<bool>, bool) {
+    let (_, metrics) = http_get(ops, "/metrics").await;
+    let standby = metric(&metrics, "jetworker_consumer_standby{consumer=\"ordered\"}");
+    let (ready, _) = http_get(ops, "/readyz").await;
+    (standby.map(|s| s == 1.0), ready == 200)
+}
+
+/// Two replica processes of an ordered consumer *without* partitions, 12 keys x 12
+/// messages (60 ms each, every 7th failing once): one replica holds its lease and runs
+/// every message, the other stands by (`jetworker_consumer_standby` 1, ready, logged)
+/// and starts nothing. The holder is killed (`kill -9`) a third of the way: the other
+/// takes the consumer over once the lease expires, and per key no message starts before
+/// the one before it ended, through the takeover.
+#[tokio::test]
+async fn a_second_replica_of_an_ordered_consumer_stands_by_and_takes_over_after_a_kill() {
+    let server = NatsServer::start().expect("server");
+    let (client, js) = connect(&server.url()).await;
+    let text = ordered_config(
+        &server.url(),
+        "ack_wait = \"2s\"\nbackoff = [\"1s\"]\nmax_deliver = 5\nconcurrency = 4",
+    );
+    let config = text.load();
+    jetworker::provision(&client, &js, &config, false)
+        .await
+        .expect("provision");
+    let jobs = twelve_keys_of_twelve(60);
+    publish_keyed(&js, &jobs).await;
+    let total = jobs.len();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = text.write(dir.path());
+    let spawn = |ops: std::net::SocketAddr, log: &std::path::Path| {
+        WorkerProcess::spawn(
+            std::process::Command::new(env!("CARGO_BIN_EXE_test_worker"))
+                .args(["--config", &path.display().to_string(), "run"])
+                .env("RUST_LOG", "info")
+                .env("JETWORKER__WORKER__OPS_LISTEN", ops.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(log).expect("log file")),
+        )
+    };
+    let ops = [free_port(), free_port()];
+    let logs = [
+        dir.path().join("worker-0.log"),
+        dir.path().join("worker-1.log"),
+    ];
+    let mut workers = vec![spawn(ops[0], &logs[0]), spawn(ops[1], &logs[1])];
+    let ended = |records: &[Record]| -> usize { check_order(records).values().map(Vec::len).sum() };
+    // One pulls, the other stands by, and both are ready.
+    wait_until(
+        Duration::from_secs(30),
+        "one replica pulls, one stands by",
+        || async {
+            let a = standby_and_ready(ops[0]).await;
+            let b = standby_and_ready(ops[1]).await;
+            a.1 && b.1
+                && matches!(
+                    (a.0, b.0),
+                    (Some(true), Some(false)) | (Some(false), Some(true))
+                )
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(60),
+        "a third of the messages ended",
+        || async { ended(&records(&js).await) >= total / 3 },
+    )
+    .await;
+    let pullers = start_pids(&records(&js).await);
+    assert_eq!(
+        pullers.len(),
+        1,
+        "one replica at a time runs the consumer: {pullers:?}"
+    );
+    let holder = *pullers.first().expect("a puller");
+    let victim = workers
+        .iter()
+        .position(|w| w.pid() == holder)
+        .expect("one of ours");
+    let survivor = 1 - victim;
+    assert_eq!(
+        standby_and_ready(ops[survivor]).await,
+        (Some(true), true),
+        "the other replica stands by, ready"
+    );
+    workers[victim].signal("KILL");
+    let _ = workers[victim].wait_exit(Duration::from_secs(5));
+    let at_kill = records(&js).await.len();
+    // The lease (10 s) expires, then the takeover gate waits for the killed replica's
+    // messages to come back.
+    wait_until(
+        Duration::from_secs(90),
+        "every message ended for good",
+        || async { ended(&records(&js).await) >= total },
+    )
+    .await;
+    assert_eq!(
+        standby_and_ready(ops[survivor]).await,
+        (Some(false), true),
+        "the survivor pulls"
+    );
+    let mut survivor = workers.swap_remove(survivor);
+    survivor.signal("TERM");
+    assert!(survivor.wait_exit(Duration::from_secs(20)).success());
+    let records = records(&js).await;
+    assert_twelve_keys_ended_in_order(&records);
+    let after_kill = start_pids(&records[at_kill..]);
+    assert_eq!(
+        after_kill,
+        BTreeSet::from([survivor.pid()]),
+        "the survivor took over alone"
+    );
+    let survivor_log = std::fs::read_to_string(&logs[1 - victim]).expect("log");
+    assert!(
+        survivor_log.contains("standing by: another replica pulls this ordered consumer"),
+        "the stand-by was logged: {survivor_log}"
+    );
+    assert!(
+        survivor_log.contains("lease taken: this replica pulls the ordered consumer"),
+        "{survivor_log}"
+    );
 }
 
 /// One key of 14 messages of 250 ms each (3.5 s of work behind one another) with a 2 s

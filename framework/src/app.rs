@@ -396,8 +396,9 @@ impl<S: Send + Sync + 'static> App<S> {
     /// follow (when `WatchdogSec=` asks for them) while the consumer loops are alive.
     pub async fn start(self, config: Config, stop: CancellationToken) -> Result<Running, RunError> {
         self.check(&config)?;
-        // A partitioned consumer runs as one consumer per partition (see `partition`).
-        let (config, partitions) = partition::expand(&config);
+        // A partitioned consumer runs as one consumer per partition, each pulled under a
+        // lease, and so does an ordered consumer without partitions (see `partition`).
+        let (config, leases) = partition::expand(&config);
         let hard_stop = CancellationToken::new();
         let grace = config.worker.shutdown_grace;
         let health = Health::new();
@@ -510,7 +511,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     .as_ref()
                     .and_then(|by| KeyOf::from_config(by, &self.keys)),
             });
-            match partitions.get(&c.name) {
+            match leases.get(&(c.stream.clone(), c.name.clone())) {
                 Some(of) => {
                     let group = lease_groups.entry(of.bucket.clone()).or_insert_with(|| {
                         let group = Arc::new(LeaseGroup::new(js.clone(), of, &replica));

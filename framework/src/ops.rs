@@ -373,6 +373,12 @@ impl Collector for StatsCollector {
         )?;
         gauge(
             &mut encoder,
+            "jetworker_consumer_standby",
+            "1 while another replica holds this consumer's lease and this one stands by",
+            &per_gauge(&|s| i64::from(s.is_standby())),
+        )?;
+        gauge(
+            &mut encoder,
             "jetworker_connected",
             "1 while connected to NATS",
             &[(vec![], i64::from(self.0.connected()))],

@@ -406,6 +406,11 @@ pub struct ConsumerConfig {
     /// the subject, each pulled by one replica at a time (see `Publisher::publish_keyed`
     /// for the publishing side).
     pub partitions: Option<PartitionsConfig>,
+    /// Set on the consumers a partitioned consumer stands for once it is expanded (see
+    /// `expand_partitions`): the name of that partitioned consumer. Not a key of the
+    /// file; it tells a partition consumer from an ordered consumer of its own.
+    #[serde(skip)]
+    pub partition_of: Option<String>,
 }
 
 /// How an ordered consumer is split into partitions pulled by one replica each.
@@ -477,6 +482,7 @@ impl Default for ConsumerConfig {
             max_batch_wait: None,
             ordered_by: None,
             partitions: None,
+            partition_of: None,
         }
     }
 }

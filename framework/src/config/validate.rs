@@ -1,7 +1,9 @@
 //! Validation, separate from parsing: [`Config::problems`] reports every problem at
 //! once, each with the key path it is about, section by section (connection, worker,
-//! streams, key-value buckets, consumers). Pure: no I/O.
+//! streams, key-value buckets, consumers), then the names jetworker derives from the
+//! config's names (see [`derived_name_problems`]). Pure: no I/O.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use super::schema::{
     WorkerConfig,
 };
 use super::server_url::UrlCredentials;
-use crate::subject;
+use crate::{dead_letter, partition, safety_net, subject};
 
 /// One problem in a config: where, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,7 @@ impl Config {
         stream_problems(&self.streams, &mut problems);
         kv_bucket_problems(&self.kv_buckets, &mut problems);
         consumer_problems(&self.consumers, &self.streams, &mut problems);
+        derived_name_problems(self, &mut problems);
         problems.0
     }
 }
@@ -577,6 +580,269 @@ fn keeping_problems(
     }
 }
 
+/// Where a name must be unique on the server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Namespace {
+    /// Streams of the account (key-value and object buckets are streams too).
+    Stream,
+    /// Durable consumers of one stream.
+    Consumer(String),
+    /// Key-value buckets.
+    KvBucket,
+    /// Object-store buckets.
+    ObjectBucket,
+}
+
+impl Namespace {
+    /// What two things of one name in this namespace would do.
+    fn clash(&self) -> &'static str {
+        match self {
+            Namespace::Stream => "the two would be one stream on the server",
+            Namespace::Consumer(_) => {
+                "the two would be one durable consumer on the server, each run taking the other's messages"
+            }
+            Namespace::KvBucket => "the two would be one key-value bucket on the server",
+            Namespace::ObjectBucket => "the two would be one object-store bucket on the server",
+        }
+    }
+}
+
+/// Who has a name: the key path it comes from, what it is, and whether the file
+/// declares it as such (two declared names are checked by their own sections).
+struct Claim {
+    key: String,
+    what: String,
+    declared: bool,
+}
+
+/// The names the config declares and those jetworker derives from them, each claimed
+/// once per namespace.
+#[derive(Default)]
+struct NameClaims(HashMap<(Namespace, String), Claim>);
+
+impl NameClaims {
+    /// Claims `name` in `namespace` for `claim`: a name claimed before is a problem at
+    /// `claim.key`, naming both keys (unless both are declared names); so is a derived
+    /// name the server would not take. True when the name is claimed.
+    fn claim(
+        &mut self,
+        namespace: Namespace,
+        name: String,
+        claim: Claim,
+        problems: &mut Problems,
+    ) -> bool {
+        if !claim.declared {
+            if let Some(why) = name_problem(&name) {
+                problems.add(
+                    &claim.key,
+                    format!(
+                        "{} would be named {name:?}: {why}; shorten the names it is made of",
+                        claim.what
+                    ),
+                );
+                return false;
+            }
+        }
+        match self.0.entry((namespace, name)) {
+            Entry::Vacant(free) => {
+                free.insert(claim);
+                true
+            }
+            Entry::Occupied(taken) => {
+                let (namespace, name) = taken.key();
+                let first = taken.get();
+                if !(first.declared && claim.declared) {
+                    problems.add(
+                        &claim.key,
+                        format!(
+                            "{} is named {name:?}, as is {} ({}): {}; rename one of them",
+                            claim.what,
+                            first.what,
+                            first.key,
+                            namespace.clash()
+                        ),
+                    );
+                }
+                false
+            }
+        }
+    }
+}
+
+/// The names jetworker derives from the config's names may not collide with a declared
+/// name or with each other, nor be longer than the server takes: the durables of a
+/// partitioned consumer's partitions (`<name>-<i>`), the lease buckets (see
+/// [`partition::partition_lease_bucket`]) and the streams behind buckets (`KV_<bucket>`,
+/// `OBJ_<bucket>`), the safety net's stream and durables
+/// ([`safety_net::safety_net_consumer_name`]), and the payload buckets of dead-letter
+/// streams ([`dead_letter::payload_bucket`]). Names that are invalid themselves are
+/// reported by their sections and left out here.
+fn derived_name_problems(config: &Config, problems: &mut Problems) {
+    let mut claims = NameClaims::default();
+    let declared = |key: String, what: String| Claim {
+        key,
+        what,
+        declared: true,
+    };
+    let derived = |key: String, what: String| Claim {
+        key,
+        what,
+        declared: false,
+    };
+    let valid = |name: &str| name_problem(name).is_none();
+    // Declared names first: a derived name that collides is reported at its own key.
+    for (i, s) in config
+        .streams
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| valid(&s.name))
+    {
+        let claim = declared(format!("streams[{i}].name"), format!("stream {:?}", s.name));
+        claims.claim(Namespace::Stream, s.name.clone(), claim, problems);
+    }
+    let valid_bucket = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    let buckets = config.kv_buckets.iter().enumerate();
+    for (i, b) in buckets.clone().filter(|(_, b)| valid_bucket(&b.name)) {
+        let claim = declared(
+            format!("kv_buckets[{i}].name"),
+            format!("key-value bucket {:?}", b.name),
+        );
+        claims.claim(Namespace::KvBucket, b.name.clone(), claim, problems);
+    }
+    let consumers = config
+        .consumers
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| valid(&c.name) && valid(&c.stream));
+    // The consumers whose own durable is theirs alone (the safety net's durables follow).
+    let mut own_durable = HashSet::new();
+    for (i, c) in consumers.clone().filter(|(_, c)| c.partitions.is_none()) {
+        let claim = declared(
+            format!("consumers[{i}].name"),
+            format!("consumer {:?} of stream {:?}", c.name, c.stream),
+        );
+        if claims.claim(
+            Namespace::Consumer(c.stream.clone()),
+            c.name.clone(),
+            claim,
+            problems,
+        ) {
+            own_durable.insert(i);
+        }
+    }
+    // The streams behind the declared buckets.
+    for (i, b) in buckets.filter(|(_, b)| valid_bucket(&b.name)) {
+        let claim = derived(
+            format!("kv_buckets[{i}].name"),
+            format!("the stream of key-value bucket {:?}", b.name),
+        );
+        claims.claim(Namespace::Stream, format!("KV_{}", b.name), claim, problems);
+    }
+    if !config.consumers.is_empty() {
+        let claim = derived(
+            "consumers".to_owned(),
+            "the safety net's advisory stream (jetworker's own, for the max-deliveries advisories of every consumer)".to_owned(),
+        );
+        claims.claim(
+            Namespace::Stream,
+            safety_net::ADVISORY_STREAM.to_owned(),
+            claim,
+            problems,
+        );
+    }
+    for (i, c) in consumers {
+        let partitions = partition::partition_consumer_names(c);
+        let lease_key = match &c.partitions {
+            Some(_) => format!("consumers[{i}].partitions"),
+            None => format!("consumers[{i}].ordered_by"),
+        };
+        if let Some(bucket) = partition::partition_lease_bucket(c) {
+            let what = format!(
+                "the lease bucket of consumer {:?} of stream {:?}",
+                c.name, c.stream
+            );
+            claims.claim(
+                Namespace::KvBucket,
+                bucket.clone(),
+                derived(lease_key.clone(), what.clone()),
+                problems,
+            );
+            let claim = derived(lease_key.clone(), format!("the stream of {what}"));
+            claims.claim(Namespace::Stream, format!("KV_{bucket}"), claim, problems);
+        }
+        let count = partitions.len();
+        let mut durables = Vec::new();
+        for (index, name) in partitions.into_iter().enumerate() {
+            let what = format!(
+                "partition {index} of consumer {:?} of stream {:?} ({count} partitions)",
+                c.name, c.stream
+            );
+            let namespace = Namespace::Consumer(c.stream.clone());
+            if claims.claim(
+                namespace,
+                name.clone(),
+                derived(lease_key.clone(), what),
+                problems,
+            ) {
+                durables.push(name);
+            }
+        }
+        if own_durable.contains(&i) {
+            durables.push(c.name.clone());
+        }
+        // The safety net runs a durable for every durable the consumer stands for (those
+        // that collided are reported already).
+        let key = if c.partitions.is_some() {
+            lease_key
+        } else {
+            format!("consumers[{i}].name")
+        };
+        for durable in durables {
+            let what = format!(
+                "the safety net's durable for consumer {durable:?} of stream {:?}",
+                c.stream
+            );
+            let name = safety_net::safety_net_consumer_name(&c.stream, &durable);
+            let namespace = Namespace::Consumer(safety_net::ADVISORY_STREAM.to_owned());
+            claims.claim(namespace, name, derived(key.clone(), what), problems);
+        }
+    }
+    // The payload bucket of each dead-letter stream, once per stream.
+    let mut dead_letter_streams: Vec<usize> = config
+        .consumers
+        .iter()
+        .filter_map(|c| {
+            config.streams.iter().position(|s| {
+                s.subjects
+                    .iter()
+                    .any(|ss| subject::overlaps(ss, &c.dead_letter_subject))
+            })
+        })
+        .filter(|j| valid(&config.streams[*j].name))
+        .collect();
+    dead_letter_streams.sort_unstable();
+    dead_letter_streams.dedup();
+    for j in dead_letter_streams {
+        let stream = &config.streams[j].name;
+        let bucket = dead_letter::payload_bucket(stream);
+        let what = format!("the payload bucket of dead-letter stream {stream:?}");
+        let key = format!("streams[{j}].name");
+        claims.claim(
+            Namespace::ObjectBucket,
+            bucket.clone(),
+            derived(key.clone(), what.clone()),
+            problems,
+        );
+        let claim = derived(key, format!("the stream of {what}"));
+        claims.claim(Namespace::Stream, format!("OBJ_{bucket}"), claim, problems);
+    }
+}
+
 /// What is wrong with a stream or consumer name, if anything: the server accepts a
 /// name that fits in a subject token.
 fn name_problem(name: &str) -> Option<String> {
@@ -732,6 +998,256 @@ mod tests {
                 "partitions.lease",
                 "partitions.subject_token"
             ]
+        );
+    }
+
+    /// The problems [`derived_name_problems`] finds in `config`, as (key, message).
+    fn derived(config: &Config) -> Vec<(String, String)> {
+        let mut problems = Problems::default();
+        derived_name_problems(config, &mut problems);
+        problems.0.into_iter().map(|p| (p.key, p.message)).collect()
+    }
+
+    fn stream(name: &str, subject: &str) -> StreamConfig {
+        StreamConfig {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            ..StreamConfig::default()
+        }
+    }
+
+    fn consumer(name: &str, stream: &str) -> ConsumerConfig {
+        ConsumerConfig {
+            name: name.into(),
+            stream: stream.into(),
+            dead_letter_subject: "dlq.x".into(),
+            ..ConsumerConfig::default()
+        }
+    }
+
+    fn partitioned(name: &str, stream: &str, count: u32) -> ConsumerConfig {
+        use crate::config::{OrderedBy, PartitionsConfig};
+        ConsumerConfig {
+            filter_subject: Some("orders.*.>".into()),
+            ordered_by: Some(OrderedBy {
+                subject_token: Some(2),
+                ..OrderedBy::default()
+            }),
+            partitions: Some(PartitionsConfig {
+                count,
+                ..PartitionsConfig::default()
+            }),
+            ..consumer(name, stream)
+        }
+    }
+
+    fn ordered(name: &str, stream: &str) -> ConsumerConfig {
+        ConsumerConfig {
+            partitions: None,
+            ..partitioned(name, stream, 1)
+        }
+    }
+
+    fn with(consumers: Vec<ConsumerConfig>) -> Config {
+        Config {
+            streams: vec![
+                stream("ORDERS", "orders.>"),
+                stream("OTHER", "other.>"),
+                stream("DLQ", "dlq.>"),
+            ],
+            consumers,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn a_partition_durable_may_not_be_a_declared_consumer() {
+        let clash = with(vec![
+            partitioned("orders", "ORDERS", 4),
+            consumer("orders-2", "ORDERS"),
+        ]);
+        let problems = derived(&clash);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let (key, message) = &problems[0];
+        assert_eq!(key, "consumers[0].partitions");
+        assert!(
+            message.contains("partition 2 of consumer \"orders\"")
+                && message.contains("\"orders-2\"")
+                && message.contains("(consumers[1].name)"),
+            "{message}"
+        );
+        // The same name on another stream is another durable; past the partitions too.
+        assert!(derived(&with(vec![
+            partitioned("orders", "ORDERS", 4),
+            consumer("orders-2", "OTHER")
+        ]))
+        .is_empty());
+        assert!(derived(&with(vec![
+            partitioned("orders", "ORDERS", 2),
+            consumer("orders-2", "ORDERS")
+        ]))
+        .is_empty());
+        // Declared in the other order, the problem is still at the partitions.
+        let problems = derived(&with(vec![
+            consumer("orders-3", "ORDERS"),
+            partitioned("orders", "ORDERS", 4),
+        ]));
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["consumers[1].partitions"], "{problems:?}");
+    }
+
+    #[test]
+    fn lease_buckets_may_not_collide() {
+        // `_` joins stream and consumer: ("A_B", "c") and ("A", "B_c") share a bucket.
+        let mut config = with(vec![ordered("c", "A_B"), ordered("B_c", "A")]);
+        config
+            .streams
+            .extend([stream("A_B", "ab.>"), stream("A", "a.>")]);
+        let problems = derived(&config);
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        // The bucket, and the stream behind it.
+        assert_eq!(
+            keys,
+            ["consumers[1].ordered_by", "consumers[1].ordered_by"],
+            "{problems:?}"
+        );
+        assert!(
+            problems[0].1.contains("\"jw_leases_A_B_c\"")
+                && problems[0].1.contains("(consumers[0].ordered_by)"),
+            "{problems:?}"
+        );
+        // A declared bucket of that name would hold the leases with its own max_age.
+        let mut config = with(vec![partitioned("orders", "ORDERS", 2)]);
+        config.kv_buckets.push(KvBucketConfig {
+            name: "jw_leases_ORDERS_orders".into(),
+            ..KvBucketConfig::default()
+        });
+        let problems = derived(&config);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].0, "consumers[0].partitions");
+        assert!(
+            problems[0].1.contains("(kv_buckets[0].name)"),
+            "{problems:?}"
+        );
+        // An unordered consumer has no lease.
+        assert!(derived(&with(vec![consumer("c", "ORDERS"), consumer("c", "OTHER")])).is_empty());
+    }
+
+    #[test]
+    fn streams_jetworker_makes_may_not_be_declared() {
+        let mut config = with(vec![consumer("c", "ORDERS")]);
+        config
+            .streams
+            .push(stream(safety_net::ADVISORY_STREAM, "adv.>"));
+        config.streams.push(stream("KV_cache", "cache.>"));
+        config.streams.push(stream("OBJ_DLQ_payloads", "objects.>"));
+        config.kv_buckets.push(KvBucketConfig {
+            name: "cache".into(),
+            ..KvBucketConfig::default()
+        });
+        let problems = derived(&config);
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["kv_buckets[0].name", "consumers", "streams[2].name"],
+            "{problems:?}"
+        );
+        assert!(problems[0].1.contains("(streams[4].name)"), "{problems:?}");
+        assert!(problems[1].1.contains("(streams[3].name)"), "{problems:?}");
+        assert!(
+            problems[2]
+                .1
+                .contains("payload bucket of dead-letter stream \"DLQ\"")
+                && problems[2].1.contains("(streams[5].name)"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn dead_letter_streams_may_not_share_a_payload_bucket() {
+        let mut config = with(vec![
+            consumer("a", "ORDERS"),
+            ConsumerConfig {
+                dead_letter_subject: "dl2.x".into(),
+                ..consumer("b", "ORDERS")
+            },
+        ]);
+        config.streams[2] = stream("DL@1", "dlq.>");
+        config.streams.push(stream("DL#1", "dl2.>"));
+        let problems = derived(&config);
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["streams[3].name", "streams[3].name"], "{problems:?}");
+        assert!(
+            problems[0].1.contains("\"DL_1_payloads\"")
+                && problems[0].1.contains("(streams[2].name)"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn derived_names_fit_the_server() {
+        // 240 characters: fine as a name, too long inside the safety net's durable name.
+        let long = "c".repeat(240);
+        let problems = derived(&with(vec![consumer(&long, "ORDERS")]));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "consumers[0].name");
+        assert!(
+            problems[0].1.contains("safety net's durable")
+                && problems[0].1.contains("longer than 255"),
+            "{problems:?}"
+        );
+        // 254 characters with 12 partitions: `<name>-11` is too long.
+        let longest = "o".repeat(254);
+        let problems = derived(&with(vec![partitioned(&longest, "ORDERS", 12)]));
+        assert!(
+            problems
+                .iter()
+                .any(|(k, m)| k == "consumers[0].partitions" && m.contains("partition 11 of")),
+            "{problems:?}"
+        );
+        assert!(derived(&with(vec![partitioned("orders", "ORDERS", 1024)])).is_empty());
+    }
+
+    /// Through the loader: the file, both keys, and refused.
+    #[test]
+    fn a_clash_is_refused_with_the_file_and_both_keys() {
+        let text = r#"
+[connection]
+servers = ["nats://127.0.0.1:4222"]
+
+[[streams]]
+name = "ORDERS"
+subjects = ["orders.>"]
+
+[[streams]]
+name = "DLQ"
+subjects = ["dlq.>"]
+
+[[consumers]]
+name = "orders"
+stream = "ORDERS"
+handler = "apply"
+dead_letter_subject = "dlq.orders"
+filter_subject = "orders.*.>"
+ordered_by = { subject_token = 2 }
+partitions = { count = 4 }
+
+[[consumers]]
+name = "orders-2"
+stream = "ORDERS"
+handler = "apply"
+dead_letter_subject = "dlq.orders"
+"#;
+        let err =
+            Config::from_toml_with_env(text, std::path::Path::new("shop.toml"), std::iter::empty())
+                .expect_err("a clash is refused");
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["consumers[0].partitions"], "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("shop.toml: consumers[0].partitions: ")
+                && shown.contains("(consumers[1].name)"),
+            "{shown}"
         );
     }
 }

@@ -29,10 +29,11 @@
 //! settled it) is given up on, logged, and its key moves on.
 //!
 //! # The gate, when messages are pending elsewhere
-//! A consumer that starts (a worker restarted, a replica took over a partition, see
-//! `partition`) may find messages pending at the server that were in flight at a
-//! process that died or were nak'ed there for a retry. They must run before every later
-//! message of their key, and they come back only after their ack wait or retry delay.
+//! A consumer that starts (a worker restarted, a replica took over a partition or the
+//! lease of an ordered consumer without partitions, see `partition`) may find messages
+//! pending at the server that were in flight at a process that died or were nak'ed
+//! there for a retry. They must run before every later message of their key, and they
+//! come back only after their ack wait or retry delay.
 //! So the lanes start with their gate closed when the server reports pending messages:
 //! they take in what the pulls bring and start nothing keyed, until the consumer's
 //! `num_ack_pending` (polled each tick) is no more than what they hold: every pending

@@ -196,6 +196,8 @@ pub(crate) async fn run_partition<S: Send + Sync + 'static>(
     let key = of.key();
     let mut retry = Backoff::new(group.every(), group.every());
     let mut store = None;
+    // Whether this stand-by (since the last term, or the start) was logged.
+    let mut standby_logged = false;
     rt.stats.set_standby(true);
     group.wait_counted(&rt.stop).await;
     while !rt.stop.is_cancelled() {
@@ -223,6 +225,12 @@ pub(crate) async fn run_partition<S: Send + Sync + 'static>(
             _ => None,
         };
         let (Some(kv), Some(revision)) = (store.clone(), taken) else {
+            if !standby_logged {
+                if let Some(kv) = &store {
+                    log_standby(&rt, kv, &key, &of, &group).await;
+                    standby_logged = true;
+                }
+            }
             // Held elsewhere, or beyond our share: look again soon (jittered, so
             // replicas do not race in step).
             tokio::select! {
@@ -230,11 +238,19 @@ pub(crate) async fn run_partition<S: Send + Sync + 'static>(
                 _ = tokio::time::sleep(retry.next()) => continue,
             }
         };
-        tracing::info!(
-            stream = %rt.spec.stream, consumer = %rt.spec.name, partition = of.index,
-            replica = %group.replica, "partition taken"
-        );
+        if of.count == 1 {
+            tracing::info!(
+                stream = %rt.spec.stream, consumer = %rt.spec.name, replica = %group.replica,
+                "lease taken: this replica pulls the ordered consumer; the others stand by"
+            );
+        } else {
+            tracing::info!(
+                stream = %rt.spec.stream, consumer = %rt.spec.name, partition = of.index,
+                replica = %group.replica, "partition taken"
+            );
+        }
         rt.stats.set_standby(false);
+        standby_logged = false;
         let end = own(&rt, &kv, &key, revision, &group).await;
         tracing::info!(
             stream = %rt.spec.stream, consumer = %rt.spec.name, partition = of.index,
@@ -247,6 +263,34 @@ pub(crate) async fn run_partition<S: Send + Sync + 'static>(
                 _ = tokio::time::sleep(group.lease) => {}
             }
         }
+    }
+}
+
+/// Logs once that this replica stands by for the lease `key` of `of`: held by another
+/// replica (named), or free but beyond this replica's share.
+async fn log_standby<S>(
+    rt: &ConsumerRuntime<S>,
+    kv: &kv::Store,
+    key: &str,
+    of: &PartitionOf,
+    group: &LeaseGroup,
+) {
+    let holder = match tokio::time::timeout(group.every(), kv.get(key)).await {
+        Ok(Ok(Some(value))) => String::from_utf8_lossy(&value).into_owned(),
+        _ => "none (beyond this replica's share)".to_owned(),
+    };
+    if of.count == 1 {
+        tracing::info!(
+            stream = %rt.spec.stream, consumer = %rt.spec.name, held_by = %holder,
+            replica = %group.replica,
+            "standing by: another replica pulls this ordered consumer (one at a time keeps the order of its keys); taking over when it stops; use partitions to spread it over replicas"
+        );
+    } else {
+        tracing::info!(
+            stream = %rt.spec.stream, consumer = %rt.spec.name, partition = of.index,
+            held_by = %holder, replica = %group.replica,
+            "standing by for a partition another replica pulls"
+        );
     }
 }
 

@@ -53,6 +53,15 @@
 //! one lease later and the survivors take them, up to their new shares. A replica that
 //! joins: the others see one more member, each gives back what exceeds its smaller
 //! share, and the newcomer takes those after the takeover gate.
+//!
+//! # An ordered consumer without partitions
+//! Its order per key holds only while one process pulls it, so it is run as a partition
+//! of its own: one lease, the key `p0` of the bucket `jw_leases_<stream>_<consumer>`
+//! (lease [`SOLE_LEASE`]), under the same rules. One replica holds the lease and pulls
+//! the consumer; every other replica stands by (logged once, `standby` in the
+//! consumer's stats, ready at `/readyz`) and takes it over, through the takeover gate,
+//! when the holder stops (at once) or dies (one lease later). Replicas add availability
+//! to such a consumer, not throughput: give it `partitions` for that.
 
 mod lease;
 
@@ -75,7 +84,12 @@ pub fn partition_of(key: &str, partitions: u32) -> u32 {
     hash.checked_rem(partitions).unwrap_or(0)
 }
 
-/// One partition of a partitioned consumer, as the runtime needs it.
+/// The lease of an ordered consumer without `partitions` (see the module docs): the
+/// default lease of partitions.
+pub const SOLE_LEASE: Duration = Duration::from_secs(10);
+
+/// One partition of a partitioned consumer (or the single lease of an ordered consumer
+/// without partitions), as the runtime needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PartitionOf {
     /// The lease bucket of the consumer's partitions.
@@ -126,13 +140,14 @@ pub fn partition_consumer_names(consumer: &ConsumerConfig) -> Vec<String> {
         .collect()
 }
 
-/// The key-value bucket holding the leases of a partitioned `consumer`'s partitions
-/// (`None` when it has no `partitions`).
+/// The key-value bucket holding the leases of `consumer`: those of its partitions, or,
+/// for an ordered consumer without partitions, its single lease (`None` for a consumer
+/// that needs none: unordered, or a partition of an expanded partitioned consumer, whose
+/// leases are its parent's).
 pub fn partition_lease_bucket(consumer: &ConsumerConfig) -> Option<String> {
-    consumer
-        .partitions
-        .as_ref()
-        .map(|_| lease_bucket(&consumer.stream, &consumer.name))
+    let leased = consumer.partitions.is_some()
+        || (consumer.ordered_by.is_some() && consumer.partition_of.is_none());
+    leased.then(|| lease_bucket(&consumer.stream, &consumer.name))
 }
 
 /// The key of partition `index`'s lease in its lease bucket; its value names the
@@ -142,60 +157,77 @@ pub fn partition_lease_key(index: u32) -> String {
 }
 
 /// `config` as `run` and `provision` see it: every partitioned consumer replaced by its
-/// partition consumers and its lease bucket added to `kv_buckets`.
+/// partition consumers, and the lease bucket of every consumer that needs leases (see
+/// [`partition_lease_bucket`]) added to `kv_buckets`.
 pub fn expand_partitions(config: &Config) -> Config {
     expand(config).0
 }
 
-/// `config` with every partitioned consumer replaced by its partition consumers and
-/// its lease bucket added, and the partition each of those consumers is (by name).
+/// `config` with every partitioned consumer replaced by its partition consumers and the
+/// lease buckets added, and the lease each consumer that is pulled under one runs by
+/// (by stream and name: partitions, and ordered consumers without partitions).
 /// Expanding an expanded config changes nothing.
-pub(crate) fn expand(config: &Config) -> (Config, HashMap<String, PartitionOf>) {
+pub(crate) fn expand(config: &Config) -> (Config, HashMap<(String, String), PartitionOf>) {
     let mut expanded = config.clone();
-    let mut partitions = HashMap::new();
+    let mut leases = HashMap::new();
     expanded.consumers.clear();
     for consumer in &config.consumers {
-        let Some(p) = &consumer.partitions else {
+        let Some(bucket) = partition_lease_bucket(consumer) else {
             expanded.consumers.push(consumer.clone());
             continue;
         };
-        let bucket = lease_bucket(&consumer.stream, &consumer.name);
-        for index in 0..p.count {
-            let name = partition_name(&consumer.name, index);
-            partitions.insert(
-                name.clone(),
-                PartitionOf {
-                    bucket: bucket.clone(),
-                    index,
-                    count: p.count,
-                    lease: p.lease,
-                },
-            );
-            expanded.consumers.push(ConsumerConfig {
-                name,
-                filter_subject: consumer
-                    .filter_subject
-                    .as_deref()
-                    .map(|filter| with_token(filter, p.subject_token, &index.to_string())),
-                partitions: None,
-                description: Some(format!(
-                    "partition {index} of {} ({} partitions)",
-                    consumer.name, p.count
-                )),
-                ..consumer.clone()
-            });
+        let (count, lease) = consumer
+            .partitions
+            .as_ref()
+            .map_or((1, SOLE_LEASE), |p| (p.count, p.lease));
+        let lease_of = |index| PartitionOf {
+            bucket: bucket.clone(),
+            index,
+            count,
+            lease,
+        };
+        let key = |name: &str| (consumer.stream.clone(), name.to_owned());
+        match &consumer.partitions {
+            None => {
+                leases.insert(key(&consumer.name), lease_of(0));
+                expanded.consumers.push(consumer.clone());
+            }
+            Some(p) => {
+                for index in 0..p.count {
+                    let name = partition_name(&consumer.name, index);
+                    leases.insert(key(&name), lease_of(index));
+                    expanded.consumers.push(ConsumerConfig {
+                        name,
+                        filter_subject: consumer
+                            .filter_subject
+                            .as_deref()
+                            .map(|filter| with_token(filter, p.subject_token, &index.to_string())),
+                        partitions: None,
+                        partition_of: Some(consumer.name.clone()),
+                        description: Some(format!(
+                            "partition {index} of {} ({} partitions)",
+                            consumer.name, p.count
+                        )),
+                        ..consumer.clone()
+                    });
+                }
+            }
         }
         if !expanded.kv_buckets.iter().any(|b| b.name == bucket) {
+            let description = match consumer.partitions {
+                Some(_) => format!("leases of the partitions of {}", consumer.name),
+                None => format!("the lease of ordered consumer {}", consumer.name),
+            };
             expanded.kv_buckets.push(KvBucketConfig {
                 name: bucket,
                 history: 1,
-                max_age: Some(p.lease),
-                description: Some(format!("leases of the partitions of {}", consumer.name)),
+                max_age: Some(lease),
+                description: Some(description),
                 ..KvBucketConfig::default()
             });
         }
     }
-    (expanded, partitions)
+    (expanded, leases)
 }
 
 /// `subject` with token `index` replaced by `token`.
@@ -211,7 +243,7 @@ fn with_token(subject: &str, index: usize, token: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PartitionsConfig;
+    use crate::config::{OrderedBy, PartitionsConfig};
 
     #[test]
     fn partitions_are_stable_fnv1a() {
@@ -267,8 +299,14 @@ mod tests {
                 ("plain", None),
             ]
         );
-        assert_eq!(partitions["orders-2"].index, 2);
-        assert_eq!(partitions["orders-2"].key(), "p2");
+        let lease_of = |name: &str| &partitions[&("ORDERS".to_owned(), name.to_owned())];
+        assert_eq!(lease_of("orders-2").index, 2);
+        assert_eq!(lease_of("orders-2").key(), "p2");
+        assert_eq!(
+            expanded.consumers[2].partition_of.as_deref(),
+            Some("orders")
+        );
+        assert_eq!(partitions.len(), 3, "the unordered consumer needs no lease");
         assert_eq!(
             partition_consumer_names(&config.consumers[0]),
             ["orders-0", "orders-1", "orders-2"]
@@ -286,5 +324,67 @@ mod tests {
         let (again, _) = expand(&expanded);
         assert_eq!(again.consumers.len(), 4, "expanding twice changes nothing");
         assert_eq!(again.kv_buckets.len(), 1);
+    }
+
+    #[test]
+    fn an_ordered_consumer_without_partitions_is_pulled_under_one_lease() {
+        let ordered = OrderedBy {
+            subject_token: Some(2),
+            ..OrderedBy::default()
+        };
+        let config = Config {
+            consumers: vec![
+                ConsumerConfig {
+                    name: "ledger".into(),
+                    stream: "ACCOUNTS".into(),
+                    ordered_by: Some(ordered.clone()),
+                    ..ConsumerConfig::default()
+                },
+                ConsumerConfig {
+                    name: "orders".into(),
+                    stream: "ORDERS".into(),
+                    filter_subject: Some("orders.*.>".into()),
+                    ordered_by: Some(ordered),
+                    partitions: Some(PartitionsConfig {
+                        count: 2,
+                        ..PartitionsConfig::default()
+                    }),
+                    ..ConsumerConfig::default()
+                },
+            ],
+            ..Config::default()
+        };
+        let (expanded, leases) = expand(&config);
+        let names: Vec<&str> = expanded.consumers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["ledger", "orders-0", "orders-1"],
+            "its name is kept"
+        );
+        let sole = &leases[&("ACCOUNTS".to_owned(), "ledger".to_owned())];
+        assert_eq!(
+            (sole.bucket.as_str(), sole.index, sole.count, sole.lease),
+            ("jw_leases_ACCOUNTS_ledger", 0, 1, SOLE_LEASE)
+        );
+        assert_eq!(leases.len(), 3);
+        let buckets: Vec<&str> = expanded
+            .kv_buckets
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect();
+        assert_eq!(
+            buckets,
+            ["jw_leases_ACCOUNTS_ledger", "jw_leases_ORDERS_orders"]
+        );
+        assert_eq!(
+            partition_lease_bucket(&config.consumers[0]).as_deref(),
+            Some("jw_leases_ACCOUNTS_ledger")
+        );
+        // The partition consumers are ordered too, but lease under their parent.
+        assert_eq!(partition_lease_bucket(&expanded.consumers[1]), None);
+        let (again, _) = expand(&expanded);
+        let again_buckets: Vec<&str> = again.kv_buckets.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(again_buckets, buckets, "expanding twice changes nothing");
+        assert_eq!(again.consumers.len(), 3);
     }
 }
