@@ -295,12 +295,17 @@ async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<String> 
         .flatten()
 }
 
-/// Who leads the EVENTS and DLQ streams and the `jobs` consumer now, for the log.
+/// Who leads the EVENTS, DLQ and advisory streams and the `jobs` consumer now, for the
+/// log.
 async fn leaders(js: &jetstream::Context) -> String {
     format!(
-        "EVENTS {}, DLQ {}, jobs {}",
+        "EVENTS {}, DLQ {}, {} {}, jobs {}",
         stream_leader(js, "EVENTS").await.unwrap_or_default(),
         stream_leader(js, "DLQ").await.unwrap_or_default(),
+        jetworker::ADVISORY_STREAM,
+        stream_leader(js, jetworker::ADVISORY_STREAM)
+            .await
+            .unwrap_or_default(),
         consumer_leader(js).await.unwrap_or_default(),
     )
 }
@@ -1319,7 +1324,10 @@ async fn sigstop_worker() {
             until(t0 + over.mul_f64(*at)).await;
             let victim = k % 2;
             let wait_for_work = Instant::now() + Duration::from_secs(2);
-            while replicas.in_flight(victim).is_empty() && Instant::now() < wait_for_work {
+            let running = |replicas: &Replicas| {
+                replicas.in_flight_since(victim, Instant::now() - Duration::from_millis(200))
+            };
+            while running(&replicas).is_empty() && Instant::now() < wait_for_work {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             replicas.signal(victim, "STOP");
@@ -1328,10 +1336,12 @@ async fn sigstop_worker() {
             frozen.insert(victim);
             // It writes nothing more: what the tail reads next is all it started.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let held = replicas.in_flight(victim);
+            // Its jobs take 20 ms: what it started in its last 100 ms and did not finish
+            // ran when it froze, or failed (a failed attempt never has a `done` line).
+            let held = replicas.in_flight_since(victim, stopped_at - Duration::from_millis(100));
             held_in_all += held.len();
             run.say(&format!(
-                "SIGSTOP replica {victim}: {} jobs in flight",
+                "SIGSTOP replica {victim}: {} jobs started in its last 100 ms and not done",
                 held.len()
             ));
             until(stopped_at + freeze).await;
@@ -1379,7 +1389,7 @@ async fn sigstop_worker() {
         let frozen_done: HashSet<u64> = frozen.iter().flat_map(|i| replicas.done_ids(*i)).collect();
         let tracker = run.tracker.clone();
         run.notes.push(format!(
-            "{held_in_all} jobs in flight in frozen replicas"
+            "{held_in_all} jobs started in a frozen replica's last 100 ms and not done by it"
         ));
         finish_mixed(run, &js, published, &mut replicas, &expected, bound).await;
         // Every duplicate is one a frozen replica finished late: a replica that never

@@ -277,6 +277,28 @@ impl Replicas {
         self.tracker.first_done_in_file_started_after(&w.log, t)
     }
 
+    /// The ids replica `i` first started after `t` (in this incarnation) and has not
+    /// finished: with jobs that take far less than `now - t`, those its handlers run now
+    /// (a failed attempt has a `start` line and never a `done`, and stays in
+    /// [`Replicas::in_flight`]).
+    pub fn in_flight_since(&self, i: usize, t: Instant) -> Vec<u64> {
+        let Some(w) = &self.slots[i] else {
+            return Vec::new();
+        };
+        let st = lock(&self.tracker.state);
+        let Some(file) = st.files.iter().find(|f| f.path == w.log) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<u64> = file
+            .in_flight
+            .iter()
+            .filter(|(_, (_, seen))| seen.is_some_and(|seen| seen >= t))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// The ids replica `i`'s current incarnation has done (empty when it is down).
     pub fn done_ids(&self, i: usize) -> HashSet<u64> {
         let Some(w) = &self.slots[i] else {
