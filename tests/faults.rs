@@ -1324,10 +1324,15 @@ async fn sigstop_worker() {
             until(t0 + over.mul_f64(*at)).await;
             let victim = k % 2;
             let wait_for_work = Instant::now() + Duration::from_secs(2);
-            let running = |replicas: &Replicas| {
-                replicas.in_flight_since(victim, Instant::now() - Duration::from_millis(200))
+            // Frozen while it runs a job that can succeed (up to 2 s), so that the check
+            // below has something to find done elsewhere.
+            let runs_one = |replicas: &Replicas| {
+                replicas
+                    .in_flight_since(victim, Instant::now() - Duration::from_millis(100))
+                    .iter()
+                    .any(|id| !expected.contains_key(id))
             };
-            while running(&replicas).is_empty() && Instant::now() < wait_for_work {
+            while !runs_one(&replicas) && Instant::now() < wait_for_work {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             replicas.signal(victim, "STOP");
@@ -1351,6 +1356,11 @@ async fn sigstop_worker() {
                 .copied()
                 .filter(|id| !expected.contains_key(id))
                 .collect();
+            if can_succeed.is_empty() {
+                run.fail(format!(
+                    "replica {victim} ran no job that can succeed when it was frozen"
+                ));
+            }
             match run.tracker.redone_within(&can_succeed, stopped_at) {
                 Some(took) => {
                     run.say(&format!(
