@@ -47,9 +47,27 @@
 //! 10. `rolling_restart_adds_a_consumer`: the replicas restart one at a time (SIGTERM)
 //!     onto a config with one more consumer (`audit`); both consumers end with every
 //!     job done or dead-lettered once, nothing duplicated by the graceful restarts.
+//! 11. `kill_dead_letter_stream_leader`: a 3-node cluster with R3 streams; jobs that
+//!     succeed, fail once or twice (then succeed) or fail permanently; `kill -9` the
+//!     leader of the DLQ stream (at full size twice), then bring it back: a copy is
+//!     stored again within the bound, every permanent failure is in the DLQ exactly
+//!     once, nothing that succeeds is dead-lettered.
+//! 12. `sigstop_worker`: the same mix; SIGSTOP one replica for 12 s (longer than the
+//!     ack wait, plus the expiry of the pulls it left open, plus an ack wait), then
+//!     SIGCONT (at full size three times, the replicas in turn). While it sleeps, the
+//!     jobs it held are done by the other replica; once awake it works again; what it
+//!     finishes late is neither lost nor dead-lettered (a permanent failure it copies
+//!     late is stored once), and every duplicate is a job a frozen replica handled.
+//! 13. `sigstop_server`: the same mix; SIGSTOP the nats-server for 10 s (full: 15 s,
+//!     twice), longer than the ack wait and the pull heartbeat grace, then SIGCONT:
+//!     each worker works again within the bound, without a restart.
+//!
+//! Scenarios 11-13 bound duplicates by what the workers a fault hits can hold: their
+//! handler slots, plus twice 200 ms of their handlers' pace (the prefetch bound, and
+//! what open pulls may still bring).
 //!
 //! `cargo test --test faults` runs a small version (a few thousand jobs, one or a few
-//! faults each; the scenarios run in parallel, about a minute and a half on 2 cores).
+//! faults each; the scenarios run in parallel, about two minutes on 2 cores).
 //! `JETWORKER_FAULTS_FULL=1 cargo test --test faults -- --nocapture` runs the full size
 //! (50k jobs in scenario 1, more faults) and prints the table: scenario, messages,
 //! faults injected, lost, duplicates, recovery time (the last scenario to finish prints
@@ -277,6 +295,92 @@ async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<String> 
         .flatten()
 }
 
+/// Who leads the EVENTS, DLQ and advisory streams and the `jobs` consumer now, for the
+/// log.
+async fn leaders(js: &jetstream::Context) -> String {
+    format!(
+        "EVENTS {}, DLQ {}, {} {}, jobs {}",
+        stream_leader(js, "EVENTS").await.unwrap_or_default(),
+        stream_leader(js, "DLQ").await.unwrap_or_default(),
+        jetworker::ADVISORY_STREAM,
+        stream_leader(js, jetworker::ADVISORY_STREAM)
+            .await
+            .unwrap_or_default(),
+        consumer_leader(js).await.unwrap_or_default(),
+    )
+}
+
+/// The cluster member [`kill_leader`] killed.
+struct LeaderKill {
+    /// Its index in the cluster.
+    member: usize,
+    /// Its server name.
+    leader: String,
+    /// When it was killed.
+    killed_at: Instant,
+}
+
+/// `kill -9` the member that leads `what` (asked with `leader_of`), then waits for
+/// another member to lead it: the election time is a recovery of the run, no new leader
+/// within [`RECOVERY_BOUND`] a failure.
+async fn kill_leader<F, Fut>(
+    run: &mut Run,
+    cluster: &mut NatsCluster,
+    js: &jetstream::Context,
+    what: &str,
+    leader_of: F,
+) -> LeaderKill
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<String>>,
+{
+    let mut leader = None;
+    let asking_since = Instant::now();
+    while leader.is_none() && asking_since.elapsed() < RECOVERY_BOUND {
+        leader = leader_of().await;
+    }
+    let leader = leader.unwrap_or_else(|| panic!("{what}: no leader known"));
+    let member = cluster
+        .servers()
+        .iter()
+        .position(|s| s.name() == leader)
+        .expect("the leader is a member");
+    let led = leaders(js).await;
+    run.say(&format!(
+        "kill -9 {leader} (member {member}), leader of {what}; leaders: {led}"
+    ));
+    let killed_at = Instant::now();
+    blocking(|| cluster.server(member).kill());
+    run.faults += 1;
+    // A new leader among the other two; until then the stream takes no publishes (or
+    // the consumer delivers nothing): part of the recovery.
+    let elected = loop {
+        match leader_of().await {
+            Some(new) if new != leader => break Some((new, killed_at.elapsed())),
+            _ if killed_at.elapsed() > RECOVERY_BOUND => break None,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    match elected {
+        Some((new, took)) => {
+            run.notes.push(format!(
+                "killed {leader} (leader of {what}; leaders then: {led}), new leader {new} {:.1}s later",
+                took.as_secs_f64()
+            ));
+            run.recoveries
+                .push((format!("{what} {leader}: new leader"), took));
+        }
+        None => run.fail(format!(
+            "{what}: no new leader within {RECOVERY_BOUND:?} of killing {leader}"
+        )),
+    }
+    LeaderKill {
+        member,
+        leader,
+        killed_at,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_stream_leader() {
     bounded("kill_stream_leader", async {
@@ -301,57 +405,24 @@ async fn kill_stream_leader() {
         let publishing = spawn_publisher(js.clone(), ok_jobs(n, 1), over, give_up_after(over));
         for (at, target) in kills {
             until(t0 + over.mul_f64(*at)).await;
-            let leader_of = |js: jetstream::Context| async move {
+            let leader_of = || async {
                 match target {
                     Target::StreamLeader => stream_leader(&js, "EVENTS").await,
                     Target::ConsumerLeader => consumer_leader(&js).await,
                 }
             };
-            let mut leader = None;
-            let asking_since = Instant::now();
-            while leader.is_none() && asking_since.elapsed() < RECOVERY_BOUND {
-                leader = leader_of(js.clone()).await;
-            }
-            let leader = leader.unwrap_or_else(|| panic!("{target:?}: no leader known"));
-            let i = cluster
-                .servers()
-                .iter()
-                .position(|s| s.name() == leader)
-                .expect("the leader is a member");
-            let (stream_at, consumer_at) = (
-                stream_leader(&js, "EVENTS").await.unwrap_or_default(),
-                consumer_leader(&js).await.unwrap_or_default(),
-            );
-            run.say(&format!(
-                "kill -9 {leader} (member {i}): {target:?}; leaders: EVENTS {stream_at}, jobs {consumer_at}"
-            ));
-            let killed_at = Instant::now();
-            blocking(|| cluster.server(i).kill());
-            run.faults += 1;
-            // A new leader among the other two; until then the stream takes no publishes
-            // (or the consumer delivers nothing): part of the recovery.
-            let elected = loop {
-                match leader_of(js.clone()).await {
-                    Some(new) if new != leader => break Some((new, killed_at.elapsed())),
-                    _ if killed_at.elapsed() > RECOVERY_BOUND => break None,
-                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            };
-            match elected {
-                Some((new, took)) => {
-                    run.notes.push(format!(
-                        "killed {leader} ({target:?}; it led EVENTS: {}, jobs: {}), new leader {new} {:.1}s later",
-                        stream_at == leader,
-                        consumer_at == leader,
-                        took.as_secs_f64()
-                    ));
-                    run.recoveries
-                        .push((format!("{target:?} {leader}: new leader"), took));
-                }
-                None => run.fail(format!(
-                    "{target:?}: no new leader within {RECOVERY_BOUND:?} of killing {leader}"
-                )),
-            }
+            let LeaderKill {
+                member: i,
+                leader,
+                killed_at,
+            } = kill_leader(
+                &mut run,
+                &mut cluster,
+                &js,
+                &format!("{target:?}"),
+                leader_of,
+            )
+            .await;
             run.recovered(&format!("{target:?} {leader} killed"), killed_at)
                 .await;
             // Bring it back (it catches up from the others) before the next kill.
@@ -1032,6 +1103,372 @@ async fn rolling_restart_adds_a_consumer() {
             drain_limit(),
         )
         .await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared by scenarios 11-13: mixed outcomes, and what one worker can hold
+// ---------------------------------------------------------------------------------------
+
+/// Work time of the jobs of scenarios 11-13: long enough that every worker always holds
+/// some, so each fault catches deliveries in flight.
+const MIXED_WORK_MS: u64 = 20;
+
+/// Jobs `1..=n` with mixed outcomes, per ten ids: six succeed, two fail once, one fails
+/// twice (all of them succeed on a later attempt, after `work_ms` of work), one fails
+/// permanently (expected in the DLQ once, reason `permanent`).
+fn mixed_jobs(n: u64, work_ms: u64) -> (Vec<Job>, HashMap<u64, Expect>) {
+    let mut expected = HashMap::new();
+    let jobs = (1..=n)
+        .map(|id| match id % 10 {
+            3 | 6 | 8 => Job {
+                id,
+                mode: Mode::Fail,
+                until: if id % 10 == 8 { 2 } else { 1 },
+                sleep_ms: work_ms,
+            },
+            9 => {
+                expected.insert(id, Expect::DeadLetter("permanent"));
+                Job {
+                    id,
+                    mode: Mode::Permanent,
+                    until: 0,
+                    sleep_ms: 0,
+                }
+            }
+            _ => ok_job(id, work_ms),
+        })
+        .collect();
+    (jobs, expected)
+}
+
+/// The most deliveries one worker of `spec` can hold at once, whose handling can be
+/// repeated when it freezes or loses its connection: its handler slots, what its pull
+/// loop holds beyond them (at most 200 ms of its handlers' pace; at most `concurrency`
+/// jobs per `work_ms`), and as much again on its way in open pull requests.
+fn most_held_by_one_worker(spec: &WorkerSpec, work_ms: u64) -> usize {
+    let slots = spec.concurrency as usize;
+    let pace_per_second = slots as f64 * 1000.0 / work_ms.max(1) as f64;
+    let prefetch = (pace_per_second * 0.2).ceil() as usize;
+    slots + 2 * prefetch.min(spec.max_ack_pending as usize)
+}
+
+/// The oracle of scenarios 11-13 ([`Run::finish_fanout`] for the `jobs` consumer, no
+/// worker killed): each job of [`mixed_jobs`] done, or dead-lettered once if it fails
+/// permanently, at most `duplicate_bound` handled twice; and both kinds were seen.
+async fn finish_mixed(
+    run: Run,
+    js: &jetstream::Context,
+    published: Published,
+    replicas: &mut Replicas,
+    expected: &HashMap<u64, Expect>,
+    duplicate_bound: usize,
+) -> FanoutVerdict {
+    let verdict = run
+        .finish_fanout(
+            js,
+            published,
+            replicas,
+            &FanoutCheck {
+                consumers: &["jobs"],
+                expected,
+                duplicate_bound,
+                killed: false,
+            },
+            drain_limit(),
+        )
+        .await;
+    assert!(verdict.done > 0 && verdict.dead_lettered > 0, "{verdict:?}");
+    verdict
+}
+
+/// Scenarios 12 and 13 under way: one server, two replicas of the default worker, the
+/// [`mixed_jobs`] to publish over `over`.
+struct MixedOnOneServer {
+    server: NatsServer,
+    run: Run,
+    js: jetstream::Context,
+    spec: WorkerSpec,
+    replicas: Replicas,
+    jobs: Vec<Job>,
+    expected: HashMap<u64, Expect>,
+    over: Duration,
+}
+
+/// Starts scenario `name` as [`MixedOnOneServer`] describes (small: 2,000 jobs over 18 s;
+/// full: 20,000 over 60 s).
+async fn mixed_on_one_server(name: &'static str) -> MixedOnOneServer {
+    let server = blocking(NatsServer::start).expect("nats-server");
+    let run = Run::new(name, RECOVERY_BOUND);
+    let (_client, js) = connect(&[server.url()]).await;
+    let spec = WorkerSpec::new(vec![server.url()]);
+    let replicas = start_workers(&run, &js, &spec, 2).await;
+    let n = size(2_000u64, 20_000);
+    let (jobs, expected) = mixed_jobs(n, MIXED_WORK_MS);
+    MixedOnOneServer {
+        server,
+        run,
+        js,
+        spec,
+        replicas,
+        jobs,
+        expected,
+        over: size(Duration::from_secs(18), Duration::from_secs(60)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. a 3-node cluster: kill the dead-letter stream's leader while failures flow
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dead_letter_stream_leader() {
+    bounded("kill_dead_letter_stream_leader", async {
+        let mut cluster = blocking(|| NatsCluster::start(3)).expect("3-node cluster");
+        let mut run = Run::new("11_kill_dlq_leader", RECOVERY_BOUND);
+        let urls = cluster.urls();
+        let (_client, js) = connect(&urls).await;
+        let mut spec = WorkerSpec::new(urls);
+        spec.replicas = 3;
+        let mut replicas = start_workers(&run, &js, &spec, 2).await;
+
+        let n = size(1_500u64, 20_000);
+        let over = size(Duration::from_secs(14), Duration::from_secs(60));
+        let (jobs, expected) = mixed_jobs(n, MIXED_WORK_MS);
+        // Small: the DLQ stream's leader once. Full: twice (the second time the member
+        // elected after the first kill).
+        let kills: &[f64] = if full() { &[0.2, 0.6] } else { &[0.3] };
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), jobs, over, give_up_after(over));
+        for at in kills {
+            until(t0 + over.mul_f64(*at)).await;
+            let stored_before = dlq_count(&js).await;
+            let LeaderKill {
+                member,
+                leader,
+                killed_at,
+            } = kill_leader(&mut run, &mut cluster, &js, "DLQ", || {
+                stream_leader(&js, "DLQ")
+            })
+            .await;
+            // Copies refused or unanswered meanwhile were naked and come again: the
+            // first copy stored after the kill is the dead-letter path's recovery.
+            loop {
+                if dlq_count(&js).await > stored_before {
+                    let took = killed_at.elapsed();
+                    run.say(&format!(
+                        "dead letters stored again {:.2}s after the kill",
+                        took.as_secs_f64()
+                    ));
+                    run.recoveries
+                        .push(("DLQ leader killed: a copy stored".into(), took));
+                    break;
+                }
+                if killed_at.elapsed() > RECOVERY_BOUND {
+                    run.fail(format!(
+                        "no dead letter stored within {RECOVERY_BOUND:?} of killing the DLQ leader"
+                    ));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            run.recovered(&format!("DLQ leader {leader} killed"), killed_at)
+                .await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            blocking(|| cluster.server(member).restart()).expect("restart the killed member");
+            run.say(&format!("{leader} is back"));
+        }
+        let published = publishing.await.expect("publisher");
+        // The killed member may have held the workers' connections (acks sent to it are
+        // lost) and led the consumer (its open pulls too): what both workers held may
+        // run again, per kill.
+        let bound = kills.len() * 2 * most_held_by_one_worker(&spec, MIXED_WORK_MS);
+        finish_mixed(run, &js, published, &mut replicas, &expected, bound).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. SIGSTOP a worker for longer than the ack wait, then SIGCONT
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_worker() {
+    bounded("sigstop_worker", async {
+        let MixedOnOneServer {
+            server: _server,
+            mut run,
+            js,
+            spec,
+            mut replicas,
+            jobs,
+            expected,
+            over,
+        } = mixed_on_one_server("12_sigstop_worker").await;
+        // Frozen for longer than the ack wait (3 s) plus the pull expiry (5 s: the server
+        // may still send to its open pulls) plus another ack wait: what it held and what
+        // was sent to it meanwhile are all redelivered to the other replica while it
+        // sleeps. Small: once. Full: three times, each replica in turn.
+        let freeze = Duration::from_secs(12);
+        let stops: &[f64] = if full() {
+            &[0.1, 0.4, 0.7]
+        } else {
+            &[0.15]
+        };
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), jobs, over, give_up_after(over));
+        let mut frozen = HashSet::new();
+        let mut held_in_all = 0;
+        for (k, at) in stops.iter().enumerate() {
+            until(t0 + over.mul_f64(*at)).await;
+            let victim = k % 2;
+            let wait_for_work = Instant::now() + Duration::from_secs(2);
+            // Frozen while it runs a job that can succeed (up to 2 s), so that the check
+            // below has something to find done elsewhere.
+            let runs_one = |replicas: &Replicas| {
+                replicas
+                    .in_flight_since(victim, Instant::now() - Duration::from_millis(100))
+                    .iter()
+                    .any(|id| !expected.contains_key(id))
+            };
+            while !runs_one(&replicas) && Instant::now() < wait_for_work {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            replicas.signal(victim, "STOP");
+            let stopped_at = Instant::now();
+            run.faults += 1;
+            frozen.insert(victim);
+            // It writes nothing more: what the tail reads next is all it started.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Its jobs take 20 ms: what it started in its last 100 ms and did not finish
+            // ran when it froze, or failed (a failed attempt never has a `done` line).
+            let held = replicas.in_flight_since(victim, stopped_at - Duration::from_millis(100));
+            held_in_all += held.len();
+            run.say(&format!(
+                "SIGSTOP replica {victim}: {} jobs started in its last 100 ms and not done",
+                held.len()
+            ));
+            until(stopped_at + freeze).await;
+            // Its deliveries went to the other replica while it slept.
+            let can_succeed: Vec<u64> = held
+                .iter()
+                .copied()
+                .filter(|id| !expected.contains_key(id))
+                .collect();
+            if can_succeed.is_empty() {
+                run.fail(format!(
+                    "replica {victim} ran no job that can succeed when it was frozen"
+                ));
+            }
+            match run.tracker.redone_within(&can_succeed, stopped_at) {
+                Some(took) => {
+                    run.say(&format!(
+                        "the {} jobs it held that can succeed were done by the other replica within {:.2}s",
+                        can_succeed.len(),
+                        took.as_secs_f64()
+                    ));
+                    run.recoveries
+                        .push((format!("SIGSTOP #{}: held jobs redone", k + 1), took));
+                }
+                None => {
+                    let not_done: Vec<u64> = can_succeed
+                        .iter()
+                        .copied()
+                        .filter(|id| !run.tracker.is_done(*id))
+                        .collect();
+                    run.fail(format!(
+                        "replica {victim} frozen for {freeze:?}: jobs it held not done elsewhere meanwhile: {not_done:?}"
+                    ));
+                }
+            }
+            replicas.signal(victim, "CONT");
+            let woke_at = Instant::now();
+            run.say(&format!("SIGCONT replica {victim}"));
+            run.replica_recovered(
+                &replicas,
+                victim,
+                &format!("SIGCONT: replica {victim} works again"),
+                woke_at,
+            )
+            .await;
+        }
+        let published = publishing.await.expect("publisher");
+        // What it finishes late is at most what it held (a duplicate each).
+        let bound = stops.len() * most_held_by_one_worker(&spec, MIXED_WORK_MS);
+        let frozen_done: HashSet<u64> = frozen.iter().flat_map(|i| replicas.done_ids(*i)).collect();
+        let tracker = run.tracker.clone();
+        run.notes.push(format!(
+            "{held_in_all} jobs started in a frozen replica's last 100 ms and not done by it"
+        ));
+        finish_mixed(run, &js, published, &mut replicas, &expected, bound).await;
+        // Every duplicate is one a frozen replica finished late: a replica that never
+        // froze repeats nothing.
+        let not_frozen: Vec<u64> = tracker
+            .done_counts()
+            .into_iter()
+            .filter(|(id, runs)| *runs > 1 && !frozen_done.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        assert!(
+            not_frozen.is_empty(),
+            "jobs handled twice though no frozen replica handled them: {not_frozen:?}"
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 13. SIGSTOP the nats-server for longer than the ack wait and the pull heartbeat
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_server() {
+    bounded("sigstop_server", async {
+        let MixedOnOneServer {
+            server,
+            mut run,
+            js,
+            spec,
+            mut replicas,
+            jobs,
+            expected,
+            over,
+        } = mixed_on_one_server("13_sigstop_server").await;
+        // Longer than the ack wait (3 s) and the pull heartbeat grace (6 s): when it
+        // wakes, every delivery it made is overdue, and the workers have given up on
+        // their pulls and probed the connection meanwhile. Small: once. Full: twice.
+        let freeze = size(Duration::from_secs(10), Duration::from_secs(15));
+        let stops: &[f64] = if full() { &[0.2, 0.6] } else { &[0.25] };
+        let pid = server.pid().expect("nats-server runs");
+        let t0 = Instant::now();
+        let publishing = spawn_publisher(js.clone(), jobs, over, give_up_after(over));
+        for at in stops {
+            until(t0 + over.mul_f64(*at)).await;
+            run.say(&format!("SIGSTOP nats-server for {freeze:?}"));
+            send_signal(pid, "STOP");
+            run.faults += 1;
+            tokio::time::sleep(freeze).await;
+            send_signal(pid, "CONT");
+            let woke_at = Instant::now();
+            run.say("SIGCONT nats-server");
+            run.recovered("SIGSTOP nats-server", woke_at).await;
+            // Each worker recovers on its own, without a restart.
+            for i in 0..2 {
+                run.replica_recovered(
+                    &replicas,
+                    i,
+                    &format!("SIGSTOP nats-server: replica {i} works again"),
+                    woke_at,
+                )
+                .await;
+            }
+        }
+        let published = publishing.await.expect("publisher");
+        // When the server wakes, everything both workers held is overdue and may be
+        // redelivered before their acks are read.
+        let bound = stops.len() * 2 * most_held_by_one_worker(&spec, MIXED_WORK_MS);
+        finish_mixed(run, &js, published, &mut replicas, &expected, bound).await;
     })
     .await;
 }

@@ -4,7 +4,8 @@
 //! below; the original's `traceparent` and `tracestate` keep it in the message's trace
 //! (one is added when the original had none and a delivery's trace is current). Original headers starting with `Nats-` are kept under
 //! `Jetworker-Original-<name>` so they cannot steer the dead-letter publish (a
-//! `Nats-Expected-*` header would make it fail; the original `Nats-Msg-Id` would clash).
+//! `Nats-Expected-*` header would make it fail; the original `Nats-Msg-Id` would clash),
+//! the original's `Nats-Msg-Id` as [`ORIGINAL_MSG_ID`] (see there why not under the prefix).
 //! The copy's `Nats-Msg-Id` is derived from (stream, sequence), so publishing it twice
 //! (a retry, two replicas, the safety net and the normal path) stores it once within the
 //! dead-letter stream's duplicate window.
@@ -49,6 +50,12 @@ pub const ERROR: &str = "Jetworker-Error";
 pub const TIME: &str = "Jetworker-Time";
 /// Prefix under which the original's `Nats-*` headers are kept.
 pub const ORIGINAL_PREFIX: &str = "Jetworker-Original-";
+/// The original's own `Nats-Msg-Id`, when it had one. Not `Jetworker-Original-Nats-Msg-Id`:
+/// nats-server 2.9 reads a message id only at the first place `Nats-Msg-Id` occurs in the
+/// header block, and the client writes headers in no fixed order, so a copy carrying
+/// that name would, about every other time, have no message id for the server and be
+/// stored again when it is published again.
+pub const ORIGINAL_MSG_ID: &str = "Jetworker-Original-Msg-Id";
 /// Set by `dlq replay` on the republished message: how many times it was replayed.
 pub const REPLAY_COUNT: &str = "Jetworker-Replay-Count";
 
@@ -212,7 +219,10 @@ impl DeadLetter {
         let mut out = Vec::new();
         for (name, values) in self.headers.iter() {
             let name: &str = name.as_ref();
-            let target = if name.to_ascii_lowercase().starts_with("nats-") {
+            let lower = name.to_ascii_lowercase();
+            let target = if lower == "nats-msg-id" {
+                ORIGINAL_MSG_ID.to_string()
+            } else if lower.starts_with("nats-") {
                 format!("{ORIGINAL_PREFIX}{name}")
             } else {
                 name.to_string()
@@ -504,10 +514,21 @@ mod tests {
             get("Nats-Msg-Id").as_deref(),
             Some("jetworker-dl.EVENTS.42.clicks")
         );
-        assert_eq!(
-            get("Jetworker-Original-Nats-Msg-Id").as_deref(),
-            Some("publisher-id-1")
-        );
+        assert_eq!(get(ORIGINAL_MSG_ID).as_deref(), Some("publisher-id-1"));
+        // The copy's own message id is the only place the server can find the text
+        // `Nats-Msg-Id` (nats-server 2.9 looks no further than its first occurrence).
+        let elsewhere: Vec<String> = h
+            .iter()
+            .filter(|(name, _)| AsRef::<str>::as_ref(*name) != "Nats-Msg-Id")
+            .flat_map(|(name, values)| {
+                let name: &str = name.as_ref();
+                values
+                    .iter()
+                    .map(move |v| format!("{name}: {}", v.as_str()))
+            })
+            .filter(|line| line.contains("Nats-Msg-Id"))
+            .collect();
+        assert!(elsewhere.is_empty(), "{elsewhere:?}");
         assert_eq!(
             get("Jetworker-Original-Nats-Expected-Stream").as_deref(),
             Some("EVENTS")
@@ -551,16 +572,16 @@ mod tests {
         assert!(wire_len(&h) + p.len() <= 12_000);
         assert_eq!(h.get(DROPPED_HEADERS).map(|v| v.as_str()), Some("X-Big"));
         assert!(h.get("X-Small").is_some());
-        assert!(h.get(ORIGINAL_PREFIX.to_string() + "Nats-Msg-Id").is_some());
+        assert!(h.get(ORIGINAL_MSG_ID).is_some());
         // Then the next largest; what is small enough stays.
         let (h, p) = letter.copy_within(payload.clone(), 7_000);
         assert_eq!(p, payload);
         assert!(wire_len(&h) + p.len() <= 7_000);
-        assert!(h.get(ORIGINAL_PREFIX.to_string() + "Nats-Msg-Id").is_none());
+        assert!(h.get(ORIGINAL_MSG_ID).is_none());
         assert!(h.get("X-Small").is_some());
         assert_eq!(
             h.get(DROPPED_HEADERS).map(|v| v.as_str()),
-            Some("Jetworker-Original-Nats-Msg-Id, X-Big")
+            Some("Jetworker-Original-Msg-Id, X-Big")
         );
         // Then the payload, whose size is recorded.
         let (h, p) = letter.copy_within(payload.clone(), 4_500);

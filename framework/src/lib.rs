@@ -166,9 +166,9 @@ pub use trace::TraceContext;
 /// restores the original headers and adds [`REPLAY_COUNT`](headers::REPLAY_COUNT).
 pub mod headers {
     pub use crate::dead_letter::{
-        ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, MAX_ERROR_LEN, ORIGINAL_PREFIX,
-        ORIGINAL_SUBJECT, PAYLOAD_DROPPED, PAYLOAD_OBJECT, REASON, REPLAY_COUNT, SEQUENCE, STREAM,
-        TIME,
+        ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, MAX_ERROR_LEN, ORIGINAL_MSG_ID,
+        ORIGINAL_PREFIX, ORIGINAL_SUBJECT, PAYLOAD_DROPPED, PAYLOAD_OBJECT, REASON, REPLAY_COUNT,
+        SEQUENCE, STREAM, TIME,
     };
     pub use crate::safety_net::ORIGINAL_MISSING;
     pub use crate::trace::{TRACEPARENT, TRACESTATE};

@@ -177,9 +177,7 @@ impl Worker {
     /// SIGTERM, then waits up to `within` for the exit; its exit code (`None` when
     /// killed by a signal, or `kill -9`'d after `within`).
     pub fn terminate(&mut self, within: Duration) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        send_signal(self.child.id(), "TERM");
         let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -196,6 +194,15 @@ impl Worker {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+}
+
+/// Sends `signal` (a name as `kill` takes it: `TERM`, `STOP`, `CONT`) to process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(sent, "kill -{signal} {pid} failed");
 }
 
 impl Drop for Worker {
@@ -256,6 +263,55 @@ impl Replicas {
         code
     }
 
+    /// Sends `signal` to replica `i`'s process (`STOP` freezes it, `CONT` wakes it);
+    /// panics when it is down. A frozen replica is still `kill -9`'d when dropped.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let w = self.slots[i].as_ref().expect("replica is up");
+        send_signal(w.child.id(), signal);
+    }
+
+    /// When replica `i`'s current incarnation first finished a job whose `start` line was
+    /// written after `t` (see [`Tracker::first_done_started_after`]).
+    pub fn first_done_started_after(&self, i: usize, t: Instant) -> Option<Instant> {
+        let w = self.slots[i].as_ref()?;
+        self.tracker.first_done_in_file_started_after(&w.log, t)
+    }
+
+    /// The ids replica `i` first started after `t` (in this incarnation) and has not
+    /// finished: with jobs that take far less than `now - t`, those its handlers run now
+    /// (a failed attempt has a `start` line and never a `done`, and stays in
+    /// [`Replicas::in_flight`]).
+    pub fn in_flight_since(&self, i: usize, t: Instant) -> Vec<u64> {
+        let Some(w) = &self.slots[i] else {
+            return Vec::new();
+        };
+        let st = lock(&self.tracker.state);
+        let Some(file) = st.files.iter().find(|f| f.path == w.log) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<u64> = file
+            .in_flight
+            .iter()
+            .filter(|(_, (_, seen))| seen.is_some_and(|seen| seen >= t))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The ids replica `i`'s current incarnation has done (empty when it is down).
+    pub fn done_ids(&self, i: usize) -> HashSet<u64> {
+        let Some(w) = &self.slots[i] else {
+            return HashSet::new();
+        };
+        let st = lock(&self.tracker.state);
+        st.files
+            .iter()
+            .find(|f| f.path == w.log)
+            .map(|f| f.done.clone())
+            .unwrap_or_default()
+    }
+
     /// The ids replica `i` has started and not finished (empty when it is down).
     pub fn in_flight(&self, i: usize) -> Vec<u64> {
         match &self.slots[i] {
@@ -300,6 +356,10 @@ struct FileTail {
     /// Started and not (yet) done in this incarnation: id -> (starts, a time the first
     /// of them was surely written after).
     in_flight: HashMap<u64, (u32, Option<Instant>)>,
+    /// This file's share of [`TrackerState::finished`].
+    finished: Vec<(Instant, Instant)>,
+    /// Ids with a `done` line in this file.
+    done: HashSet<u64>,
 }
 
 #[derive(Default)]
@@ -496,12 +556,14 @@ impl Tracker {
     /// (nor one whose start line was merely read after `t`), so a fault cannot look
     /// recovered just because old work drained.
     pub fn first_done_started_after(&self, t: Instant) -> Option<Instant> {
+        first_started_after(&lock(&self.state).finished, t)
+    }
+
+    /// Like [`Tracker::first_done_started_after`], for the worker writing `path` only.
+    pub fn first_done_in_file_started_after(&self, path: &Path, t: Instant) -> Option<Instant> {
         let st = lock(&self.state);
-        let from = st.finished.partition_point(|(_, done)| *done <= t);
-        st.finished[from..]
-            .iter()
-            .find(|(written_after, _)| *written_after >= t)
-            .map(|(_, done)| *done)
+        let file = st.files.iter().find(|f| f.path == path)?;
+        first_started_after(&file.finished, t)
     }
 
     /// The longest time between `from` and `to` with no `done` line.
@@ -518,6 +580,16 @@ impl Tracker {
         }
         longest.max(to.saturating_duration_since(last))
     }
+}
+
+/// In `finished` ((a time the start was surely written after, when the done was seen),
+/// in the order seen), when the first job that started after `t` was done.
+fn first_started_after(finished: &[(Instant, Instant)], t: Instant) -> Option<Instant> {
+    let from = finished.partition_point(|(_, done)| *done <= t);
+    finished[from..]
+        .iter()
+        .find(|(written_after, _)| *written_after >= t)
+        .map(|(_, done)| *done)
 }
 
 impl Drop for Tracker {
@@ -601,6 +673,8 @@ fn apply(st: &mut TrackerState, file: usize, lines: Vec<String>, now: Instant) {
                     }
                 }
                 st.finished.push((start_seen, now));
+                st.files[file].finished.push((start_seen, now));
+                st.files[file].done.insert(id);
             }
             _ => {}
         }
@@ -890,9 +964,35 @@ impl Run {
     /// Waits until a job that started after `since` (the fault's end) is done, and records
     /// that as the fault's recovery time; more than the bound is a failure.
     pub async fn recovered(&mut self, fault: &str, since: Instant) -> Duration {
+        let tracker = self.tracker.clone();
+        self.recovered_when(fault, since, |t| tracker.first_done_started_after(t))
+            .await
+    }
+
+    /// Like [`Run::recovered`], for replica `i` alone: it finished a job that started
+    /// after `since` (a frozen replica works again, not only the others).
+    pub async fn replica_recovered(
+        &mut self,
+        replicas: &Replicas,
+        i: usize,
+        fault: &str,
+        since: Instant,
+    ) -> Duration {
+        self.recovered_when(fault, since, |t| replicas.first_done_started_after(i, t))
+            .await
+    }
+
+    /// Waits until `first_done_started_after(since)` names a time, records it as the
+    /// fault's recovery time; more than the bound is a failure.
+    async fn recovered_when(
+        &mut self,
+        fault: &str,
+        since: Instant,
+        first_done_started_after: impl Fn(Instant) -> Option<Instant>,
+    ) -> Duration {
         let deadline = since + self.bound;
         loop {
-            if let Some(seen) = self.tracker.first_done_started_after(since) {
+            if let Some(seen) = first_done_started_after(since) {
                 let took = seen.duration_since(since);
                 self.say(&format!(
                     "{fault}: work resumed {:.2}s after it ended",
