@@ -178,34 +178,16 @@ async fn counting(job: Event<Job>, ctx: Context<Arc<Tally>>) -> Result<(), Handl
 #[tokio::test]
 async fn a_worker_under_exactly_the_printed_permissions_does_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let printed = permissions_of(
+    let run = PermittedWorker::start(
         dir.path(),
-        &worker_config("nats://127.0.0.1:4222", "worker", WORKER_PASSWORD),
-    );
-    let block = printed["server_block"]
-        .as_str()
-        .expect("server block")
-        .to_string();
-    assert_eq!(printed["subscribe"][0]["subject"], "_INBOX_lp.>");
-    let server = server_with_users(&[("worker", block)]);
-    let (_admin, js) = admin(&server).await;
-
-    let config = parse(&worker_config(&server.url(), "worker", WORKER_PASSWORD));
-    let tally = Arc::new(Tally::default());
-    let stop = CancellationToken::new();
-    let app = App::new(tally.clone()).handler("scripted", counting);
-    let worker = tokio::spawn(app.run_until(config, stop.clone()));
-
-    wait_until(
-        Duration::from_secs(20),
-        "provisioned by the worker",
-        || async {
-            js.get_stream("EVENTS").await.is_ok()
-                && js.get_stream("KV_tally").await.is_ok()
-                && js.get_stream("JETWORKER_ADVISORIES").await.is_ok()
-        },
+        |url| worker_config(url, "worker", WORKER_PASSWORD),
+        counting,
+        &["dlq.jobs", "$KV.tally.>"],
+        &["EVENTS", "KV_tally", "JETWORKER_ADVISORIES"],
     )
     .await;
+    assert_eq!(run.printed["subscribe"][0]["subject"], "_INBOX_lp.>");
+    let (js, tally) = (run.js.clone(), run.tally.clone());
     for id in 1..=5 {
         publish_job(&js, &Job::ok(id)).await;
     }
@@ -265,7 +247,7 @@ async fn a_worker_under_exactly_the_printed_permissions_does_everything() {
     })
     .await;
 
-    stops_without_a_violation(&server, stop, worker).await;
+    run.stop().await;
 }
 
 #[tokio::test]
@@ -424,74 +406,170 @@ async fn counted(job: Event<Job>, ctx: Context<Arc<Tally>>) -> Result<(), Handle
     Ok(())
 }
 
+/// The config of a worker under user `worker` (inbox prefix `inbox`) whose consumer
+/// `jobs` is ordered and pulled under leases, as `consumer_lines` say.
+fn leased_worker_config(url: &str, inbox: &str, consumer_lines: &str) -> String {
+    ConfigText::new(url)
+        .connection(&format!(
+            r#"user = "worker"
+password = "{WORKER_PASSWORD}"
+name = "least-privilege-leases"
+inbox_prefix = "{inbox}"
+request_timeout = "2s"
+connect_timeout = "3s""#
+        ))
+        .worker(r#"shutdown_grace = "5s""#)
+        .with_jobs()
+        .in_consumer("jobs", consumer_lines)
+        .text()
+}
+
+/// A worker in this process under exactly the permissions `permissions` prints for its
+/// config, once it has provisioned what it should.
+struct PermittedWorker {
+    server: NatsServer,
+    /// What `permissions --json` printed.
+    printed: serde_json::Value,
+    /// The admin's JetStream context, to publish and look.
+    js: jetstream::Context,
+    _admin: async_nats::Client,
+    tally: Arc<Tally>,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<
+        Result<
+            std::collections::BTreeMap<String, Arc<jetworker::ConsumerStats>>,
+            jetworker::RunError,
+        >,
+    >,
+}
+
+impl PermittedWorker {
+    /// Prints the permissions for the config `config_text` makes for a server URL (into
+    /// `dir`), checks that they grant the publish subjects `grants`, and runs the config
+    /// under them with `handler` as `scripted`, until the streams `provisioned` exist.
+    async fn start<H: jetworker::Handler<Job, Arc<Tally>>>(
+        dir: &std::path::Path,
+        config_text: impl Fn(&str) -> String,
+        handler: H,
+        grants: &[&str],
+        provisioned: &[&str],
+    ) -> PermittedWorker {
+        let printed = permissions_of(dir, &config_text("nats://127.0.0.1:4222"));
+        let block = printed["server_block"]
+            .as_str()
+            .expect("server block")
+            .to_string();
+        for subject in grants {
+            assert!(
+                block.contains(&format!("\"{subject}\"")),
+                "{subject}: {block}"
+            );
+        }
+        let server = server_with_users(&[("worker", block)]);
+        let (admin_client, js) = admin(&server).await;
+        let config = parse(&config_text(&server.url()));
+        let tally = Arc::new(Tally::default());
+        let stop = CancellationToken::new();
+        let app = App::new(tally.clone()).handler("scripted", handler);
+        let worker = tokio::spawn(app.run_until(config, stop.clone()));
+        wait_until(
+            Duration::from_secs(20),
+            "provisioned by the worker",
+            || async {
+                for stream in provisioned {
+                    if js.get_stream(*stream).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+        PermittedWorker {
+            server,
+            printed,
+            js,
+            _admin: admin_client,
+            tally,
+            stop,
+            worker,
+        }
+    }
+
+    /// [`PermittedWorker::start`] of [`leased_worker_config`] with `inbox` and
+    /// `consumer_lines`, handler [`counted`]: the permissions grant the lease bucket and
+    /// pulling the consumer `pulled`.
+    async fn start_leased(
+        dir: &std::path::Path,
+        inbox: &str,
+        consumer_lines: &str,
+        pulled: &str,
+    ) -> PermittedWorker {
+        PermittedWorker::start(
+            dir,
+            |url| leased_worker_config(url, inbox, consumer_lines),
+            counted,
+            &[
+                "$KV.jw_leases_EVENTS_jobs.>",
+                &format!("$JS.API.CONSUMER.MSG.NEXT.EVENTS.{pulled}"),
+            ],
+            &["EVENTS", "KV_jw_leases_EVENTS_jobs"],
+        )
+        .await
+    }
+
+    /// Waits until the worker counted `handled` jobs and the dead-letter stream holds
+    /// `dead_letters`.
+    async fn wait_handled(&self, handled: u64, dead_letters: u64) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{handled} counted, {dead_letters} dead letters"),
+            || async {
+                self.tally.handled.load(Ordering::SeqCst) == handled
+                    && count(&self.js, "DLQ").await == dead_letters
+            },
+        )
+        .await;
+    }
+
+    /// Stops the worker: it ends without error, and the server denied it nothing.
+    async fn stop(self) -> (NatsServer, jetstream::Context) {
+        stops_without_a_violation(&self.server, self.stop, self.worker).await;
+        (self.server, self.js)
+    }
+}
+
+/// Jobs `1..=ok` that succeed, then one (`ok + 1`) that fails permanently.
+fn ok_then_one_permanent(ok: u64) -> Vec<Job> {
+    let mut jobs: Vec<Job> = (1..=ok).map(Job::ok).collect();
+    jobs.push(Job {
+        id: ok + 1,
+        mode: Mode::Permanent,
+        until: 0,
+        sleep_ms: 0,
+    });
+    jobs
+}
+
 /// A worker with a partitioned ordered consumer (`jobs` in 2 partitions of
 /// `jobs.<partition>.<key>`, 1 s leases) under exactly the printed permissions takes
 /// its partitions, renews and gives back their leases, counts the replicas, consumes
 /// and dead-letters, with no permission violation.
 #[tokio::test]
 async fn a_partitioned_worker_under_exactly_the_printed_permissions_does_everything() {
-    let config_text = |url: &str| {
-        ConfigText::new(url)
-            .connection(&format!(
-                r#"user = "worker"
-password = "{WORKER_PASSWORD}"
-name = "least-privilege-partitions"
-inbox_prefix = "_INBOX_lpp"
-request_timeout = "2s"
-connect_timeout = "3s""#
-            ))
-            .worker(r#"shutdown_grace = "5s""#)
-            .with_jobs()
-            .in_consumer(
-                "jobs",
-                r#"filter_subject = "jobs.*.>"
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = PermittedWorker::start_leased(
+        dir.path(),
+        "_INBOX_lpp",
+        r#"filter_subject = "jobs.*.>"
 ordered_by = { subject_token = 2 }
 partitions = { count = 2, subject_token = 1, lease = "1s" }"#,
-            )
-            .text()
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let printed = permissions_of(dir.path(), &config_text("nats://127.0.0.1:4222"));
-    let block = printed["server_block"]
-        .as_str()
-        .expect("server block")
-        .to_string();
-    assert!(block.contains("\"$KV.jw_leases_EVENTS_jobs.>\""), "{block}");
-    assert!(
-        block.contains("\"$JS.API.CONSUMER.MSG.NEXT.EVENTS.jobs-1\""),
-        "{block}"
-    );
-    let server = server_with_users(&[("worker", block)]);
-    let (_admin, js) = admin(&server).await;
-
-    let config = parse(&config_text(&server.url()));
-    let tally = Arc::new(Tally::default());
-    let stop = CancellationToken::new();
-    let app = App::new(tally.clone()).handler("scripted", counted);
-    let worker = tokio::spawn(app.run_until(config, stop.clone()));
-    wait_until(
-        Duration::from_secs(20),
-        "provisioned by the worker",
-        || async {
-            js.get_stream("EVENTS").await.is_ok()
-                && js.get_stream("KV_jw_leases_EVENTS_jobs").await.is_ok()
-        },
+        "jobs-1",
     )
     .await;
-    let mut jobs: Vec<Job> = (1..=6).map(Job::ok).collect();
-    jobs.push(Job {
-        id: 7,
-        mode: Mode::Permanent,
-        until: 0,
-        sleep_ms: 0,
-    });
-    common::publish_partitioned_jobs(&js, &jobs, 2).await;
-    wait_until(
-        Duration::from_secs(30),
-        "six counted, one dead letter",
-        || async { tally.handled.load(Ordering::SeqCst) == 6 && count(&js, "DLQ").await == 1 },
-    )
-    .await;
+    let js = run.js.clone();
+    common::publish_partitioned_jobs(&js, &ok_then_one_permanent(6), 2).await;
+    run.wait_handled(6, 1).await;
     // Both partitions are held (their leases renewed meanwhile) and every message settled.
     let leases = js
         .get_key_value("jw_leases_EVENTS_jobs")
@@ -512,5 +590,104 @@ partitions = { count = 2, subject_token = 1, lease = "1s" }"#,
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    stops_without_a_violation(&server, stop, worker).await;
+    run.stop().await;
+}
+
+/// An ordered consumer without partitions (`jobs`, ordered by the id token of
+/// `jobs.<id>`) in two replicas under exactly the printed permissions: the first takes
+/// its lease, renews it, consumes and dead-letters; the second (a process) stands by,
+/// reading who holds the lease, and takes the consumer over when the first stops, then
+/// consumes; the server denies neither anything.
+#[tokio::test]
+async fn an_ordered_worker_without_partitions_under_exactly_the_printed_permissions_does_everything(
+) {
+    let (inbox, consumer_lines) = (
+        "_INBOX_lpo",
+        r#"filter_subject = "jobs.>"
+ordered_by = { subject_token = 1 }"#,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = PermittedWorker::start_leased(dir.path(), inbox, consumer_lines, "jobs").await;
+    let js = run.js.clone();
+    let leases = js
+        .get_key_value("jw_leases_EVENTS_jobs")
+        .await
+        .expect("lease bucket");
+    let key = jetworker::partition_lease_key(0);
+    let ours = format!("{}-", std::process::id());
+    wait_until(
+        Duration::from_secs(20),
+        "this process holds the lease",
+        || async {
+            leases
+                .get(&key)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|v| String::from_utf8_lossy(&v).starts_with(&ours))
+        },
+    )
+    .await;
+    let taken_at = leases
+        .entry(&key)
+        .await
+        .expect("lease entry")
+        .expect("held")
+        .revision;
+
+    // A second replica stands by: it reads who holds the lease and logs it.
+    let path = dir.path().join("replica.toml");
+    let replica_config = leased_worker_config(&run.server.url(), inbox, consumer_lines);
+    std::fs::write(&path, replica_config).expect("write config");
+    let path = path.to_string_lossy().into_owned();
+    let standby = WorkerProcess::spawn(&["--config", &path, "run"], &[("RUST_LOG", "info")]);
+    standby
+        .wait_for(Duration::from_secs(30), "the stand-by", |err| {
+            err.contains("standing by: another replica pulls this ordered consumer")
+        })
+        .await;
+
+    common::publish_jobs(&js, &ok_then_one_permanent(4)).await;
+    run.wait_handled(4, 1).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the lease renewed (every third of its 10 s)",
+        || async {
+            leases
+                .entry(&key)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|e| e.revision > taken_at)
+        },
+    )
+    .await;
+    let (server, js) = run.stop().await;
+
+    // The stand-by takes the lease given back and consumes.
+    standby
+        .wait_for(Duration::from_secs(30), "the takeover", |err| {
+            err.contains("lease taken: this replica pulls the ordered consumer")
+        })
+        .await;
+    common::publish_jobs(&js, &[Job::ok(6), Job::ok(7)]).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the second replica settled them",
+        || async {
+            let info = consumer_info(&js, "EVENTS", "jobs").await;
+            info.num_ack_pending == 0
+                && info.num_pending == 0
+                && info.ack_floor.stream_sequence == 7
+        },
+    )
+    .await;
+    let (code, stderr) = standby.terminate(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("Violation"), "{stderr}");
+    let denied = violations(&server);
+    assert!(
+        denied.is_empty(),
+        "the server denied something: {denied:#?}"
+    );
 }

@@ -378,3 +378,151 @@ max_deliver = 2"#,
         "{table}"
     );
 }
+
+/// The replica a lease value names (`<pid>-<random>`, see the worker's "lease taken"
+/// log line): its pid.
+fn holder_pid(holder: &str) -> Option<u32> {
+    holder.split('-').next()?.parse().ok()
+}
+
+/// The lease holder `status` shows for the only consumer of `config`, once it is one of
+/// `pids` (the replica processes that may hold it); fails the test after 30 s.
+async fn wait_for_holder(
+    js: &jetstream::Context,
+    config: &jetworker::Config,
+    pids: &[u32],
+) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = jetworker_cli::collect_status(js, config)
+            .await
+            .expect("status");
+        let holder = report.consumers[0].lease_holder.clone();
+        if let Some(holder) =
+            holder.filter(|h| holder_pid(h).is_some_and(|pid| pids.contains(&pid)))
+        {
+            return holder;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status names none of {pids:?} holding the lease: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An ordered consumer without partitions (`jobs` ordered by its subject's id token) in
+/// two replica processes: `status` (library, `--json` and the table through the binary)
+/// names the replica holding its lease, and, after that replica stops, the other one,
+/// which took the consumer over; with both stopped the lease is free.
+#[tokio::test]
+async fn an_ordered_consumer_without_partitions_shows_the_replica_holding_its_lease() {
+    let server = NatsServer::start().expect("server");
+    let (client, js) = connect(&server.url()).await;
+    let lines = "ordered_by = { subject_token = 1 }";
+    let config = config(&server.url(), lines);
+    jetworker::provision(&client, &js, &config, false)
+        .await
+        .expect("provision");
+    let before = jetworker_cli::collect_status(&js, &config)
+        .await
+        .expect("status");
+    let c = &before.consumers[0];
+    assert_eq!(
+        (c.name.as_str(), c.partition, c.lease_bucket.as_deref()),
+        ("jobs", None, Some("jw_leases_EVENTS_jobs"))
+    );
+    assert_eq!(c.lease_holder, None, "no replica runs yet");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config_file(dir.path(), &server.url(), lines);
+    let spawn = || {
+        WorkerProcess::spawn(
+            std::process::Command::new(env!("CARGO_BIN_EXE_test_worker"))
+                .args(["--config", &path.display().to_string(), "run"])
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )
+    };
+    let mut replicas = vec![spawn(), spawn()];
+    let pids: Vec<u32> = replicas.iter().map(WorkerProcess::pid).collect();
+    let holder = wait_for_holder(&js, &config, &pids).await;
+    let leases = js
+        .get_key_value("jw_leases_EVENTS_jobs")
+        .await
+        .expect("lease bucket");
+    let held = leases
+        .get(jetworker::partition_lease_key(0))
+        .await
+        .expect("lease")
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    assert_eq!(
+        held.as_deref(),
+        Some(holder.as_str()),
+        "the lease's own value"
+    );
+
+    // The binary says the same, as JSON and in the table's lease column.
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_test_worker"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run test_worker");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let printed: serde_json::Value =
+        serde_json::from_str(&run(&["status", "--json"])).expect("json");
+    assert_eq!(printed["consumers"][0]["lease_holder"], holder.as_str());
+    assert_eq!(
+        printed["consumers"][0]["lease_bucket"],
+        "jw_leases_EVENTS_jobs"
+    );
+    let table = run(&["status"]);
+    assert!(table.contains("LEASE HELD BY"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("jobs ") && l.ends_with(&holder)),
+        "{table}"
+    );
+
+    // The holder stops (giving the lease back): the other replica takes it over.
+    let stopping = replicas
+        .iter()
+        .position(|r| Some(r.pid()) == holder_pid(&holder))
+        .expect("one of the two holds it");
+    let mut stopped = replicas.swap_remove(stopping);
+    stopped.signal("TERM");
+    assert!(stopped.wait_exit(Duration::from_secs(20)).success());
+    let other = replicas[0].pid();
+    let next = wait_for_holder(&js, &config, &[other]).await;
+    assert_ne!(next, holder);
+
+    // Nobody left: the lease is free.
+    replicas[0].signal("TERM");
+    assert!(replicas[0].wait_exit(Duration::from_secs(20)).success());
+    let after = jetworker_cli::collect_status(&js, &config)
+        .await
+        .expect("status");
+    assert_eq!(
+        after.consumers[0].lease_holder, None,
+        "given back at shutdown"
+    );
+    assert!(
+        after
+            .table()
+            .lines()
+            .any(|l| l.starts_with("jobs ") && l.ends_with("free")),
+        "{}",
+        after.table()
+    );
+}

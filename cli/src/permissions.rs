@@ -23,7 +23,9 @@
 //!   stream; of the bucket only what the leases use: `$KV.<bucket>.>` (take, renew, give
 //!   back, member keys), the direct get of a key (a take whose key was deleted) or the
 //!   stream get on servers without direct get, and an ordered consumer (`CONSUMER.CREATE`
-//!   with flow control on `$JS.FC`) to count the live replicas;
+//!   with flow control on `$JS.FC`) to count the live replicas; an ordered consumer
+//!   without partitions (pulled by one replica at a time under a lease of its own) gets
+//!   the same of its lease bucket;
 //! - replies: every JetStream API answer and delivery comes to `<inbox_prefix>.>`.
 //!
 //! With `connection.jetstream_domain` the API subjects are `$JS.<domain>.API.…` (with

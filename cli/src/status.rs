@@ -13,6 +13,10 @@
 //! while the partition is free). Its partitions share its dead-letter subject, so each
 //! one's dead-letter count is the whole group's, marked as shared.
 //!
+//! An ordered consumer without partitions (`ordered_by` alone) is one row, like any
+//! consumer, but it is pulled by one replica at a time under a lease of its own (the key
+//! `p0` of its lease bucket): its row names that replica too, or shows it free.
+//!
 //! ```no_run
 //! # async fn demo(js: async_nats::jetstream::Context, config: jetworker::Config) -> Result<(), jetworker_cli::StatusError> {
 //! let report = jetworker_cli::collect_status(&js, &config).await?;
@@ -113,8 +117,13 @@ pub struct ConsumerStatus {
     /// For a partition consumer: its partition's index.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<u32>,
-    /// For a partition consumer: the replica holding its lease (the `replica` of the
-    /// worker's "partition taken" log line); `None` while it is free or unreadable.
+    /// For a consumer pulled by one replica at a time (a partition consumer, or an
+    /// ordered consumer without partitions): the key-value bucket holding its lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_bucket: Option<String>,
+    /// For a consumer with a `lease_bucket`: the replica holding its lease (the
+    /// `replica` of the worker's "partition taken" or "lease taken" log line); `None`
+    /// while it is free or unreadable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_holder: Option<String>,
 }
@@ -127,6 +136,23 @@ struct ConsumerRow<'a> {
     name: String,
     /// The partition's index, for a partition consumer.
     partition: Option<u32>,
+    /// The index of the lease it is pulled under in its consumer's lease bucket: its
+    /// partition's, or 0 for an ordered consumer without partitions (`None` for a
+    /// consumer every replica pulls).
+    lease: Option<u32>,
+}
+
+/// How many leases `consumer` is pulled under: one per partition, one for an ordered
+/// consumer without partitions, none for a consumer every replica pulls.
+fn lease_count(consumer: &ConsumerConfig) -> u32 {
+    match (
+        jetworker::partition_lease_bucket(consumer),
+        &consumer.partitions,
+    ) {
+        (None, _) => 0,
+        (Some(_), Some(partitions)) => partitions.count,
+        (Some(_), None) => 1,
+    }
 }
 
 /// The rows `config`'s consumers stand for on the server, in config order (a partitioned
@@ -140,21 +166,23 @@ fn consumer_rows(config: &Config) -> Vec<ConsumerRow<'_>> {
                 config: c,
                 name: c.name.clone(),
                 partition: None,
+                lease: (lease_count(c) > 0).then_some(0),
             });
         }
         rows.extend((0u32..).zip(partitions).map(|(index, name)| ConsumerRow {
             config: c,
             name,
             partition: Some(index),
+            lease: Some(index),
         }));
     }
     rows
 }
 
-/// Who holds the lease of each partition of `consumer` (by index), as far as the lease
-/// bucket can be read: a missing bucket or a failed read shows no holder.
+/// Who holds each lease of `consumer` (by index, see [`lease_count`]), as far as the
+/// lease bucket can be read: a missing bucket or a failed read shows no holder.
 async fn lease_holders(js: &jetstream::Context, consumer: &ConsumerConfig) -> Vec<Option<String>> {
-    let count = consumer.partitions.as_ref().map_or(0, |p| p.count);
+    let count = lease_count(consumer);
     let Some(bucket) = jetworker::partition_lease_bucket(consumer) else {
         return Vec::new();
     };
@@ -249,7 +277,7 @@ pub async fn collect(
     }
 
     let mut holders: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
-    for c in config.consumers.iter().filter(|c| c.partitions.is_some()) {
+    for c in config.consumers.iter().filter(|c| lease_count(c) > 0) {
         if handles.contains_key(&c.stream) {
             holders.insert(c.name.clone(), lease_holders(js, c).await);
         }
@@ -290,7 +318,7 @@ pub async fn collect(
                     .filter(|name| *name != row.name),
             );
         }
-        let lease_holder = row.partition.and_then(|index| {
+        let lease_holder = row.lease.and_then(|index| {
             holders
                 .get(&c.name)
                 .and_then(|h| h.get(index as usize).cloned().flatten())
@@ -319,6 +347,7 @@ pub async fn collect(
             dead_letter_subject_shared_with: shared_with,
             partition_of: row.partition.map(|_| c.name.clone()),
             partition: row.partition,
+            lease_bucket: row.lease.and_then(|_| jetworker::partition_lease_bucket(c)),
             lease_holder,
         });
     }
@@ -372,9 +401,9 @@ impl StatusReport {
         );
         out.push('\n');
         let mut shared_note = false;
-        // The lease column only when some row is a partition: other reports stay as
-        // they were.
-        let partitioned = self.consumers.iter().any(|c| c.partition.is_some());
+        // The lease column only when some row is pulled under a lease: other reports
+        // stay as they were.
+        let leased = self.consumers.iter().any(|c| c.lease_bucket.is_some());
         let consumer_rows: Vec<Vec<String>> = self
             .consumers
             .iter()
@@ -408,8 +437,8 @@ impl StatusReport {
                         dead,
                     ]
                 };
-                if partitioned {
-                    row.push(match (&c.partition_of, &c.lease_holder) {
+                if leased {
+                    row.push(match (&c.lease_bucket, &c.lease_holder) {
                         (Some(_), Some(holder)) => holder.clone(),
                         (Some(_), None) => "free".to_string(),
                         (None, _) => String::new(),
@@ -428,7 +457,7 @@ impl StatusReport {
             "DEAD LETTERS",
         ];
         let mut right = vec![false, false, true, true, true, true, true];
-        if partitioned {
+        if leased {
             headers.push("LEASE HELD BY");
             right.push(false);
         }
@@ -490,6 +519,7 @@ mod tests {
             dead_letter_subject_shared_with: shared.iter().map(|s| s.to_string()).collect(),
             partition_of: None,
             partition: None,
+            lease_bucket: None,
             lease_holder: None,
         }
     }
@@ -551,7 +581,7 @@ missing: not on the server; `provision` creates it
     }
 
     #[test]
-    fn a_partitioned_consumer_is_one_row_per_partition() {
+    fn a_partitioned_consumer_is_one_row_per_partition_and_each_row_knows_its_lease() {
         let config = Config::from_toml_with_env(
             r#"
 [[streams]]
@@ -573,6 +603,12 @@ name = "plain"
 stream = "EVENTS"
 handler = "h"
 dead_letter_subject = "dlq.plain"
+[[consumers]]
+name = "ledger"
+stream = "EVENTS"
+handler = "h"
+dead_letter_subject = "dlq.ledger"
+ordered_by = { subject_token = 1 }
 "#,
             std::path::Path::new("t.toml"),
             std::iter::empty(),
@@ -580,28 +616,37 @@ dead_letter_subject = "dlq.plain"
         let Ok(config) = config else {
             panic!("config: {config:?}");
         };
-        let rows: Vec<(String, Option<u32>, &str)> = consumer_rows(&config)
+        let rows: Vec<(String, Option<u32>, Option<u32>, &str)> = consumer_rows(&config)
             .into_iter()
-            .map(|r| (r.name, r.partition, r.config.name.as_str()))
+            .map(|r| (r.name, r.partition, r.lease, r.config.name.as_str()))
             .collect();
         assert_eq!(
             rows,
             [
-                ("orders-0".to_string(), Some(0), "orders"),
-                ("orders-1".to_string(), Some(1), "orders"),
-                ("orders-2".to_string(), Some(2), "orders"),
-                ("plain".to_string(), None, "plain"),
+                ("orders-0".to_string(), Some(0), Some(0), "orders"),
+                ("orders-1".to_string(), Some(1), Some(1), "orders"),
+                ("orders-2".to_string(), Some(2), Some(2), "orders"),
+                ("plain".to_string(), None, None, "plain"),
+                ("ledger".to_string(), None, Some(0), "ledger"),
             ]
         );
+        let counts: Vec<u32> = config.consumers.iter().map(lease_count).collect();
+        assert_eq!(counts, [3, 0, 1]);
     }
 
     #[test]
-    fn partitions_show_who_holds_their_lease() {
+    fn partitions_and_ordered_consumers_show_who_holds_their_lease() {
         let partition = |index: u32, holder: Option<&str>| ConsumerStatus {
             partition_of: Some("orders".into()),
             partition: Some(index),
+            lease_bucket: Some("jw_leases_EVENTS_orders".into()),
             lease_holder: holder.map(str::to_string),
             ..consumer(&format!("orders-{index}"), Some(3), &["orders-0"], true)
+        };
+        let ordered = |name: &str, holder: Option<&str>| ConsumerStatus {
+            lease_bucket: Some(format!("jw_leases_EVENTS_{name}")),
+            lease_holder: holder.map(str::to_string),
+            ..consumer(name, Some(0), &[], true)
         };
         let report = StatusReport {
             streams: Vec::new(),
@@ -609,6 +654,8 @@ dead_letter_subject = "dlq.plain"
                 partition(1, Some("4242-0000beef")),
                 partition(2, None),
                 consumer("plain", Some(0), &[], true),
+                ordered("ledger", Some("77-0badf00d")),
+                ordered("audit", None),
             ],
         };
         let text = report.table();
@@ -619,6 +666,8 @@ CONSUMER  STREAM  PENDING  ACK PENDING  REDELIVERED  WAITING  DEAD LETTERS  LEAS
 orders-1  EVENTS       10            2            1        1            3*  4242-0000beef
 orders-2  EVENTS       10            2            1        1            3*  free
 plain     EVENTS       10            2            1        1             0
+ledger    EVENTS       10            2            1        1             0  77-0badf00d
+audit     EVENTS       10            2            1        1             0  free
 * the dead-letter subject is shared: the count includes other consumers' dead letters
 ";
         assert_eq!(text, want, "\n{text}");
@@ -628,5 +677,13 @@ plain     EVENTS       10            2            1        1             0
         assert_eq!(json["consumers"][0]["lease_holder"], "4242-0000beef");
         assert!(json["consumers"][1].get("lease_holder").is_none());
         assert!(json["consumers"][2].get("partition_of").is_none());
+        assert!(json["consumers"][2].get("lease_bucket").is_none());
+        assert_eq!(
+            json["consumers"][3]["lease_bucket"],
+            "jw_leases_EVENTS_ledger"
+        );
+        assert_eq!(json["consumers"][3]["lease_holder"], "77-0badf00d");
+        assert!(json["consumers"][3].get("partition").is_none());
+        assert!(json["consumers"][4].get("lease_holder").is_none());
     }
 }

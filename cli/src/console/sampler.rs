@@ -326,6 +326,7 @@ mod tests {
                     dead_letter_subject_shared_with: Vec::new(),
                     partition_of: None,
                     partition: None,
+                    lease_bucket: None,
                     lease_holder: None,
                 }],
             },
