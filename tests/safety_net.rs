@@ -85,6 +85,11 @@ struct OpsWorker {
 
 impl OpsWorker {
     async fn start(mut config: jetworker::Config) -> OpsWorker {
+        // The worker's log, for a failure's diagnosis (`RUST_LOG=jetworker=info`).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         config.worker.ops_listen = "127.0.0.1:0".into();
         let probe = Arc::new(Probe::default());
         let stop = CancellationToken::new();
@@ -257,14 +262,12 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
 
     // Behind the worker's back: the dead-letter stream refuses anything but tiny messages.
     set_max_msg_size(&js, "DLQ", 64).await;
-    let permanent = |id| Job {
-        id,
-        mode: Mode::Permanent,
-        until: 0,
-        sleep_ms: 0,
-    };
     // A third one finds half the slots holding: handed to the safety net at once.
-    publish_jobs(&js, &[permanent(1), permanent(2), permanent(3)]).await;
+    publish_jobs(
+        &js,
+        &[Job::permanent(1), Job::permanent(2), Job::permanent(3)],
+    )
+    .await;
     wait_until(Duration::from_secs(10), "both held", || async {
         let (_, text) = http_get(addr, "/metrics").await;
         metric(&text, "jetworker_dead_letters_held{consumer=\"jobs\"}") == Some(2.0)
@@ -390,11 +393,6 @@ async fn restore(js: &async_nats::jetstream::Context, kept: &StreamConfig) {
 
 #[tokio::test]
 async fn a_dead_letter_stream_edited_to_drop_copies_is_seen_and_nothing_is_lost() {
-    // The worker's log, for a failure's diagnosis (`RUST_LOG=jetworker=info`).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     let server = NatsServer::start().expect("server");
     let (_c, js) = connect(&server.url()).await;
     let config = suite_config(&server.url())
@@ -442,17 +440,12 @@ async fn a_dead_letter_stream_edited_to_drop_copies_is_seen_and_nothing_is_lost(
             continue;
         }
         // One message that fails for good, and good ones that must go on running.
-        let permanent = Job {
-            id: next_id,
-            mode: Mode::Permanent,
-            until: 0,
-            sleep_ms: 0,
-        };
-        permanent_ids.push(next_id);
-        let good: Vec<Job> = (next_id + 1..next_id + 11).map(Job::ok).collect();
+        let id = next_id;
+        permanent_ids.push(id);
+        let good: Vec<Job> = (id + 1..id + 11).map(Job::ok).collect();
         good_ids += good.len();
         next_id += 11;
-        publish_jobs(&js, &[permanent]).await;
+        publish_jobs(&js, &[Job::permanent(id)]).await;
         publish_jobs(&js, &good).await;
         wait_until(
             Duration::from_secs(20),
@@ -482,7 +475,7 @@ async fn a_dead_letter_stream_edited_to_drop_copies_is_seen_and_nothing_is_lost(
         // Nothing termed meanwhile: the failing original is still in its stream.
         let info = consumer_info(&js, "EVENTS", "jobs").await;
         assert!(
-            info.ack_floor.stream_sequence < next_id - 11,
+            info.ack_floor.stream_sequence < id,
             "{}: the failing original was not termed: {info:?}",
             edit.name
         );
@@ -569,5 +562,54 @@ async fn a_dead_letter_stream_edited_to_drop_copies_is_seen_and_nothing_is_lost(
         (info.num_pending, info.num_ack_pending) == (0, 0)
     })
     .await;
+    worker.stop().await;
+}
+
+/// A copy acknowledged by a dead-letter stream with interest retention and no consumer is
+/// dropped, but its `Nats-Msg-Id` stays in the stream's duplicate window: once the stream
+/// is fixed, the next publish of that copy gets a `duplicate` PubAck for a letter the
+/// stream does not have. It is not believed (the letter is read back): the original is
+/// kept until the copy is stored for real. (2.10+: 2.9 cannot change a stream's
+/// retention.)
+#[tokio::test]
+async fn a_duplicate_pub_ack_for_a_dropped_copy_is_not_believed() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let config = suite_config(&server.url())
+        .in_stream("DLQ", "duplicate_window = \"10s\"")
+        .in_consumer(
+            "jobs",
+            "max_deliver = 3\nbackoff = [\"500ms\"]\nack_wait = \"2s\"\nconcurrency = 4",
+        )
+        .load();
+    let worker = OpsWorker::start(config).await;
+    let kept = dlq_config(&js).await;
+    let mut interest = kept.clone();
+    interest.retention = RetentionPolicy::Interest;
+    if let Err(e) = js.update_stream(interest).await {
+        eprintln!("skipped: the server cannot change a stream's retention: {e}");
+        worker.stop().await;
+        return;
+    }
+    publish_jobs(&js, &[Job::permanent(1)]).await;
+    wait_until(Duration::from_secs(10), "the dropped copy seen", || async {
+        let (status, body) = http_get(worker.addr, "/readyz").await;
+        status == 503 && body.contains("retention = \"interest\"")
+    })
+    .await;
+    restore(&js, &kept).await;
+    wait_until(
+        Duration::from_secs(40),
+        "the copy stored for real",
+        || async { count(&js, "DLQ").await == 1 },
+    )
+    .await;
+    let letters = messages(&js, "DLQ").await;
+    let job: Job = rmp_serde::from_slice(&letters[0].payload).expect("original payload");
+    assert_eq!(job.id, 1);
+    assert_eq!(
+        header(&letters[0], dead_letter::REASON).as_deref(),
+        Some("permanent")
+    );
     worker.stop().await;
 }
