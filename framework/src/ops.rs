@@ -6,10 +6,11 @@
 //!   during a graceful shutdown the loops end on purpose and `/healthz` stays 200).
 //! - `/readyz`: 200 when connected, provisioned, every consumer pulling, its dead letters
 //!   being stored, and not shutting down; 503 otherwise, with the reason in the body.
-//!   Dead letters that cannot be stored (the dead-letter stream gone, changed behind our
-//!   back, a max_msg_size too small) make it 503 `dead letters cannot be stored` while an
-//!   original is held waiting for its copy, and for [`DEAD_LETTER_TROUBLE`] after a
-//!   failed copy unless one is stored since; the body names the consumer and the error.
+//!   Dead letters that cannot be stored (a publish refused, no PubAck, no permission)
+//!   make it 503 `dead letters cannot be stored` while an original is held waiting for
+//!   its copy, and for [`DEAD_LETTER_TROUBLE`] after a failed copy unless one is stored
+//!   since (by the consumer or its safety net); the body names the consumer and the
+//!   error.
 //!   An original is held on its last delivery (with progress acks, in its handler slot)
 //!   for one ack wait, within 5 s to 60 s (at most half the consumer's handler slots
 //!   hold one; beyond that, no hold), then handed to the safety net with a nak: the
