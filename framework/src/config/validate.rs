@@ -10,7 +10,6 @@ use super::schema::{
     WorkerConfig,
 };
 use super::server_url::UrlCredentials;
-use crate::dead_letter;
 use crate::subject;
 
 /// One problem in a config: where, and what.
@@ -534,7 +533,7 @@ fn keeping_problems(
         .position(|s| s.name == dl_stream.name)
         .map(|j| format!("streams[{j}]"))
         .unwrap_or_else(|| "streams".to_string());
-    let facts = dead_letter::KeepingFacts {
+    let facts = crate::dead_letter::KeepingFacts {
         stream: &dl_stream.name,
         interest_retention: dl_stream.retention == Retention::Interest,
         read: consumers.iter().any(|c| c.stream == dl_stream.name),
@@ -548,7 +547,7 @@ fn keeping_problems(
             .and_then(|s| s.max_msg_size)
             .map(i64::from),
     };
-    for problem in dead_letter::keeping_problems(&facts) {
+    for problem in crate::dead_letter::keeping_problems(&facts) {
         problems.add(
             key("dead_letter_subject"),
             problem.describe(&cons.dead_letter_subject, &facts, Some(&at)),
