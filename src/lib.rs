@@ -55,6 +55,16 @@ impl Job {
             sleep_ms: 0,
         }
     }
+
+    /// A job whose handler fails for good at once.
+    pub fn permanent(id: u64) -> Job {
+        Job {
+            id,
+            mode: Mode::Permanent,
+            until: 0,
+            sleep_ms: 0,
+        }
+    }
 }
 
 /// What the handler saw: attempts per job id (with when), successes, concurrency.

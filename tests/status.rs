@@ -13,16 +13,7 @@ use futures::StreamExt;
 use jetworker::testing::server::NatsServer;
 use jetworker::App;
 use jetworker_cli::{StatusReport, StreamStatus};
-use jetworker_suite::{scripted, Job, Mode, Probe};
-
-fn permanent(id: u64) -> Job {
-    Job {
-        id,
-        mode: Mode::Permanent,
-        until: 0,
-        sleep_ms: 0,
-    }
-}
+use jetworker_suite::{scripted, Job, Probe};
 
 /// Messages the server counts on `subject` of `stream` (subject-filtered stream info).
 async fn server_subject_count(js: &jetstream::Context, stream: &str, subject: &str) -> u64 {
@@ -70,7 +61,7 @@ async fn status_figures_equal_the_servers() {
 
     // A worker acks 5 jobs and dead-letters 3 (permanent failures).
     let mut jobs: Vec<Job> = (1..=5).map(Job::ok).collect();
-    jobs.extend((6..=8).map(permanent));
+    jobs.extend((6..=8).map(Job::permanent));
     publish_jobs(&js, &jobs).await;
     let probe = Arc::new(Probe::default());
     let worker = InProcessWorker::start(
@@ -276,7 +267,7 @@ max_deliver = 2"#,
         .await
         .expect("provision");
     let mut jobs: Vec<Job> = (1..=4).map(Job::ok).collect();
-    jobs.extend((5..=6).map(permanent));
+    jobs.extend((5..=6).map(Job::permanent));
     publish_partitioned_jobs(&js, &jobs, 2).await;
     let probe = Arc::new(Probe::default());
     let worker = InProcessWorker::start(

@@ -13,6 +13,9 @@
 //! - dead letters: the dead-letter subjects, PubAcks arriving on the inbox; for payloads
 //!   too large for a copy, the dead-letter stream's payload bucket (`$O.<bucket>.>`, its
 //!   `OBJ_<bucket>` stream, `$JS.API.STREAM.NAMES` to find the dead-letter stream);
+//!   `$JS.API.STREAM.NAMES` and `STREAM.INFO` to check, while running, that the
+//!   dead-letter stream keeps copies, and `$JS.API.STREAM.MSG.GET.<dead-letter stream>`
+//!   to read back the letter a duplicate PubAck names;
 //! - the safety net: its consumer on the advisory stream, and
 //!   `$JS.API.STREAM.MSG.GET.<stream>` to fetch a stranded original by sequence (the
 //!   server itself stores the advisories: the worker needs no permission on them);
@@ -239,7 +242,14 @@ impl Permissions {
             );
             b.publish(
                 format!("{api}.STREAM.NAMES"),
-                "find the dead-letter stream of a dead-letter subject (to name its payload bucket)",
+                "find the dead-letter stream of a dead-letter subject (to name its payload bucket, and to check it keeps copies)",
+            );
+            b.publish(
+                format!("{api}.STREAM.MSG.GET.{}", dl.name),
+                format!(
+                    "read back the letter a duplicate PubAck names in {} (a copy the stream dropped is published again)",
+                    dl.name
+                ),
             );
         }
         let nets = jetworker::safety_net_consumers(config);

@@ -481,7 +481,8 @@ impl<S: Send + Sync + 'static> App<S> {
             .iter()
             .filter_map(|c| Some((c.clone(), self.handlers.get(&c.handler)?.clone())))
             .collect();
-        let net = SafetyNet::new(&config);
+        let guards = crate::dead_letter::DeadLetterGuards::for_config(&config);
+        let net = SafetyNet::new(&config, &guards);
         for net_consumer in safety_net::safety_net_consumers(&config) {
             consumers.push((net_consumer, safety_net_handler::<S>(net.clone())));
         }
@@ -492,6 +493,9 @@ impl<S: Send + Sync + 'static> App<S> {
             stats.insert(c.name.clone(), consumer_stats.clone());
             health.add_consumer(&c.name, consumer_stats.clone());
             lag.push((c.stream.clone(), c.name.clone(), consumer_stats.clone()));
+            if let Some(guard) = guards.get(&c.name) {
+                let _ = consumer_stats.dead_letter_guard.set(guard);
+            }
             let rt = Arc::new(ConsumerRuntime {
                 config: c.clone(),
                 spec: provision::consumer_spec(c),
@@ -527,6 +531,7 @@ impl<S: Send + Sync + 'static> App<S> {
         }
         tracker.close();
         aux.spawn(ops::poll_lag(js.clone(), lag, aux_stop.clone()));
+        guards.watch(&js, &aux, &aux_stop);
         tracing::info!(
             consumers = config.consumers.len(),
             server_version = %version,

@@ -21,9 +21,16 @@
 //! when the object cannot be stored the publish fails like any other, and the original
 //! is kept. `dlq show` / `replay` read the payload from the object, `replay` and `purge`
 //! delete the object after the letter (never before: the letter is the record).
+//!
+//! Whether the dead-letter stream keeps what it acknowledges is checked by `check` and
+//! `provision` from the config and, while the worker runs, from the server's stream
+//! info, by the same rules ([`guard`]): while the stream would drop copies, none is
+//! published and no original termed.
+
+mod guard;
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -31,6 +38,8 @@ use bytes::Bytes;
 
 use crate::error::Error;
 use crate::outcome::Reason;
+
+pub use guard::{keeping_problems, DeadLetterGuards, HandOff, KeepingFacts, StreamGuard};
 
 /// Subject the original was published to.
 pub const ORIGINAL_SUBJECT: &str = "Jetworker-Original-Subject";
@@ -284,6 +293,9 @@ pub enum DeadLetterErrorKind {
     /// The payload, too large for the copy, could not be stored in the dead-letter
     /// stream's payload bucket (the copy was not published).
     PayloadStore,
+    /// The dead-letter stream, as the server has it now, would drop copies (see
+    /// [`StreamGuard`]): none is published, or one acknowledged is not relied on.
+    StreamWouldDrop,
 }
 
 impl fmt::Display for DeadLetterErrorKind {
@@ -294,6 +306,7 @@ impl fmt::Display for DeadLetterErrorKind {
             DeadLetterErrorKind::PayloadStore => {
                 "the payload too large for the dead-letter copy could not be stored in the object store"
             }
+            DeadLetterErrorKind::StreamWouldDrop => "the dead-letter stream would drop copies",
         })
     }
 }
@@ -324,6 +337,68 @@ impl DeadLetter {
     ) -> Result<jetstream::publish::PublishAck, DeadLetterError> {
         publish(js, subject, self, payload, timeout).await
     }
+}
+
+/// [`publish`], trusting the PubAck only as far as `guard` (the consumer's
+/// [`StreamGuard`]) says the dead-letter stream keeps copies: nothing is published while
+/// the last read of the stream found it would drop them (and that read is under a
+/// second old), the PubAck (or a failed publish) is followed by a read of the stream
+/// begun after it (shared with the copies acknowledged meanwhile), a PubAck from another stream than the one
+/// capturing the subject is refused, and a `duplicate` PubAck is believed only when the
+/// letter it names is read back. Without a guard, [`publish`].
+pub(crate) async fn publish_kept(
+    js: &jetstream::Context,
+    guard: Option<&StreamGuard>,
+    subject: &str,
+    letter: &DeadLetter,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<jetstream::publish::PublishAck, DeadLetterError> {
+    let Some(guard) = guard else {
+        return publish(js, subject, letter, payload, timeout).await;
+    };
+    let would_drop = |why: String| {
+        DeadLetterError::new(DeadLetterErrorKind::StreamWouldDrop)
+            .with_message(format!("dead letter for {subject} not relied on: {why}"))
+            .with_detail(DeadLetterSubject(subject.to_string()))
+    };
+    if guard.problem().is_some() {
+        let recent = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        guard.keeping_since(js, recent).await.map_err(would_drop)?;
+    }
+    let published = publish(js, subject, letter, payload, timeout).await;
+    // A failed publish is a reason to look too: the stream may have changed.
+    let keeping = guard.keeping_since(js, Instant::now()).await;
+    let ack = match (published, keeping) {
+        (_, Err(why)) => return Err(would_drop(why)),
+        (Err(e), Ok(())) => return Err(e),
+        (Ok(ack), Ok(())) => ack,
+    };
+    if !guard.is_expected_stream(&ack.stream) {
+        return Err(would_drop(format!(
+            "the PubAck came from stream {:?}, not the stream that captures the subject",
+            ack.stream
+        )));
+    }
+    if ack.duplicate {
+        let id = message_id(&letter.stream, letter.sequence, &letter.consumer);
+        let stored = async {
+            let stream = js.get_stream(&ack.stream).await.ok()?;
+            let found = stream.get_raw_message(ack.sequence).await.ok()?;
+            let found_id = found.headers.get("Nats-Msg-Id")?.as_str().to_string();
+            Some(found_id == id)
+        };
+        if tokio::time::timeout(timeout, stored).await.ok().flatten() != Some(true) {
+            return Err(would_drop(format!(
+                "the PubAck says duplicate of {id} (sequence {} of stream {:?}), which the stream no longer has: the copy it kept was dropped; retried once the stream's duplicate window has passed",
+                ack.sequence, ack.stream
+            )));
+        }
+    }
+    guard.stored();
+    Ok(ack)
 }
 
 /// Publishes the copy and waits for the server's PubAck (bounded by `timeout`). Only an

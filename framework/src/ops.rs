@@ -6,19 +6,28 @@
 //!   during a graceful shutdown the loops end on purpose and `/healthz` stays 200).
 //! - `/readyz`: 200 when connected, provisioned, every consumer pulling, its dead letters
 //!   being stored, and not shutting down; 503 otherwise, with the reason in the body.
-//!   Dead letters that cannot be stored (the dead-letter stream gone, changed behind our
-//!   back, a max_msg_size too small) make it 503 `dead letters cannot be stored` while an
-//!   original is held waiting for its copy, and for [`DEAD_LETTER_TROUBLE`] after a
-//!   failed copy unless one is stored since; the body names the consumer and the error.
+//!   Dead letters that cannot be stored (a publish refused, no PubAck, no permission)
+//!   make it 503 `dead letters cannot be stored` while an original is held waiting for
+//!   its copy, and for [`DEAD_LETTER_TROUBLE`] after a failed copy unless one is stored
+//!   since (by the consumer or its safety net); the body names the consumer and the
+//!   error.
 //!   An original is held on its last delivery (with progress acks, in its handler slot)
 //!   for one ack wait, within 5 s to 60 s (at most half the consumer's handler slots
 //!   hold one; beyond that, no hold), then handed to the safety net with a nak: the
 //!   server's max-deliveries advisory takes it to the safety net, which retries the copy
 //!   without holding the consumer's slots (the original stays in its stream meanwhile).
 //!   `/healthz` stays 200: a restart would not help.
+//!   A dead-letter stream that, as the server has it now, would drop copies (edited to
+//!   interest retention with no consumer, discard new with limits, a max_msg_size too
+//!   small for the originals, the subject no longer captured, the stream deleted: read
+//!   at start, every 30 s and after each dead letter's PubAck, see
+//!   [`StreamGuard`](crate::dead_letter::StreamGuard)) makes it 503 `the dead-letter
+//!   stream would drop copies` with the consumer and the reason, until it is fixed; no
+//!   original is termed meanwhile.
 //! - `/metrics`: per consumer, messages by outcome, dead letters by reason, failed
 //!   dead-letter publishes, originals held waiting for a copy (a gauge) and those handed
-//!   to the safety net, redeliveries, handler duration histogram, attempts per settled
+//!   to the safety net, whether the dead-letter stream would drop copies
+//!   (`jetworker_dead_letter_stream_unfit`, 0 or 1), redeliveries, handler duration histogram, attempts per settled
 //!   message (`jetworker_attempts`, by outcome), in-flight, server-side pending and ack pending (lag);
 //!   the process (`process_*`, read from `/proc/self` on Linux) and
 //!   `jetworker_build_info{version}`; and whatever the application registered with
@@ -77,6 +86,9 @@ pub enum HealthErrorKind {
     /// waiting for its copy, or a copy failed within the last minute and none was
     /// stored since. The message names the consumer and the last error.
     DeadLettersFailing,
+    /// A consumer's dead-letter stream, as the server has it now, would drop copies (not
+    /// ready): the message names the consumer and why.
+    DeadLetterStreamUnfit,
 }
 
 impl fmt::Display for HealthErrorKind {
@@ -89,6 +101,7 @@ impl fmt::Display for HealthErrorKind {
             HealthErrorKind::NotProvisioned => "not provisioned yet",
             HealthErrorKind::NotPulling => "a consumer is not pulling",
             HealthErrorKind::DeadLettersFailing => "dead letters cannot be stored",
+            HealthErrorKind::DeadLetterStreamUnfit => "the dead-letter stream would drop copies",
         })
     }
 }
@@ -206,6 +219,20 @@ impl Health {
             if !stats.is_pulling() && !stats.is_standby() {
                 return Err(HealthError::new(HealthErrorKind::NotPulling)
                     .with_message(format!("consumer {name} is not pulling")));
+            }
+        }
+        // Named by the configured consumer (its safety-net durable shares the guard).
+        for stats in self.consumers().values() {
+            let Some(guard) = stats.dead_letter_guard.get() else {
+                continue;
+            };
+            if let Some(problem) = guard.problem() {
+                return Err(
+                    HealthError::new(HealthErrorKind::DeadLetterStreamUnfit).with_message(format!(
+                        "consumer {}: the dead-letter stream would drop copies: {problem}",
+                        guard.consumer()
+                    )),
+                );
             }
         }
         for (name, stats) in self.consumers() {
@@ -340,6 +367,18 @@ impl Collector for StatsCollector {
             "jetworker_dead_letters_held",
             "Originals held now on their last delivery while their dead-letter copy is retried",
             &per_gauge(&|s| i64::try_from(s.dead_letters_held.load(Relaxed)).unwrap_or(i64::MAX)),
+        )?;
+        gauge(
+            &mut encoder,
+            "jetworker_dead_letter_stream_unfit",
+            "1 while the consumer's dead-letter stream, as the server has it, would drop copies (no original is termed meanwhile)",
+            &per_gauge(&|s| {
+                i64::from(
+                    s.dead_letter_guard
+                        .get()
+                        .is_some_and(|g| g.problem().is_some()),
+                )
+            }),
         )?;
         counter(
             &mut encoder,

@@ -22,8 +22,19 @@
 //! It is also where a last delivery goes whose dead-letter copy the worker could not
 //! store within its hold limit (see `/readyz` in the ops module): the worker naks it,
 //! the server's advisory brings it here, and the safety net retries the copy with its
-//! own slots while the original stays in its stream. Such a letter says `abandoned`;
-//! the worker's log line names the real reason.
+//! own slots while the original stays in its stream. The worker notes why it gave up
+//! (the reason and the handler's error, with why the copy was not stored) before the nak,
+//! in the consumer's [`StreamGuard`](crate::dead_letter::StreamGuard), and the letter
+//! carries that reason and error instead of `abandoned`. The note lives in the process
+//! that handed the message over and is dropped only once its letter is stored: when
+//! another replica's safety net (the durable is shared) or a restarted process files the
+//! letter, it says `abandoned` with the generic error, and the handing worker's log line
+//! names the reason. Nothing else depends on the note: a missing one costs only the
+//! precise reason, never the letter. `abandoned` otherwise means what it says: the last
+//! delivery never settled.
+//!
+//! The safety net publishes through the same guard as its consumer: while the
+//! dead-letter stream would drop copies it files nothing and retries the advisory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,7 +45,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::config::{Config, ConsumerConfig, StreamConfig};
-use crate::dead_letter::{self, DeadLetter};
+use crate::dead_letter::{self, DeadLetter, DeadLetterGuards};
 use crate::handler::HandlerError;
 use crate::outcome::Reason;
 
@@ -145,12 +156,13 @@ pub struct MaxDeliveriesAdvisory {
 #[derive(Debug, Clone)]
 pub struct SafetyNet {
     dead_letter_subjects: Arc<HashMap<(String, String), String>>,
+    guards: DeadLetterGuards,
     timeout: Duration,
 }
 
 impl SafetyNet {
-    /// For the consumers of `config`.
-    pub fn new(config: &Config) -> Self {
+    /// For the consumers of `config`, whose dead-letter streams `guards` check.
+    pub fn new(config: &Config, guards: &DeadLetterGuards) -> Self {
         SafetyNet {
             dead_letter_subjects: Arc::new(
                 config
@@ -164,6 +176,7 @@ impl SafetyNet {
                     })
                     .collect(),
             ),
+            guards: guards.clone(),
             timeout: config.connection.request_timeout,
         }
     }
@@ -192,6 +205,12 @@ impl SafetyNet {
             "the last delivery ({} of {}) never settled: the worker was killed, the handler hung past the ack wait, or its dead-letter copy could not be stored in time and the worker handed it here",
             advisory.deliveries, advisory.deliveries
         );
+        let guard = self.guards.get(&advisory.consumer);
+        // Handed over by this process knowing why: the letter says so.
+        let (reason, error) = match guard.as_ref().and_then(|g| g.hand_off(advisory.stream_seq)) {
+            Some(note) => (note.reason, note.error),
+            None => (Reason::Abandoned, error),
+        };
         let (letter, payload) = match stream.get_raw_message(advisory.stream_seq).await {
             Ok(original) => (
                 DeadLetter {
@@ -201,7 +220,7 @@ impl SafetyNet {
                     sequence: advisory.stream_seq,
                     consumer: advisory.consumer.clone(),
                     attempts: advisory.deliveries,
-                    reason: Reason::Abandoned,
+                    reason,
                     error,
                 },
                 original.payload,
@@ -217,7 +236,7 @@ impl SafetyNet {
                         sequence: advisory.stream_seq,
                         consumer: advisory.consumer.clone(),
                         attempts: advisory.deliveries,
-                        reason: Reason::Abandoned,
+                        reason,
                         error: format!(
                             "{error}; the original is gone from stream {} (removed by its age or size limits) and could not be copied",
                             advisory.stream
@@ -228,12 +247,22 @@ impl SafetyNet {
             }
             Err(e) => return Err(HandlerError::transient(e)),
         };
-        let ack = dead_letter::publish(js, subject, &letter, payload, self.timeout)
-            .await
-            .map_err(HandlerError::transient)?;
+        let ack = dead_letter::publish_kept(
+            js,
+            guard.as_deref(),
+            subject,
+            &letter,
+            payload,
+            self.timeout,
+        )
+        .await
+        .map_err(HandlerError::transient)?;
+        if let Some(guard) = &guard {
+            guard.forget_hand_off(advisory.stream_seq);
+        }
         tracing::warn!(
             stream = %advisory.stream, consumer = %advisory.consumer, seq = advisory.stream_seq,
-            deliveries = advisory.deliveries, reason = "abandoned", duplicate = ack.duplicate,
+            deliveries = advisory.deliveries, reason = %letter.reason, duplicate = ack.duplicate,
             original_missing = letter.subject.is_empty(), dead_letter_subject = %subject,
             "stranded message dead-lettered by the safety net"
         );

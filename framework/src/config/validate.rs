@@ -520,17 +520,9 @@ fn dead_letter_problems(
     }
 }
 
-/// Room a dead-letter copy needs beyond the original message: the headers jetworker adds
-/// (original subject up to 4 KiB, error up to 1 KiB, stream, sequence, consumer, attempts,
-/// reason, time, message id).
-const DEAD_LETTER_HEADROOM: i64 = 6 * 1024;
-
-/// Whether the dead-letter stream keeps what it acknowledges. A PubAck is the only
-/// proof that a copy is stored before the original is terminated, so a stream that
-/// acknowledges and then drops (interest retention that nobody reads), refuses once full
-/// (discard new with limits), or cannot hold a copy of the largest original
-/// (`max_msg_size`) would lose messages or hold them forever: refused here, before
-/// anything runs.
+/// Whether the dead-letter stream keeps what it acknowledges, by the rules a running
+/// worker applies to the server's stream ([`crate::dead_letter::keeping_problems`]):
+/// refused here, before anything runs.
 fn keeping_problems(
     cons: &ConsumerConfig,
     consumers: &[ConsumerConfig],
@@ -539,44 +531,30 @@ fn keeping_problems(
     key: &dyn Fn(&str) -> String,
     problems: &mut Problems,
 ) {
-    let dls = &cons.dead_letter_subject;
     let at = streams
         .iter()
         .position(|s| s.name == dl_stream.name)
         .map(|j| format!("streams[{j}]"))
         .unwrap_or_else(|| "streams".to_string());
-    let name = &dl_stream.name;
-    let read = consumers.iter().any(|c| c.stream == dl_stream.name);
-    if dl_stream.retention == Retention::Interest && !read {
-        problems.add(
-            key("dead_letter_subject"),
-            format!("{dls:?} goes to stream {name:?}, which has retention = \"interest\" ({at}.retention) and no consumer reading it: the server would acknowledge every dead letter and keep none; use retention = \"limits\" for a dead-letter stream"),
-        );
-    }
-    let limited = dl_stream.max_msgs.is_some() || dl_stream.max_bytes.is_some();
-    if dl_stream.discard == Discard::New && limited {
-        problems.add(
-            key("dead_letter_subject"),
-            format!("{dls:?} goes to stream {name:?}, which has discard = \"new\" with max_msgs / max_bytes ({at}.discard): once full it refuses every dead letter and the failing messages are held and retried without end; use discard = \"old\", or no count/size limits, for a dead-letter stream"),
-        );
-    }
-    if let Some(dl_max) = dl_stream.max_msg_size {
-        let source_max = streams
+    let facts = crate::dead_letter::KeepingFacts {
+        stream: &dl_stream.name,
+        interest_retention: dl_stream.retention == Retention::Interest,
+        read: consumers.iter().any(|c| c.stream == dl_stream.name),
+        discard_new: dl_stream.discard == Discard::New,
+        limited: dl_stream.max_msgs.is_some() || dl_stream.max_bytes.is_some(),
+        max_msg_size: dl_stream.max_msg_size.map(i64::from),
+        source_stream: &cons.stream,
+        source_max_msg_size: streams
             .iter()
             .find(|s| s.name == cons.stream)
-            .and_then(|s| s.max_msg_size);
-        match source_max {
-            Some(source_max)
-                if i64::from(dl_max) >= i64::from(source_max) + DEAD_LETTER_HEADROOM => {}
-            Some(source_max) => problems.add(
-                key("dead_letter_subject"),
-                format!("{dls:?} goes to stream {name:?}, whose max_msg_size {dl_max} ({at}.max_msg_size) cannot hold a copy of the largest message of stream {:?} (max_msg_size {source_max}, plus {DEAD_LETTER_HEADROOM} bytes of dead-letter headers): raise it to at least {}, or remove it", cons.stream, i64::from(source_max) + DEAD_LETTER_HEADROOM),
-            ),
-            None => problems.add(
-                key("dead_letter_subject"),
-                format!("{dls:?} goes to stream {name:?}, whose max_msg_size {dl_max} ({at}.max_msg_size) may not hold a copy of a message of stream {:?}, which has no max_msg_size (its messages are as large as the server allows): remove it, or give stream {:?} a max_msg_size at least {DEAD_LETTER_HEADROOM} bytes below it", cons.stream, cons.stream),
-            ),
-        }
+            .and_then(|s| s.max_msg_size)
+            .map(i64::from),
+    };
+    for problem in crate::dead_letter::keeping_problems(&facts) {
+        problems.add(
+            key("dead_letter_subject"),
+            problem.describe(&cons.dead_letter_subject, &facts, Some(&at)),
+        );
     }
 }
 

@@ -566,8 +566,9 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
     let hold_until = Instant::now() + dead_letter_hold_limit(&rt.config);
     let mut held = None;
     loop {
-        match dead_letter::publish(
+        match dead_letter::publish_kept(
             &rt.js,
+            rt.stats.dead_letter_guard.get().map(|g| g.as_ref()),
             subject,
             &letter,
             payload.clone(),
@@ -625,6 +626,11 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                         held_for = %humantime::format_duration(dead_letter_hold_limit(&rt.config)),
                         "dead-letter copy still not stored; handing the original to the safety net (it stays in its stream)"
                     );
+                    // The safety net's letter says why, not `abandoned`.
+                    if let Some(guard) = rt.stats.dead_letter_guard.get() {
+                        let error = format!("{}; handed to the safety net: {e}", letter.error);
+                        guard.note_hand_off(seq, dead_letter::HandOff { reason, error });
+                    }
                     if send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(seq)).await {
                         rt.stats
                             .dead_letters_handed_over

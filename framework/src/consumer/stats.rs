@@ -2,7 +2,7 @@
 //! `/metrics`, `/readyz` and the counts [`crate::Running::wait`] returns.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -39,6 +39,8 @@ pub struct ConsumerStats {
     /// The last dead-letter publish failure not yet followed by a stored copy: when, and
     /// the error (for `/readyz`).
     dead_letter_trouble: Mutex<Option<(std::time::Instant, String)>>,
+    /// The run-time check of this consumer's dead-letter stream (set when it runs).
+    pub(crate) dead_letter_guard: std::sync::OnceLock<Arc<crate::dead_letter::StreamGuard>>,
     /// Acks, naks, terms and progress acks that could not be sent (the connection was
     /// gone): the server redelivers the message after its ack wait. A failed ack is
     /// counted here, not in `acked`.
@@ -93,6 +95,7 @@ impl Default for ConsumerStats {
             dead_letters_held: AtomicUsize::new(0),
             dead_letters_handed_over: AtomicU64::new(0),
             dead_letter_trouble: Mutex::new(None),
+            dead_letter_guard: std::sync::OnceLock::new(),
             settle_failures: AtomicU64::new(0),
             released: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
@@ -166,10 +169,21 @@ impl ConsumerStats {
 
     /// Why this consumer's dead letters are not being stored, when they are not: an
     /// original held waiting for its copy, or a failed copy within `recent` not followed
-    /// by a stored one. The text names the count and the last error.
+    /// by a stored one (by this consumer, or by the safety net for it). The text names
+    /// the count and the last error.
     pub fn dead_letter_trouble(&self, recent: Duration) -> Option<String> {
         let held = self.dead_letters_held.load(Ordering::Relaxed);
-        let last = self.dead_letter_trouble.lock().ok().and_then(|t| t.clone());
+        let stored_since = |at| {
+            self.dead_letter_guard
+                .get()
+                .is_some_and(|g| g.stored_since(at))
+        };
+        let last = self
+            .dead_letter_trouble
+            .lock()
+            .ok()
+            .and_then(|t| t.clone())
+            .filter(|(at, _)| held > 0 || !stored_since(*at));
         match last {
             Some((_, error)) if held > 0 => Some(format!(
                 "{held} original(s) held waiting for a dead-letter copy that cannot be stored: {error}"
