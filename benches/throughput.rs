@@ -281,7 +281,9 @@ impl Settings {
 
     /// True when `BENCH_CASES` asks for `work` (or for everything).
     fn runs(&self, work: Work) -> bool {
-        self.cases.as_ref().map_or(true, |cases| cases.contains(&work))
+        self.cases
+            .as_ref()
+            .map_or(true, |cases| cases.contains(&work))
     }
 
     /// Events the stream is filled with: enough for every case.
@@ -605,7 +607,9 @@ fn report(
         );
     }
     for side in [Side::PlainTuned, Side::JetworkerDefaults] {
-        let Some(m) = found(Work::Latency, side) else { continue };
+        let Some(m) = found(Work::Latency, side) else {
+            continue;
+        };
         println!(
             "latency at {}/s: {:<18} publish to handler start p50 {:.0} us, p99 {:.0} us ({} runs)",
             settings.latency_rate,
@@ -626,10 +630,7 @@ fn report(
 
     let ratio = |work, side| found(work, side).map(|m| m.rate / reference);
     let ordered = |work, unordered| {
-        Some(
-            found(work, Side::JetworkerTuned)?.rate
-                / found(unordered, Side::JetworkerTuned)?.rate,
-        )
+        Some(found(work, Side::JetworkerTuned)?.rate / found(unordered, Side::JetworkerTuned)?.rate)
     };
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
     println!();
@@ -686,7 +687,9 @@ fn report(
             mib(r.hwm_kb),
             verdict(mib(r.hwm_kb) < 50.0)
         ),
-        None => println!("  peak RSS draining a 1M backlog: skipped (BENCH_RSS_MESSAGES=0 or no decode case)"),
+        None => println!(
+            "  peak RSS draining a 1M backlog: skipped (BENCH_RSS_MESSAGES=0 or no decode case)"
+        ),
     }
     Ok(())
 }

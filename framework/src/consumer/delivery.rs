@@ -26,7 +26,7 @@ use crate::config::ConsumerConfig;
 use crate::dead_letter::{self, DeadLetter};
 use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
 use crate::outcome::{decide, Attempted, Outcome, Reason};
-use crate::trace::{self, TraceContext};
+use crate::trace::{self, DeliveryTrace};
 
 /// The first wait before retrying a dead-letter publish held on a message's last
 /// delivery (see [`dead_letter_then_term`]); the waits grow from it, jittered.
@@ -185,11 +185,15 @@ impl AckSubject {
     /// seq>.<consumer seq>.<timestamp>.<pending>`, and the form with a domain and an
     /// account hash before the stream (9 tokens or more after `$JS.ACK.`), as
     /// async-nats' `Message::info` does.
+    ///
+    /// Runs for every delivery: bytes split on `.` and digits read by hand (a `str`
+    /// split on a `char` and `u64::from_str` cost more than the rest of the path to the
+    /// handler together, the profile showed).
     pub(super) fn parse(reply: &str) -> Option<AckSubject> {
-        let rest = reply.strip_prefix("$JS.ACK.")?;
-        let mut tokens = [""; 9];
+        let rest = reply.strip_prefix("$JS.ACK.")?.as_bytes();
+        let mut tokens: [&[u8]; 9] = [&[]; 9];
         let mut count = 0;
-        for token in rest.split('.') {
+        for token in rest.split(|b| *b == b'.') {
             if let Some(slot) = tokens.get_mut(count) {
                 *slot = token;
             }
@@ -201,10 +205,21 @@ impl AckSubject {
             _ => return None,
         };
         Some(AckSubject {
-            delivered: tokens[first + 2].parse().ok()?,
-            stream_sequence: tokens[first + 3].parse().ok()?,
+            delivered: decimal(tokens[first + 2])?,
+            stream_sequence: decimal(tokens[first + 3])?,
         })
     }
+}
+
+/// A non-empty run of ASCII digits as a `u64`; `None` for anything else or an overflow.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// Sends an ack, nak, progress or term for a delivery: a plain publish to its reply
@@ -256,7 +271,7 @@ pub(super) async fn send_or_note<S>(
 async fn settle_delivery<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: Delivery<'_>,
-    trace: TraceContext,
+    trace: DeliveryTrace,
 ) -> Settled {
     let started = std::time::Instant::now();
     let ran = trace.scope(run_handler(rt, &delivery, started)).await;
@@ -308,18 +323,13 @@ async fn run_handler<S: Send + Sync + 'static>(
     started: std::time::Instant,
 ) -> Ran {
     let message = &delivery.message;
-    let ctx = Context {
-        state: rt.state.clone(),
-        subject: message.subject.as_str().to_owned(),
-        headers: message.headers.clone().unwrap_or_default(),
-        stream: delivery.stream.to_owned(),
-        consumer: delivery.consumer.to_owned(),
-        stream_sequence: delivery.sequence,
-        attempt: delivery.attempt,
-        max_deliver: rt.policy.max_deliver,
-        shutdown: rt.stop.clone(),
-        jetstream: Some(rt.js.clone()),
-    };
+    let ctx = Context::for_delivery(
+        rt,
+        message.subject.clone(),
+        message.headers.clone().unwrap_or_default(),
+        delivery.sequence,
+        delivery.attempt,
+    );
     let guarded = match prepare(rt.handler.as_ref(), &message.payload, &rt.config, ctx) {
         Ok(f) => f,
         Err(attempted) => return Ran::Finished(attempted),
@@ -361,6 +371,19 @@ pub(super) async fn supervise<S, F: Future>(
     if let Some(result) = first {
         return Supervised::Finished(result);
     }
+    // Polled inline by the pull loop (`pull::start`, with a no-op waker), the delivery is
+    // spawned and polled again at once: arm the timer and the stop signal then, with the
+    // task's waker, instead of registering both twice (and polling the handler again
+    // here for nothing).
+    let mut inline = true;
+    std::future::poll_fn(|cx| {
+        if std::mem::take(&mut inline) && cx.waker().will_wake(futures::task::noop_waker_ref()) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
     // One timer serves both deadlines: the handler timeout, and the next progress ack
     // that keeps the messages while the handler works past half the ack wait.
     let started = Instant::from_std(started);
@@ -693,6 +716,13 @@ mod tests {
                 Some((2, 9)),
             ),
             ("$JS.ACK.EVENTS.jobs.x.1.7.1.0", None),
+            ("$JS.ACK.EVENTS.jobs..1.7.1.0", None),
+            ("$JS.ACK.EVENTS.jobs.+1.1.7.1.0", None),
+            ("$JS.ACK.EVENTS.jobs.18446744073709551616.1.7.1.0", None),
+            (
+                "$JS.ACK.EVENTS.jobs.18446744073709551615.1.7.1.0",
+                Some((u64::MAX, 1)),
+            ),
             ("$JS.ACK.EVENTS.jobs.1", None),
             ("_INBOX.abc.1", None),
         ];
