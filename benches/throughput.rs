@@ -283,7 +283,7 @@ impl Settings {
     fn runs(&self, work: Work) -> bool {
         self.cases
             .as_ref()
-            .map_or(true, |cases| cases.contains(&work))
+            .is_none_or(|cases| cases.contains(&work))
     }
 
     /// Events the stream is filled with: enough for every case.
