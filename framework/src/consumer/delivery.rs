@@ -371,19 +371,9 @@ pub(super) async fn supervise<S, F: Future>(
     if let Some(result) = first {
         return Supervised::Finished(result);
     }
-    // Polled inline by the pull loop (`pull::start`, with a no-op waker), the delivery is
-    // spawned and polled again at once: arm the timer and the stop signal then, with the
-    // task's waker, instead of registering both twice (and polling the handler again
-    // here for nothing).
-    let mut inline = true;
-    std::future::poll_fn(|cx| {
-        if std::mem::take(&mut inline) && cx.waker().will_wake(futures::task::noop_waker_ref()) {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
+    // Polled inline by the pull loop, the delivery is spawned and polled again at once:
+    // the timer and the stop signal are armed then, with the task's waker.
+    defer_if_polled_inline().await;
     // One timer serves both deadlines: the handler timeout, and the next progress ack
     // that keeps the messages while the handler works past half the ack wait.
     let started = Instant::from_std(started);
@@ -413,6 +403,23 @@ pub(super) async fn supervise<S, F: Future>(
             _ = rt.hard_stop.cancelled() => return Supervised::Abandoned,
         }
     }
+}
+
+/// Pending once when polled with the no-op waker of the pull loop's inline first poll
+/// (`pull::start`, which then spawns the delivery and polls it again at once), ready at
+/// once under any other waker. So a handler still waiting after its first poll has its
+/// timer and stop signal registered once, under the task's waker, instead of twice (and
+/// is not polled again for nothing). Under a real waker it never returns `Pending`:
+/// nothing would wake it.
+fn defer_if_polled_inline() -> impl Future<Output = ()> {
+    let mut first = true;
+    std::future::poll_fn(move |cx| {
+        if std::mem::take(&mut first) && cx.waker().will_wake(futures::task::noop_waker_ref()) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
 }
 
 /// A handler's future with panics caught.
@@ -699,6 +706,34 @@ async fn term<S>(rt: &ConsumerRuntime<S>, reply: &Subject, reason: Reason) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_inline_poll_is_deferred() {
+        let inline = futures::task::noop_waker_ref();
+        let mut deferred = Box::pin(defer_if_polled_inline());
+        let mut cx = std::task::Context::from_waker(inline);
+        assert!(
+            deferred.as_mut().poll(&mut cx).is_pending(),
+            "inline: deferred"
+        );
+        assert!(
+            deferred.as_mut().poll(&mut cx).is_ready(),
+            "the next poll goes on"
+        );
+
+        // A task's waker (anything but the no-op one): never pending, nothing would
+        // wake it.
+        let task = futures::task::waker(Arc::new(TaskWaker));
+        let mut cx = std::task::Context::from_waker(&task);
+        let mut in_task = Box::pin(defer_if_polled_inline());
+        assert!(in_task.as_mut().poll(&mut cx).is_ready());
+    }
+
+    struct TaskWaker;
+
+    impl futures::task::ArcWake for TaskWaker {
+        fn wake_by_ref(_: &Arc<Self>) {}
+    }
 
     #[test]
     fn ack_subjects_parse_in_both_forms() {
