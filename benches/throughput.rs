@@ -17,6 +17,13 @@
 //! - `BENCH_LATENCY_RATE` (default 5000) and `BENCH_LATENCY_SECS` (default 4): the steady
 //!   publish rate and how long latency is sampled.
 //! - `BENCH_REPEATS` (default 3): measurements per case and side; the median is reported.
+//! - `BENCH_CASES` (default all): the cases to run, comma-separated, by their names in
+//!   the output (`decode`, `io`, `dead_letter`, `latency`, `ordered_decode`,
+//!   `ordered_io`); the table and the targets then show only those. E.g.
+//!   `BENCH_CASES=decode,io BENCH_RSS_MESSAGES=0`.
+//! - `BENCH_CHILD_WRAPPER`: a command (split at spaces) each child runs under, e.g.
+//!   `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p` to profile the
+//!   consumers on the same data (their rates then mean nothing).
 //! - `NATS_SERVER_BIN`: the server binary (see `jetworker::testing::server`).
 //!
 //! # What it measures
@@ -236,6 +243,8 @@ struct Settings {
     latency_rate: u64,
     latency_secs: u64,
     repeats: usize,
+    /// The cases to run (`BENCH_CASES`); `None`: all of them.
+    cases: Option<Vec<Work>>,
 }
 
 impl Settings {
@@ -248,6 +257,16 @@ impl Settings {
             latency_rate: env_u64("BENCH_LATENCY_RATE", 5_000)?,
             latency_secs: env_u64("BENCH_LATENCY_SECS", 4)?,
             repeats: usize::try_from(env_u64("BENCH_REPEATS", 3)?)?,
+            cases: match std::env::var("BENCH_CASES") {
+                Ok(list) => Some(
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|name| !name.is_empty())
+                        .map(Work::parse)
+                        .collect::<anyhow::Result<_>>()?,
+                ),
+                Err(_) => None,
+            },
         };
         if settings.messages == 0
             || settings.dead_letters == 0
@@ -258,6 +277,13 @@ impl Settings {
             bail!("BENCH_MESSAGES, BENCH_DEAD_LETTERS, BENCH_CONCURRENCY, BENCH_LATENCY_RATE and BENCH_REPEATS must be positive");
         }
         Ok(settings)
+    }
+
+    /// True when `BENCH_CASES` asks for `work` (or for everything).
+    fn runs(&self, work: Work) -> bool {
+        self.cases
+            .as_ref()
+            .is_none_or(|cases| cases.contains(&work))
     }
 
     /// Events the stream is filled with: enough for every case.
@@ -392,6 +418,9 @@ fn round(settings: &Settings) -> Vec<Measurement> {
         m(Side::PlainTuned, Work::Latency, 0),
         m(Side::JetworkerDefaults, Work::Latency, 0),
     ]
+    .into_iter()
+    .filter(|m| settings.runs(m.work))
+    .collect()
 }
 
 type Results = BTreeMap<(Work, Side), Vec<RunResult>>;
@@ -431,7 +460,7 @@ fn parent(settings: &Settings) -> anyhow::Result<()> {
         }
         runs.extend(order.into_iter().map(|m| (repeat, m)));
     }
-    if settings.rss_messages > 0 {
+    if settings.rss_messages > 0 && settings.runs(Work::Decode) {
         runs.push((
             0,
             Measurement {
@@ -490,7 +519,7 @@ fn parent(settings: &Settings) -> anyhow::Result<()> {
             check,
             result.extra
         );
-        if settings.rss_messages > 0 && i + 1 == runs.len() {
+        if settings.rss_messages > 0 && settings.runs(Work::Decode) && i + 1 == runs.len() {
             rss_drain = Some(result);
         } else {
             results.entry((m.work, m.side)).or_default().push(result);
@@ -541,7 +570,9 @@ fn report(
         settings.concurrency,
         2 * settings.concurrency
     );
-    let reference = medians(results, Work::Decode, Side::PlainTuned)?.rate;
+    // Without the decode-only case (`BENCH_CASES`) there is no reference: no ratios.
+    let found = |work, side| medians(results, work, side).ok();
+    let reference = found(Work::Decode, Side::PlainTuned).map_or(f64::NAN, |m| m.rate);
     let header = format!(
         "{:<18} | {:<18} | {:>11} | {:>14} | {:>9} | {:>11}",
         "case", "consumer", "msg/s", "x plain tuned", "peak RSS", "CPU us/msg"
@@ -565,7 +596,7 @@ fn report(
         ),
     ];
     for (label, work, side) in rows {
-        let m = medians(results, work, side)?;
+        let Some(m) = found(work, side) else { continue };
         println!(
             "{label:<18} | {:<18} | {:>11.0} | {:>13.2}x | {:>5.1} MiB | {:>11.1}",
             side.label(),
@@ -576,7 +607,9 @@ fn report(
         );
     }
     for side in [Side::PlainTuned, Side::JetworkerDefaults] {
-        let m = medians(results, Work::Latency, side)?;
+        let Some(m) = found(Work::Latency, side) else {
+            continue;
+        };
         println!(
             "latency at {}/s: {:<18} publish to handler start p50 {:.0} us, p99 {:.0} us ({} runs)",
             settings.latency_rate,
@@ -595,48 +628,58 @@ fn report(
         );
     }
 
-    let decode = medians(results, Work::Decode, Side::JetworkerDefaults)?.rate / reference;
-    let batch = medians(results, Work::Decode, Side::JetworkerBatch)?.rate / reference;
-    let io = medians(results, Work::Io, Side::JetworkerTuned)?.rate / reference;
-    let ordered = |work, unordered| -> anyhow::Result<f64> {
-        Ok(medians(results, work, Side::JetworkerTuned)?.rate
-            / medians(results, unordered, Side::JetworkerTuned)?.rate)
+    let ratio = |work, side| found(work, side).map(|m| m.rate / reference);
+    let ordered = |work, unordered| {
+        Some(found(work, Side::JetworkerTuned)?.rate / found(unordered, Side::JetworkerTuned)?.rate)
     };
-    let ordered_decode = ordered(Work::OrderedDecode, Work::Decode)?;
-    let ordered_io = ordered(Work::OrderedIo, Work::Io)?;
-    let dead_letter = medians(results, Work::DeadLetter, Side::JetworkerDefaults)?.rate;
-    let p99 = medians(results, Work::Latency, Side::JetworkerDefaults)?.p99_us;
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
     println!();
     println!("targets:");
-    println!(
-        "  decode only, jetworker defaults >= 1.0x plain tuned: {decode:.2}x {}",
-        verdict(decode >= 1.0)
-    );
-    println!(
-        "  decode only, jetworker batch handler at defaults >= 1.5x plain tuned: {batch:.2}x {}",
-        verdict(batch >= 1.5)
-    );
-    println!(
-        "  1 ms I/O, jetworker concurrency {} >= 0.8x plain tuned decode-only: {io:.2}x {}",
-        settings.concurrency,
-        verdict(io >= 0.8)
-    );
-    println!(
-        "  ordered lanes, {ORDERED_KEYS} keys, >= 0.8x unordered at concurrency {}: decode only {ordered_decode:.2}x {}, 1 ms I/O {ordered_io:.2}x {}",
-        settings.concurrency,
-        verdict(ordered_decode >= 0.8),
-        verdict(ordered_io >= 0.8)
-    );
-    println!(
-        "  dead-letter burst at defaults >= 20000 msg/s: {dead_letter:.0} msg/s {}",
-        verdict(dead_letter >= 20_000.0)
-    );
-    println!(
-        "  p99 publish to handler start < 2000 us at {}/s: {p99:.0} us {}",
-        settings.latency_rate,
-        verdict(p99 < 2000.0)
-    );
+    if let Some(decode) = ratio(Work::Decode, Side::JetworkerDefaults) {
+        println!(
+            "  decode only, jetworker defaults >= 1.0x plain tuned: {decode:.2}x {}",
+            verdict(decode >= 1.0)
+        );
+    }
+    if let Some(batch) = ratio(Work::Decode, Side::JetworkerBatch) {
+        println!(
+            "  decode only, jetworker batch handler at defaults >= 1.5x plain tuned: {batch:.2}x {}",
+            verdict(batch >= 1.5)
+        );
+    }
+    if let Some(io) = ratio(Work::Io, Side::JetworkerTuned).filter(|io| io.is_finite()) {
+        println!(
+            "  1 ms I/O, jetworker concurrency {} >= 0.8x plain tuned decode-only: {io:.2}x {}",
+            settings.concurrency,
+            verdict(io >= 0.8)
+        );
+    }
+    if let (Some(ordered_decode), Some(ordered_io)) = (
+        ordered(Work::OrderedDecode, Work::Decode),
+        ordered(Work::OrderedIo, Work::Io),
+    ) {
+        println!(
+            "  ordered lanes, {ORDERED_KEYS} keys, >= 0.8x unordered at concurrency {}: decode only {ordered_decode:.2}x {}, 1 ms I/O {ordered_io:.2}x {}",
+            settings.concurrency,
+            verdict(ordered_decode >= 0.8),
+            verdict(ordered_io >= 0.8)
+        );
+    }
+    if let Some(m) = found(Work::DeadLetter, Side::JetworkerDefaults) {
+        println!(
+            "  dead-letter burst at defaults >= 20000 msg/s: {:.0} msg/s {}",
+            m.rate,
+            verdict(m.rate >= 20_000.0)
+        );
+    }
+    if let Some(m) = found(Work::Latency, Side::JetworkerDefaults) {
+        println!(
+            "  p99 publish to handler start < 2000 us at {}/s: {:.0} us {}",
+            settings.latency_rate,
+            m.p99_us,
+            verdict(m.p99_us < 2000.0)
+        );
+    }
     match rss_drain {
         Some(r) => println!(
             "  peak RSS < 50 MiB draining {}: {:.1} MiB {}",
@@ -644,7 +687,9 @@ fn report(
             mib(r.hwm_kb),
             verdict(mib(r.hwm_kb) < 50.0)
         ),
-        None => println!("  peak RSS draining a 1M backlog: skipped (BENCH_RSS_MESSAGES=0)"),
+        None => println!(
+            "  peak RSS draining a 1M backlog: skipped (BENCH_RSS_MESSAGES=0 or no decode case)"
+        ),
     }
     Ok(())
 }
@@ -744,7 +789,17 @@ async fn stored(js: &jetstream::Context, stream: &str) -> anyhow::Result<u64> {
 
 /// Runs one measurement in a child process and returns what it printed.
 fn run_child(exe: &Path, m: &Measurement, url: &str, consumer: &str) -> anyhow::Result<RunResult> {
-    let output = Command::new(exe)
+    let wrapper = std::env::var("BENCH_CHILD_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
+    let output = command
         .env(CHILD_ENV, m.side.as_str())
         .env("JETWORKER_BENCH_URL", url)
         .env("JETWORKER_BENCH_CONSUMER", consumer)

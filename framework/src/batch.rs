@@ -495,18 +495,18 @@ where
         let message = BatchMessage {
             payload,
             index: 0,
-            subject: Subject::from(ctx.subject.as_str()),
+            subject: ctx.subject.clone(),
             headers: ctx.headers.clone(),
             stream_sequence: ctx.stream_sequence,
             attempt: ctx.attempt,
-            max_deliver: ctx.max_deliver,
+            max_deliver: ctx.max_deliver(),
         };
         let batch_ctx = BatchContext {
-            state: ctx.state,
-            stream: ctx.stream,
-            consumer: ctx.consumer,
-            shutdown: ctx.shutdown,
-            jetstream: ctx.jetstream,
+            state: ctx.state_arc(),
+            stream: ctx.stream().to_owned(),
+            consumer: ctx.consumer().to_owned(),
+            shutdown: ctx.shutdown().clone(),
+            jetstream: ctx.jetstream_arc(),
         };
         let future = self.handler.call(Batch::new([message]), batch_ctx);
         Ok(Box::pin(async move {

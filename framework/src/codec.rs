@@ -159,7 +159,9 @@ pub fn decode<T: DeserializeOwned>(codec: CodecKind, bytes: &[u8]) -> Result<T, 
 /// truncated input passes: the deserializer that follows reports it with its position.
 pub fn check_msgpack_depth(bytes: &[u8], max_depth: usize) -> Result<(), DecodeError> {
     // Values still to read at each open level; the bottom entry is the top-level value.
-    let mut open: Vec<u64> = vec![1];
+    // Runs for every message: the usual few levels live on the stack, no allocation.
+    let mut open: Levels = Levels::default();
+    open.push(1);
     let mut pos = 0usize;
     let be = |at: usize, len: usize| -> Option<u64> {
         let slice = bytes.get(at..at.checked_add(len)?)?;
@@ -222,6 +224,44 @@ pub fn check_msgpack_depth(bytes: &[u8], max_depth: usize) -> Result<(), DecodeE
         }
     }
     Ok(())
+}
+
+/// The open levels of [`check_msgpack_depth`]: the first 16 inline, deeper ones in a
+/// `Vec` (only a deeply nested payload allocates).
+#[derive(Default)]
+struct Levels {
+    inline: [u64; 16],
+    len: usize,
+    spilled: Vec<u64>,
+}
+
+impl Levels {
+    fn len(&self) -> usize {
+        self.len + self.spilled.len()
+    }
+
+    fn push(&mut self, values: u64) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) if self.spilled.is_empty() => {
+                *slot = values;
+                self.len += 1;
+            }
+            _ => self.spilled.push(values),
+        }
+    }
+
+    fn pop(&mut self) {
+        if self.spilled.pop().is_none() {
+            self.len = self.len.saturating_sub(1);
+        }
+    }
+
+    fn last_mut(&mut self) -> Option<&mut u64> {
+        match self.spilled.last_mut() {
+            Some(last) => Some(last),
+            None => self.len.checked_sub(1).map(|at| &mut self.inline[at]),
+        }
+    }
 }
 
 /// Encodes `value` with `codec`. MessagePack encodes structs as maps (field names

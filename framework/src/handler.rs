@@ -29,6 +29,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, CodecKind, DecodeError};
+use crate::consumer::ConsumerRuntime;
 
 /// A decoded payload. Derefs to `T`.
 #[derive(Debug, Clone)]
@@ -57,31 +58,52 @@ impl<T> Deref for Event<T> {
 }
 
 /// Everything about a delivery besides its payload, plus the shared state.
-#[derive(Debug)]
+///
+/// Made for every delivery, so it copies nothing per message: what is the same for all
+/// of a consumer's deliveries (state, stream, consumer, shutdown signal, JetStream
+/// context) is reached through the consumer's runtime, one reference count; the subject
+/// shares the message's bytes.
 pub struct Context<S = ()> {
-    pub(crate) state: Arc<S>,
-    pub(crate) subject: String,
+    origin: Origin<S>,
+    pub(crate) subject: async_nats::Subject,
     pub(crate) headers: HeaderMap,
-    pub(crate) stream: String,
-    pub(crate) consumer: String,
     pub(crate) stream_sequence: u64,
     pub(crate) attempt: u64,
-    pub(crate) max_deliver: u64,
-    pub(crate) shutdown: CancellationToken,
-    /// Shared, so that giving every delivery its context costs one reference count.
-    pub(crate) jetstream: Option<Arc<async_nats::jetstream::Context>>,
 }
 
-impl<S> Clone for Context<S> {
+/// Where a [`Context`]'s per-consumer parts live.
+enum Origin<S> {
+    /// A delivery by the runtime: its consumer's runtime holds them.
+    Runtime(Arc<ConsumerRuntime<S>>),
+    /// A context built by hand ([`Context::new`]: tests, the harness).
+    Detached(Arc<Detached<S>>),
+}
+
+impl<S> Clone for Origin<S> {
     fn clone(&self) -> Self {
-        Context {
+        match self {
+            Origin::Runtime(rt) => Origin::Runtime(rt.clone()),
+            Origin::Detached(d) => Origin::Detached(d.clone()),
+        }
+    }
+}
+
+/// The per-consumer parts of a context built outside the runtime.
+struct Detached<S> {
+    state: Arc<S>,
+    stream: String,
+    consumer: String,
+    max_deliver: u64,
+    shutdown: CancellationToken,
+    jetstream: Option<Arc<async_nats::jetstream::Context>>,
+}
+
+impl<S> Clone for Detached<S> {
+    fn clone(&self) -> Self {
+        Detached {
             state: self.state.clone(),
-            subject: self.subject.clone(),
-            headers: self.headers.clone(),
             stream: self.stream.clone(),
             consumer: self.consumer.clone(),
-            stream_sequence: self.stream_sequence,
-            attempt: self.attempt,
             max_deliver: self.max_deliver,
             shutdown: self.shutdown.clone(),
             jetstream: self.jetstream.clone(),
@@ -89,32 +111,96 @@ impl<S> Clone for Context<S> {
     }
 }
 
+impl<S> Clone for Context<S> {
+    fn clone(&self) -> Self {
+        Context {
+            origin: self.origin.clone(),
+            subject: self.subject.clone(),
+            headers: self.headers.clone(),
+            stream_sequence: self.stream_sequence,
+            attempt: self.attempt,
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Context<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("state", self.state())
+            .field("subject", &self.subject())
+            .field("headers", &self.headers)
+            .field("stream", &self.stream())
+            .field("consumer", &self.consumer())
+            .field("stream_sequence", &self.stream_sequence)
+            .field("attempt", &self.attempt)
+            .field("max_deliver", &self.max_deliver())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S> Context<S> {
+    /// The context of a delivery by the runtime `rt`.
+    pub(crate) fn for_delivery(
+        rt: &Arc<ConsumerRuntime<S>>,
+        subject: async_nats::Subject,
+        headers: HeaderMap,
+        stream_sequence: u64,
+        attempt: u64,
+    ) -> Self {
+        Context {
+            origin: Origin::Runtime(rt.clone()),
+            subject,
+            headers,
+            stream_sequence,
+            attempt,
+        }
+    }
+
     /// A context for calling a handler outside the runtime (tests, the harness).
     pub fn new(state: Arc<S>, subject: impl Into<String>, attempt: u64) -> Self {
         Context {
-            state,
-            subject: subject.into(),
+            origin: Origin::Detached(Arc::new(Detached {
+                state,
+                stream: String::new(),
+                consumer: String::new(),
+                max_deliver: u64::MAX,
+                shutdown: CancellationToken::new(),
+                jetstream: None,
+            })),
+            subject: async_nats::Subject::from(subject.into()),
             headers: HeaderMap::new(),
-            stream: String::new(),
-            consumer: String::new(),
             stream_sequence: 0,
             attempt,
-            max_deliver: u64::MAX,
-            shutdown: CancellationToken::new(),
-            jetstream: None,
+        }
+    }
+
+    /// The per-consumer parts, detached from the runtime to be changed (builders).
+    fn detached_mut(&mut self) -> &mut Detached<S> {
+        if let Origin::Runtime(rt) = &self.origin {
+            self.origin = Origin::Detached(Arc::new(Detached {
+                state: rt.state.clone(),
+                stream: rt.spec.stream.clone(),
+                consumer: rt.spec.name.clone(),
+                max_deliver: rt.policy.max_deliver,
+                shutdown: rt.stop.clone(),
+                jetstream: Some(rt.js.clone()),
+            }));
+        }
+        match &mut self.origin {
+            Origin::Detached(d) => Arc::make_mut(d),
+            Origin::Runtime(_) => unreachable!("detached just above"),
         }
     }
 
     /// Sets the JetStream context handlers reach through [`Context::jetstream`].
     pub fn with_jetstream(mut self, js: async_nats::jetstream::Context) -> Self {
-        self.jetstream = Some(Arc::new(js));
+        self.detached_mut().jetstream = Some(Arc::new(js));
         self
     }
 
     /// Sets the attempt limit ([`Context::is_last_attempt`]).
     pub fn with_max_deliver(mut self, max_deliver: u64) -> Self {
-        self.max_deliver = max_deliver;
+        self.detached_mut().max_deliver = max_deliver;
         self
     }
 
@@ -126,25 +212,48 @@ impl<S> Context<S> {
 
     /// Sets stream, consumer and stream sequence (builder style, for tests).
     pub fn with_origin(mut self, stream: &str, consumer: &str, sequence: u64) -> Self {
-        self.stream = stream.to_string();
-        self.consumer = consumer.to_string();
+        let detached = self.detached_mut();
+        detached.stream = stream.to_string();
+        detached.consumer = consumer.to_string();
         self.stream_sequence = sequence;
         self
     }
 
+    /// The attempt limit: the consumer's `max_deliver`.
+    pub(crate) fn max_deliver(&self) -> u64 {
+        match &self.origin {
+            Origin::Runtime(rt) => rt.policy.max_deliver,
+            Origin::Detached(d) => d.max_deliver,
+        }
+    }
+
+    /// The JetStream context, shared (what a batch of one passes on).
+    pub(crate) fn jetstream_arc(&self) -> Option<Arc<async_nats::jetstream::Context>> {
+        match &self.origin {
+            Origin::Runtime(rt) => Some(rt.js.clone()),
+            Origin::Detached(d) => d.jetstream.clone(),
+        }
+    }
+
     /// The shared state given to [`crate::App::new`].
     pub fn state(&self) -> &S {
-        &self.state
+        match &self.origin {
+            Origin::Runtime(rt) => &rt.state,
+            Origin::Detached(d) => &d.state,
+        }
     }
 
     /// The shared state, as its `Arc`.
     pub fn state_arc(&self) -> Arc<S> {
-        self.state.clone()
+        match &self.origin {
+            Origin::Runtime(rt) => rt.state.clone(),
+            Origin::Detached(d) => d.state.clone(),
+        }
     }
 
     /// The subject the message was published to.
     pub fn subject(&self) -> &str {
-        &self.subject
+        self.subject.as_str()
     }
 
     /// The message headers (empty when it had none).
@@ -154,12 +263,18 @@ impl<S> Context<S> {
 
     /// The stream the message is stored in.
     pub fn stream(&self) -> &str {
-        &self.stream
+        match &self.origin {
+            Origin::Runtime(rt) => &rt.spec.stream,
+            Origin::Detached(d) => &d.stream,
+        }
     }
 
     /// The durable consumer delivering it.
     pub fn consumer(&self) -> &str {
-        &self.consumer
+        match &self.origin {
+            Origin::Runtime(rt) => &rt.spec.name,
+            Origin::Detached(d) => &d.consumer,
+        }
     }
 
     /// The message's sequence in its stream: a stable id for idempotency.
@@ -174,13 +289,16 @@ impl<S> Context<S> {
 
     /// True when this is the last delivery the consumer allows.
     pub fn is_last_attempt(&self) -> bool {
-        self.attempt >= self.max_deliver
+        self.attempt >= self.max_deliver()
     }
 
     /// The worker's JetStream context (for key-value buckets, follow-up publishes);
     /// `None` only for contexts built outside the runtime without one.
     pub fn jetstream(&self) -> Option<&async_nats::jetstream::Context> {
-        self.jetstream.as_deref()
+        match &self.origin {
+            Origin::Runtime(rt) => Some(&rt.js),
+            Origin::Detached(d) => d.jetstream.as_deref(),
+        }
     }
 
     /// The trace this delivery belongs to (continued from its `traceparent` header, or
@@ -192,7 +310,10 @@ impl<S> Context<S> {
     /// Cancelled when the worker starts shutting down: a long handler can stop early
     /// and return an error (its message is then redelivered).
     pub fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
+        match &self.origin {
+            Origin::Runtime(rt) => &rt.stop,
+            Origin::Detached(d) => &d.shutdown,
+        }
     }
 }
 

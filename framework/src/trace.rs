@@ -36,7 +36,91 @@ pub struct TraceContext {
 }
 
 tokio::task_local! {
-    static CURRENT: TraceContext;
+    static CURRENT: DeliveryTrace;
+}
+
+/// The trace a handler runs in, as the task-local holds it. Every delivery without a
+/// `traceparent` starts a new trace: its ids stay numbers until something asks for them
+/// as text (a publish from the handler, [`TraceContext::current`], an enabled span), so a
+/// delivery that needs none of it formats nothing.
+#[derive(Debug, Clone)]
+pub(crate) enum DeliveryTrace {
+    /// A new trace (sampled), its ids not yet formatted.
+    New {
+        /// Not zero.
+        trace_id: u128,
+        /// Not zero.
+        span_id: u64,
+    },
+    /// A trace context in text form (continued from a `traceparent`, or given).
+    Given(TraceContext),
+}
+
+impl DeliveryTrace {
+    /// A new trace with random ids.
+    fn new_root() -> DeliveryTrace {
+        let mut rng = rand::thread_rng();
+        DeliveryTrace::New {
+            trace_id: nonzero(|| rng.gen::<u128>()),
+            span_id: nonzero(|| rng.gen::<u64>()),
+        }
+    }
+
+    /// As a [`TraceContext`] (formats a new trace's ids).
+    fn context(&self) -> TraceContext {
+        match self {
+            DeliveryTrace::New { trace_id, span_id } => TraceContext {
+                trace_id: format!("{trace_id:032x}"),
+                span_id: format!("{span_id:016x}"),
+                flags: 1,
+                tracestate: None,
+            },
+            DeliveryTrace::Given(context) => context.clone(),
+        }
+    }
+
+    /// Records the trace and span ids in `span`'s fields `trace_id` and `span_id`; a
+    /// disabled span (no subscriber wants it) records nothing, and nothing is formatted.
+    fn record_in(&self, span: &tracing::Span) {
+        if span.is_disabled() {
+            return;
+        }
+        match self {
+            DeliveryTrace::New { trace_id, span_id } => {
+                span.record(
+                    "trace_id",
+                    tracing::field::display(format_args!("{trace_id:032x}")),
+                );
+                span.record(
+                    "span_id",
+                    tracing::field::display(format_args!("{span_id:016x}")),
+                );
+            }
+            DeliveryTrace::Given(context) => {
+                span.record("trace_id", context.trace_id.as_str());
+                span.record("span_id", context.span_id.as_str());
+            }
+        }
+    }
+
+    /// Runs `future` with this as the current trace (see [`TraceContext::current`]).
+    pub(crate) fn scope<F: std::future::Future>(
+        self,
+        future: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        // Not an `async fn`: that would store `future` twice in the state machine.
+        CURRENT.scope(self, future)
+    }
+}
+
+/// The first value of `draw` that is not zero (an all-zero id is invalid).
+fn nonzero<T: PartialEq + Default>(mut draw: impl FnMut() -> T) -> T {
+    loop {
+        let value = draw();
+        if value != T::default() {
+            return value;
+        }
+    }
 }
 
 /// `len` lowercase hex digits.
@@ -51,17 +135,12 @@ fn is_hex(s: &str, len: usize) -> bool {
     is_lower_hex(s, len) && s.bytes().any(|b| b != b'0')
 }
 
-/// `bytes` random bytes (at most 16) as lowercase hex, never all zero. One random
-/// draw and one allocation: this runs for every delivery.
+/// `bytes` random bytes (at most 16) as lowercase hex, never all zero.
 fn random_hex(bytes: usize) -> String {
     let bytes = bytes.clamp(1, 16);
     let mut rng = rand::thread_rng();
-    loop {
-        let value: u128 = rng.gen::<u128>() >> (128 - 8 * bytes as u32);
-        if value != 0 {
-            return format!("{value:0width$x}", width = bytes * 2);
-        }
-    }
+    let value = nonzero(|| rng.gen::<u128>() >> (128 - 8 * bytes as u32));
+    format!("{value:0width$x}", width = bytes * 2)
 }
 
 impl TraceContext {
@@ -122,12 +201,7 @@ impl TraceContext {
 
     /// A new trace (sampled).
     pub fn new_root() -> TraceContext {
-        TraceContext {
-            trace_id: random_hex(16),
-            span_id: random_hex(8),
-            flags: 1,
-            tracestate: None,
-        }
+        DeliveryTrace::new_root().context()
     }
 
     /// A child in the same trace: same trace id and flags, a new span id.
@@ -143,15 +217,12 @@ impl TraceContext {
     /// The context of a delivery with these headers: a child of its `traceparent`, or a
     /// new root.
     pub fn for_delivery(headers: Option<&async_nats::HeaderMap>) -> TraceContext {
-        headers
-            .and_then(TraceContext::from_headers)
-            .map(|parent| parent.child())
-            .unwrap_or_else(TraceContext::new_root)
+        delivery_trace(headers).context()
     }
 
     /// The context of the handler running now, if any.
     pub fn current() -> Option<TraceContext> {
-        CURRENT.try_with(|c| c.clone()).ok()
+        CURRENT.try_with(DeliveryTrace::context).ok()
     }
 
     /// Runs `future` with `self` as the current context.
@@ -159,8 +230,7 @@ impl TraceContext {
         self,
         future: F,
     ) -> impl std::future::Future<Output = F::Output> {
-        // Not an `async fn`: that would store `future` twice in the state machine.
-        CURRENT.scope(self, future)
+        DeliveryTrace::Given(self).scope(future)
     }
 }
 
@@ -205,21 +275,33 @@ fn current_outgoing() -> Option<TraceContext> {
 pub(crate) fn continue_delivery(
     headers: Option<&async_nats::HeaderMap>,
     span: &tracing::Span,
-) -> TraceContext {
+) -> DeliveryTrace {
     #[cfg(feature = "otel")]
     let trace = {
         let parent = headers.and_then(TraceContext::from_headers);
-        crate::otel::start_span(span, parent.as_ref()).unwrap_or_else(|| {
-            parent
-                .map(|p| p.child())
-                .unwrap_or_else(TraceContext::new_root)
-        })
+        match crate::otel::start_span(span, parent.as_ref()) {
+            Some(exported) => DeliveryTrace::Given(exported),
+            None => {
+                parent.map_or_else(DeliveryTrace::new_root, |p| DeliveryTrace::Given(p.child()))
+            }
+        }
     };
     #[cfg(not(feature = "otel"))]
-    let trace = TraceContext::for_delivery(headers);
-    span.record("trace_id", trace.trace_id.as_str());
-    span.record("span_id", trace.span_id.as_str());
+    let trace = delivery_trace(headers);
+    trace.record_in(span);
     trace
+}
+
+/// A child of the `traceparent` in `headers`, or a new trace (its ids not formatted).
+fn delivery_trace(headers: Option<&async_nats::HeaderMap>) -> DeliveryTrace {
+    // Most deliveries carry no headers at all: no lookup then.
+    match headers
+        .filter(|h| !h.is_empty())
+        .and_then(TraceContext::from_headers)
+    {
+        Some(parent) => DeliveryTrace::Given(parent.child()),
+        None => DeliveryTrace::new_root(),
+    }
 }
 
 #[cfg(test)]

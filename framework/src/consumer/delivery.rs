@@ -26,7 +26,7 @@ use crate::config::ConsumerConfig;
 use crate::dead_letter::{self, DeadLetter};
 use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
 use crate::outcome::{decide, Attempted, Outcome, Reason};
-use crate::trace::{self, TraceContext};
+use crate::trace::{self, DeliveryTrace};
 
 /// The first wait before retrying a dead-letter publish held on a message's last
 /// delivery (see [`dead_letter_then_term`]); the waits grow from it, jittered.
@@ -185,11 +185,15 @@ impl AckSubject {
     /// seq>.<consumer seq>.<timestamp>.<pending>`, and the form with a domain and an
     /// account hash before the stream (9 tokens or more after `$JS.ACK.`), as
     /// async-nats' `Message::info` does.
+    ///
+    /// Runs for every delivery: bytes split on `.` and digits read by hand (a `str`
+    /// split on a `char` and `u64::from_str` cost more than the rest of the path to the
+    /// handler together, the profile showed).
     pub(super) fn parse(reply: &str) -> Option<AckSubject> {
-        let rest = reply.strip_prefix("$JS.ACK.")?;
-        let mut tokens = [""; 9];
+        let rest = reply.strip_prefix("$JS.ACK.")?.as_bytes();
+        let mut tokens: [&[u8]; 9] = [&[]; 9];
         let mut count = 0;
-        for token in rest.split('.') {
+        for token in rest.split(|b| *b == b'.') {
             if let Some(slot) = tokens.get_mut(count) {
                 *slot = token;
             }
@@ -201,10 +205,21 @@ impl AckSubject {
             _ => return None,
         };
         Some(AckSubject {
-            delivered: tokens[first + 2].parse().ok()?,
-            stream_sequence: tokens[first + 3].parse().ok()?,
+            delivered: decimal(tokens[first + 2])?,
+            stream_sequence: decimal(tokens[first + 3])?,
         })
     }
+}
+
+/// A non-empty run of ASCII digits as a `u64`; `None` for anything else or an overflow.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// Sends an ack, nak, progress or term for a delivery: a plain publish to its reply
@@ -256,7 +271,7 @@ pub(super) async fn send_or_note<S>(
 async fn settle_delivery<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: Delivery<'_>,
-    trace: TraceContext,
+    trace: DeliveryTrace,
 ) -> Settled {
     let started = std::time::Instant::now();
     let ran = trace.scope(run_handler(rt, &delivery, started)).await;
@@ -308,18 +323,13 @@ async fn run_handler<S: Send + Sync + 'static>(
     started: std::time::Instant,
 ) -> Ran {
     let message = &delivery.message;
-    let ctx = Context {
-        state: rt.state.clone(),
-        subject: message.subject.as_str().to_owned(),
-        headers: message.headers.clone().unwrap_or_default(),
-        stream: delivery.stream.to_owned(),
-        consumer: delivery.consumer.to_owned(),
-        stream_sequence: delivery.sequence,
-        attempt: delivery.attempt,
-        max_deliver: rt.policy.max_deliver,
-        shutdown: rt.stop.clone(),
-        jetstream: Some(rt.js.clone()),
-    };
+    let ctx = Context::for_delivery(
+        rt,
+        message.subject.clone(),
+        message.headers.clone().unwrap_or_default(),
+        delivery.sequence,
+        delivery.attempt,
+    );
     let guarded = match prepare(rt.handler.as_ref(), &message.payload, &rt.config, ctx) {
         Ok(f) => f,
         Err(attempted) => return Ran::Finished(attempted),
@@ -361,6 +371,9 @@ pub(super) async fn supervise<S, F: Future>(
     if let Some(result) = first {
         return Supervised::Finished(result);
     }
+    // Polled inline by the pull loop, the delivery is spawned and polled again at once:
+    // the timer and the stop signal are armed then, with the task's waker.
+    defer_if_polled_inline().await;
     // One timer serves both deadlines: the handler timeout, and the next progress ack
     // that keeps the messages while the handler works past half the ack wait.
     let started = Instant::from_std(started);
@@ -390,6 +403,23 @@ pub(super) async fn supervise<S, F: Future>(
             _ = rt.hard_stop.cancelled() => return Supervised::Abandoned,
         }
     }
+}
+
+/// Pending once when polled with the no-op waker of the pull loop's inline first poll
+/// (`pull::start`, which then spawns the delivery and polls it again at once), ready at
+/// once under any other waker. So a handler still waiting after its first poll has its
+/// timer and stop signal registered once, under the task's waker, instead of twice (and
+/// is not polled again for nothing). Under a real waker it never returns `Pending`:
+/// nothing would wake it.
+fn defer_if_polled_inline() -> impl Future<Output = ()> {
+    let mut first = true;
+    std::future::poll_fn(move |cx| {
+        if std::mem::take(&mut first) && cx.waker().will_wake(futures::task::noop_waker_ref()) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
 }
 
 /// A handler's future with panics caught.
@@ -684,6 +714,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_the_inline_poll_is_deferred() {
+        let inline = futures::task::noop_waker_ref();
+        let mut deferred = Box::pin(defer_if_polled_inline());
+        let mut cx = std::task::Context::from_waker(inline);
+        assert!(
+            deferred.as_mut().poll(&mut cx).is_pending(),
+            "inline: deferred"
+        );
+        assert!(
+            deferred.as_mut().poll(&mut cx).is_ready(),
+            "the next poll goes on"
+        );
+
+        // A task's waker (anything but the no-op one): never pending, nothing would
+        // wake it.
+        let task = futures::task::waker(Arc::new(TaskWaker));
+        let mut cx = std::task::Context::from_waker(&task);
+        let mut in_task = Box::pin(defer_if_polled_inline());
+        assert!(in_task.as_mut().poll(&mut cx).is_ready());
+    }
+
+    struct TaskWaker;
+
+    impl futures::task::ArcWake for TaskWaker {
+        fn wake_by_ref(_: &Arc<Self>) {}
+    }
+
+    #[test]
     fn ack_subjects_parse_in_both_forms() {
         let table = [
             (
@@ -699,6 +757,13 @@ mod tests {
                 Some((2, 9)),
             ),
             ("$JS.ACK.EVENTS.jobs.x.1.7.1.0", None),
+            ("$JS.ACK.EVENTS.jobs..1.7.1.0", None),
+            ("$JS.ACK.EVENTS.jobs.+1.1.7.1.0", None),
+            ("$JS.ACK.EVENTS.jobs.18446744073709551616.1.7.1.0", None),
+            (
+                "$JS.ACK.EVENTS.jobs.18446744073709551615.1.7.1.0",
+                Some((u64::MAX, 1)),
+            ),
             ("$JS.ACK.EVENTS.jobs.1", None),
             ("_INBOX.abc.1", None),
         ];
