@@ -293,8 +293,9 @@ pub enum DeadLetterErrorKind {
     /// The payload, too large for the copy, could not be stored in the dead-letter
     /// stream's payload bucket (the copy was not published).
     PayloadStore,
-    /// The dead-letter stream, as the server has it now, would drop copies (see
-    /// [`StreamGuard`]): none is published, or one acknowledged is not relied on.
+    /// The dead-letter stream, as the server has it now, would drop copies (the
+    /// consumer's run-time check of that stream says so): none is published, or one
+    /// acknowledged is not relied on.
     StreamWouldDrop,
 }
 
