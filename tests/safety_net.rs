@@ -311,6 +311,27 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
     );
     assert_eq!(count(&js, "DLQ").await, 0);
     assert_eq!(count(&js, "EVENTS").await, 23, "the originals are kept");
+    // Each hand-over is recorded in the advisory stream before its nak, with the reason:
+    // it does not rest on the server's advisory (lost while that stream has no leader).
+    let mut recorded: Vec<(u64, String)> = messages(&js, ADVISORY_STREAM)
+        .await
+        .iter()
+        .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+        .filter(|v| v["type"] == jetworker::SAFETY_NET_HAND_OFF_TYPE)
+        .map(|v| {
+            (
+                v["stream_seq"].as_u64().expect("stream_seq"),
+                v["reason"].as_str().expect("reason").to_string(),
+            )
+        })
+        .collect();
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        (1..=3)
+            .map(|s| (s, "permanent".to_string()))
+            .collect::<Vec<_>>()
+    );
 
     // The stream takes copies again: the safety net files both, once each.
     set_max_msg_size(&js, "DLQ", -1).await;
@@ -333,6 +354,51 @@ async fn a_copy_that_cannot_be_stored_frees_its_slot_shows_in_readyz_and_reaches
     assert_eq!(probe.attempts(1).len(), 1, "the handler ran once");
     let info = consumer_info(&js, "EVENTS", "jobs").await;
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    worker.stop().await;
+}
+
+/// A worker's hand-off record alone (no server advisory, no note in this process)
+/// makes the safety net file the original with the record's reason and error: a
+/// replica that did not hand the message over, or the same worker after a restart,
+/// says what the handing worker knew.
+#[tokio::test]
+async fn a_hand_off_record_alone_files_the_original_with_its_reason() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    let config = suite_config(&server.url()).load();
+    let worker = OpsWorker::start(config).await;
+    let probe = worker.probe.clone();
+    publish_jobs(&js, &[Job::ok(7)]).await;
+    wait_until(Duration::from_secs(10), "handled", || async {
+        probe.succeeded_ids() == 1
+    })
+    .await;
+    let record = serde_json::json!({
+        "type": jetworker::SAFETY_NET_HAND_OFF_TYPE,
+        "stream": "EVENTS", "consumer": "jobs", "stream_seq": 1, "deliveries": 3,
+        "reason": "permanent", "error": "card declined; handed to the safety net: DLQ down",
+    });
+    js.publish(
+        jetworker::safety_net_advisory_subject("EVENTS", "jobs"),
+        record.to_string().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("captured by the advisory stream");
+    wait_until(Duration::from_secs(20), "filed", || async {
+        count(&js, "DLQ").await == 1
+    })
+    .await;
+    let m = &messages(&js, "DLQ").await[0];
+    assert_eq!(header(m, dead_letter::REASON).as_deref(), Some("permanent"));
+    assert_eq!(
+        header(m, dead_letter::ERROR).as_deref(),
+        Some("card declined; handed to the safety net: DLQ down")
+    );
+    assert_eq!(header(m, dead_letter::ATTEMPTS).as_deref(), Some("3"));
+    let job: Job = rmp_serde::from_slice(&m.payload).expect("original payload");
+    assert_eq!(job.id, 7);
     worker.stop().await;
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{consumer_info, count, header, messages, wait_until, ConfigText};
+use common::{consumer_info, count, header, messages, set_max_msg_size, wait_until, ConfigText};
 use jetworker::headers as dead_letter;
 use jetworker::testing::server::NatsServer;
 use jetworker::{App, Context, Event, HandlerError};
@@ -42,7 +42,8 @@ connect_timeout = "3s""#
             "jobs",
             r#"filter_subject = "jobs.>"
 max_deliver = 4
-backoff = ["1s"]"#,
+backoff = ["1s"]
+ack_wait = "5s""#,
         )
         .text()
 }
@@ -182,7 +183,11 @@ async fn a_worker_under_exactly_the_printed_permissions_does_everything() {
         dir.path(),
         |url| worker_config(url, "worker", WORKER_PASSWORD),
         counting,
-        &["dlq.jobs", "$KV.tally.>"],
+        &[
+            "dlq.jobs",
+            "$KV.tally.>",
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.EVENTS.jobs",
+        ],
         &["EVENTS", "KV_tally", "JETWORKER_ADVISORIES"],
     )
     .await;
@@ -241,6 +246,45 @@ async fn a_worker_under_exactly_the_printed_permissions_does_everything() {
         .filter_map(|m| header(m, dead_letter::REASON))
         .collect();
     assert_eq!(reasons, ["permanent", "decode", "abandoned"]);
+
+    // A hand-over: the dead-letter stream refuses copies (an admin's edit), so the last
+    // delivery is held for one ack wait, then recorded in the advisory stream and
+    // handed to the safety net, which files it once the stream takes copies again.
+    set_max_msg_size(&js, "DLQ", 64).await;
+    publish_job(
+        &js,
+        &Job {
+            id: 7,
+            mode: Mode::Permanent,
+            until: 0,
+            sleep_ms: 0,
+        },
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "the hand-off record", || async {
+        messages(&js, "JETWORKER_ADVISORIES").await.iter().any(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .is_ok_and(|v| v["type"] == jetworker::SAFETY_NET_HAND_OFF_TYPE)
+        })
+    })
+    .await;
+    set_max_msg_size(&js, "DLQ", -1).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the handed-over letter",
+        || async { count(&js, "DLQ").await == 4 },
+    )
+    .await;
+    let last = messages(&js, "DLQ").await.pop().expect("letter");
+    assert_eq!(
+        header(&last, dead_letter::ORIGINAL_SUBJECT).as_deref(),
+        Some("jobs.7")
+    );
+    assert_eq!(
+        header(&last, dead_letter::REASON).as_deref(),
+        Some("permanent")
+    );
+
     wait_until(Duration::from_secs(10), "everything settled", || async {
         let info = consumer_info(&js, "EVENTS", "jobs").await;
         info.num_ack_pending == 0 && info.num_pending == 0

@@ -15,10 +15,12 @@
 //!   `OBJ_<bucket>` stream, `$JS.API.STREAM.NAMES` to find the dead-letter stream);
 //!   `$JS.API.STREAM.NAMES` and `STREAM.INFO` to check, while running, that the
 //!   dead-letter stream keeps copies, and `$JS.API.STREAM.MSG.GET.<dead-letter stream>`
-//!   to read back the letter a duplicate PubAck names;
+//!   to read back the letter each PubAck names;
 //! - the safety net: its consumer on the advisory stream, and
 //!   `$JS.API.STREAM.MSG.GET.<stream>` to fetch a stranded original by sequence (the
-//!   server itself stores the advisories: the worker needs no permission on them);
+//!   server itself stores the advisories); a worker handing a last delivery over
+//!   publishes its hand-off record to that consumer's advisory subject
+//!   (`$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>`);
 //! - key-value buckets (for handlers): `$KV.<bucket>.>` to write, direct and stream gets
 //!   to read, an ordered consumer (`CONSUMER.CREATE`, flow control on `$JS.FC`) to watch;
 //! - partitioned consumers (`partitions = { count = N, ... }`): every partition consumer
@@ -247,7 +249,7 @@ impl Permissions {
             b.publish(
                 format!("{api}.STREAM.MSG.GET.{}", dl.name),
                 format!(
-                    "read back the letter a duplicate PubAck names in {} (a copy the stream dropped is published again)",
+                    "read back the letter each PubAck names in {} (a copy the stream dropped is published again)",
                     dl.name
                 ),
             );
@@ -255,6 +257,15 @@ impl Permissions {
         let nets = jetworker::safety_net_consumers(config);
         for net in &nets {
             b.consumer(net, scope);
+        }
+        for c in &config.consumers {
+            b.publish(
+                jetworker::safety_net_advisory_subject(&c.stream, &c.name),
+                format!(
+                    "hand a last delivery of {}/{} whose dead-letter copy cannot be stored to the safety net (its hand-off record, stored in the advisory stream before the nak)",
+                    c.stream, c.name
+                ),
+            );
         }
         if !nets.is_empty() {
             for stream in config

@@ -343,10 +343,17 @@ impl DeadLetter {
 /// [`publish`], trusting the PubAck only as far as `guard` (the consumer's
 /// [`StreamGuard`]) says the dead-letter stream keeps copies: nothing is published while
 /// the last read of the stream found it would drop them (and that read is under a
-/// second old), the PubAck (or a failed publish) is followed by a read of the stream
-/// begun after it (shared with the copies acknowledged meanwhile), a PubAck from another stream than the one
-/// capturing the subject is refused, and a `duplicate` PubAck is believed only when the
-/// letter it names is read back. Without a guard, [`publish`].
+/// second old); a PubAck is believed when the letter it names (at its sequence, with
+/// the copy's `Nats-Msg-Id`) is read back from the stream, and only when it comes from
+/// the stream that captures the subject. A failed publish or a letter not read back
+/// makes the guard read the stream's info (begun after it, shared with the copies
+/// waiting meanwhile), so that the reason it names is the stream's; a letter missing
+/// from a stream that info shows fit and removing acked messages (interest or work-queue
+/// retention, read by the app's own consumer) is believed read, unless the PubAck said
+/// `duplicate`. The read-back is one
+/// request per copy, made concurrently by the copies in flight; it also covers a
+/// `duplicate` PubAck, whose earlier copy may have been dropped. Without a guard,
+/// [`publish`].
 pub(crate) async fn publish_kept(
     js: &jetstream::Context,
     guard: Option<&StreamGuard>,
@@ -369,13 +376,16 @@ pub(crate) async fn publish_kept(
             .unwrap_or_else(Instant::now);
         guard.keeping_since(js, recent).await.map_err(would_drop)?;
     }
-    let published = publish(js, subject, letter, payload, timeout).await;
-    // A failed publish is a reason to look too: the stream may have changed.
-    let keeping = guard.keeping_since(js, Instant::now()).await;
-    let ack = match (published, keeping) {
-        (_, Err(why)) => return Err(would_drop(why)),
-        (Err(e), Ok(())) => return Err(e),
-        (Ok(ack), Ok(())) => ack,
+    let ack = match publish(js, subject, letter, payload, timeout).await {
+        Ok(ack) => ack,
+        Err(e) => {
+            // A failed publish is a reason to look: the stream may have changed.
+            guard
+                .keeping_since(js, Instant::now())
+                .await
+                .map_err(would_drop)?;
+            return Err(e);
+        }
     };
     if !guard.is_expected_stream(&ack.stream) {
         return Err(would_drop(format!(
@@ -383,23 +393,68 @@ pub(crate) async fn publish_kept(
             ack.stream
         )));
     }
-    if ack.duplicate {
-        let id = message_id(&letter.stream, letter.sequence, &letter.consumer);
-        let stored = async {
-            let stream = js.get_stream(&ack.stream).await.ok()?;
-            let found = stream.get_raw_message(ack.sequence).await.ok()?;
-            let found_id = found.headers.get("Nats-Msg-Id")?.as_str().to_string();
-            Some(found_id == id)
-        };
-        if tokio::time::timeout(timeout, stored).await.ok().flatten() != Some(true) {
-            return Err(would_drop(format!(
-                "the PubAck says duplicate of {id} (sequence {} of stream {:?}), which the stream no longer has: the copy it kept was dropped; retried once the stream's duplicate window has passed",
-                ack.sequence, ack.stream
-            )));
+    let id = message_id(&letter.stream, letter.sequence, &letter.consumer);
+    if let Err(why) = read_back(js, &ack, &id, timeout).await {
+        // Say why in the stream's own terms when its info shows it.
+        guard
+            .keeping_since(js, Instant::now())
+            .await
+            .map_err(would_drop)?;
+        // A stream fit to keep copies that removes acked messages may have had this
+        // letter read and acked already (the app's own consumer of dead letters); a
+        // stream that keeps by limits has no such excuse.
+        if ack.duplicate || !guard.removes_acked() {
+            return Err(would_drop(why));
         }
     }
     guard.stored();
     Ok(ack)
+}
+
+/// Reads the message `ack` names back from its stream: `Ok` when it is there with
+/// `Nats-Msg-Id` `id`, else why not (within `timeout`).
+async fn read_back(
+    js: &jetstream::Context,
+    ack: &jetstream::publish::PublishAck,
+    id: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let at = format!("sequence {} of stream {:?}", ack.sequence, ack.stream);
+    let what = if ack.duplicate {
+        "the PubAck says it is a duplicate, and the copy it names"
+    } else {
+        "the PubAck says it is stored, and the copy"
+    };
+    let get = async {
+        let stream = js
+            .get_stream_no_info(&ack.stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .get_raw_message(ack.sequence)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let found = match tokio::time::timeout(timeout, get).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return Err(format!("{what} ({at}) could not be read back: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "{what} ({at}) could not be read back within {}",
+                humantime::format_duration(timeout)
+            ))
+        }
+    };
+    match found.headers.get("Nats-Msg-Id").map(|v| v.as_str()) {
+        Some(found_id) if found_id == id => Ok(()),
+        other => Err(format!(
+            "{what} ({at}) is not there: that sequence holds {}; retried once the stream's duplicate window has passed",
+            match other {
+                Some(other) => format!("the letter {other:?}"),
+                None => "a message without a Nats-Msg-Id".to_string(),
+            }
+        )),
+    }
 }
 
 /// Publishes the copy and waits for the server's PubAck (bounded by `timeout`). Only an

@@ -150,8 +150,9 @@ pub use publisher::{
     Pipeline, PipelineReport, PublishError, PublishErrorKind, Publisher, RetryPolicy,
 };
 pub use safety_net::{
-    advisory_stream as safety_net_stream, safety_net_consumer_name, safety_net_consumers,
-    ADVISORY_STREAM, ADVISORY_SUBJECTS, SAFETY_NET_CONSUMER, SAFETY_NET_MAX_DELIVER,
+    advisory_stream as safety_net_stream, advisory_subject as safety_net_advisory_subject,
+    safety_net_consumer_name, safety_net_consumers, ADVISORY_STREAM, ADVISORY_SUBJECTS,
+    HAND_OFF_TYPE as SAFETY_NET_HAND_OFF_TYPE, SAFETY_NET_CONSUMER, SAFETY_NET_MAX_DELIVER,
 };
 pub use shutdown::on_signals;
 pub use subject::{

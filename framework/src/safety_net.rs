@@ -20,18 +20,21 @@
 //! that, with `Jetworker-Original-Missing: true`.
 //!
 //! It is also where a last delivery goes whose dead-letter copy the worker could not
-//! store within its hold limit (see `/readyz` in the ops module): the worker naks it,
-//! the server's advisory brings it here, and the safety net retries the copy with its
-//! own slots while the original stays in its stream. The worker notes why it gave up
-//! (the reason and the handler's error, with why the copy was not stored) before the nak,
-//! in the consumer's [`StreamGuard`](crate::dead_letter::StreamGuard), and the letter
-//! carries that reason and error instead of `abandoned`. The note lives in the process
-//! that handed the message over and is dropped only once its letter is stored: when
-//! another replica's safety net (the durable is shared) or a restarted process files the
-//! letter, it says `abandoned` with the generic error, and the handing worker's log line
-//! names the reason. Nothing else depends on the note: a missing one costs only the
-//! precise reason, never the letter. `abandoned` otherwise means what it says: the last
-//! delivery never settled.
+//! store within its hold limit (see `/readyz` in the ops module): the worker publishes
+//! a hand-off record ([`HAND_OFF_TYPE`]: stream, consumer, sequence, reason and error) to
+//! that consumer's advisory subject and waits for the advisory stream's PubAck, then naks
+//! it; the safety net retries the copy with its own slots while the original stays in
+//! its stream. The record, not the server's advisory, is what the hand-over rests on:
+//! an advisory emitted while the advisory stream has no leader (its leader's server
+//! killed, as in a cluster fault) is gone. When the record cannot be stored either, the
+//! worker keeps holding the original (progress acks) and retries both. Letters filed
+//! from a record carry the worker's reason and error instead of `abandoned`, whichever
+//! replica files them; the handing process also keeps that note in memory (in the
+//! consumer's [`StreamGuard`](crate::dead_letter::StreamGuard)) for when it takes the
+//! server's advisory first. When another replica takes the server's advisory before the
+//! record, its letter says `abandoned` (the letter id is the same, so the record then
+//! finds it stored): a missing note costs only the precise reason, never the letter.
+//! `abandoned` otherwise means what it says: the last delivery never settled.
 //!
 //! The safety net publishes through the same guard as its consumer: while the
 //! dead-letter stream would drop copies it files nothing and retries the advisory.
@@ -139,7 +142,8 @@ fn safety_net_consumer(watched: &ConsumerConfig) -> ConsumerConfig {
     }
 }
 
-/// The fields of a max-deliveries advisory jetworker uses.
+/// The fields of a max-deliveries advisory jetworker uses; a worker's [hand-off
+/// record](HAND_OFF_TYPE) has them too, and says why.
 #[derive(Debug, Clone, Deserialize)]
 pub struct MaxDeliveriesAdvisory {
     /// Stream of the stranded message.
@@ -150,6 +154,80 @@ pub struct MaxDeliveriesAdvisory {
     pub stream_seq: u64,
     /// Deliveries made.
     pub deliveries: u64,
+    /// The server's `io.nats.jetstream.advisory.v1.max_deliver`, or [`HAND_OFF_TYPE`].
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    /// A hand-off record's reason (the wire form of [`Reason`]).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// A hand-off record's error: the handler's, and why the copy was not stored.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The `type` of a worker's hand-off record: published, and PubAcked by the advisory
+/// stream, before a last delivery whose copy could not be stored is handed to the
+/// safety net with a nak. The server's own max-deliveries advisory for that nak is a
+/// core message the server stores only while the advisory stream has a leader: the
+/// record does not depend on it (the safety net files the letter from whichever comes
+/// first, under the same message id), and it carries the worker's reason and error to
+/// whichever replica's safety net takes it. It goes to the advisory's own subject
+/// ([`advisory_subject`]), so the same filtered durable receives both on every server
+/// version; listeners to advisories see a message of this type there.
+pub const HAND_OFF_TYPE: &str = "io.jetworker.safety_net.hand_off.v1";
+
+/// Publishes the hand-off record of `sequence` of `stream`, given up by `consumer`
+/// after `deliveries` (see [`HAND_OFF_TYPE`]), and waits for the advisory stream's
+/// PubAck within `timeout`. `Err` says why it is not stored: then the original must not
+/// be handed over (its advisory could be lost the same way).
+pub(crate) async fn publish_hand_off(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+    sequence: u64,
+    deliveries: u64,
+    hand_off: &dead_letter::HandOff,
+    timeout: Duration,
+) -> Result<(), String> {
+    let record = serde_json::json!({
+        "type": HAND_OFF_TYPE,
+        "stream": stream,
+        "consumer": consumer,
+        "stream_seq": sequence,
+        "deliveries": deliveries,
+        "reason": hand_off.reason.as_str(),
+        "error": dead_letter::header_value(&hand_off.error, dead_letter::MAX_ERROR_LEN),
+        "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    });
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("jetworker-hand-off.{stream}.{sequence}.{consumer}").as_str(),
+    );
+    let subject = advisory_subject(stream, consumer);
+    let publish = async {
+        js.publish_with_headers(subject.clone(), headers, record.to_string().into())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let ack = tokio::time::timeout(timeout, publish)
+        .await
+        .map_err(|_| {
+            format!(
+                "no PubAck for the hand-off record on {subject} within {}",
+                humantime::format_duration(timeout)
+            )
+        })?
+        .map_err(|e| format!("the hand-off record on {subject} was not stored: {e}"))?;
+    if ack.stream != ADVISORY_STREAM {
+        return Err(format!(
+            "the hand-off record on {subject} went to stream {:?}, not {ADVISORY_STREAM}: the safety net would not see it",
+            ack.stream
+        ));
+    }
+    Ok(())
 }
 
 /// Dead-letters stranded messages; see the module docs.
@@ -206,8 +284,22 @@ impl SafetyNet {
             advisory.deliveries, advisory.deliveries
         );
         let guard = self.guards.get(&advisory.consumer);
-        // Handed over by this process knowing why: the letter says so.
-        let (reason, error) = match guard.as_ref().and_then(|g| g.hand_off(advisory.stream_seq)) {
+        // Handed over knowing why (a note of this process, or the worker's hand-off
+        // record): the letter says so.
+        let recorded = advisory
+            .reason
+            .as_deref()
+            .and_then(Reason::parse)
+            .filter(|_| advisory.kind == HAND_OFF_TYPE)
+            .map(|reason| dead_letter::HandOff {
+                reason,
+                error: advisory.error.clone().unwrap_or_default(),
+            });
+        let (reason, error) = match guard
+            .as_ref()
+            .and_then(|g| g.hand_off(advisory.stream_seq))
+            .or(recorded)
+        {
             Some(note) => (note.reason, note.error),
             None => (Reason::Abandoned, error),
         };
@@ -263,6 +355,7 @@ impl SafetyNet {
         tracing::warn!(
             stream = %advisory.stream, consumer = %advisory.consumer, seq = advisory.stream_seq,
             deliveries = advisory.deliveries, reason = %letter.reason, duplicate = ack.duplicate,
+            hand_off_record = advisory.kind == HAND_OFF_TYPE,
             original_missing = letter.subject.is_empty(), dead_letter_subject = %subject,
             "stranded message dead-lettered by the safety net"
         );

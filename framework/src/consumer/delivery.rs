@@ -26,6 +26,7 @@ use crate::config::ConsumerConfig;
 use crate::dead_letter::{self, DeadLetter};
 use crate::handler::{Context, ErasedHandler, HandlerErrorKind, HandlerFuture};
 use crate::outcome::{decide, Attempted, Outcome, Reason};
+use crate::safety_net;
 use crate::trace::{self, DeliveryTrace};
 
 /// The first wait before retrying a dead-letter publish held on a message's last
@@ -651,24 +652,52 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     && rt.stats.dead_letters_held.load(Ordering::Relaxed) >= hold_slots;
                 held.get_or_insert_with(|| Held::new(&rt.stats));
                 if slots_taken || Instant::now() >= hold_until {
-                    tracing::error!(
-                        stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
-                        held_for = %humantime::format_duration(dead_letter_hold_limit(&rt.config)),
-                        "dead-letter copy still not stored; handing the original to the safety net (it stays in its stream)"
-                    );
-                    // The safety net's letter says why, not `abandoned`.
-                    if let Some(guard) = rt.stats.dead_letter_guard.get() {
-                        let error = format!("{}; handed to the safety net: {e}", letter.error);
-                        guard.note_hand_off(seq, dead_letter::HandOff { reason, error });
+                    // The safety net's letter says why, not `abandoned`; the record is
+                    // stored before the nak, so the hand-over never rests on the
+                    // server's advisory alone (a core message, lost while the advisory
+                    // stream has no leader).
+                    let hand_off = dead_letter::HandOff {
+                        reason,
+                        error: format!("{}; handed to the safety net: {e}", letter.error),
+                    };
+                    match safety_net::publish_hand_off(
+                        &rt.js,
+                        stream,
+                        consumer,
+                        seq,
+                        attempt,
+                        &hand_off,
+                        rt.request_timeout,
+                    )
+                    .await
+                    {
+                        Ok(()) => {
+                            tracing::error!(
+                                stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
+                                held_for = %humantime::format_duration(dead_letter_hold_limit(&rt.config)),
+                                "dead-letter copy still not stored; handed the original to the safety net (it stays in its stream)"
+                            );
+                            if let Some(guard) = rt.stats.dead_letter_guard.get() {
+                                guard.note_hand_off(seq, hand_off);
+                            }
+                            if send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(seq))
+                                .await
+                            {
+                                rt.stats
+                                    .dead_letters_handed_over
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            // Its last delivery: the server sends it no more (the safety
+                            // net takes it from here), so its key moves on as after a
+                            // dead letter.
+                            return Settled::Gone;
+                        }
+                        Err(why) => tracing::error!(
+                            stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
+                            hand_off = %why,
+                            "dead-letter copy not stored and the safety net cannot take the original either; holding it (progress acks) and retrying both"
+                        ),
                     }
-                    if send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(seq)).await {
-                        rt.stats
-                            .dead_letters_handed_over
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    // Its last delivery: the server sends it no more (the safety net
-                    // takes it from here), so its key moves on as after a dead letter.
-                    return Settled::Gone;
                 }
                 let wait = retry.next();
                 tracing::error!(
@@ -683,12 +712,35 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     Some(delivery.sequence),
                 )
                 .await;
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = rt.hard_stop.cancelled() => {
-                        send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(delivery.sequence)).await;
-                        return Settled::Returns { after: Duration::ZERO };
+                let stopped = tokio::select! {
+                    _ = tokio::time::sleep(wait) => false,
+                    _ = rt.hard_stop.cancelled() => true,
+                };
+                if stopped {
+                    // Out of grace: the server's advisory for this nak takes it to the
+                    // safety net; the record (tried briefly) makes that not rest on it.
+                    let hand_off = dead_letter::HandOff {
+                        reason,
+                        error: format!(
+                            "{}; handed to the safety net at shutdown: {e}",
+                            letter.error
+                        ),
+                    };
+                    let brief = rt.request_timeout.min(Duration::from_secs(1));
+                    let recorded = safety_net::publish_hand_off(
+                        &rt.js, stream, consumer, seq, attempt, &hand_off, brief,
+                    )
+                    .await;
+                    if let Err(why) = recorded {
+                        tracing::warn!(
+                            stream, consumer = %consumer, seq, hand_off = %why,
+                            "hand-off record not stored at shutdown; the server's advisory alone hands the original to the safety net"
+                        );
                     }
+                    send_or_note(rt, &delivery.reply, AckKind::Nak(None), Some(seq)).await;
+                    return Settled::Returns {
+                        after: Duration::ZERO,
+                    };
                 }
             }
         }

@@ -8,8 +8,8 @@
 //! `max_msg_size`). `check` and `provision` refuse such a config ([`keeping_problems`]).
 //! A stream can still be edited (or deleted, or lose the subject) behind a running
 //! worker: each consumer's [`StreamGuard`] reads its dead-letter stream's info at start,
-//! every [`RECHECK`], and after every PubAck of a copy (one read covers the PubAcks of
-//! all copies that arrived before it began), and applies the same rules. While they
+//! every [`RECHECK`], and after a copy's publish fails or its letter is not read back
+//! (one read covers all copies that failed before it began), and applies the same rules. While they
 //! say the stream would drop copies:
 //!
 //! - the worker logs it (error: consumer, stream, key and reason; info once it is fit
@@ -20,8 +20,13 @@
 //!   original is termed: the dead-letter path fails as when a publish fails (the
 //!   original is retried, or held on its last delivery for one ack wait and then handed
 //!   to the safety net, which applies the same guard);
-//! - a PubAck that says `duplicate` is believed only when the letter it names is read
-//!   back from the stream: the copy it deduplicated against may have been dropped.
+//! - a PubAck is believed when the letter it names is read back from the stream (one
+//!   request per copy): a stream can acknowledge and drop, and the copy a `duplicate`
+//!   PubAck deduplicated against may have been dropped. A letter missing from a stream
+//!   whose info shows it fit and that removes acked messages (interest or work-queue
+//!   retention, which the rules accept only with a consumer) may have been read and
+//!   acked by that consumer already: such a PubAck is believed unless it says
+//!   `duplicate`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -155,6 +160,10 @@ struct Verdict {
     problem: Option<String>,
     /// The stream that captured the dead-letter subject at that read.
     stream: Option<String>,
+    /// Whether that stream removes a message once its consumers have acked it
+    /// (interest or work-queue retention): a letter read and acked by the app's own
+    /// consumer of dead letters is gone without being dropped.
+    removed_when_acked: bool,
 }
 
 /// Why a last delivery was handed to the safety net, noted for the safety net's letter.
@@ -271,6 +280,15 @@ impl StreamGuard {
             .is_none_or(|known| known == stream)
     }
 
+    /// Whether the stream, as last read, removes letters its consumers have acked, so
+    /// that a letter missing right after its PubAck may have been read, not dropped.
+    pub(crate) fn removes_acked(&self) -> bool {
+        self.verdict
+            .lock()
+            .ok()
+            .is_some_and(|v| v.removed_when_acked)
+    }
+
     /// Reads the stream's info now and records (and logs a change of) the verdict. A
     /// read that fails for another reason than "no such stream" (a timeout, the
     /// connection down) keeps the previous verdict.
@@ -280,7 +298,7 @@ impl StreamGuard {
         let Ok(mut verdict) = self.verdict.lock() else {
             return;
         };
-        let (problem, stream) = match found {
+        let (problem, stream, removed_when_acked) = match found {
             Ok(found) => found,
             Err(e) => {
                 tracing::debug!(consumer = %self.consumer, dead_letter_subject = %self.subject, error = %e, "dead-letter stream not read; the last verdict stands");
@@ -308,6 +326,7 @@ impl StreamGuard {
             checked: Some(began),
             problem,
             stream,
+            removed_when_acked,
         };
     }
 
@@ -315,13 +334,13 @@ impl StreamGuard {
     async fn find(
         &self,
         js: &jetstream::Context,
-    ) -> Result<(Option<String>, Option<String>), String> {
+    ) -> Result<(Option<String>, Option<String>, bool), String> {
         use jetstream::context::{GetStreamByNameErrorKind, GetStreamErrorKind};
         let subject = &self.subject;
         let name = match js.stream_by_subject(subject.as_str()).await {
             Ok(name) => name,
             Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
-                return Ok((Some(format!("{subject:?} is captured by no stream (the dead-letter stream was deleted, or the subject removed from its subjects): copies would not be stored; restore the stream (`jetworker-cli provision`)")), None));
+                return Ok((Some(format!("{subject:?} is captured by no stream (the dead-letter stream was deleted, or the subject removed from its subjects): copies would not be stored; restore the stream (`jetworker-cli provision`)")), None, false));
             }
             Err(e) => return Err(e.to_string()),
         };
@@ -331,7 +350,7 @@ impl StreamGuard {
                 GetStreamErrorKind::JetStream(j)
                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
                 {
-                    return Ok((Some(format!("{subject:?} goes to stream {name:?}, which is gone: copies would not be stored; restore it (`jetworker-cli provision`)")), None));
+                    return Ok((Some(format!("{subject:?} goes to stream {name:?}, which is gone: copies would not be stored; restore it (`jetworker-cli provision`)")), None, false));
                 }
                 _ => return Err(e.to_string()),
             },
@@ -359,7 +378,8 @@ impl StreamGuard {
             .map(|p| p.describe(subject, &facts, None))
             .collect::<Vec<_>>();
         let problem = (!problem.is_empty()).then(|| problem.join("; "));
-        Ok((problem, Some(name)))
+        let removed_when_acked = config.retention != jetstream::stream::RetentionPolicy::Limits;
+        Ok((problem, Some(name), removed_when_acked))
     }
 
     /// Notes why the last delivery of `sequence` is handed to the safety net, for the
