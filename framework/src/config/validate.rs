@@ -282,19 +282,24 @@ fn consumer_problems(
     streams: &[StreamConfig],
     problems: &mut Problems,
 ) {
-    let mut consumer_names: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut consumer_names: HashMap<&str, usize> = HashMap::new();
     for (i, cons) in consumers.iter().enumerate() {
         let key = |field: &str| format!("consumers[{i}].{field}");
         if let Some(why) = name_problem(&cons.name) {
             problems.add(key("name"), why);
-        } else if let Some(first) = consumer_names.insert((&cons.stream, &cons.name), i) {
-            problems.add(
-                key("name"),
+        } else if let Some(first) = consumer_names.insert(&cons.name, i) {
+            let message = if consumers[first].stream == cons.stream {
                 format!(
                     "duplicate consumer {:?} on stream {:?} (also consumers[{first}])",
                     cons.name, cons.stream
-                ),
-            );
+                )
+            } else {
+                format!(
+                    "duplicate consumer name {:?} (also consumers[{first}], on stream {:?}): {CONSUMER_NAME_CLASH}; rename one of them",
+                    cons.name, consumers[first].stream
+                )
+            };
+            problems.add(key("name"), message);
         }
         let stream = streams.iter().find(|s| s.name == cons.stream);
         reading_problems(cons, stream, &key, problems);
@@ -558,7 +563,10 @@ fn keeping_problems(
     }
 }
 
-/// Where a name must be unique on the server.
+/// Why two consumers of one config may not share a name, even on two streams.
+const CONSUMER_NAME_CLASH: &str = "the worker tells its consumers apart by name alone (metrics, /readyz, logs, status, `dlq --consumer`), so the two would share their counters and health";
+
+/// Where a name must be unique (on the server, or in the worker).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Namespace {
     /// Streams of the account (key-value and object buckets are streams too).
@@ -569,6 +577,8 @@ enum Namespace {
     KvBucket,
     /// Object-store buckets.
     ObjectBucket,
+    /// The names the worker tells its consumers apart by, on every stream.
+    ConsumerName,
 }
 
 impl Namespace {
@@ -581,12 +591,14 @@ impl Namespace {
             }
             Namespace::KvBucket => "the two would be one key-value bucket on the server",
             Namespace::ObjectBucket => "the two would be one object-store bucket on the server",
+            Namespace::ConsumerName => CONSUMER_NAME_CLASH,
         }
     }
 }
 
 /// Who has a name: the key path it comes from, what it is, and whether the file
 /// declares it as such (two declared names are checked by their own sections).
+#[derive(Clone)]
 struct Claim {
     key: String,
     what: String,
@@ -704,6 +716,12 @@ fn derived_name_problems(config: &Config, problems: &mut Problems) {
             format!("consumers[{i}].name"),
             format!("consumer {:?} of stream {:?}", c.name, c.stream),
         );
+        claims.claim(
+            Namespace::ConsumerName,
+            c.name.clone(),
+            claim.clone(),
+            problems,
+        );
         if claims.claim(
             Namespace::Consumer(c.stream.clone()),
             c.name.clone(),
@@ -764,9 +782,17 @@ fn derived_name_problems(config: &Config, problems: &mut Problems) {
             if claims.claim(
                 namespace,
                 name.clone(),
-                derived(lease_key.clone(), what),
+                derived(lease_key.clone(), what.clone()),
                 problems,
             ) {
+                // Reported once: a partition taking a durable's name on its own stream
+                // is reported above.
+                claims.claim(
+                    Namespace::ConsumerName,
+                    name.clone(),
+                    derived(lease_key.clone(), what),
+                    problems,
+                );
                 durables.push(name);
             }
         }
@@ -1039,6 +1065,28 @@ mod tests {
     }
 
     #[test]
+    fn consumer_names_are_unique_across_streams() {
+        let config = with(vec![consumer("archive", "ORDERS"), consumer("archive", "OTHER")]);
+        let problems: Vec<(String, String)> = config
+            .problems()
+            .into_iter()
+            .map(|p| (p.key, p.message))
+            .collect();
+        let named: Vec<&(String, String)> = problems
+            .iter()
+            .filter(|(k, _)| k == "consumers[1].name")
+            .collect();
+        assert_eq!(named.len(), 1, "{problems:?}");
+        let message = &named[0].1;
+        assert!(
+            message.contains("duplicate consumer name \"archive\"")
+                && message.contains("also consumers[0], on stream \"ORDERS\"")
+                && message.contains("share their counters and health"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn a_partition_durable_may_not_be_a_declared_consumer() {
         let clash = with(vec![
             partitioned("orders", "ORDERS", 4),
@@ -1054,12 +1102,21 @@ mod tests {
                 && message.contains("(consumers[1].name)"),
             "{message}"
         );
-        // The same name on another stream is another durable; past the partitions too.
-        assert!(derived(&with(vec![
+        // The same name on another stream is another durable, but the worker names its
+        // consumers (metrics, health) by name alone: refused too.
+        let problems = derived(&with(vec![
             partitioned("orders", "ORDERS", 4),
-            consumer("orders-2", "OTHER")
-        ]))
-        .is_empty());
+            consumer("orders-2", "OTHER"),
+        ]));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let (key, message) = &problems[0];
+        assert_eq!(key, "consumers[0].partitions");
+        assert!(
+            message.contains("partition 2 of consumer \"orders\"")
+                && message.contains("(consumers[1].name)")
+                && message.contains("share their counters"),
+            "{message}"
+        );
         assert!(derived(&with(vec![
             partitioned("orders", "ORDERS", 2),
             consumer("orders-2", "ORDERS")
