@@ -408,3 +408,65 @@ async fn the_worker_process_memory_stays_bounded_under_a_hostile_stream() {
         "peak RSS grew from {baseline} KiB to {peak} KiB after {sent_kib} KiB of hostile messages"
     );
 }
+
+/// Headers naming `Nats-Msg-Id` (a header `X-Nats-Msg-Id`, a value or an error that
+/// mentions it) do not hide a dead-letter copy's own message id from the server: each
+/// copy published twice is stored once, and reads back as it was meant. nats-server 2.9
+/// reads the id only at the first place that text occurs in the header block, and the
+/// client writes headers in no fixed order: without the escaping, about every other
+/// copy here would be stored twice.
+#[tokio::test]
+async fn headers_naming_the_message_id_do_not_hide_the_copys_id() {
+    let server = NatsServer::start().expect("server");
+    let (_c, js) = connect(&server.url()).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "DLQ".into(),
+        subjects: vec!["dlq.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("dead-letter stream");
+    let copies = 12u64;
+    for seq in 1..=copies {
+        let mut headers = HeaderMap::new();
+        headers.insert("X-Nats-Msg-Id", format!("sender-{seq}").as_str());
+        headers.insert("Note", "echoes Nats-Msg-Id");
+        let letter = jetworker::DeadLetter {
+            subject: format!("jobs.{seq}"),
+            headers,
+            stream: "EVENTS".into(),
+            sequence: seq,
+            consumer: "jobs".into(),
+            attempts: 1,
+            reason: Reason::Permanent,
+            error: "no Nats-Msg-Id given".into(),
+        };
+        let timeout = Duration::from_secs(5);
+        let first = letter
+            .publish(&js, "dlq.jobs", "payload".into(), timeout)
+            .await
+            .expect("stored");
+        let again = letter
+            .publish(&js, "dlq.jobs", "payload".into(), timeout)
+            .await
+            .expect("acknowledged");
+        assert!(
+            !first.duplicate && again.duplicate,
+            "copy {seq}: the second publish was not seen as a duplicate"
+        );
+    }
+    let stored = messages(&js, "DLQ").await;
+    assert_eq!(stored.len() as u64, copies, "each copy stored once");
+    let restored = dead_letter::restore_escaped(&stored[0].headers);
+    let get = |k: &str| restored.get(k).map(|v| v.as_str().to_string());
+    assert_eq!(get("X-Nats-Msg-Id").as_deref(), Some("sender-1"));
+    assert_eq!(get("Note").as_deref(), Some("echoes Nats-Msg-Id"));
+    assert_eq!(
+        get(dead_letter::ERROR).as_deref(),
+        Some("no Nats-Msg-Id given")
+    );
+    assert_eq!(
+        get(dead_letter::ORIGINAL_SUBJECT).as_deref(),
+        Some("jobs.1")
+    );
+}

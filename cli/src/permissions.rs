@@ -253,6 +253,13 @@ impl Permissions {
                     dl.name
                 ),
             );
+            b.publish(
+                format!("{api}.DIRECT.GET.{}", dl.name),
+                format!(
+                    "the same read-back by a direct get, when {} allows them",
+                    dl.name
+                ),
+            );
         }
         let nets = jetworker::safety_net_consumers(config);
         for net in &nets {

@@ -39,6 +39,7 @@ use bytes::Bytes;
 use crate::error::Error;
 use crate::outcome::Reason;
 
+use guard::Proof;
 pub use guard::{keeping_problems, DeadLetterGuards, HandOff, KeepingFacts, StreamGuard};
 
 /// Subject the original was published to.
@@ -65,6 +66,109 @@ pub const ORIGINAL_PREFIX: &str = "Jetworker-Original-";
 /// that name would, about every other time, have no message id for the server and be
 /// stored again when it is published again.
 pub const ORIGINAL_MSG_ID: &str = "Jetworker-Original-Msg-Id";
+
+/// Where a copy keeps a header whose name or value contains the text `Nats-Msg-Id`
+/// (other than its own message id): one header `Jetworker-Escaped-Header-<n>` (`n` from
+/// 1; distinct names, as async-nats reads back only one value per name from a stream
+/// get) per such header, its value `<name>:<value>`, both escaped so that the text no
+/// longer occurs (`%` as `%25`, the `-` before `Id` as `%2D`). nats-server 2.9 looks for
+/// the message id only at the first place the text occurs in the header block, and the
+/// client writes headers in no fixed order: a header such as `X-Nats-Msg-Id`, an error
+/// or subject naming it, would otherwise hide the copy's id now and then, and a copy
+/// published twice would be stored twice. [`restore_escaped`] gives the copy's headers
+/// back as they were meant; `dlq` reads letters through it.
+pub const ESCAPED_HEADER: &str = "Jetworker-Escaped-Header";
+
+/// The text nats-server 2.9 looks for (see [`ESCAPED_HEADER`]).
+const MSG_ID_TEXT: &str = "Nats-Msg-Id";
+
+/// `text` with `%` written `%25` and every `Nats-Msg-Id` written `Nats-Msg%2DId`.
+fn escape(text: &str) -> String {
+    text.replace('%', "%25")
+        .replace(MSG_ID_TEXT, "Nats-Msg%2DId")
+}
+
+/// The inverse of [`escape`]: `%25` and `%2D` decoded, anything else kept.
+fn unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        match rest.get(at + 1..at + 3) {
+            Some("25") => out.push('%'),
+            Some("2D") => out.push('-'),
+            _ => {
+                out.push('%');
+                rest = &rest[at + 1..];
+                continue;
+            }
+        }
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether `name` is one of the [`ESCAPED_HEADER`] names.
+fn is_escaped_name(name: &str) -> bool {
+    name.len() >= ESCAPED_HEADER.len()
+        && name.is_char_boundary(ESCAPED_HEADER.len())
+        && name[..ESCAPED_HEADER.len()].eq_ignore_ascii_case(ESCAPED_HEADER)
+}
+
+/// A copy's header entry as stored: itself, or `(ESCAPED_HEADER, <name>:<value>)`
+/// escaped when its name or value contains `Nats-Msg-Id` (numbered when the copy is
+/// assembled). A header of the escaped names from the original is wrapped too:
+/// restoring never reads what a sender wrote as if the copy had escaped it.
+fn stored_entry(name: &str, value: &str) -> (String, String) {
+    if name.contains(MSG_ID_TEXT) || value.contains(MSG_ID_TEXT) || is_escaped_name(name) {
+        (
+            ESCAPED_HEADER.to_string(),
+            format!("{}:{}", escape(name), escape(value)),
+        )
+    } else {
+        (name.to_string(), value.to_string())
+    }
+}
+
+/// A stored dead letter's headers as they were meant: each [`ESCAPED_HEADER`] entry
+/// back under its own name (after the others, in their order), everything else as
+/// stored.
+pub fn restore_escaped(stored: &HeaderMap) -> HeaderMap {
+    if !stored
+        .iter()
+        .any(|(name, _)| is_escaped_name(name.as_ref()))
+    {
+        return stored.clone();
+    }
+    let mut out = HeaderMap::new();
+    let mut escaped = Vec::new();
+    for (name, values) in stored.iter() {
+        let name: &str = name.as_ref();
+        if is_escaped_name(name) {
+            let n: u64 = name[ESCAPED_HEADER.len()..]
+                .trim_start_matches('-')
+                .parse()
+                .unwrap_or(u64::MAX);
+            escaped.extend(values.iter().map(|v| (n, v.as_str().to_string())));
+            continue;
+        }
+        for value in values {
+            out.append(name, value.as_str());
+        }
+    }
+    escaped.sort();
+    for (_, entry) in escaped {
+        let Some((name, value)) = entry.split_once(':') else {
+            continue;
+        };
+        let (name, value) = (unescape(name), unescape(value));
+        if let Ok(name) = name.parse::<async_nats::header::HeaderName>() {
+            out.append(name, value.as_str());
+        }
+    }
+    out
+}
 /// Set by `dlq replay` on the republished message: how many times it was replayed.
 pub const REPLAY_COUNT: &str = "Jetworker-Replay-Count";
 
@@ -161,7 +265,11 @@ impl DeadLetter {
         if wire_len(&full) + payload.len() <= max_size {
             return (full, payload);
         }
-        let entry_len = |(name, value): &(String, String)| name.len() + value.len() + 4;
+        // An escaped entry's name gets a number (`-<n>`).
+        let entry_len = |(name, value): &(String, String)| {
+            let number = if name == ESCAPED_HEADER { 8 } else { 0 };
+            name.len() + value.len() + 4 + number
+        };
         // Room for our own headers and the (bounded) list of dropped names.
         let own = wire_len(&self.assemble(&[], &[])) + DROPPED_HEADERS.len() + 1024 + 4;
         let mut kept_len: usize = originals.iter().map(entry_len).sum();
@@ -237,49 +345,88 @@ impl DeadLetter {
                 name.to_string()
             };
             for value in values {
-                out.push((target.clone(), value.as_str().to_string()));
+                out.push(stored_entry(&target, value.as_str()));
             }
         }
         out
     }
 
     /// `originals`, then the dead-letter headers (which win over same-named originals),
-    /// then `extra` (skipping empty values).
+    /// then `extra` (skipping empty values), each as [`stored_entry`] makes it, and the
+    /// copy's message id.
     fn assemble(&self, originals: &[(String, String)], extra: &[(&str, String)]) -> HeaderMap {
+        let own = self.own_entries(originals, extra);
         let mut out = HeaderMap::new();
+        let mut escaped = 0;
+        let mut put = |name: &str, value: &str| {
+            if name == ESCAPED_HEADER {
+                escaped += 1;
+                out.insert(format!("{ESCAPED_HEADER}-{escaped}").as_str(), value);
+            } else {
+                out.append(name, value);
+            }
+        };
         for (name, value) in originals {
-            out.append(name.as_str(), value.as_str());
+            if !own.iter().any(|(ours, _)| ours.eq_ignore_ascii_case(name)) {
+                put(name, value);
+            }
         }
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        for (name, value) in &own {
+            let (name, value) = stored_entry(name, value);
+            put(&name, &value);
+        }
         out.insert(
             "Nats-Msg-Id",
             message_id(&self.stream, self.sequence, &self.consumer).as_str(),
         );
-        out.insert(ORIGINAL_SUBJECT, header_value(&self.subject, 4096).as_str());
-        out.insert(STREAM, self.stream.as_str());
-        out.insert(SEQUENCE, self.sequence.to_string().as_str());
-        out.insert(CONSUMER, self.consumer.as_str());
-        out.insert(ATTEMPTS, self.attempts.to_string().as_str());
-        out.insert(REASON, self.reason.as_str());
-        out.insert(ERROR, header_value(&self.error, MAX_ERROR_LEN).as_str());
-        out.insert(TIME, now.as_str());
+        out
+    }
+
+    /// The dead-letter headers of the copy but its message id, then `extra` (skipping
+    /// empty values), as meant (not yet escaped).
+    fn own_entries(
+        &self,
+        originals: &[(String, String)],
+        extra: &[(&str, String)],
+    ) -> Vec<(String, String)> {
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let mut own: Vec<(String, String)> = vec![
+            (ORIGINAL_SUBJECT.into(), header_value(&self.subject, 4096)),
+            (STREAM.into(), self.stream.clone()),
+            (SEQUENCE.into(), self.sequence.to_string()),
+            (CONSUMER.into(), self.consumer.clone()),
+            (ATTEMPTS.into(), self.attempts.to_string()),
+            (REASON.into(), self.reason.as_str().into()),
+            (ERROR.into(), header_value(&self.error, MAX_ERROR_LEN)),
+            (TIME.into(), now),
+        ];
         // The copy is in the message's trace: it keeps the original's traceparent and
         // tracestate (a replay continues the sender's trace); a message that came
         // without one (or whose header did not fit) gets the trace of the delivery that
         // gave up on it, when there is one (the exported span, feature `otel`).
-        if out.get(crate::trace::TRACEPARENT).is_none() {
+        let traced = originals
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case(crate::trace::TRACEPARENT));
+        if !traced {
             if let Some(trace) = crate::trace::continuing(&self.headers) {
-                trace.insert_into(&mut out);
+                let mut context = HeaderMap::new();
+                trace.insert_into(&mut context);
+                for (name, values) in context.iter() {
+                    let name: &str = name.as_ref();
+                    for value in values {
+                        own.push((name.to_string(), value.as_str().to_string()));
+                    }
+                }
             }
         }
         for (name, value) in extra {
             if !value.is_empty() {
-                out.insert(*name, value.as_str());
+                own.push((name.to_string(), value.clone()));
             }
         }
-        out
+        own
     }
 }
 
@@ -343,17 +490,16 @@ impl DeadLetter {
 /// [`publish`], trusting the PubAck only as far as `guard` (the consumer's
 /// [`StreamGuard`]) says the dead-letter stream keeps copies: nothing is published while
 /// the last read of the stream found it would drop them (and that read is under a
-/// second old); a PubAck is believed when the letter it names (at its sequence, with
-/// the copy's `Nats-Msg-Id`) is read back from the stream, and only when it comes from
-/// the stream that captures the subject. A failed publish or a letter not read back
-/// makes the guard read the stream's info (begun after it, shared with the copies
-/// waiting meanwhile), so that the reason it names is the stream's; a letter missing
-/// from a stream that info shows fit and removing acked messages (interest or work-queue
-/// retention, read by the app's own consumer) is believed read, unless the PubAck said
-/// `duplicate`. The read-back is one
-/// request per copy, made concurrently by the copies in flight; it also covers a
-/// `duplicate` PubAck, whose earlier copy may have been dropped. Without a guard,
-/// [`publish`].
+/// second old); a PubAck from another stream than the one capturing the subject is
+/// refused; a PubAck is believed when a read of the stream's info begun after it (one
+/// request, shared with every copy acknowledged meanwhile) finds the same stream (not
+/// made again) fit to keep copies. When that read cannot tell, and for a `duplicate`
+/// PubAck (whose earlier copy may have been dropped), the letter it names is read back
+/// (at its sequence, with the copy's `Nats-Msg-Id`); a letter missing from a fit stream
+/// that removes acked messages (interest or work-queue retention, read by the app's own
+/// consumer) is believed read, unless the PubAck said `duplicate`. A failed publish makes
+/// the guard read the stream too, so that the reason it names is the stream's. Without a
+/// guard, [`publish`].
 pub(crate) async fn publish_kept(
     js: &jetstream::Context,
     guard: Option<&StreamGuard>,
@@ -387,14 +533,25 @@ pub(crate) async fn publish_kept(
             return Err(e);
         }
     };
+    let acked = Instant::now();
     if !guard.is_expected_stream(&ack.stream) {
         return Err(would_drop(format!(
             "the PubAck came from stream {:?}, not the stream that captures the subject",
             ack.stream
         )));
     }
+    if !ack.duplicate {
+        match guard.proves_kept(js, acked, &ack.stream).await {
+            Proof::Kept => {
+                guard.stored();
+                return Ok(ack);
+            }
+            Proof::WouldDrop(why) => return Err(would_drop(why)),
+            Proof::Unknown => {}
+        }
+    }
     let id = message_id(&letter.stream, letter.sequence, &letter.consumer);
-    if let Err(why) = read_back(js, &ack, &id, timeout).await {
+    if let Err(why) = read_back(js, &ack, &id, guard.direct_get(), timeout).await {
         // Say why in the stream's own terms when its info shows it.
         guard
             .keeping_since(js, Instant::now())
@@ -412,13 +569,31 @@ pub(crate) async fn publish_kept(
 }
 
 /// Reads the message `ack` names back from its stream: `Ok` when it is there with
-/// `Nats-Msg-Id` `id`, else why not (within `timeout`).
+/// `Nats-Msg-Id` `id`, else why not (within `timeout`). With `direct`, a direct get is
+/// tried first (answered by the stream without the JetStream API, and in a cluster by
+/// any replica, which may not have it yet): what it does not confirm is read from the
+/// stream's leader.
 async fn read_back(
     js: &jetstream::Context,
     ack: &jetstream::publish::PublishAck,
     id: &str,
+    direct: bool,
     timeout: Duration,
 ) -> Result<(), String> {
+    let holds_id = |found: &jetstream::message::StreamMessage| {
+        found.headers.get("Nats-Msg-Id").map(|v| v.as_str()) == Some(id)
+    };
+    if direct {
+        let get = async {
+            let stream = js.get_stream_no_info(&ack.stream).await.ok()?;
+            stream.direct_get(ack.sequence).await.ok()
+        };
+        if let Ok(Some(found)) = tokio::time::timeout(timeout, get).await {
+            if holds_id(&found) {
+                return Ok(());
+            }
+        }
+    }
     let at = format!("sequence {} of stream {:?}", ack.sequence, ack.stream);
     let what = if ack.duplicate {
         "the PubAck says it is a duplicate, and the copy it names"
@@ -445,16 +620,16 @@ async fn read_back(
             ))
         }
     };
-    match found.headers.get("Nats-Msg-Id").map(|v| v.as_str()) {
-        Some(found_id) if found_id == id => Ok(()),
-        other => Err(format!(
-            "{what} ({at}) is not there: that sequence holds {}; retried once the stream's duplicate window has passed",
-            match other {
-                Some(other) => format!("the letter {other:?}"),
-                None => "a message without a Nats-Msg-Id".to_string(),
-            }
-        )),
+    if holds_id(&found) {
+        return Ok(());
     }
+    Err(format!(
+        "{what} ({at}) is not there: that sequence holds {}; retried once the stream's duplicate window has passed",
+        match found.headers.get("Nats-Msg-Id") {
+            Some(other) => format!("the letter {:?}", other.as_str()),
+            None => "a message without a Nats-Msg-Id".to_string(),
+        }
+    ))
 }
 
 /// Publishes the copy and waits for the server's PubAck (bounded by `timeout`). Only an
@@ -504,7 +679,13 @@ pub async fn publish(
             dropped_headers = dropped_headers.as_deref().unwrap_or(""),
             "the dead-letter copy would exceed the server's max payload: its payload is kept in the object store"
         );
-        headers.insert(PAYLOAD_OBJECT, object.as_str());
+        match stored_entry(PAYLOAD_OBJECT, &object) {
+            (name, value) if name == ESCAPED_HEADER => headers.insert(
+                format!("{ESCAPED_HEADER}-{}", u16::MAX).as_str(),
+                value.as_str(),
+            ),
+            (name, value) => headers.insert(name.as_str(), value.as_str()),
+        }
     } else if let Some(dropped) = dropped_headers {
         tracing::warn!(
             stream = %letter.stream, seq = letter.sequence, max_payload,
@@ -648,17 +829,7 @@ mod tests {
         assert_eq!(get(ORIGINAL_MSG_ID).as_deref(), Some("publisher-id-1"));
         // The copy's own message id is the only place the server can find the text
         // `Nats-Msg-Id` (nats-server 2.9 looks no further than its first occurrence).
-        let elsewhere: Vec<String> = h
-            .iter()
-            .filter(|(name, _)| AsRef::<str>::as_ref(*name) != "Nats-Msg-Id")
-            .flat_map(|(name, values)| {
-                let name: &str = name.as_ref();
-                values
-                    .iter()
-                    .map(move |v| format!("{name}: {}", v.as_str()))
-            })
-            .filter(|line| line.contains("Nats-Msg-Id"))
-            .collect();
+        let elsewhere = lines_naming_the_id(&h);
         assert!(elsewhere.is_empty(), "{elsewhere:?}");
         assert_eq!(
             get("Jetworker-Original-Nats-Expected-Stream").as_deref(),
@@ -674,6 +845,88 @@ mod tests {
         assert_eq!(get(REASON).as_deref(), Some("exhausted"));
         assert_eq!(get(ERROR).as_deref(), Some("line one  line two"));
         assert!(get(TIME).is_some_and(|t| t.ends_with('Z')));
+    }
+
+    /// Every `name: value` line of `h` but the copy's own message id that contains
+    /// `Nats-Msg-Id`.
+    fn lines_naming_the_id(h: &HeaderMap) -> Vec<String> {
+        h.iter()
+            .filter(|(name, _)| AsRef::<str>::as_ref(*name) != "Nats-Msg-Id")
+            .flat_map(|(name, values)| {
+                let name: &str = name.as_ref();
+                values
+                    .iter()
+                    .map(move |v| format!("{name}: {}", v.as_str()))
+            })
+            .filter(|line| line.contains(MSG_ID_TEXT))
+            .collect()
+    }
+
+    #[test]
+    fn headers_naming_the_message_id_are_escaped_and_restored() {
+        let mut original = HeaderMap::new();
+        original.insert("X-Nats-Msg-Id", "abc");
+        original.insert("Note", "see Nats-Msg-Id, 100% and %2D");
+        original.insert("Nats-Msg-Id", "id-Nats-Msg-Id");
+        original.insert(ESCAPED_HEADER, "Forged:one");
+        original.insert("jetworker-escaped-header-1", "Forged:two");
+        original.insert("Plain", "kept");
+        let letter = DeadLetter {
+            subject: "jobs.Nats-Msg-Id".into(),
+            headers: original,
+            stream: "EVENTS".into(),
+            sequence: 9,
+            consumer: "jobs".into(),
+            attempts: 2,
+            reason: Reason::Permanent,
+            error: "missing Nats-Msg-Id".into(),
+        };
+        let stored = letter.headers();
+        assert!(
+            lines_naming_the_id(&stored).is_empty(),
+            "{:?}",
+            lines_naming_the_id(&stored)
+        );
+        assert_eq!(
+            stored.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some("jetworker-dl.EVENTS.9.jobs")
+        );
+        assert_eq!(stored.get("Plain").map(|v| v.as_str()), Some("kept"));
+        // One value per name: a stream get keeps them all.
+        assert!(stored.iter().all(|(_, values)| values.len() == 1));
+        let restored = restore_escaped(&stored);
+        let get = |k: &str| restored.get(k).map(|v| v.as_str().to_string());
+        assert_eq!(get("X-Nats-Msg-Id").as_deref(), Some("abc"));
+        assert_eq!(
+            get("Note").as_deref(),
+            Some("see Nats-Msg-Id, 100% and %2D")
+        );
+        assert_eq!(get(ORIGINAL_MSG_ID).as_deref(), Some("id-Nats-Msg-Id"));
+        assert_eq!(get(ESCAPED_HEADER).as_deref(), Some("Forged:one"));
+        assert_eq!(
+            get("jetworker-escaped-header-1").as_deref(),
+            Some("Forged:two")
+        );
+        assert!(
+            restored.get("Forged").is_none(),
+            "a sender's header is not unwrapped"
+        );
+        assert_eq!(get(ORIGINAL_SUBJECT).as_deref(), Some("jobs.Nats-Msg-Id"));
+        assert_eq!(get(ERROR).as_deref(), Some("missing Nats-Msg-Id"));
+        assert_eq!(get(REASON).as_deref(), Some("permanent"));
+        // Nothing to restore: as stored.
+        let plain = DeadLetter {
+            subject: "jobs.1".into(),
+            headers: HeaderMap::new(),
+            error: "boom".into(),
+            ..letter
+        };
+        let stored = plain.headers();
+        assert!(!stored.iter().any(|(n, _)| is_escaped_name(n.as_ref())));
+        assert_eq!(restore_escaped(&stored), stored);
+        for text in ["", "%", "%2", "%2D%25%41", "a%25b", "Nats-Msg-Id"] {
+            assert_eq!(unescape(&escape(text)), text);
+        }
     }
 
     #[test]

@@ -164,12 +164,15 @@ pub use trace::TraceContext;
 ///
 /// A dead letter keeps the original's headers under
 /// [`ORIGINAL_PREFIX`](headers::ORIGINAL_PREFIX) and adds the others; `dlq replay`
-/// restores the original headers and adds [`REPLAY_COUNT`](headers::REPLAY_COUNT).
+/// restores the original headers and adds [`REPLAY_COUNT`](headers::REPLAY_COUNT). A
+/// header whose name or value contains `Nats-Msg-Id` is stored escaped under
+/// [`ESCAPED_HEADER`](headers::ESCAPED_HEADER); read a stored letter's headers through
+/// [`restore_escaped`](headers::restore_escaped).
 pub mod headers {
     pub use crate::dead_letter::{
-        ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, MAX_ERROR_LEN, ORIGINAL_MSG_ID,
-        ORIGINAL_PREFIX, ORIGINAL_SUBJECT, PAYLOAD_DROPPED, PAYLOAD_OBJECT, REASON, REPLAY_COUNT,
-        SEQUENCE, STREAM, TIME,
+        restore_escaped, ATTEMPTS, CONSUMER, DROPPED_HEADERS, ERROR, ESCAPED_HEADER, MAX_ERROR_LEN,
+        ORIGINAL_MSG_ID, ORIGINAL_PREFIX, ORIGINAL_SUBJECT, PAYLOAD_DROPPED, PAYLOAD_OBJECT,
+        REASON, REPLAY_COUNT, SEQUENCE, STREAM, TIME,
     };
     pub use crate::safety_net::ORIGINAL_MISSING;
     pub use crate::trace::{TRACEPARENT, TRACESTATE};

@@ -265,7 +265,9 @@ impl Dlq {
                     sequence,
                     subject: message.subject.to_string(),
                     time,
-                    headers: message.headers.clone().unwrap_or_default(),
+                    headers: dead_letter::restore_escaped(
+                        message.headers.as_ref().unwrap_or(&Default::default()),
+                    ),
                     payload: message.payload.clone(),
                 };
                 if filter.matches(&letter) {
@@ -316,7 +318,7 @@ impl Dlq {
             sequence,
             subject,
             time: message.time,
-            headers: message.headers,
+            headers: dead_letter::restore_escaped(&message.headers),
             payload: message.payload,
         };
         // A payload kept in the object store is shown from there; when the object is

@@ -1066,7 +1066,10 @@ mod tests {
 
     #[test]
     fn consumer_names_are_unique_across_streams() {
-        let config = with(vec![consumer("archive", "ORDERS"), consumer("archive", "OTHER")]);
+        let config = with(vec![
+            consumer("archive", "ORDERS"),
+            consumer("archive", "OTHER"),
+        ]);
         let problems: Vec<(String, String)> = config
             .problems()
             .into_iter()

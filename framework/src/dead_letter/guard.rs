@@ -8,8 +8,8 @@
 //! `max_msg_size`). `check` and `provision` refuse such a config ([`keeping_problems`]).
 //! A stream can still be edited (or deleted, or lose the subject) behind a running
 //! worker: each consumer's [`StreamGuard`] reads its dead-letter stream's info at start,
-//! every [`RECHECK`], and after a copy's publish fails or its letter is not read back
-//! (one read covers all copies that failed before it began), and applies the same rules. While they
+//! every [`RECHECK`], after a copy's PubAck and after a failed publish (one read covers
+//! every copy that came before it began), and applies the same rules. While they
 //! say the stream would drop copies:
 //!
 //! - the worker logs it (error: consumer, stream, key and reason; info once it is fit
@@ -20,13 +20,15 @@
 //!   original is termed: the dead-letter path fails as when a publish fails (the
 //!   original is retried, or held on its last delivery for one ack wait and then handed
 //!   to the safety net, which applies the same guard);
-//! - a PubAck is believed when the letter it names is read back from the stream (one
-//!   request per copy): a stream can acknowledge and drop, and the copy a `duplicate`
-//!   PubAck deduplicated against may have been dropped. A letter missing from a stream
-//!   whose info shows it fit and that removes acked messages (interest or work-queue
-//!   retention, which the rules accept only with a consumer) may have been read and
-//!   acked by that consumer already: such a PubAck is believed unless it says
-//!   `duplicate`.
+//! - a PubAck is believed when a read of the stream's info begun after it finds the
+//!   same stream (same creation time) still fit: one request (the stream's info by
+//!   name), shared by every copy acknowledged before it began. When that read cannot
+//!   tell (it failed, the stream was made again), and for a `duplicate` PubAck (the copy
+//!   it deduplicated against may have been dropped), the letter is read back instead
+//!   (a direct get when the stream allows them, else a stream get). A letter missing
+//!   from a fit stream that removes acked messages (interest or work-queue retention,
+//!   which the rules accept only with a consumer) may have been read and acked by that
+//!   consumer already: such a PubAck is believed unless it says `duplicate`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -155,6 +157,13 @@ fn limit(value: i64) -> Option<i64> {
 struct Verdict {
     /// When the read that found it began (`None`: never read yet).
     checked: Option<Instant>,
+    /// What it found.
+    found: Found,
+}
+
+/// What one read of the dead-letter stream found.
+#[derive(Debug, Default)]
+struct Found {
     /// Why the stream would drop copies, or `None` when it keeps them (or is not known
     /// yet).
     problem: Option<String>,
@@ -164,6 +173,33 @@ struct Verdict {
     /// (interest or work-queue retention): a letter read and acked by the app's own
     /// consumer of dead letters is gone without being dropped.
     removed_when_acked: bool,
+    /// Whether that stream answers direct gets (`allow_direct`).
+    direct: bool,
+    /// When that stream was created: another time means it was deleted and made again.
+    created: Option<time::OffsetDateTime>,
+    /// The source stream's max_msg_size (at the last full read).
+    source_max: Option<i64>,
+}
+
+impl Found {
+    /// The stream is gone, or no stream captures the subject: `problem` says which.
+    fn missing(problem: String) -> Found {
+        Found {
+            problem: Some(problem),
+            ..Found::default()
+        }
+    }
+}
+
+/// What a read of the stream after a PubAck says of the copy it acknowledged.
+pub(crate) enum Proof {
+    /// The stream that acknowledged it keeps copies (as the server has it now, and it
+    /// is the same stream as before).
+    Kept,
+    /// The stream would drop copies: why.
+    WouldDrop(String),
+    /// Not known (the read failed, or the stream was made again): read the letter back.
+    Unknown,
 }
 
 /// Why a last delivery was handed to the safety net, noted for the safety net's letter.
@@ -244,7 +280,10 @@ impl StreamGuard {
     /// Why the dead-letter stream would drop copies, as last read; `None` while it keeps
     /// them (or before the first read).
     pub fn problem(&self) -> Option<String> {
-        self.verdict.lock().ok().and_then(|v| v.problem.clone())
+        self.verdict
+            .lock()
+            .ok()
+            .and_then(|v| v.found.problem.clone())
     }
 
     /// The verdict of a read that began at or after `since`, reading the stream now
@@ -276,7 +315,7 @@ impl StreamGuard {
         self.verdict
             .lock()
             .ok()
-            .and_then(|v| v.stream.clone())
+            .and_then(|v| v.found.stream.clone())
             .is_none_or(|known| known == stream)
     }
 
@@ -286,7 +325,66 @@ impl StreamGuard {
         self.verdict
             .lock()
             .ok()
-            .is_some_and(|v| v.removed_when_acked)
+            .is_some_and(|v| v.found.removed_when_acked)
+    }
+
+    /// Whether the stream, as last read, answers direct gets: a letter is then read back
+    /// by one without going through the JetStream API.
+    pub(crate) fn direct_get(&self) -> bool {
+        self.verdict.lock().ok().is_some_and(|v| v.found.direct)
+    }
+
+    /// Whether the copy `stream` acknowledged (its PubAck received at `acked`) is kept:
+    /// the verdict of a read begun after `acked`, reading the stream's info now when
+    /// there is none. That read is one request (the stream's info by name; the subject's
+    /// capture is what the PubAck proved, the source stream's size limit is from the last
+    /// full read), and one read answers every copy acknowledged before it began.
+    pub(crate) async fn proves_kept(
+        &self,
+        js: &jetstream::Context,
+        acked: Instant,
+        stream: &str,
+    ) -> Proof {
+        let _reading = self.reading.lock().await;
+        let (fresh, known, source_max) = match self.verdict.lock() {
+            Ok(v) => (
+                v.checked.is_some_and(|at| at >= acked),
+                v.found.stream.as_deref() == Some(stream) && v.found.created.is_some(),
+                v.found.source_max,
+            ),
+            Err(_) => return Proof::Unknown,
+        };
+        if !fresh {
+            if !known {
+                self.read(js).await;
+            } else {
+                let began = Instant::now();
+                let created = self.verdict.lock().ok().and_then(|v| v.found.created);
+                match js.get_stream(stream).await {
+                    Ok(info) => {
+                        let info = info.cached_info();
+                        if Some(info.created) != created {
+                            // Made again since: the copy may be in the stream that was.
+                            self.read(js).await;
+                            return Proof::Unknown;
+                        }
+                        let found = self.judge(stream.to_string(), info, source_max);
+                        self.record(began, Ok(found));
+                    }
+                    Err(_) => return Proof::Unknown,
+                }
+            }
+        }
+        let Ok(v) = self.verdict.lock() else {
+            return Proof::Unknown;
+        };
+        match (&v.found.problem, v.checked) {
+            (Some(problem), _) => Proof::WouldDrop(problem.clone()),
+            (None, Some(at)) if at >= acked && v.found.stream.as_deref() == Some(stream) => {
+                Proof::Kept
+            }
+            _ => Proof::Unknown,
+        }
     }
 
     /// Reads the stream's info now and records (and logs a change of) the verdict. A
@@ -295,52 +393,55 @@ impl StreamGuard {
     async fn read(&self, js: &jetstream::Context) {
         let began = Instant::now();
         let found = self.find(js).await;
+        self.record(began, found);
+    }
+
+    /// Records what a read begun at `began` found (and logs a change of the verdict).
+    fn record(&self, began: Instant, found: Result<Found, String>) {
         let Ok(mut verdict) = self.verdict.lock() else {
             return;
         };
-        let (problem, stream, removed_when_acked) = match found {
+        let found = match found {
             Ok(found) => found,
             Err(e) => {
                 tracing::debug!(consumer = %self.consumer, dead_letter_subject = %self.subject, error = %e, "dead-letter stream not read; the last verdict stands");
                 return;
             }
         };
-        match (&verdict.problem, &problem) {
+        let (problem, stream) = (&found.problem, found.stream.as_deref().unwrap_or(""));
+        match (&verdict.found.problem, problem) {
             (None, Some(reason)) => tracing::error!(
-                consumer = %self.consumer, stream = stream.as_deref().unwrap_or(""),
-                key = %self.key, reason = %reason,
+                consumer = %self.consumer, stream, key = %self.key, reason = %reason,
                 "the dead-letter stream would drop copies: no original is termed until it keeps them"
             ),
             (Some(_), None) => tracing::info!(
-                consumer = %self.consumer, stream = stream.as_deref().unwrap_or(""),
-                key = %self.key, "the dead-letter stream keeps copies again"
+                consumer = %self.consumer, stream, key = %self.key,
+                "the dead-letter stream keeps copies again"
             ),
             (Some(old), Some(reason)) if old != reason => tracing::error!(
-                consumer = %self.consumer, stream = stream.as_deref().unwrap_or(""),
-                key = %self.key, reason = %reason,
+                consumer = %self.consumer, stream, key = %self.key, reason = %reason,
                 "the dead-letter stream would drop copies: no original is termed until it keeps them"
             ),
             _ => {}
         }
+        let source_max = found.source_max.or(verdict.found.source_max);
         *verdict = Verdict {
             checked: Some(began),
-            problem,
-            stream,
-            removed_when_acked,
+            found: Found {
+                source_max,
+                ..found
+            },
         };
     }
 
     /// The stream capturing the subject and what is wrong with it, if anything.
-    async fn find(
-        &self,
-        js: &jetstream::Context,
-    ) -> Result<(Option<String>, Option<String>, bool), String> {
+    async fn find(&self, js: &jetstream::Context) -> Result<Found, String> {
         use jetstream::context::{GetStreamByNameErrorKind, GetStreamErrorKind};
         let subject = &self.subject;
         let name = match js.stream_by_subject(subject.as_str()).await {
             Ok(name) => name,
             Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
-                return Ok((Some(format!("{subject:?} is captured by no stream (the dead-letter stream was deleted, or the subject removed from its subjects): copies would not be stored; restore the stream (`jetworker-cli provision`)")), None, false));
+                return Ok(Found::missing(format!("{subject:?} is captured by no stream (the dead-letter stream was deleted, or the subject removed from its subjects): copies would not be stored; restore the stream (`jetworker-cli provision`)")));
             }
             Err(e) => return Err(e.to_string()),
         };
@@ -350,7 +451,7 @@ impl StreamGuard {
                 GetStreamErrorKind::JetStream(j)
                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
                 {
-                    return Ok((Some(format!("{subject:?} goes to stream {name:?}, which is gone: copies would not be stored; restore it (`jetworker-cli provision`)")), None, false));
+                    return Ok(Found::missing(format!("{subject:?} goes to stream {name:?}, which is gone: copies would not be stored; restore it (`jetworker-cli provision`)")));
                 }
                 _ => return Err(e.to_string()),
             },
@@ -362,6 +463,17 @@ impl StreamGuard {
             .cached_info()
             .config
             .max_message_size;
+        Ok(self.judge(name, &info, Some(i64::from(source_max))))
+    }
+
+    /// What the rules say of dead-letter stream `name` with `info`, its originals'
+    /// stream allowing messages up to `source_max`.
+    fn judge(
+        &self,
+        name: String,
+        info: &jetstream::stream::Info,
+        source_max: Option<i64>,
+    ) -> Found {
         let config = &info.config;
         let facts = KeepingFacts {
             stream: &name,
@@ -371,15 +483,21 @@ impl StreamGuard {
             limited: limit(config.max_messages).is_some() || limit(config.max_bytes).is_some(),
             max_msg_size: limit(i64::from(config.max_message_size)),
             source_stream: &self.source_stream,
-            source_max_msg_size: limit(i64::from(source_max)),
+            source_max_msg_size: source_max.and_then(limit),
         };
         let problem = keeping_problems(&facts)
             .into_iter()
-            .map(|p| p.describe(subject, &facts, None))
+            .map(|p| p.describe(&self.subject, &facts, None))
             .collect::<Vec<_>>();
         let problem = (!problem.is_empty()).then(|| problem.join("; "));
-        let removed_when_acked = config.retention != jetstream::stream::RetentionPolicy::Limits;
-        Ok((problem, Some(name), removed_when_acked))
+        Found {
+            problem,
+            removed_when_acked: config.retention != jetstream::stream::RetentionPolicy::Limits,
+            direct: config.allow_direct,
+            created: Some(info.created),
+            source_max,
+            stream: Some(name),
+        }
     }
 
     /// Notes why the last delivery of `sequence` is handed to the safety net, for the

@@ -115,7 +115,13 @@ pub async fn apply(
     for (want, step) in desired.streams.iter().zip(&plan.streams) {
         match &step.action {
             Action::Create => {
-                let mut c = stream::Config::default();
+                // Direct gets (by any replica, without the JetStream API) are how a
+                // worker reads back each dead letter it stores; not a managed field:
+                // a stream made otherwise keeps its setting.
+                let mut c = stream::Config {
+                    allow_direct: true,
+                    ..Default::default()
+                };
                 apply_stream_spec(want, &mut c);
                 js.create_stream(c)
                     .await
