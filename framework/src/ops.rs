@@ -395,7 +395,7 @@ impl Collector for StatsCollector {
         gauge(
             &mut encoder,
             "jetworker_in_flight",
-            "Handlers running now",
+            "Deliveries received and not yet settled (running handlers, and dead letters being stored)",
             &per_gauge(&|s| i64::try_from(s.in_flight.load(Relaxed)).unwrap_or(i64::MAX)),
         )?;
         gauge(

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -111,10 +111,68 @@ enum Ran {
     Abandoned,
 }
 
+/// A handler slot (one of `concurrency`) held by a delivery. Dropped with the delivery,
+/// or given back as soon as its handler is done when settling takes long (a dead letter:
+/// copy, PubAck, proof, term), so that a burst of failures does not keep handlers from
+/// running. Dead letters settling so are bounded by the consumer's max_ack_pending and
+/// by [`SETTLING_BYTES`] of messages: past that, a dead letter keeps its slot.
+pub(super) struct Slot {
+    permit: tokio::sync::OwnedSemaphorePermit,
+    /// Wakes the pull loop to start what waits for a slot.
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Slot {
+    /// The slot held by `permit`; `freed` is told when it is given back early.
+    pub(super) fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        freed: Arc<tokio::sync::Notify>,
+    ) -> Slot {
+        Slot { permit, freed }
+    }
+
+    /// Frees the slot now and tells the pull loop.
+    fn give_back(self) {
+        drop(self.permit);
+        self.freed.notify_one();
+    }
+}
+
+/// At most this many bytes (payload and headers) of dead letters settle after giving
+/// back their handler slot, per consumer (as much as the prefetch may hold).
+const SETTLING_BYTES: usize = super::prefetch::PREFETCH_BYTES;
+
+/// The bytes of one dead letter settling without its slot, counted in
+/// `ConsumerStats::settling_bytes` while it lives.
+struct Settling<'s> {
+    bytes: &'s AtomicUsize,
+    size: usize,
+}
+
+impl<'s> Settling<'s> {
+    /// Counts `size` more bytes when they fit within [`SETTLING_BYTES`].
+    fn try_count(bytes: &'s AtomicUsize, size: usize) -> Option<Settling<'s>> {
+        let before = bytes.fetch_add(size, Ordering::Relaxed);
+        if before + size > SETTLING_BYTES && before > 0 {
+            bytes.fetch_sub(size, Ordering::Relaxed);
+            return None;
+        }
+        Some(Settling { bytes, size })
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.bytes.fetch_sub(self.size, Ordering::Relaxed);
+    }
+}
+
 /// The path of one delivery, ending settled (or handed back when the grace period ends).
+/// `slot` is the handler slot it runs in (freed early for a dead letter, see [`Slot`]).
 pub(super) async fn deliver<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     message: async_nats::Message,
+    slot: Slot,
 ) -> Settled {
     let Some(delivery) = receive(rt, message) else {
         return Settled::Gone;
@@ -131,7 +189,9 @@ pub(super) async fn deliver<S: Send + Sync + 'static>(
         outcome = tracing::field::Empty,
     );
     let trace = trace::continue_delivery(delivery.message.headers.as_ref(), &span);
-    settle_delivery(rt, delivery, trace).instrument(span).await
+    settle_delivery(rt, delivery, trace, slot)
+        .instrument(span)
+        .await
 }
 
 /// The delivery of `message`, or `None` (logged) when it carries no JetStream metadata:
@@ -273,6 +333,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: Delivery<'_>,
     trace: DeliveryTrace,
+    slot: Slot,
 ) -> Settled {
     let started = std::time::Instant::now();
     let ran = trace.scope(run_handler(rt, &delivery, started)).await;
@@ -307,6 +368,23 @@ async fn settle_delivery<S: Send + Sync + 'static>(
     };
     let outcome = decide(&attempted, delivery.attempt, &rt.policy);
     tracing::Span::current().record("outcome", outcome.word());
+    // A dead letter settles without its slot while the bytes doing so are bounded.
+    let mut kept_slot = Some(slot);
+    let _settling = match outcome {
+        Outcome::DeadLetter { .. } => {
+            let message = &delivery.message;
+            let size =
+                message.payload.len() + message.headers.as_ref().map_or(0, dead_letter::wire_len);
+            let settling = Settling::try_count(&rt.stats.settling_bytes, size);
+            if settling.is_some() {
+                if let Some(slot) = kept_slot.take() {
+                    slot.give_back();
+                }
+            }
+            settling
+        }
+        _ => None,
+    };
     settle(rt, &delivery, &attempted, outcome).await
 }
 
@@ -644,9 +722,10 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 // the safety net with a nak, whose max-deliveries advisory the safety
                 // net captures and retries from (the original stays in its stream, and
                 // no handler slot of this consumer is held meanwhile).
-                // At most half the handler slots hold originals: when copies fail for
-                // many messages at once, the rest go to the safety net without a hold,
-                // so other messages keep running.
+                // At most half as many originals as there are handler slots are held
+                // (a held original keeps its slot when the settling bytes are used up):
+                // when copies fail for many messages at once, the rest go to the safety
+                // net without a hold, so other messages keep running.
                 let hold_slots = (rt.config.concurrency_limit() / 2).max(1);
                 let slots_taken = held.is_none()
                     && rt.stats.dead_letters_held.load(Ordering::Relaxed) >= hold_slots;

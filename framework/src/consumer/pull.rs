@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::batch::Batches;
-use super::delivery::{deliver, is_last_delivery, send_or_note};
+use super::delivery::{deliver, is_last_delivery, send_or_note, Slot};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
 use super::lanes::{LaneTicket, Lanes};
@@ -665,13 +665,13 @@ fn start<S: Send + Sync + 'static>(
         Route::Alone(ticket) => ticket,
     };
     let delivery_rt = rt.clone();
+    let slot = Slot::new(permit, done.clone());
     let mut delivery = Box::pin(async move {
-        let settled = deliver(&delivery_rt, message).await;
+        let settled = deliver(&delivery_rt, message, slot).await;
         if let Some(ticket) = ticket {
             ticket.finished(settled);
         }
         delivery_rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        drop(permit);
     });
     if inline.should_poll() {
         // A no-op waker is enough: if the delivery is not finished, the spawned task

@@ -49,9 +49,13 @@ pub struct ConsumerStats {
     pub released: AtomicU64,
     /// Deliveries with attempt > 1.
     pub redelivered: AtomicU64,
-    /// Handlers running now.
+    /// Deliveries received and not yet settled (a dead letter settling after its
+    /// handler gave back its slot included).
     pub in_flight: AtomicUsize,
-    /// The most handlers ever running at once.
+    /// Bytes of the dead letters settling after their handler gave back its slot
+    /// (bounded, see `delivery::Slot`).
+    pub(crate) settling_bytes: AtomicUsize,
+    /// The most deliveries ever in flight at once.
     pub peak_in_flight: AtomicUsize,
     /// Times the consumer was found missing and recreated.
     pub recreated: AtomicU64,
@@ -100,6 +104,7 @@ impl Default for ConsumerStats {
             released: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            settling_bytes: AtomicUsize::new(0),
             peak_in_flight: AtomicUsize::new(0),
             recreated: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
