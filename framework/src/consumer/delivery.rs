@@ -369,21 +369,21 @@ async fn settle_delivery<S: Send + Sync + 'static>(
     let outcome = decide(&attempted, delivery.attempt, &rt.policy);
     tracing::Span::current().record("outcome", outcome.word());
     // A dead letter settles without its slot while the bytes doing so are bounded.
-    let mut kept_slot = Some(slot);
-    let _settling = match outcome {
+    let settling = match outcome {
         Outcome::DeadLetter { .. } => {
             let message = &delivery.message;
             let size =
                 message.payload.len() + message.headers.as_ref().map_or(0, dead_letter::wire_len);
-            let settling = Settling::try_count(&rt.stats.settling_bytes, size);
-            if settling.is_some() {
-                if let Some(slot) = kept_slot.take() {
-                    slot.give_back();
-                }
-            }
-            settling
+            Settling::try_count(&rt.stats.settling_bytes, size)
         }
         _ => None,
+    };
+    let _slot = match &settling {
+        Some(_) => {
+            slot.give_back();
+            None
+        }
+        None => Some(slot),
     };
     settle(rt, &delivery, &attempted, outcome).await
 }
@@ -735,22 +735,9 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     // stored before the nak, so the hand-over never rests on the
                     // server's advisory alone (a core message, lost while the advisory
                     // stream has no leader).
-                    let hand_off = dead_letter::HandOff {
-                        reason,
-                        error: format!("{}; handed to the safety net: {e}", letter.error),
-                    };
-                    match safety_net::publish_hand_off(
-                        &rt.js,
-                        stream,
-                        consumer,
-                        seq,
-                        attempt,
-                        &hand_off,
-                        rt.request_timeout,
-                    )
-                    .await
-                    {
-                        Ok(()) => {
+                    let error = format!("{}; handed to the safety net: {e}", letter.error);
+                    match record_hand_off(rt, delivery, reason, error, rt.request_timeout).await {
+                        Ok(hand_off) => {
                             tracing::error!(
                                 stream, consumer = %consumer, seq, attempt, reason = %reason, error = %e,
                                 held_for = %humantime::format_duration(dead_letter_hold_limit(&rt.config)),
@@ -798,19 +785,12 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                 if stopped {
                     // Out of grace: the server's advisory for this nak takes it to the
                     // safety net; the record (tried briefly) makes that not rest on it.
-                    let hand_off = dead_letter::HandOff {
-                        reason,
-                        error: format!(
-                            "{}; handed to the safety net at shutdown: {e}",
-                            letter.error
-                        ),
-                    };
+                    let error = format!(
+                        "{}; handed to the safety net at shutdown: {e}",
+                        letter.error
+                    );
                     let brief = rt.request_timeout.min(Duration::from_secs(1));
-                    let recorded = safety_net::publish_hand_off(
-                        &rt.js, stream, consumer, seq, attempt, &hand_off, brief,
-                    )
-                    .await;
-                    if let Err(why) = recorded {
+                    if let Err(why) = record_hand_off(rt, delivery, reason, error, brief).await {
                         tracing::warn!(
                             stream, consumer = %consumer, seq, hand_off = %why,
                             "hand-off record not stored at shutdown; the server's advisory alone hands the original to the safety net"
@@ -824,6 +804,30 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
             }
         }
     }
+}
+
+/// Stores the hand-off record of `delivery`, its last, given up for `reason` with
+/// `error` (see `safety_net::HAND_OFF_TYPE`), within `timeout`: the note the safety
+/// net's letter carries, or why the record is not stored.
+async fn record_hand_off<S>(
+    rt: &ConsumerRuntime<S>,
+    delivery: &Delivery<'_>,
+    reason: Reason,
+    error: String,
+    timeout: Duration,
+) -> Result<dead_letter::HandOff, String> {
+    let hand_off = dead_letter::HandOff { reason, error };
+    safety_net::publish_hand_off(
+        &rt.js,
+        delivery.stream,
+        delivery.consumer,
+        delivery.sequence,
+        delivery.attempt,
+        &hand_off,
+        timeout,
+    )
+    .await?;
+    Ok(hand_off)
 }
 
 /// Terminates the original, with the reason where the server supports it (2.10.4+).

@@ -346,33 +346,33 @@ impl StreamGuard {
         stream: &str,
     ) -> Proof {
         let _reading = self.reading.lock().await;
-        let (fresh, known, source_max) = match self.verdict.lock() {
+        // When this stream was created, as last read (`None`: another stream, or none).
+        let (fresh, created, source_max) = match self.verdict.lock() {
             Ok(v) => (
                 v.checked.is_some_and(|at| at >= acked),
-                v.found.stream.as_deref() == Some(stream) && v.found.created.is_some(),
+                v.found
+                    .created
+                    .filter(|_| v.found.stream.as_deref() == Some(stream)),
                 v.found.source_max,
             ),
             Err(_) => return Proof::Unknown,
         };
-        if !fresh {
-            if !known {
-                self.read(js).await;
-            } else {
+        match (fresh, created) {
+            (true, _) => {}
+            (false, None) => self.read(js).await,
+            (false, Some(created)) => {
                 let began = Instant::now();
-                let created = self.verdict.lock().ok().and_then(|v| v.found.created);
-                match js.get_stream(stream).await {
-                    Ok(info) => {
-                        let info = info.cached_info();
-                        if Some(info.created) != created {
-                            // Made again since: the copy may be in the stream that was.
-                            self.read(js).await;
-                            return Proof::Unknown;
-                        }
-                        let found = self.judge(stream.to_string(), info, source_max);
-                        self.record(began, Ok(found));
-                    }
-                    Err(_) => return Proof::Unknown,
+                let Ok(info) = js.get_stream(stream).await else {
+                    return Proof::Unknown;
+                };
+                let info = info.cached_info();
+                if info.created != created {
+                    // Made again since: the copy may be in the stream that was.
+                    self.read(js).await;
+                    return Proof::Unknown;
                 }
+                let found = self.judge(stream.to_string(), info, source_max);
+                self.record(began, Ok(found));
             }
         }
         let Ok(v) = self.verdict.lock() else {
