@@ -980,8 +980,9 @@ async fn consumer_deleted_mid_run() {
         let t0 = Instant::now();
         let publishing = spawn_publisher(js.clone(), ok_jobs(n, 2), over, give_up_after(over));
         // Deleted once the workers' ack-floor poll (every 5 s, from their start) has seen
-        // acks: at 5 s the deletion races the first poll that does, and a worker that
-        // knows no floor resumes from the start.
+        // acks. Near 5 s the deletion races the first poll that does: a replica that read
+        // only the floor at its start (0) leaves the recreation to the one that read it
+        // later (it waits as long as its reading is old), or would resume from the start.
         until(t0 + over.mul_f64(0.5).max(Duration::from_secs(7))).await;
         let done_before = run.tracker.done_ids();
         // nats-server 2.9 can answer a delete under load with an error while removing the

@@ -684,9 +684,7 @@ pub async fn poll_lag(
                 stats
                     .server_ack_pending
                     .store(u64::try_from(info.num_ack_pending).unwrap_or(0), Relaxed);
-                stats
-                    .server_ack_floor
-                    .fetch_max(info.ack_floor.stream_sequence, Relaxed);
+                stats.note_ack_floor(info.ack_floor.stream_sequence);
             }
         }
         tokio::select! {

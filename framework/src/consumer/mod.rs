@@ -103,7 +103,8 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
             break;
         }
         let pending = match ensure_consumer(&rt).await {
-            Ok(pending) => pending,
+            Ok(Some(pending)) => pending,
+            Ok(None) => break,
             Err(e) => {
                 let wait = retry.next();
                 tracing::warn!(
@@ -173,8 +174,9 @@ const GATE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Makes sure the durable consumer exists, noting its ack floor; recreates it from the
 /// config when it was deleted behind our back, resuming after the last ack floor noted.
-/// Returns how many of its messages are pending (delivered and not yet acked).
-async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<usize, ConsumerError> {
+/// Returns how many of its messages are pending (delivered and not yet acked), or `None`
+/// when the worker stopped while waiting to recreate it.
+async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<Option<usize>, ConsumerError> {
     let lookup = |e| ConsumerError::wrap(ConsumerErrorKind::Lookup, e);
     let stream = provision::get_stream(&rt.js, &rt.spec.stream)
         .await
@@ -188,24 +190,66 @@ async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<usize, ConsumerEr
         .map_err(lookup)?;
     let info = match info {
         Some(info) => info,
-        None => {
-            // Resume after the last ack floor seen (at the session start or by the lag
-            // poll): what was acknowledged since then, and what was in flight, is
-            // delivered again; nothing before it is.
-            let floor = rt.stats.server_ack_floor.load(Ordering::Relaxed);
-            tracing::warn!(
-                stream = %rt.spec.stream, consumer = %rt.spec.name, resume_after = floor,
-                "consumer is missing; recreating it from the config, resuming after its last known ack floor"
-            );
-            let info = provision::recreate_consumer(&rt.js, &rt.spec, Some(floor))
-                .await
-                .map_err(|e| ConsumerError::with_source(ConsumerErrorKind::Recreate, e))?;
-            rt.stats.recreated.fetch_add(1, Ordering::Relaxed);
-            info
-        }
+        None => match recreate_after_freshest_floor(rt, &stream).await? {
+            Some(info) => info,
+            None => return Ok(None),
+        },
     };
-    rt.stats
-        .server_ack_floor
-        .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
-    Ok(info.num_ack_pending)
+    rt.stats.note_ack_floor(info.ack_floor.stream_sequence);
+    Ok(Some(info.num_ack_pending))
+}
+
+/// The longest a replica defers recreating a missing consumer to replicas that read its
+/// ack floor more recently: two lag polls, after which every replica whose poll works
+/// has read it.
+const RECREATE_DEFER_MAX: Duration = Duration::from_secs(2 * crate::ops::LAG_POLL.as_secs());
+
+/// Recreates the consumer, which is missing, to resume after the last ack floor noted.
+///
+/// Every replica of a worker notes the floor (at its session start and each lag poll),
+/// and whichever replica recreates the consumer first sets where it resumes. The floor
+/// only grows, so the most recent reading is the highest: each replica first waits as
+/// long as its own reading is old (at most [`RECREATE_DEFER_MAX`]), then looks again.
+/// The replica that read the floor last comes first; one that never read a floor above
+/// 0 (just started) does not recreate the consumer from its first message while another
+/// knows better. `None` when the worker stops meanwhile.
+async fn recreate_after_freshest_floor<S>(
+    rt: &ConsumerRuntime<S>,
+    stream: &async_nats::jetstream::stream::Stream,
+) -> Result<Option<async_nats::jetstream::consumer::Info>, ConsumerError> {
+    let lookup = |e| ConsumerError::wrap(ConsumerErrorKind::Lookup, e);
+    let defer = rt
+        .stats
+        .ack_floor_age()
+        .map_or(RECREATE_DEFER_MAX, |age| age.min(RECREATE_DEFER_MAX));
+    if !defer.is_zero() {
+        tracing::info!(
+            stream = %rt.spec.stream, consumer = %rt.spec.name,
+            known_ack_floor = rt.stats.server_ack_floor.load(Ordering::Relaxed),
+            wait = %humantime::format_duration(Duration::from_millis(defer.as_millis() as u64)),
+            "consumer is missing; leaving its recreation to a replica that read its ack floor more recently, for as long as this one's reading is old"
+        );
+        tokio::select! {
+            _ = rt.stop.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(defer) => {}
+        }
+        if let Some(info) = provision::consumer_info(stream, &rt.spec.name)
+            .await
+            .map_err(lookup)?
+        {
+            return Ok(Some(info));
+        }
+    }
+    // Resume after the last ack floor seen: what was acknowledged since it was read, and
+    // what was in flight, is delivered again; nothing before it is.
+    let floor = rt.stats.server_ack_floor.load(Ordering::Relaxed);
+    tracing::warn!(
+        stream = %rt.spec.stream, consumer = %rt.spec.name, resume_after = floor,
+        "consumer is missing; recreating it from the config, resuming after its last known ack floor"
+    );
+    let info = provision::recreate_consumer(&rt.js, &rt.spec, Some(floor))
+        .await
+        .map_err(|e| ConsumerError::with_source(ConsumerErrorKind::Recreate, e))?;
+    rt.stats.recreated.fetch_add(1, Ordering::Relaxed);
+    Ok(Some(info))
 }

@@ -77,6 +77,9 @@ pub struct ConsumerStats {
     /// message it delivers is acknowledged (polled; it only grows). A consumer deleted
     /// behind the worker's back is recreated to resume after it.
     pub server_ack_floor: AtomicU64,
+    /// When the ack floor was last read from the server, as milliseconds since `born`
+    /// (`u64::MAX`: never).
+    ack_floor_read_ms: AtomicU64,
     /// True while a pull session is running.
     pulling: AtomicBool,
     /// True while another replica pulls this partition consumer (see `partition`).
@@ -115,6 +118,7 @@ impl Default for ConsumerStats {
             server_pending: AtomicU64::new(0),
             server_ack_pending: AtomicU64::new(0),
             server_ack_floor: AtomicU64::new(0),
+            ack_floor_read_ms: AtomicU64::new(u64::MAX),
             pulling: AtomicBool::new(false),
             standby: AtomicBool::new(false),
             last_tick_ms: AtomicU64::new(0),
@@ -124,6 +128,27 @@ impl Default for ConsumerStats {
 }
 
 impl ConsumerStats {
+    /// Notes an ack floor just read from the server (it only grows, so the highest
+    /// reading is kept) and when it was read.
+    pub(crate) fn note_ack_floor(&self, stream_sequence: u64) {
+        self.server_ack_floor
+            .fetch_max(stream_sequence, Ordering::Relaxed);
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.ack_floor_read_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the ack floor was last read from the server; `None` if never.
+    pub(crate) fn ack_floor_age(&self) -> Option<Duration> {
+        match self.ack_floor_read_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
+        }
+    }
+
     /// The loop reports in (for liveness).
     pub(crate) fn tick(&self) {
         let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -227,4 +252,20 @@ impl ConsumerStats {
 /// Where `reason` is counted in [`ConsumerStats::dead_lettered`].
 fn reason_index(reason: Reason) -> usize {
     Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ack_floor_keeps_its_highest_reading_and_when_it_was_read() {
+        let stats = ConsumerStats::default();
+        assert_eq!(stats.ack_floor_age(), None, "never read");
+        stats.note_ack_floor(40);
+        stats.note_ack_floor(30);
+        assert_eq!(stats.server_ack_floor.load(Ordering::Relaxed), 40);
+        let age = stats.ack_floor_age().expect("read");
+        assert!(age < Duration::from_secs(1), "{age:?}");
+    }
 }
