@@ -365,7 +365,10 @@ pub struct ConsumerConfig {
     /// reuse the last entry.
     #[serde(deserialize_with = "duration_list")]
     pub backoff: Option<Vec<Duration>>,
-    /// Unacknowledged messages the server lets out across all replicas.
+    /// Unacknowledged messages the server lets out across all replicas. It is a cap, not
+    /// what a replica holds: each replica's prefetch follows its handlers' pace (see
+    /// `concurrency`). The default (10000) leaves fast consumers large pulls; the
+    /// server's own default (1000) made them the bottleneck.
     pub max_ack_pending: i64,
     /// Handlers run at once in this process for this consumer. It bounds concurrency,
     /// not prefetch: the pull loop also holds what the handlers finish within a tenth of
@@ -469,7 +472,7 @@ impl Default for ConsumerConfig {
             ack_wait: Duration::from_secs(30),
             max_deliver: 5,
             backoff: None,
-            max_ack_pending: 1000,
+            max_ack_pending: 10_000,
             concurrency: 32,
             handler_timeout: Duration::from_secs(60),
             max_payload_bytes: 1024 * 1024,

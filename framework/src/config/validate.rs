@@ -929,9 +929,9 @@ mod tests {
                 "consumers[0].max_batch_wait"
             ]
         );
-        // Above max_ack_pending (1000), and a wait of half the ack wait (30s).
+        // Above max_ack_pending (10000), and a wait of half the ack wait (30s).
         assert_eq!(
-            keys(&consumer(Some(1001), None, Some(Duration::from_secs(15)))),
+            keys(&consumer(Some(10_001), None, Some(Duration::from_secs(15)))),
             ["consumers[0].max_batch", "consumers[0].max_batch_wait"]
         );
     }
