@@ -37,6 +37,9 @@
 //!   defaults (`max_ack_pending` 1000).
 //! - **plain tuned**: the same with `consumer.stream().max_messages_per_batch(2000)` and
 //!   `max_ack_pending` 20000: the reference a framework at its defaults is held to.
+//! - **plain, no acks**: the tuned loop on a consumer with `ack_policy` none, sending no
+//!   ack at all (decode only): not a way to consume, but the ceiling of what this server
+//!   and machine deliver, which no consumer that acks each message can pass.
 //! - **jetworker defaults**: an [`App`] with one handler taking `Event<PageView>` (decoded
 //!   by the framework) that returns `Ok(())`, the consumer config naming nothing but its
 //!   stream, handler and dead-letter subject.
@@ -193,6 +196,7 @@ impl Work {
 enum Side {
     PlainNaive,
     PlainTuned,
+    PlainNoAck,
     JetworkerDefaults,
     JetworkerTuned,
     JetworkerBatch,
@@ -203,6 +207,7 @@ impl Side {
         match self {
             Side::PlainNaive => "plain_naive",
             Side::PlainTuned => "plain_tuned",
+            Side::PlainNoAck => "plain_no_ack",
             Side::JetworkerDefaults => "jetworker_defaults",
             Side::JetworkerTuned => "jetworker_tuned",
             Side::JetworkerBatch => "jetworker_batch",
@@ -213,6 +218,7 @@ impl Side {
         [
             Side::PlainNaive,
             Side::PlainTuned,
+            Side::PlainNoAck,
             Side::JetworkerDefaults,
             Side::JetworkerTuned,
             Side::JetworkerBatch,
@@ -226,6 +232,7 @@ impl Side {
         match self {
             Side::PlainNaive => "plain naive",
             Side::PlainTuned => "plain tuned",
+            Side::PlainNoAck => "plain, no acks",
             Side::JetworkerDefaults => "jetworker defaults",
             Side::JetworkerTuned => "jetworker tuned",
             Side::JetworkerBatch => "jetworker batch",
@@ -402,6 +409,7 @@ fn round(settings: &Settings) -> Vec<Measurement> {
     vec![
         m(Side::PlainNaive, Work::Decode, n),
         m(Side::PlainTuned, Work::Decode, n),
+        m(Side::PlainNoAck, Work::Decode, n),
         m(Side::JetworkerDefaults, Work::Decode, n),
         m(Side::JetworkerTuned, Work::Decode, n),
         m(Side::JetworkerBatch, Work::Decode, n),
@@ -485,7 +493,12 @@ fn parent(settings: &Settings) -> anyhow::Result<()> {
         // reference, and what they leave unsettled is reported, not fatal.
         let check = match checked {
             Ok(check) => check,
-            Err(e) if matches!(m.side, Side::PlainNaive | Side::PlainTuned) => {
+            Err(e)
+                if matches!(
+                    m.side,
+                    Side::PlainNaive | Side::PlainTuned | Side::PlainNoAck
+                ) =>
+            {
                 format!("CHECK FAILED (plain loop): {e}")
             }
             Err(e) => return Err(e),
@@ -582,6 +595,7 @@ fn report(
     let rows = [
         ("decode only", Work::Decode, Side::PlainNaive),
         ("decode only", Work::Decode, Side::PlainTuned),
+        ("decode only", Work::Decode, Side::PlainNoAck),
         ("decode only", Work::Decode, Side::JetworkerDefaults),
         ("decode only", Work::Decode, Side::JetworkerTuned),
         ("decode only", Work::Decode, Side::JetworkerBatch),
@@ -646,6 +660,11 @@ fn report(
             "  decode only, jetworker batch handler at defaults >= 1.5x plain tuned: {batch:.2}x {}",
             verdict(batch >= 1.5)
         );
+        if let Some(ceiling) = ratio(Work::Decode, Side::PlainNoAck) {
+            println!(
+                "    (the same loop with no acks at all, the ceiling for any consumer that acks each message: {ceiling:.2}x)"
+            );
+        }
     }
     if let Some(io) = ratio(Work::Io, Side::JetworkerTuned).filter(|io| io.is_finite()) {
         println!(
@@ -868,10 +887,10 @@ fn child(side: Side, settings: &Settings) -> anyhow::Result<()> {
     let count: u64 = var("JETWORKER_BENCH_COUNT")?.parse()?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut result = match (side, work) {
-        (Side::PlainNaive | Side::PlainTuned, Work::Latency) => {
+        (Side::PlainNaive | Side::PlainTuned | Side::PlainNoAck, Work::Latency) => {
             rt.block_on(plain_latency(&url, &consumer, settings))?
         }
-        (Side::PlainNaive | Side::PlainTuned, _) => {
+        (Side::PlainNaive | Side::PlainTuned | Side::PlainNoAck, _) => {
             rt.block_on(plain_run(&url, &consumer, side, work, count))?
         }
         (_, Work::Latency) => rt.block_on(jetworker_latency(&url, &consumer, side, settings))?,
@@ -918,7 +937,8 @@ fn cpu_secs(pid: &str) -> anyhow::Result<f64> {
 }
 
 /// A plain consumer on `stream`: the server's defaults, or `max_ack_pending` 20000 for
-/// the tuned loop.
+/// the tuned loop, or no acks at all (`ack_policy` none: the ceiling of what the server
+/// delivers, which no consumer that acks each message can pass).
 async fn plain_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -930,7 +950,11 @@ async fn plain_consumer(
     Ok(stream
         .create_consumer(pull::Config {
             durable_name: Some(name.to_owned()),
-            ack_policy: AckPolicy::Explicit,
+            ack_policy: if side == Side::PlainNoAck {
+                AckPolicy::None
+            } else {
+                AckPolicy::Explicit
+            },
             deliver_policy,
             max_ack_pending: if side == Side::PlainTuned { 20_000 } else { 0 },
             ..Default::default()
@@ -938,12 +962,13 @@ async fn plain_consumer(
         .await?)
 }
 
-/// The message stream a user gets: `messages()`, or batches of 2000 when tuned.
+/// The message stream a user gets: `messages()`, or batches of 2000 when tuned (and
+/// without acks).
 async fn plain_messages(
     consumer: &jetstream::consumer::PullConsumer,
     side: Side,
 ) -> anyhow::Result<pull::Stream> {
-    Ok(if side == Side::PlainTuned {
+    Ok(if matches!(side, Side::PlainTuned | Side::PlainNoAck) {
         consumer
             .stream()
             .max_messages_per_batch(2000)
@@ -982,7 +1007,9 @@ async fn plain_run(
         if work == Work::Io {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+        if side != Side::PlainNoAck {
+            message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+        }
         done += 1;
     }
     let secs = started.elapsed().as_secs_f64();
