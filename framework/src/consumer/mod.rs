@@ -169,6 +169,11 @@ fn gate_deadline<S>(rt: &ConsumerRuntime<S>) -> Duration {
     rt.config.ack_wait.max(longest_delay) + rt.config.ack_wait + GATE_MARGIN
 }
 
+/// A failed look-up of the stream or the consumer, as the consumer's error.
+fn lookup_failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ConsumerError {
+    ConsumerError::wrap(ConsumerErrorKind::Lookup, e)
+}
+
 /// What [`gate_deadline`] adds to the longest wait for a pending message.
 const GATE_MARGIN: Duration = Duration::from_secs(5);
 
@@ -177,17 +182,16 @@ const GATE_MARGIN: Duration = Duration::from_secs(5);
 /// Returns how many of its messages are pending (delivered and not yet acked), or `None`
 /// when the worker stopped while waiting to recreate it.
 async fn ensure_consumer<S>(rt: &ConsumerRuntime<S>) -> Result<Option<usize>, ConsumerError> {
-    let lookup = |e| ConsumerError::wrap(ConsumerErrorKind::Lookup, e);
     let stream = provision::get_stream(&rt.js, &rt.spec.stream)
         .await
-        .map_err(lookup)?
+        .map_err(lookup_failed)?
         .ok_or_else(|| {
             ConsumerError::new(ConsumerErrorKind::StreamMissing)
                 .with_message(format!("stream {:?} does not exist", rt.spec.stream))
         })?;
     let info = provision::consumer_info(&stream, &rt.spec.name)
         .await
-        .map_err(lookup)?;
+        .map_err(lookup_failed)?;
     let info = match info {
         Some(info) => info,
         None => match recreate_after_freshest_floor(rt, &stream).await? {
@@ -217,7 +221,6 @@ async fn recreate_after_freshest_floor<S>(
     rt: &ConsumerRuntime<S>,
     stream: &async_nats::jetstream::stream::Stream,
 ) -> Result<Option<async_nats::jetstream::consumer::Info>, ConsumerError> {
-    let lookup = |e| ConsumerError::wrap(ConsumerErrorKind::Lookup, e);
     let defer = rt
         .stats
         .ack_floor_age()
@@ -235,7 +238,7 @@ async fn recreate_after_freshest_floor<S>(
         }
         if let Some(info) = provision::consumer_info(stream, &rt.spec.name)
             .await
-            .map_err(lookup)?
+            .map_err(lookup_failed)?
         {
             return Ok(Some(info));
         }

@@ -128,37 +128,45 @@ impl Default for ConsumerStats {
 }
 
 impl ConsumerStats {
+    /// Now, as milliseconds since `born`: how the moments kept in atomics are stored.
+    /// Never `u64::MAX`, which marks "never".
+    fn ms_since_born(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Time since `ms` (a moment stored by [`Self::ms_since_born`]).
+    fn since(&self, ms: u64) -> Duration {
+        self.born
+            .elapsed()
+            .saturating_sub(Duration::from_millis(ms))
+    }
+
     /// Notes an ack floor just read from the server (it only grows, so the highest
     /// reading is kept) and when it was read.
     pub(crate) fn note_ack_floor(&self, stream_sequence: u64) {
         self.server_ack_floor
             .fetch_max(stream_sequence, Ordering::Relaxed);
-        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.ack_floor_read_ms.store(ms, Ordering::Relaxed);
+        self.ack_floor_read_ms
+            .store(self.ms_since_born(), Ordering::Relaxed);
     }
 
     /// How long ago the ack floor was last read from the server; `None` if never.
     pub(crate) fn ack_floor_age(&self) -> Option<Duration> {
         match self.ack_floor_read_ms.load(Ordering::Relaxed) {
             u64::MAX => None,
-            ms => Some(
-                self.born
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(ms)),
-            ),
+            ms => Some(self.since(ms)),
         }
     }
 
     /// The loop reports in (for liveness).
     pub(crate) fn tick(&self) {
-        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_tick_ms.store(ms, Ordering::Relaxed);
+        self.last_tick_ms
+            .store(self.ms_since_born(), Ordering::Relaxed);
     }
 
     /// Time since the loop last reported in.
     pub fn since_last_tick(&self) -> Duration {
-        let last = Duration::from_millis(self.last_tick_ms.load(Ordering::Relaxed));
-        self.born.elapsed().saturating_sub(last)
+        self.since(self.last_tick_ms.load(Ordering::Relaxed))
     }
 
     /// True while a pull session runs (the consumer exists and is being pulled from).
