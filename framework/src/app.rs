@@ -514,6 +514,7 @@ impl<S: Send + Sync + 'static> App<S> {
                     .ordered_by
                     .as_ref()
                     .and_then(|by| KeyOf::from_config(by, &self.keys)),
+                replies: Default::default(),
             });
             match leases.get(&(c.stream.clone(), c.name.clone())) {
                 Some(of) => {

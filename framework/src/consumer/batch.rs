@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use super::delivery::{
     attempted_from_error, check_size, panic_message, progress_interval, receive, send_or_note,
-    settle, supervise, Delivery, Supervised,
+    settle, supervise, Delivery, Gather, Supervised,
 };
 use super::pull::release;
 use super::runtime::ConsumerRuntime;
@@ -438,12 +438,12 @@ async fn settle_each<'a, 'c: 'a, S: Send + Sync + 'static>(
     for (delivery, attempted) in deliveries {
         match decide(attempted, delivery.attempt, &rt.policy) {
             outcome @ Outcome::DeadLetter { .. } => {
-                dead_letters.push(settle(rt, delivery, attempted, outcome));
+                dead_letters.push(settle(rt, delivery, attempted, outcome, Gather::No));
             }
             // Batch consumers are never ordered (refused by `App::check`): what comes
             // back from the server needs no lane.
             outcome => {
-                settle(rt, delivery, attempted, outcome).await;
+                settle(rt, delivery, attempted, outcome, Gather::No).await;
             }
         }
     }

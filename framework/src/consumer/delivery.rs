@@ -20,6 +20,7 @@ use futures::FutureExt;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::replies::{self, QueuedReply};
 use super::runtime::ConsumerRuntime;
 use crate::backoff::Backoff;
 use crate::config::ConsumerConfig;
@@ -74,7 +75,7 @@ impl Drop for Held<'_> {
 /// One message from the pull with what its reply subject says about it, read once when
 /// it arrives (see [`receive`]) and carried to its settlement.
 pub(super) struct Delivery<'c> {
-    /// The message as the pull brought it.
+    /// The message as the pull brought it, but for its reply subject (moved to `reply`).
     pub(super) message: async_nats::Message,
     /// Its `$JS.ACK` reply subject: where its ack, nak or term goes (see [`send`]).
     pub(super) reply: Subject,
@@ -206,12 +207,15 @@ pub(super) async fn deliver<S: Send + Sync + 'static>(
 /// without an ack subject nothing can settle it.
 pub(super) fn receive<'c, S>(
     rt: &'c ConsumerRuntime<S>,
-    message: async_nats::Message,
+    mut message: async_nats::Message,
 ) -> Option<Delivery<'c>> {
+    // Moved out, not cloned: the clone of a subject the client parsed into its own
+    // buffer allocates (a shared count), once per message. Nothing reads the message's
+    // own `reply` after this: `Delivery::reply` is the one.
     let parsed = message
         .reply
-        .as_ref()
-        .and_then(|reply| AckSubject::parse(reply.as_str()).map(|a| (reply.clone(), a)));
+        .take()
+        .and_then(|reply| AckSubject::parse(reply.as_str()).map(|a| (reply, a)));
     let Some((reply, ack)) = parsed else {
         tracing::error!(consumer = %rt.spec.name, subject = %message.subject, "delivery without JetStream metadata ignored");
         return None;
@@ -293,13 +297,14 @@ fn decimal(digits: &[u8]) -> Option<u64> {
 
 /// Sends an ack, nak, progress or term for a delivery: a plain publish to its reply
 /// subject on the consumer's connection (what `jetstream::Message::ack_with` does,
-/// without a JetStream context cloned per message).
-pub(super) async fn send<S>(
-    rt: &ConsumerRuntime<S>,
+/// without a JetStream context cloned per message). The client's own future, not one
+/// wrapped around it: every delivery's future holds one.
+pub(super) fn send<'r, S>(
+    rt: &'r ConsumerRuntime<S>,
     reply: &Subject,
     kind: AckKind,
-) -> Result<(), async_nats::PublishError> {
-    rt.client.publish(reply.clone(), kind.into()).await
+) -> impl Future<Output = Result<(), async_nats::PublishError>> + Send + 'r {
+    rt.client.publish(reply.clone(), kind.into())
 }
 
 /// [`send`], and when it fails: counted in `settle_failures` and logged with what it
@@ -394,7 +399,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
         }
         None => Some(slot),
     };
-    settle(rt, &delivery, &attempted, outcome).await
+    settle(rt, &delivery, &attempted, outcome, Gather::Tasks).await
 }
 
 /// How often a message whose handler (or dead-letter publish) is still at work gets a
@@ -586,13 +591,31 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// Whether a delivery's ack or nak may wait for those of other tasks (see `replies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gather {
+    /// A delivery in a task of its own: gathered, unless it is settled in the pull
+    /// loop's first poll.
+    Tasks,
+    /// Sent at once: the caller settles many deliveries in a row (a batch).
+    No,
+}
+
+/// True when polled by the pull loop's inline first poll (its no-op waker, see
+/// `pull::start`); never waits.
+fn polled_inline() -> impl Future<Output = bool> {
+    std::future::poll_fn(|cx| Poll::Ready(cx.waker().will_wake(futures::task::noop_waker_ref())))
+}
+
 /// Settles a delivery as `outcome` says (ack, nak with delay, or dead letter then term),
-/// counted and logged; callable for each message of a batch.
+/// counted and logged; callable for each message of a batch. `gather` says whether its
+/// ack or nak may be sent together with those of other tasks.
 pub(super) async fn settle<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
     delivery: &Delivery<'_>,
     attempted: &Attempted,
     outcome: Outcome,
+    gather: Gather,
 ) -> Settled {
     let Delivery {
         reply,
@@ -602,24 +625,50 @@ pub(super) async fn settle<S: Send + Sync + 'static>(
         attempt,
         ..
     } = delivery;
-    match outcome {
-        Outcome::Ack => {
-            let sent = send_or_note(rt, reply, AckKind::Ack, Some(*seq)).await;
-            if sent {
+    // One send for either outcome that is a reply (an ack, or a nak with the retry's
+    // delay): each await of it would be a place of its own in every delivery's future.
+    let (kind, retry_in) = match outcome {
+        Outcome::Ack => (AckKind::Ack, None),
+        Outcome::Nak(delay) => (AckKind::Nak(Some(delay)), Some(delay)),
+        Outcome::DeadLetter { reason, error } => {
+            // Boxed: the rare path's large future would otherwise be part of every
+            // delivery's task, copied at each spawn.
+            return Box::pin(dead_letter_then_term(rt, delivery, reason, error)).await;
+        }
+    };
+    // Sent at once in the pull loop's first poll and in a batch's task (replies that
+    // already follow one another in one task); gathered with those of other tasks
+    // otherwise (see `replies`), and then counted when sent.
+    let sent = if gather == Gather::Tasks && !polled_inline().await {
+        let queued = QueuedReply {
+            reply: reply.clone(),
+            kind,
+            sequence: *seq,
+            attempt: *attempt,
+        };
+        replies::queue_or_send(rt, queued).await;
+        None
+    } else {
+        Some(send_or_note(rt, reply, kind, Some(*seq)).await)
+    };
+    match retry_in {
+        None => {
+            if sent == Some(true) {
                 rt.stats.acked.fetch_add(1, Ordering::Relaxed);
                 rt.stats.observe_attempts(true, *attempt);
             }
             tracing::debug!(stream, consumer = %consumer, seq, attempt, outcome = "ack", "settled");
-            if sent {
-                Settled::Gone
-            } else {
+            // A queued ack counts as sent: only a closed client fails to send it, and
+            // then nothing of this consumer runs any more.
+            if sent == Some(false) {
                 Settled::Returns {
                     after: rt.config.ack_wait,
                 }
+            } else {
+                Settled::Gone
             }
         }
-        Outcome::Nak(delay) => {
-            send_or_note(rt, reply, AckKind::Nak(Some(delay)), Some(*seq)).await;
+        Some(delay) => {
             rt.stats.retried.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 stream, consumer = %consumer, seq, attempt,
@@ -627,11 +676,6 @@ pub(super) async fn settle<S: Send + Sync + 'static>(
                 error = %attempted_error(attempted), "settled"
             );
             Settled::Returns { after: delay }
-        }
-        Outcome::DeadLetter { reason, error } => {
-            // Boxed: the rare path's large future would otherwise be part of every
-            // delivery's task, copied at each spawn.
-            Box::pin(dead_letter_then_term(rt, delivery, reason, error)).await
         }
     }
 }

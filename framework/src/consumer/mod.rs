@@ -51,6 +51,7 @@ mod inline;
 mod lanes;
 mod prefetch;
 mod pull;
+mod replies;
 mod runtime;
 mod stats;
 
@@ -160,6 +161,9 @@ pub(crate) async fn run<S: Send + Sync + 'static>(rt: Arc<ConsumerRuntime<S>>) {
     drop(batches);
     tasks.close();
     tasks.wait().await;
+    // Each delivery's task sends the replies it queued before it ends; none is left
+    // unless one was dropped midway.
+    replies::send_queued(&rt).await;
 }
 
 /// When the lanes' gate opens at the latest: pending messages come back within the

@@ -29,6 +29,7 @@ use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
 use super::lanes::{LaneTicket, Lanes};
 use super::prefetch::{Bound, Holding, Pace, PREFETCH_BYTES};
+use super::replies;
 use super::runtime::ConsumerRuntime;
 
 /// How long one pull request waits on the server for messages. Short, so that a
@@ -391,6 +392,8 @@ pub(super) async fn session<S: Send + Sync + 'static>(
             _ = &mut finished_one => finished_one.set(done.notified()),
             _ = tick.tick() => {
                 rt.stats.tick();
+                // A backstop: the task that queued a reply first sends the queue.
+                replies::send_queued(rt).await;
                 let now = Instant::now();
                 requests.expire(now);
                 waiting.keep_alive(rt, now).await;

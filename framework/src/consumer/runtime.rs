@@ -7,6 +7,7 @@ use async_nats::{jetstream, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::lanes::KeyOf;
+use super::replies::ReplyQueue;
 use super::stats::ConsumerStats;
 use crate::batch::ErasedBatchHandler;
 use crate::config::ConsumerConfig;
@@ -38,6 +39,8 @@ pub(crate) struct ConsumerRuntime<S> {
     /// Where an ordered consumer (`ordered_by`) finds a message's key; `None` for the
     /// others.
     pub ordered_by: Option<KeyOf>,
+    /// Acks and naks of deliveries in their own tasks, gathered to leave in one write.
+    pub replies: ReplyQueue,
 }
 
 impl<S> ConsumerRuntime<S> {
@@ -59,6 +62,7 @@ impl<S> ConsumerRuntime<S> {
             stop,
             hard_stop: self.hard_stop.clone(),
             ordered_by: self.ordered_by.clone(),
+            replies: ReplyQueue::default(),
         }
     }
 }
