@@ -1238,6 +1238,24 @@ dead_letter_subject = "bench.dlq.{name}"
     ))
 }
 
+/// Waits until consumer `name` of [`STREAM`] has its ack floor at `count` or past it (at
+/// most [`STALL_LIMIT`]).
+async fn wait_for_ack_floor(url: &str, name: &str, count: u64) -> anyhow::Result<()> {
+    let client = async_nats::connect(url).await?;
+    let stream = jetstream::new(client).get_stream(STREAM).await?;
+    let deadline = Instant::now() + STALL_LIMIT;
+    loop {
+        let floor = stream.consumer_info(name).await?.ack_floor.stream_sequence;
+        if floor >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{name}: ack floor {floor} after {STALL_LIMIT:?}, expected >= {count}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The same work as a jetworker app, measured until `count` messages are settled (acked,
 /// or dead-lettered in the dead-letter case).
 async fn jetworker_run(
@@ -1296,6 +1314,13 @@ async fn jetworker_run(
     let secs = started.elapsed().as_secs_f64();
     let cpu_used = cpu_secs("self")? - cpu_start;
 
+    // An ordered consumer settles across keys out of stream order: when `count` are
+    // acked, a few below `count` may still wait behind their key, and stopping now
+    // would hand them back (correctly) and fail the parent's ack-floor check. So it
+    // runs on, untimed, until the server's ack floor reaches `count`.
+    if matches!(work, Work::OrderedDecode | Work::OrderedIo) {
+        wait_for_ack_floor(url, name, count).await?;
+    }
     stop.cancel();
     let stats = running.wait().await;
     let stats = stats
