@@ -507,7 +507,7 @@ pub(super) async fn supervise<S, F: Future>(
 fn defer_if_polled_inline() -> impl Future<Output = ()> {
     let mut first = true;
     std::future::poll_fn(move |cx| {
-        if std::mem::take(&mut first) && cx.waker().will_wake(futures::task::noop_waker_ref()) {
+        if std::mem::take(&mut first) && is_inline_poll(cx) {
             Poll::Pending
         } else {
             Poll::Ready(())
@@ -601,10 +601,15 @@ pub(super) enum Gather {
     No,
 }
 
-/// True when polled by the pull loop's inline first poll (its no-op waker, see
-/// `pull::start`); never waits.
+/// True when `cx` is the pull loop's inline first poll (its no-op waker, see
+/// `pull::start`).
+fn is_inline_poll(cx: &std::task::Context<'_>) -> bool {
+    cx.waker().will_wake(futures::task::noop_waker_ref())
+}
+
+/// [`is_inline_poll`] for the poll that awaits it; never waits.
 fn polled_inline() -> impl Future<Output = bool> {
-    std::future::poll_fn(|cx| Poll::Ready(cx.waker().will_wake(futures::task::noop_waker_ref())))
+    std::future::poll_fn(|cx| Poll::Ready(is_inline_poll(cx)))
 }
 
 /// Settles a delivery as `outcome` says (ack, nak with delay, or dead letter then term),
@@ -654,8 +659,7 @@ pub(super) async fn settle<S: Send + Sync + 'static>(
     match retry_in {
         None => {
             if sent == Some(true) {
-                rt.stats.acked.fetch_add(1, Ordering::Relaxed);
-                rt.stats.observe_attempts(true, *attempt);
+                rt.stats.count_ack(*attempt);
             }
             tracing::debug!(stream, consumer = %consumer, seq, attempt, outcome = "ack", "settled");
             // A queued ack counts as sent: only a closed client fails to send it, and

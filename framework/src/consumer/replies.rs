@@ -13,7 +13,6 @@
 //! Deliveries that end in the pull loop's own first poll (fast handlers) send directly:
 //! they already follow one another in one task.
 
-use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use async_nats::jetstream::AckKind;
@@ -88,8 +87,7 @@ pub(super) async fn send_queued<S>(rt: &ConsumerRuntime<S>) {
         } = queued;
         let is_ack = matches!(kind, AckKind::Ack);
         if send_or_note(rt, &reply, kind, Some(sequence)).await && is_ack {
-            rt.stats.acked.fetch_add(1, Ordering::Relaxed);
-            rt.stats.observe_attempts(true, attempt);
+            rt.stats.count_ack(attempt);
         }
     }
 }

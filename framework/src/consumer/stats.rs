@@ -239,6 +239,12 @@ impl ConsumerStats {
         self.dead_lettered[reason_index(reason)].load(Ordering::Relaxed)
     }
 
+    /// One more message acked, at delivery number `attempt` (counted and observed).
+    pub(crate) fn count_ack(&self, attempt: u64) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        self.observe_attempts(true, attempt);
+    }
+
     /// One more dead letter for `reason`.
     pub(crate) fn count_dead_letter(&self, reason: Reason) {
         self.dead_lettered[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
