@@ -29,9 +29,11 @@
 
 mod guard;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use async_nats::header::HeaderName;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -116,16 +118,24 @@ fn is_escaped_name(name: &str) -> bool {
         && name[..ESCAPED_HEADER.len()].eq_ignore_ascii_case(ESCAPED_HEADER)
 }
 
+/// Whether a copy stores the header `name: value` as an [`ESCAPED_HEADER`] entry: when
+/// its name or value contains `Nats-Msg-Id`, or its name is one of the escaped names (a
+/// header of those names from the original is wrapped too: restoring never reads what a
+/// sender wrote as if the copy had escaped it).
+fn needs_escape(name: &str, value: &str) -> bool {
+    name.contains(MSG_ID_TEXT) || value.contains(MSG_ID_TEXT) || is_escaped_name(name)
+}
+
+/// The value of the [`ESCAPED_HEADER`] entry that keeps `name: value`.
+fn escaped_value(name: &str, value: &str) -> String {
+    format!("{}:{}", escape(name), escape(value))
+}
+
 /// A copy's header entry as stored: itself, or `(ESCAPED_HEADER, <name>:<value>)`
-/// escaped when its name or value contains `Nats-Msg-Id` (numbered when the copy is
-/// assembled). A header of the escaped names from the original is wrapped too:
-/// restoring never reads what a sender wrote as if the copy had escaped it.
+/// escaped when [`needs_escape`] says so (numbered when the copy is assembled).
 fn stored_entry(name: &str, value: &str) -> (String, String) {
-    if name.contains(MSG_ID_TEXT) || value.contains(MSG_ID_TEXT) || is_escaped_name(name) {
-        (
-            ESCAPED_HEADER.to_string(),
-            format!("{}:{}", escape(name), escape(value)),
-        )
+    if needs_escape(name, value) {
+        (ESCAPED_HEADER.to_string(), escaped_value(name, value))
     } else {
         (name.to_string(), value.to_string())
     }
@@ -236,6 +246,10 @@ pub struct DeadLetter {
 
 /// A header value safe to send: no CR/LF or other control characters, bounded length.
 pub fn header_value(text: &str, max: usize) -> String {
+    // Printable ASCII within bounds (the usual subject or error) is kept as it is.
+    if text.len() <= max && text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return text.to_owned();
+    }
     let mut out: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -249,6 +263,81 @@ pub fn header_value(text: &str, max: usize) -> String {
         out.push_str("...");
     }
     out
+}
+
+/// One of the original's headers as the copy carries it: under its name in the copy
+/// (`Nats-*` moved, see [`DeadLetter::original_entries`]), not yet escaped.
+struct Original<'a> {
+    name: Cow<'a, str>,
+    value: &'a str,
+}
+
+impl Original<'_> {
+    fn escaped(&self) -> bool {
+        needs_escape(&self.name, self.value)
+    }
+
+    /// Its name as stored ([`ESCAPED_HEADER`] when escaped).
+    fn stored_name(&self) -> &str {
+        if self.escaped() {
+            ESCAPED_HEADER
+        } else {
+            &self.name
+        }
+    }
+
+    /// Its size on the wire as stored; an escaped entry's name gets a number (`-<n>`,
+    /// counted as 8 bytes).
+    fn stored_len(&self) -> usize {
+        if self.escaped() {
+            ESCAPED_HEADER.len() + 8 + escape(&self.name).len() + 1 + escape(self.value).len() + 4
+        } else {
+            self.name.len() + self.value.len() + 4
+        }
+    }
+}
+
+/// A copy's header map as it is filled: escaped entries numbered in the order they come.
+struct CopyHeaders {
+    map: HeaderMap,
+    escaped: usize,
+}
+
+impl CopyHeaders {
+    fn new() -> Self {
+        CopyHeaders {
+            map: HeaderMap::new(),
+            escaped: 0,
+        }
+    }
+
+    fn put_escaped(&mut self, name: &str, value: &str) {
+        self.escaped += 1;
+        let numbered = format!("{ESCAPED_HEADER}-{}", self.escaped);
+        self.map
+            .insert(numbered.as_str(), escaped_value(name, value));
+    }
+
+    /// An original's header.
+    fn put_original(&mut self, original: &Original<'_>) {
+        if original.escaped() {
+            self.put_escaped(&original.name, original.value);
+        } else {
+            self.map.append(original.name.as_ref(), original.value);
+        }
+    }
+
+    /// One of the copy's own headers (a constant name needs no copy of it).
+    fn put_own(&mut self, name: Cow<'static, str>, value: String) {
+        if needs_escape(&name, &value) {
+            self.put_escaped(&name, &value);
+            return;
+        }
+        match name {
+            Cow::Borrowed(name) => self.map.append(HeaderName::from_static(name), value),
+            Cow::Owned(name) => self.map.append(name.as_str(), value),
+        }
+    }
 }
 
 impl DeadLetter {
@@ -265,16 +354,11 @@ impl DeadLetter {
         if wire_len(&full) + payload.len() <= max_size {
             return (full, payload);
         }
-        // An escaped entry's name gets a number (`-<n>`).
-        let entry_len = |(name, value): &(String, String)| {
-            let number = if name == ESCAPED_HEADER { 8 } else { 0 };
-            name.len() + value.len() + 4 + number
-        };
         // Room for our own headers and the (bounded) list of dropped names.
         let own = wire_len(&self.assemble(&[], &[])) + DROPPED_HEADERS.len() + 1024 + 4;
-        let mut kept_len: usize = originals.iter().map(entry_len).sum();
+        let mut kept_len: usize = originals.iter().map(Original::stored_len).sum();
         let mut by_size: Vec<usize> = (0..originals.len()).collect();
-        by_size.sort_by_key(|i| std::cmp::Reverse(entry_len(&originals[*i])));
+        by_size.sort_by_key(|i| std::cmp::Reverse(originals[*i].stored_len()));
         let mut keep = vec![true; originals.len()];
         let mut dropped = Vec::new();
         for i in by_size {
@@ -282,117 +366,100 @@ impl DeadLetter {
                 break;
             }
             keep[i] = false;
-            kept_len -= entry_len(&originals[i]);
-            dropped.push(originals[i].0.clone());
+            kept_len -= originals[i].stored_len();
+            dropped.push(originals[i].stored_name());
         }
-        dropped.sort();
-        dropped.dedup();
-        let dropped = header_value(&dropped.join(", "), 1024);
-        let kept: Vec<(String, String)> = originals
-            .into_iter()
-            .zip(keep)
-            .filter_map(|(entry, keep)| keep.then_some(entry))
-            .collect();
         if own + kept_len + payload.len() <= max_size {
-            let headers = self.assemble(&kept, &[(DROPPED_HEADERS, dropped)]);
+            let headers = self.assemble(
+                &kept(&originals, &keep),
+                &[(DROPPED_HEADERS, name_list(dropped))],
+            );
             return (headers, payload);
         }
         // The payload goes elsewhere (see `publish`): keep the original headers that fit
         // without it, largest left out first again.
-        let originals = self.original_entries();
         let mut room = max_size.saturating_sub(own + PAYLOAD_ROOM);
         let mut by_size: Vec<usize> = (0..originals.len()).collect();
-        by_size.sort_by_key(|i| entry_len(&originals[*i]));
+        by_size.sort_by_key(|i| originals[*i].stored_len());
         let mut keep = vec![false; originals.len()];
         let mut left_out = Vec::new();
         for i in by_size {
-            let len = entry_len(&originals[i]);
+            let len = originals[i].stored_len();
             if len <= room {
                 room -= len;
                 keep[i] = true;
             } else {
-                left_out.push(originals[i].0.clone());
+                left_out.push(originals[i].stored_name());
             }
         }
-        let kept: Vec<(String, String)> = originals
-            .into_iter()
-            .zip(keep)
-            .filter_map(|(entry, keep)| keep.then_some(entry))
-            .collect();
-        left_out.sort();
-        left_out.dedup();
-        let dropped = header_value(&left_out.join(", "), 1024);
         let size = payload.len().to_string();
         let headers = self.assemble(
-            &kept,
-            &[(DROPPED_HEADERS, dropped), (PAYLOAD_DROPPED, size)],
+            &kept(&originals, &keep),
+            &[
+                (DROPPED_HEADERS, name_list(left_out)),
+                (PAYLOAD_DROPPED, size),
+            ],
         );
         (headers, Bytes::new())
     }
 
     /// The original's headers as the copy carries them: `Nats-*` moved under
-    /// [`ORIGINAL_PREFIX`].
-    fn original_entries(&self) -> Vec<(String, String)> {
+    /// [`ORIGINAL_PREFIX`], `Nats-Msg-Id` to [`ORIGINAL_MSG_ID`].
+    fn original_entries(&self) -> Vec<Original<'_>> {
         let mut out = Vec::new();
         for (name, values) in self.headers.iter() {
             let name: &str = name.as_ref();
-            let lower = name.to_ascii_lowercase();
-            let target = if lower == "nats-msg-id" {
-                ORIGINAL_MSG_ID.to_string()
-            } else if lower.starts_with("nats-") {
-                format!("{ORIGINAL_PREFIX}{name}")
+            let target = if name.eq_ignore_ascii_case("nats-msg-id") {
+                Cow::Borrowed(ORIGINAL_MSG_ID)
+            } else if name.len() >= 5 && name.as_bytes()[..5].eq_ignore_ascii_case(b"nats-") {
+                Cow::Owned(format!("{ORIGINAL_PREFIX}{name}"))
             } else {
-                name.to_string()
+                Cow::Borrowed(name)
             };
             for value in values {
-                out.push(stored_entry(&target, value.as_str()));
+                out.push(Original {
+                    name: target.clone(),
+                    value: value.as_str(),
+                });
             }
         }
         out
     }
 
     /// `originals`, then the dead-letter headers (which win over same-named originals),
-    /// then `extra` (skipping empty values), each as [`stored_entry`] makes it, and the
-    /// copy's message id.
-    fn assemble(&self, originals: &[(String, String)], extra: &[(&str, String)]) -> HeaderMap {
+    /// then `extra` (skipping empty values), each escaped as [`needs_escape`] says, and
+    /// the copy's message id.
+    fn assemble(&self, originals: &[Original<'_>], extra: &[(&'static str, String)]) -> HeaderMap {
         let own = self.own_entries(originals, extra);
-        let mut out = HeaderMap::new();
-        let mut escaped = 0;
-        let mut put = |name: &str, value: &str| {
-            if name == ESCAPED_HEADER {
-                escaped += 1;
-                out.insert(format!("{ESCAPED_HEADER}-{escaped}").as_str(), value);
-            } else {
-                out.append(name, value);
-            }
-        };
-        for (name, value) in originals {
+        let mut out = CopyHeaders::new();
+        for original in originals {
+            let name = original.stored_name();
             if !own.iter().any(|(ours, _)| ours.eq_ignore_ascii_case(name)) {
-                put(name, value);
+                out.put_original(original);
             }
         }
-        for (name, value) in &own {
-            let (name, value) = stored_entry(name, value);
-            put(&name, &value);
+        for (name, value) in own {
+            out.put_own(name, value);
         }
-        out.insert(
-            "Nats-Msg-Id",
-            message_id(&self.stream, self.sequence, &self.consumer).as_str(),
+        out.map.insert(
+            HeaderName::from_static("Nats-Msg-Id"),
+            message_id(&self.stream, self.sequence, &self.consumer),
         );
-        out
+        out.map
     }
 
     /// The dead-letter headers of the copy but its message id, then `extra` (skipping
     /// empty values), as meant (not yet escaped).
     fn own_entries(
         &self,
-        originals: &[(String, String)],
-        extra: &[(&str, String)],
-    ) -> Vec<(String, String)> {
+        originals: &[Original<'_>],
+        extra: &[(&'static str, String)],
+    ) -> Vec<(Cow<'static, str>, String)> {
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let mut own: Vec<(String, String)> = vec![
+        let mut own: Vec<(Cow<'static, str>, String)> = Vec::with_capacity(12);
+        own.extend([
             (ORIGINAL_SUBJECT.into(), header_value(&self.subject, 4096)),
             (STREAM.into(), self.stream.clone()),
             (SEQUENCE.into(), self.sequence.to_string()),
@@ -401,14 +468,16 @@ impl DeadLetter {
             (REASON.into(), self.reason.as_str().into()),
             (ERROR.into(), header_value(&self.error, MAX_ERROR_LEN)),
             (TIME.into(), now),
-        ];
+        ]);
         // The copy is in the message's trace: it keeps the original's traceparent and
         // tracestate (a replay continues the sender's trace); a message that came
         // without one (or whose header did not fit) gets the trace of the delivery that
         // gave up on it, when there is one (the exported span, feature `otel`).
-        let traced = originals
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case(crate::trace::TRACEPARENT));
+        let traced = originals.iter().any(|original| {
+            original
+                .stored_name()
+                .eq_ignore_ascii_case(crate::trace::TRACEPARENT)
+        });
         if !traced {
             if let Some(trace) = crate::trace::continuing(&self.headers) {
                 let mut context = HeaderMap::new();
@@ -416,18 +485,38 @@ impl DeadLetter {
                 for (name, values) in context.iter() {
                     let name: &str = name.as_ref();
                     for value in values {
-                        own.push((name.to_string(), value.as_str().to_string()));
+                        own.push((Cow::Owned(name.to_string()), value.as_str().to_string()));
                     }
                 }
             }
         }
         for (name, value) in extra {
             if !value.is_empty() {
-                own.push((name.to_string(), value.clone()));
+                own.push((Cow::Borrowed(name), value.clone()));
             }
         }
         own
     }
+}
+
+/// The originals whose `keep` is set.
+fn kept<'a>(originals: &[Original<'a>], keep: &[bool]) -> Vec<Original<'a>> {
+    originals
+        .iter()
+        .zip(keep)
+        .filter(|(_, keep)| **keep)
+        .map(|(original, _)| Original {
+            name: original.name.clone(),
+            value: original.value,
+        })
+        .collect()
+}
+
+/// The [`DROPPED_HEADERS`] value naming `names`: sorted, each once, bounded.
+fn name_list(mut names: Vec<&str>) -> String {
+    names.sort_unstable();
+    names.dedup();
+    header_value(&names.join(", "), 1024)
 }
 
 /// Why a dead-letter publish failed. Either way the copy is not known to be stored.
@@ -520,14 +609,15 @@ pub(crate) async fn publish_kept(
         let recent = Instant::now()
             .checked_sub(Duration::from_secs(1))
             .unwrap_or_else(Instant::now);
-        guard.keeping_since(js, recent).await.map_err(would_drop)?;
+        Box::pin(guard.keeping_since(js, recent))
+            .await
+            .map_err(would_drop)?;
     }
     let ack = match publish(js, subject, letter, payload, timeout).await {
         Ok(ack) => ack,
         Err(e) => {
             // A failed publish is a reason to look: the stream may have changed.
-            guard
-                .keeping_since(js, Instant::now())
+            Box::pin(guard.keeping_since(js, Instant::now()))
                 .await
                 .map_err(would_drop)?;
             return Err(e);
@@ -551,10 +641,12 @@ pub(crate) async fn publish_kept(
         }
     }
     let id = message_id(&letter.stream, letter.sequence, &letter.consumer);
-    if let Err(why) = read_back(js, &ack, &id, guard.direct_get(), timeout).await {
+    // Boxed, like the reads of the stream's info above: rare, and their futures would
+    // otherwise make every dead letter's larger.
+    let read = Box::pin(read_back(js, &ack, &id, guard.direct_get(), timeout));
+    if let Err(why) = read.await {
         // Say why in the stream's own terms when its info shows it.
-        guard
-            .keeping_since(js, Instant::now())
+        Box::pin(guard.keeping_since(js, Instant::now()))
             .await
             .map_err(would_drop)?;
         // A stream fit to keep copies that removes acked messages may have had this
@@ -641,7 +733,7 @@ pub async fn publish(
     payload: Bytes,
     timeout: Duration,
 ) -> Result<jetstream::publish::PublishAck, DeadLetterError> {
-    let what = format!("dead-letter publish to {subject} failed");
+    let what = || format!("dead-letter publish to {subject} failed");
     let failed = |error: DeadLetterError, message: String| {
         error
             .with_message(message)
@@ -650,7 +742,7 @@ pub async fn publish(
     let publish_failed = |e: Box<dyn std::error::Error + Send + Sync>| {
         failed(
             DeadLetterError::with_source(DeadLetterErrorKind::Publish, e),
-            what.clone(),
+            what(),
         )
     };
     let max_payload = match js.client().max_payload() {
@@ -662,7 +754,9 @@ pub async fn publish(
     if headers.get(PAYLOAD_DROPPED).is_some() {
         // The payload goes to the object store first: the copy is published (and the
         // original termed) only once what carries the payload is stored.
-        let object = tokio::time::timeout(timeout, store_payload(js, subject, letter, &payload))
+        // Boxed: the rare path's future would otherwise make every publish's larger.
+        let store = Box::pin(store_payload(js, subject, letter, &payload));
+        let object = tokio::time::timeout(timeout, store)
             .await
             .unwrap_or_else(|_| {
                 Err(
@@ -704,7 +798,8 @@ pub async fn publish(
         failed(
             DeadLetterError::new(DeadLetterErrorKind::Timeout),
             format!(
-                "{what}: no PubAck within {}",
+                "{}: no PubAck within {}",
+                what(),
                 humantime::format_duration(timeout)
             ),
         )
@@ -845,6 +940,40 @@ mod tests {
         assert_eq!(get(REASON).as_deref(), Some("exhausted"));
         assert_eq!(get(ERROR).as_deref(), Some("line one  line two"));
         assert!(get(TIME).is_some_and(|t| t.ends_with('Z')));
+    }
+
+    #[test]
+    fn the_copys_own_headers_win_and_originals_keep_every_value() {
+        // A replayed letter failing again: its old dead-letter headers are replaced.
+        let mut original = HeaderMap::new();
+        original.insert(REASON, "decode");
+        original.insert("jetworker-attempts", "9");
+        original.append("X-Multi", "first");
+        original.append("X-Multi", "second");
+        original.insert("nats-expected-last-sequence", "3");
+        let letter = DeadLetter {
+            subject: "events.größe".into(),
+            headers: original,
+            stream: "EVENTS".into(),
+            sequence: 5,
+            consumer: "c".into(),
+            attempts: 2,
+            reason: Reason::Permanent,
+            error: "tab\there\u{7f}".into(),
+        };
+        let h = letter.headers();
+        let all = |k: &str| {
+            h.get_all(k)
+                .map(|v| v.as_str().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all(REASON), ["permanent"]);
+        assert_eq!(all(ATTEMPTS), ["2"]);
+        assert!(all("jetworker-attempts").is_empty());
+        assert_eq!(all("X-Multi"), ["first", "second"]);
+        assert_eq!(all("Jetworker-Original-nats-expected-last-sequence"), ["3"]);
+        assert_eq!(all(ORIGINAL_SUBJECT), ["events.größe"]);
+        assert_eq!(all(ERROR), ["tab here "]);
     }
 
     /// Every `name: value` line of `h` but the copy's own message id that contains

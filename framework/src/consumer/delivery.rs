@@ -874,7 +874,8 @@ async fn record_hand_off<S>(
     timeout: Duration,
 ) -> Result<dead_letter::HandOff, String> {
     let hand_off = dead_letter::HandOff { reason, error };
-    safety_net::publish_hand_off(
+    // Boxed: rare, and its future would otherwise make every dead letter's larger.
+    Box::pin(safety_net::publish_hand_off(
         &rt.js,
         delivery.stream,
         delivery.consumer,
@@ -882,7 +883,7 @@ async fn record_hand_off<S>(
         delivery.attempt,
         &hand_off,
         timeout,
-    )
+    ))
     .await?;
     Ok(hand_off)
 }

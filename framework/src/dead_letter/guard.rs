@@ -357,18 +357,20 @@ impl StreamGuard {
             ),
             Err(_) => return Proof::Unknown,
         };
+        // Boxed: one read serves many copies, and its future would otherwise make every
+        // dead letter's larger.
         match (fresh, created) {
             (true, _) => {}
-            (false, None) => self.read(js).await,
+            (false, None) => Box::pin(self.read(js)).await,
             (false, Some(created)) => {
                 let began = Instant::now();
-                let Ok(info) = js.get_stream(stream).await else {
+                let Ok(info) = Box::pin(js.get_stream(stream)).await else {
                     return Proof::Unknown;
                 };
                 let info = info.cached_info();
                 if info.created != created {
                     // Made again since: the copy may be in the stream that was.
-                    self.read(js).await;
+                    Box::pin(self.read(js)).await;
                     return Proof::Unknown;
                 }
                 let found = self.judge(stream.to_string(), info, source_max);
