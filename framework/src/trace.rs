@@ -52,8 +52,10 @@ pub(crate) enum DeliveryTrace {
         /// Not zero.
         span_id: u64,
     },
-    /// A trace context in text form (continued from a `traceparent`, or given).
-    Given(TraceContext),
+    /// A trace context in text form (continued from a `traceparent`, or given). Boxed:
+    /// every delivery's future holds a `DeliveryTrace`, most of them `New`, and the
+    /// context's three strings would make each 80 bytes instead of 32.
+    Given(Box<TraceContext>),
 }
 
 impl DeliveryTrace {
@@ -75,7 +77,7 @@ impl DeliveryTrace {
                 flags: 1,
                 tracestate: None,
             },
-            DeliveryTrace::Given(context) => context.clone(),
+            DeliveryTrace::Given(context) => TraceContext::clone(context),
         }
     }
 
@@ -230,7 +232,7 @@ impl TraceContext {
         self,
         future: F,
     ) -> impl std::future::Future<Output = F::Output> {
-        DeliveryTrace::Given(self).scope(future)
+        DeliveryTrace::Given(Box::new(self)).scope(future)
     }
 }
 
@@ -280,10 +282,10 @@ pub(crate) fn continue_delivery(
     let trace = {
         let parent = headers.and_then(TraceContext::from_headers);
         match crate::otel::start_span(span, parent.as_ref()) {
-            Some(exported) => DeliveryTrace::Given(exported),
-            None => {
-                parent.map_or_else(DeliveryTrace::new_root, |p| DeliveryTrace::Given(p.child()))
-            }
+            Some(exported) => DeliveryTrace::Given(Box::new(exported)),
+            None => parent.map_or_else(DeliveryTrace::new_root, |p| {
+                DeliveryTrace::Given(Box::new(p.child()))
+            }),
         }
     };
     #[cfg(not(feature = "otel"))]
@@ -299,7 +301,7 @@ fn delivery_trace(headers: Option<&async_nats::HeaderMap>) -> DeliveryTrace {
         .filter(|h| !h.is_empty())
         .and_then(TraceContext::from_headers)
     {
-        Some(parent) => DeliveryTrace::Given(parent.child()),
+        Some(parent) => DeliveryTrace::Given(Box::new(parent.child())),
         None => DeliveryTrace::new_root(),
     }
 }

@@ -357,7 +357,7 @@ async fn run_batch<S: Send + Sync + 'static>(
     messages: Vec<async_nats::Message>,
 ) {
     let started = std::time::Instant::now();
-    let deliveries: Vec<Delivery<'_>> = messages
+    let deliveries: Vec<Delivery> = messages
         .into_iter()
         .filter_map(|message| receive(rt, message))
         .collect();
@@ -390,7 +390,7 @@ async fn run_batch<S: Send + Sync + 'static>(
     let Some(future) = staged.future else {
         return;
     };
-    let accepted: Vec<&Delivery<'_>> = staged
+    let accepted: Vec<&Delivery> = staged
         .accepted
         .iter()
         .filter_map(|at| deliveries.get(*at))
@@ -430,9 +430,9 @@ async fn run_batch<S: Send + Sync + 'static>(
 /// Decides and settles each delivery: acks and naks one after the other (each is a
 /// publish queued on the connection), dead letters concurrently, so those of one batch
 /// wait for their PubAcks together.
-async fn settle_each<'a, 'c: 'a, S: Send + Sync + 'static>(
+async fn settle_each<'a, S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
-    deliveries: impl Iterator<Item = (&'a Delivery<'c>, &'a Attempted)>,
+    deliveries: impl Iterator<Item = (&'a Delivery, &'a Attempted)>,
 ) {
     let mut dead_letters = Vec::new();
     for (delivery, attempted) in deliveries {
@@ -457,7 +457,7 @@ async fn settle_each<'a, 'c: 'a, S: Send + Sync + 'static>(
 async fn run_guarded<S>(
     rt: &ConsumerRuntime<S>,
     future: GuardedBatch,
-    accepted: &[&Delivery<'_>],
+    accepted: &[&Delivery],
     started: std::time::Instant,
 ) -> Option<BatchRan> {
     match supervise(rt, future, accepted, started).await {

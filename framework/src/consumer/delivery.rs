@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -20,6 +21,7 @@ use futures::FutureExt;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::lanes::LaneTicket;
 use super::replies::{self, QueuedReply};
 use super::runtime::ConsumerRuntime;
 use crate::backoff::Backoff;
@@ -74,16 +76,15 @@ impl Drop for Held<'_> {
 
 /// One message from the pull with what its reply subject says about it, read once when
 /// it arrives (see [`receive`]) and carried to its settlement.
-pub(super) struct Delivery<'c> {
+///
+/// Its stream and consumer are the runtime's (`rt.spec.stream`, `rt.spec.name`): not
+/// held here, so that a delivery borrows nothing and is made before its task's future
+/// (which then holds one copy of the message, not the message and the delivery).
+pub(super) struct Delivery {
     /// The message as the pull brought it, but for its reply subject (moved to `reply`).
     pub(super) message: async_nats::Message,
     /// Its `$JS.ACK` reply subject: where its ack, nak or term goes (see [`send`]).
     pub(super) reply: Subject,
-    /// The stream that stores it: the consumer's (borrowed, no copy per message).
-    stream: &'c str,
-    /// The durable consumer that delivered it (the runtime's name, borrowed: no copy
-    /// per message).
-    consumer: &'c str,
     /// Its sequence in `stream`.
     pub(super) sequence: u64,
     /// The server's delivery count (1 on the first delivery), never a local counter:
@@ -176,39 +177,52 @@ impl Drop for Settling<'_> {
     }
 }
 
-/// The path of one delivery, ending settled (or handed back when the grace period ends).
-/// `slot` is the handler slot it runs in (freed early for a dead letter, see [`Slot`]).
-pub(super) async fn deliver<S: Send + Sync + 'static>(
-    rt: &Arc<ConsumerRuntime<S>>,
-    message: async_nats::Message,
+/// The path of one delivery, ending settled (or handed back when the grace period ends),
+/// then told to its key lane (`ticket`, an ordered consumer's) and uncounted from
+/// `in_flight`. `slot` is the handler slot it runs in (freed early for a dead letter,
+/// see [`Slot`]).
+///
+/// This is the whole future of a delivery's task (boxed once per message in
+/// `pull::start`): its arguments are its only copy of the delivery, borrowed by
+/// everything below, so what every message allocates stays small.
+#[allow(clippy::manual_async_fn)] // on purpose: see the comment in the body
+pub(super) fn deliver<S: Send + Sync + 'static>(
+    rt: Arc<ConsumerRuntime<S>>,
+    delivery: Delivery,
     slot: Slot,
-) -> Settled {
-    let Some(delivery) = receive(rt, message) else {
-        return Settled::Gone;
-    };
-    // One span per message; a `traceparent` header continues the sender's trace.
-    let span = tracing::info_span!(
-        "message",
-        stream = %delivery.stream,
-        consumer = %delivery.consumer,
-        seq = delivery.sequence,
-        attempt = delivery.attempt,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-        outcome = tracing::field::Empty,
-    );
-    let trace = trace::continue_delivery(delivery.message.headers.as_ref(), &span);
-    settle_delivery(rt, delivery, trace, slot)
-        .instrument(span)
-        .await
+    ticket: Option<LaneTicket>,
+) -> impl Future<Output = ()> + Send {
+    // An `async` block, not an `async fn`: that would keep a second copy of its
+    // arguments (the delivery's 232 bytes among them) in the state machine.
+    async move {
+        // One span per message; a `traceparent` header continues the sender's trace.
+        let span = tracing::info_span!(
+            "message",
+            stream = %rt.spec.stream,
+            consumer = %rt.spec.name,
+            seq = delivery.sequence,
+            attempt = delivery.attempt,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let trace = trace::continue_delivery(delivery.message.headers.as_ref(), &span);
+        let settled = settle_delivery(&rt, &delivery, trace, slot)
+            .instrument(span)
+            .await;
+        if let Some(ticket) = ticket {
+            ticket.finished(settled);
+        }
+        rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The delivery of `message`, or `None` (logged) when it carries no JetStream metadata:
 /// without an ack subject nothing can settle it.
-pub(super) fn receive<'c, S>(
-    rt: &'c ConsumerRuntime<S>,
+pub(super) fn receive<S>(
+    rt: &ConsumerRuntime<S>,
     mut message: async_nats::Message,
-) -> Option<Delivery<'c>> {
+) -> Option<Delivery> {
     // Moved out, not cloned: the clone of a subject the client parsed into its own
     // buffer allocates (a shared count), once per message. Nothing reads the message's
     // own `reply` after this: `Delivery::reply` is the one.
@@ -227,8 +241,6 @@ pub(super) fn receive<'c, S>(
     Some(Delivery {
         message,
         reply,
-        stream: &rt.spec.stream,
-        consumer: &rt.spec.name,
         sequence: ack.stream_sequence,
         attempt,
     })
@@ -297,24 +309,80 @@ fn decimal(digits: &[u8]) -> Option<u64> {
 
 /// Sends an ack, nak, progress or term for a delivery: a plain publish to its reply
 /// subject on the consumer's connection (what `jetstream::Message::ack_with` does,
-/// without a JetStream context cloned per message). The client's own future, not one
-/// wrapped around it: every delivery's future holds one.
+/// without a JetStream context cloned per message).
 pub(super) fn send<'r, S>(
     rt: &'r ConsumerRuntime<S>,
-    reply: &Subject,
+    reply: &'r Subject,
     kind: AckKind,
 ) -> impl Future<Output = Result<(), async_nats::PublishError>> + Send + 'r {
-    rt.client.publish(reply.clone(), kind.into())
+    publish(&rt.client, reply, kind.into())
+}
+
+/// The client's publish future, boxed.
+type BoxedPublish<'a> =
+    Pin<Box<dyn Future<Output = Result<(), async_nats::PublishError>> + Send + 'a>>;
+
+/// A core publish of `payload` to `subject` whose state is not part of the caller's
+/// future while it need not wait. The client's publish future (about 600 bytes: the
+/// command, and the send into the connection's channel holding it again) is made and
+/// polled on the stack, where the channel has room nearly always, and made again, boxed,
+/// only when the channel is full. Every delivery's future holds a reply's send: with
+/// the client's whole future in it, each delivery's allocation was past the 1 KiB from
+/// which glibc's allocator takes its slow path.
+///
+/// Dropping the first future while it waits sends nothing (its command has not reached
+/// the channel) and takes its waker out of the channel's queue; the boxed one sends it.
+pub(super) fn publish<'a>(
+    client: &'a async_nats::Client,
+    subject: &'a Subject,
+    payload: Bytes,
+) -> impl Future<Output = Result<(), async_nats::PublishError>> + Send + 'a {
+    let mut payload = Some(payload);
+    let mut waiting: Option<BoxedPublish<'a>> = None;
+    std::future::poll_fn(move |cx| {
+        if let Some(waiting) = waiting.as_mut() {
+            return waiting.as_mut().poll(cx);
+        }
+        // Polled once at most: `waiting` is set below when this one is not ready.
+        let Some(payload) = payload.take() else {
+            return Poll::Ready(Ok(()));
+        };
+        let at_once = std::pin::pin!(client.publish(subject.clone(), payload.clone()));
+        if let Poll::Ready(sent) = at_once.poll(cx) {
+            return Poll::Ready(sent);
+        }
+        let mut boxed: BoxedPublish<'a> = Box::pin(client.publish(subject.clone(), payload));
+        let polled = boxed.as_mut().poll(cx);
+        waiting = Some(boxed);
+        polled
+    })
 }
 
 /// [`send`], and when it fails: counted in `settle_failures` and logged with what it
 /// means for the message. True when sent.
-pub(super) async fn send_or_note<S>(
-    rt: &ConsumerRuntime<S>,
-    reply: &Subject,
+pub(super) fn send_or_note<'r, S>(
+    rt: &'r ConsumerRuntime<S>,
+    reply: &'r Subject,
     kind: AckKind,
     seq: Option<u64>,
-) -> bool {
+) -> impl Future<Output = bool> + 'r {
+    // Not an `async fn`: that would hold its arguments twice in every caller's future.
+    send(rt, reply, kind).map(move |sent| match sent {
+        Ok(()) => true,
+        Err(e) => {
+            note_not_sent(rt, kind, seq, &e);
+            false
+        }
+    })
+}
+
+/// Counts and logs a reply that was not sent (its client is closed).
+fn note_not_sent<S>(
+    rt: &ConsumerRuntime<S>,
+    kind: AckKind,
+    seq: Option<u64>,
+    error: &async_nats::PublishError,
+) {
     let what = match kind {
         AckKind::Ack => "ack",
         AckKind::Nak(_) => "nak",
@@ -322,34 +390,28 @@ pub(super) async fn send_or_note<S>(
         AckKind::Term => "term",
         _ => "reply",
     };
-    match send(rt, reply, kind).await {
-        Ok(()) => true,
-        Err(e) => {
-            rt.stats.settle_failures.fetch_add(1, Ordering::Relaxed);
-            let (stream, consumer) = (&rt.spec.stream, &rt.spec.name);
-            match seq {
-                Some(seq) => tracing::warn!(
-                    stream, consumer, seq, error = %e,
-                    "{what} not sent; the server redelivers the message after its ack wait"
-                ),
-                None => tracing::warn!(
-                    stream, consumer, error = %e,
-                    "{what} not sent; the server redelivers the message after its ack wait"
-                ),
-            }
-            false
-        }
+    rt.stats.settle_failures.fetch_add(1, Ordering::Relaxed);
+    let (stream, consumer) = (&rt.spec.stream, &rt.spec.name);
+    match seq {
+        Some(seq) => tracing::warn!(
+            stream, consumer, seq, error = %error,
+            "{what} not sent; the server redelivers the message after its ack wait"
+        ),
+        None => tracing::warn!(
+            stream, consumer, error = %error,
+            "{what} not sent; the server redelivers the message after its ack wait"
+        ),
     }
 }
 
 async fn settle_delivery<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
-    delivery: Delivery<'_>,
+    delivery: &Delivery,
     trace: DeliveryTrace,
     slot: Slot,
 ) -> Settled {
     let started = std::time::Instant::now();
-    let ran = trace.scope(run_handler(rt, &delivery, started)).await;
+    let ran = trace.scope(run_handler(rt, delivery, started)).await;
     let took = started.elapsed();
     let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
     rt.stats.handler_micros.fetch_add(micros, Ordering::Relaxed);
@@ -358,16 +420,17 @@ async fn settle_delivery<S: Send + Sync + 'static>(
         Ran::Finished(a) => a,
         Ran::Abandoned => {
             tracing::warn!(
-                stream = %delivery.stream, consumer = %delivery.consumer,
+                stream = %rt.spec.stream, consumer = %rt.spec.name,
                 seq = delivery.sequence, attempt = delivery.attempt,
                 "shutdown grace over: handing the message back"
             );
-            send_or_note(
+            // Boxed: once per delivery at most, at shutdown.
+            Box::pin(send_or_note(
                 rt,
                 &delivery.reply,
                 AckKind::Nak(None),
                 Some(delivery.sequence),
-            )
+            ))
             .await;
             return Settled::Returns {
                 after: Duration::ZERO,
@@ -399,7 +462,7 @@ async fn settle_delivery<S: Send + Sync + 'static>(
         }
         None => Some(slot),
     };
-    settle(rt, &delivery, &attempted, outcome, Gather::Tasks).await
+    settle(rt, delivery, &attempted, outcome, Gather::Tasks).await
 }
 
 /// How often a message whose handler (or dead-letter publish) is still at work gets a
@@ -412,7 +475,7 @@ pub(super) fn progress_interval(config: &ConsumerConfig) -> Duration {
 /// from there).
 async fn run_handler<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
-    delivery: &Delivery<'_>,
+    delivery: &Delivery,
     started: std::time::Instant,
 ) -> Ran {
     let message = &delivery.message;
@@ -450,7 +513,7 @@ pub(super) enum Supervised<T> {
 pub(super) async fn supervise<S, F: Future>(
     rt: &ConsumerRuntime<S>,
     future: F,
-    keep: &[&Delivery<'_>],
+    keep: &[&Delivery],
     started: std::time::Instant,
 ) -> Supervised<F::Output> {
     tokio::pin!(future);
@@ -464,6 +527,18 @@ pub(super) async fn supervise<S, F: Future>(
     if let Some(result) = first {
         return Supervised::Finished(result);
     }
+    // Boxed: the timer and the stop signal are for handlers that wait, and their state
+    // would otherwise be part of every delivery's future, fast ones' too.
+    Box::pin(supervise_waiting(rt, future, keep, started)).await
+}
+
+/// [`supervise`] from the handler's second poll on.
+async fn supervise_waiting<S, F: Future>(
+    rt: &ConsumerRuntime<S>,
+    mut future: Pin<&mut F>,
+    keep: &[&Delivery],
+    started: std::time::Instant,
+) -> Supervised<F::Output> {
     // Polled inline by the pull loop, the delivery is spawned and polled again at once:
     // the timer and the stop signal are armed then, with the task's waker.
     defer_if_polled_inline().await;
@@ -486,15 +561,28 @@ pub(super) async fn supervise<S, F: Future>(
                     return Supervised::TimedOut;
                 }
                 if now >= progress_at {
-                    for delivery in keep {
-                        send_or_note(rt, &delivery.reply, AckKind::Progress, Some(delivery.sequence)).await;
-                    }
+                    // Boxed: rare (a handler past half its ack wait), and the sends'
+                    // state would otherwise be held all the while the handler waits.
+                    Box::pin(send_progress(rt, keep)).await;
                     progress_at = now + every;
                 }
                 timer.as_mut().reset(progress_at.min(timeout_at));
             }
             _ = rt.hard_stop.cancelled() => return Supervised::Abandoned,
         }
+    }
+}
+
+/// Sends a progress ack for each of `keep`: their handler is still at work.
+async fn send_progress<S>(rt: &ConsumerRuntime<S>, keep: &[&Delivery]) {
+    for delivery in keep {
+        send_or_note(
+            rt,
+            &delivery.reply,
+            AckKind::Progress,
+            Some(delivery.sequence),
+        )
+        .await;
     }
 }
 
@@ -617,19 +705,18 @@ fn polled_inline() -> impl Future<Output = bool> {
 /// ack or nak may be sent together with those of other tasks.
 pub(super) async fn settle<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
-    delivery: &Delivery<'_>,
+    delivery: &Delivery,
     attempted: &Attempted,
     outcome: Outcome,
     gather: Gather,
 ) -> Settled {
     let Delivery {
         reply,
-        stream,
-        consumer,
         sequence: seq,
         attempt,
         ..
     } = delivery;
+    let (stream, consumer) = (&rt.spec.stream, &rt.spec.name);
     // One send for either outcome that is a reply (an ack, or a nak with the retry's
     // delay): each await of it would be a place of its own in every delivery's future.
     let (kind, retry_in) = match outcome {
@@ -700,14 +787,14 @@ fn attempted_error(a: &Attempted) -> String {
 /// Publishes the dead-letter copy and terms the original only once the copy is stored.
 async fn dead_letter_then_term<S: Send + Sync + 'static>(
     rt: &Arc<ConsumerRuntime<S>>,
-    delivery: &Delivery<'_>,
+    delivery: &Delivery,
     reason: Reason,
     error: String,
 ) -> Settled {
     let message = &delivery.message;
     let (stream, consumer, seq, attempt) = (
-        delivery.stream,
-        delivery.consumer,
+        rt.spec.stream.as_str(),
+        rt.spec.name.as_str(),
         delivery.sequence,
         delivery.attempt,
     );
@@ -828,13 +915,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
                     retry_in = %humantime::format_duration(wait),
                     "dead-letter copy not stored on the last delivery; holding the original and retrying"
                 );
-                send_or_note(
-                    rt,
-                    &delivery.reply,
-                    AckKind::Progress,
-                    Some(delivery.sequence),
-                )
-                .await;
+                send_progress(rt, std::slice::from_ref(&delivery)).await;
                 let stopped = tokio::select! {
                     _ = tokio::time::sleep(wait) => false,
                     _ = rt.hard_stop.cancelled() => true,
@@ -868,7 +949,7 @@ async fn dead_letter_then_term<S: Send + Sync + 'static>(
 /// net's letter carries, or why the record is not stored.
 async fn record_hand_off<S>(
     rt: &ConsumerRuntime<S>,
-    delivery: &Delivery<'_>,
+    delivery: &Delivery,
     reason: Reason,
     error: String,
     timeout: Duration,
@@ -877,8 +958,8 @@ async fn record_hand_off<S>(
     // Boxed: rare, and its future would otherwise make every dead letter's larger.
     Box::pin(safety_net::publish_hand_off(
         &rt.js,
-        delivery.stream,
-        delivery.consumer,
+        &rt.spec.stream,
+        &rt.spec.name,
         delivery.sequence,
         delivery.attempt,
         &hand_off,
@@ -891,9 +972,7 @@ async fn record_hand_off<S>(
 /// Terminates the original, with the reason where the server supports it (2.10.4+).
 async fn term<S>(rt: &ConsumerRuntime<S>, reply: &Subject, reason: Reason) {
     let sent = if rt.server_version.at_least(2, 10, 4) {
-        rt.client
-            .publish(reply.clone(), Bytes::from(format!("+TERM {reason}")))
-            .await
+        publish(&rt.client, reply, Bytes::from(format!("+TERM {reason}"))).await
     } else {
         send(rt, reply, AckKind::Term).await
     };
@@ -905,6 +984,25 @@ async fn term<S>(rt: &ConsumerRuntime<S>, reply: &Subject, reason: Reason) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of what `f` returns, from its signature alone.
+    fn size_of_return<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every message allocates its delivery's future once (`pull::start`). glibc serves
+    /// requests of up to 1000 bytes from its per-thread caches and small bins; from a
+    /// chunk of 1 KiB on, every allocation first merges the freed small chunks
+    /// (`malloc_consolidate`), which the profiles showed on every message while the
+    /// future was 2.8 KB. Whatever grows it past this should be boxed where it is rare.
+    #[test]
+    fn a_delivery_future_stays_on_the_allocators_fast_path() {
+        let size = size_of_return(deliver::<()>);
+        assert!(
+            size <= 1000,
+            "a delivery's future is {size} bytes: box what made it grow"
+        );
+    }
 
     #[test]
     fn only_the_inline_poll_is_deferred() {

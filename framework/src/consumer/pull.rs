@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::batch::Batches;
-use super::delivery::{deliver, is_last_delivery, send_or_note, Slot};
+use super::delivery::{deliver, is_last_delivery, receive, send_or_note, Settled, Slot};
 use super::error::{ConsumerError, ConsumerErrorKind};
 use super::inline::InlinePolling;
 use super::lanes::{LaneTicket, Lanes};
@@ -667,15 +667,16 @@ fn start<S: Send + Sync + 'static>(
         }
         Route::Alone(ticket) => ticket,
     };
-    let delivery_rt = rt.clone();
-    let slot = Slot::new(permit, done.clone());
-    let mut delivery = Box::pin(async move {
-        let settled = deliver(&delivery_rt, message, slot).await;
+    // Read before its future is made, which then holds the one copy of the message.
+    let Some(delivery) = receive(rt, message) else {
         if let Some(ticket) = ticket {
-            ticket.finished(settled);
+            ticket.finished(Settled::Gone);
         }
-        delivery_rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    });
+        rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        return;
+    };
+    let slot = Slot::new(permit, done.clone());
+    let mut delivery = Box::pin(deliver(rt.clone(), delivery, slot, ticket));
     if inline.should_poll() {
         // A no-op waker is enough: if the delivery is not finished, the spawned task
         // polls it again at once, and that poll registers the task's own waker.

@@ -73,7 +73,9 @@ pub(super) async fn queue_or_send<S>(rt: &ConsumerRuntime<S>, reply: QueuedReply
         return;
     }
     tokio::task::yield_now().await;
-    send_queued(rt).await;
+    // Boxed: once for all the replies gathered, and its state (a send, the queue taken)
+    // would otherwise be part of every delivery's future.
+    Box::pin(send_queued(rt)).await;
 }
 
 /// Sends what waits in the consumer's reply queue, in the order it was queued.
