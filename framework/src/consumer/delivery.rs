@@ -85,7 +85,7 @@ pub(super) struct Delivery {
     pub(super) message: async_nats::Message,
     /// Its `$JS.ACK` reply subject: where its ack, nak or term goes (see [`send`]).
     pub(super) reply: Subject,
-    /// Its sequence in `stream`.
+    /// Its sequence in the consumer's stream.
     pub(super) sequence: u64,
     /// The server's delivery count (1 on the first delivery), never a local counter:
     /// redeliveries can land on another replica.
